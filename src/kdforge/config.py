@@ -1,0 +1,435 @@
+"""Typed config tree (pydantic), YAML merge, `a.b=c` overrides and validation.
+
+Defaults live here and only here. Each component takes its own section. `load_config` merges
+YAML files left to right, applies overrides, and raises one ConfigError listing every problem
+(each naming its field); `check_config` adds the checks that need the filesystem (paths,
+tokenizer vocabulary, LoRA target modules).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from kdforge.errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraCfg(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class ModelSection(Section):
+    """Either a preset/number-built student or `path` to any local causal LM."""
+
+    preset: str | None = "toy"
+    path: str | None = None
+    d_model: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    d_head: int | None = None
+    vocab_size: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int | None = None
+    rope_theta: float | None = None
+    tie_embeddings: bool | None = None
+    lora: LoraCfg | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+
+    def model_cfg(self):
+        """The ModelCfg the numbers describe: the preset, overridden by any number given."""
+        from kdforge.model.student import ModelCfg, preset
+
+        base = preset(self.preset) if self.preset else ModelCfg()
+        over = {k: v for k, v in self.model_dump().items()
+                if k in ModelCfg.__dataclass_fields__ and v is not None}
+        from dataclasses import replace
+        return replace(base, **over)
+
+
+class IOSection(Section):
+    tokenizer_path: str | None = None
+    train_shards: list[str] = []
+    eval_shards: list[str] = []
+    output_dir: str = "runs/kdforge"
+
+    @field_validator("train_shards", "eval_shards", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class TeacherSection(Section):
+    path: str | None = None  # local teacher model for dense logit KD
+
+
+class LossSection(Section):
+    kind: Literal["ce", "fkl", "rkl", "jsd"] = "ce"
+    kd_weight: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.5, ge=0, le=1)
+    chunk_size: int | None = Field(1024, gt=0)  # tokens per chunk for the chunked KD loss; null = plain
+
+
+class TrainSection(Section):
+    micro_batch_size: int = Field(1, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seq_lengths: list[int] = [512]
+    max_steps: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
+    lr: float = Field(3e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float | None = Field(1.0, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(3, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    eval_batches: int = Field(8, gt=0)
+    log_steps: int = Field(1, gt=0)
+    seed: int = 0
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool | Literal["auto"] = "auto"
+    device: str = "auto"
+    fsdp: bool = False
+
+    @field_validator("seq_lengths", mode="before")
+    @classmethod
+    def _int_or_list(cls, v):
+        return [v] if isinstance(v, int) else v
+
+    @field_validator("seq_lengths")
+    @classmethod
+    def _positive(cls, v):
+        if not v:
+            raise ValueError("needs at least one sequence length")
+        bad = [x for x in v if x <= 0]
+        if bad:
+            raise ValueError(f"sequence lengths must be positive, got {bad}")
+        return v
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self):
+        return self
+
+
+class DaemonSection(Section):
+    base_model: str | None = None
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(3, gt=0)
+    epochs_per_batch: float = Field(1, gt=0)
+    snapshot_time: str = "03:00"
+    snapshot_keep: int = Field(7, gt=0)
+    consolidate_every_batches: int | None = Field(None, gt=0)
+    consolidate_daily: bool = False
+    delete_processed: bool = True
+    poll_interval: float = Field(2.0, gt=0)  # seconds between inbox scans
+    settle_seconds: float = Field(2.0, ge=0)  # a file must be unchanged this long to be taken
+
+    @field_validator("snapshot_time")
+    @classmethod
+    def _hhmm(cls, v):
+        try:
+            h, m = v.split(":")
+            assert 0 <= int(h) < 24 and 0 <= int(m) < 60
+        except Exception:
+            raise ValueError(f"must be HH:MM (24h), got {v!r}") from None
+        return v
+
+
+class GenerateSection(Section):
+    teacher: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    out: str | None = None
+    checkpoint_dir: str | None = None
+    cache_dir: str | None = None
+    prompts: list[str] = []
+    mix: dict[str, float] = {}  # source/category -> weight
+    total: int | None = Field(None, gt=0)
+    budget_limit: float | None = Field(None, ge=0)
+    price_input: float | None = Field(None, ge=0)  # USD per million input tokens
+    price_output: float | None = Field(None, ge=0)  # USD per million output tokens
+    concurrency: int = Field(8, gt=0)
+    rpm: float | None = Field(None, gt=0)
+    tpm: float | None = Field(None, gt=0)
+    delay: float = Field(0.0, ge=0)  # minimum seconds between request starts
+    max_tokens: int = Field(512, gt=0)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_logprobs: int = Field(0, ge=0, le=20)
+    timeout: float = Field(120.0, gt=0)
+    max_retries: int = Field(8, ge=0)
+    seed: int = 0
+    system_prompt: str | None = None
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    io: IOSection = IOSection()
+    teacher: TeacherSection = TeacherSection()
+    loss: LossSection = LossSection()
+    train: TrainSection = TrainSection()
+    daemon: DaemonSection = DaemonSection()
+    generate: GenerateSection = GenerateSection()
+
+
+# ----------------------------------------------------------------------------- loading
+
+def deep_merge(a: dict, b: dict) -> dict:
+    """b over a; dicts merge recursively, everything else replaces."""
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError([(item, "overrides take the form section.key=value, e.g. train.lr=1e-4")])
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError([(item, "overrides take the form section.key=value")])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([("--config", f"file not found: {p}")])
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([("--config", f"{p}{where}: invalid YAML ({getattr(e, 'problem', e)})")]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([("--config", f"{p}: the top level must be a mapping of sections")])
+    return data
+
+
+def merge_configs(paths: list[str | Path], overrides: list[str] | None = None) -> dict:
+    """The seed's `merge_configs`: YAML files merged left to right, then overrides. Returns a dict."""
+    data: dict = {}
+    for p in paths:
+        data = deep_merge(data, read_yaml(p))
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        d = data
+        for k in keys[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise ConfigError([(".".join(keys), f"'{k}' is not a section")])
+        d[keys[-1]] = value
+    return data
+
+
+def _pydantic_problems(e: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"])
+        if err["type"] == "extra_forbidden":
+            section = ".".join(str(x) for x in err["loc"][:-1])
+            msg = "unknown key" + (f" in section '{section}'" if section else " (unknown section)") + \
+                  "; check the spelling against configs/toy.yaml"
+        else:
+            msg = err["msg"]
+            if "input" in err and not isinstance(err["input"], (dict, list)):
+                msg += f" (got {err['input']!r})"
+        out.append((loc, msg))
+    return out
+
+
+def _drop(data: dict, loc: tuple) -> None:
+    d = data
+    for k in loc[:-1]:
+        if not isinstance(d, dict) or k not in d:
+            return
+        d = d[k]
+    if isinstance(d, dict):
+        d.pop(loc[-1], None)
+
+
+def _typed(data: dict) -> tuple[Config | None, list[tuple[str, str]]]:
+    """Type-check; on errors also return what the rest of the config would give, so that the
+    static checks still run and every problem is reported at once."""
+    import copy
+
+    try:
+        return Config.model_validate(data), []
+    except ValidationError as e:
+        problems = _pydantic_problems(e)
+        rest = copy.deepcopy(data)
+        for err in e.errors():
+            _drop(rest, tuple(x for x in err["loc"] if isinstance(x, str)))
+        try:
+            return Config.model_validate(rest), problems
+        except ValidationError:
+            return None, problems
+
+
+def from_dict(data: dict, source: str | None = None, check_files: bool = False,
+              for_run: bool = False) -> Config:
+    cfg, problems = _typed(data)
+    if cfg is not None:
+        problems += static_problems(cfg)
+        if check_files:
+            problems += check_config(cfg, for_run=for_run)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(paths: list[str | Path], overrides: list[str] | None = None) -> Config:
+    """Merge, override, type-check and statically validate. Raises ConfigError listing everything."""
+    source = ", ".join(str(p) for p in paths) or None
+    return from_dict(merge_configs(paths, overrides), source)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def static_problems(cfg: Config) -> list[tuple[str, str]]:
+    """Checks that need no filesystem: shapes, batch arithmetic, sequence lengths."""
+    p: list[tuple[str, str]] = []
+    m = cfg.model
+    if m.path is None:
+        if m.preset is not None:
+            from kdforge.model.student import PRESETS
+            if m.preset not in PRESETS:
+                p.append(("model.preset", f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}"))
+                return p
+        mc = m.model_cfg()
+        p += [(f"model.{f}", msg) for f, msg in mc.problems()]
+        for L in cfg.train.seq_lengths:
+            if L > mc.max_seq_len:
+                p.append(("train.seq_lengths", f"{L} is above the model's max_seq_len ({mc.max_seq_len}); "
+                          f"lower it or raise model.max_seq_len"))
+    t = cfg.train
+    if t.max_steps is None and t.epochs is None:
+        p.append(("train.max_steps", "set train.max_steps or train.epochs"))
+    if t.max_steps is not None and t.epochs is not None:
+        p.append(("train.epochs", "set train.max_steps or train.epochs, not both"))
+    if t.max_steps is not None and t.warmup_steps >= t.max_steps and t.max_steps > 1:
+        p.append(("train.warmup_steps", f"{t.warmup_steps} is not below train.max_steps ({t.max_steps})"))
+    if t.seq_lengths != sorted(t.seq_lengths):
+        p.append(("train.seq_lengths", f"a curriculum goes from short to long; got {t.seq_lengths}"))
+    if t.max_steps is not None and len(t.seq_lengths) > t.max_steps:
+        p.append(("train.seq_lengths", f"{len(t.seq_lengths)} curriculum stages for {t.max_steps} steps"))
+    if t.micro_batch_size * t.grad_accum > 65536:
+        p.append(("train.grad_accum", f"global batch {t.micro_batch_size}x{t.grad_accum} is not sensible"))
+    if cfg.loss.kind != "ce" and cfg.loss.kd_weight == 0:
+        p.append(("loss.kd_weight", f"loss.kind={cfg.loss.kind} with kd_weight 0 trains no KD; use kind: ce"))
+    return p
+
+
+def _tokenizer_vocab(path: str) -> int | None:
+    from transformers import AutoTokenizer
+    return len(AutoTokenizer.from_pretrained(path))
+
+
+def _model_vocab(path: str) -> int | None:
+    from transformers import AutoConfig
+    return AutoConfig.from_pretrained(path).vocab_size
+
+
+def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list[tuple[str, str]]:
+    """Checks that touch the filesystem. `for_run=False` (config validate) lets outputs and
+    data shards that a run will create be absent; `for_run=True` requires every input."""
+    p: list[tuple[str, str]] = []
+    io = cfg.io
+    tok_vocab = None
+    if job == "train":
+        if not io.tokenizer_path and not cfg.model.path:
+            p.append(("io.tokenizer_path", "set a tokenizer folder (make one: kdforge tokenizer train ...)"))
+        elif io.tokenizer_path:
+            tp = Path(io.tokenizer_path)
+            if not tp.exists():
+                p.append(("io.tokenizer_path", f"not found: {tp} (make one: kdforge tokenizer train --out {tp} ...)"))
+            else:
+                try:
+                    tok_vocab = _tokenizer_vocab(str(tp))
+                except Exception as e:  # noqa: BLE001 - the message is what matters
+                    p.append(("io.tokenizer_path", f"cannot load a tokenizer from {tp}: {e}"))
+        if not io.train_shards:
+            p.append(("io.train_shards", "no training data: list one or more JSONL files"))
+        for i, s in enumerate(io.train_shards + io.eval_shards):
+            field = f"io.train_shards[{i}]" if i < len(io.train_shards) else f"io.eval_shards[{i - len(io.train_shards)}]"
+            if for_run and not Path(s).is_file():
+                p.append((field, f"not found: {s}"))
+    student_vocab = None
+    if cfg.model.path:
+        mp = Path(cfg.model.path)
+        if not (mp / "config.json").is_file():
+            p.append(("model.path", f"no Hugging Face model folder (config.json) at {mp}"))
+        else:
+            student_vocab = _model_vocab(str(mp))
+            if cfg.model.lora:
+                p += _lora_target_problems(str(mp), cfg.model.lora.target_modules)
+    else:
+        mc = cfg.model.model_cfg()
+        student_vocab = mc.vocab_size or tok_vocab
+        if tok_vocab and mc.vocab_size and mc.vocab_size < tok_vocab:
+            p.append(("model.vocab_size", f"{mc.vocab_size} is smaller than the tokenizer's {tok_vocab} tokens"))
+        if cfg.model.lora:
+            known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
+            bad = [t for t in cfg.model.lora.target_modules if t not in known]
+            if bad:
+                p.append(("model.lora.target_modules", f"{bad} not in the model; it has {sorted(known)}"))
+    if cfg.teacher.path:
+        tp = Path(cfg.teacher.path)
+        if not (tp / "config.json").is_file():
+            p.append(("teacher.path", f"no Hugging Face model folder (config.json) at {tp}"))
+        elif cfg.loss.kind != "ce":
+            tv = _model_vocab(str(tp))
+            if student_vocab and tv != student_vocab:
+                p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}): "
+                          "logit KD needs the same tokenizer on both sides"))
+    return p
+
+
+def _lora_target_problems(model_path: str, targets: list[str]) -> list[tuple[str, str]]:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(model_path)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf)
+    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    bad = [t for t in targets if t not in names]
+    if bad:
+        return [("model.lora.target_modules", f"{bad} not in the model; its linear layers: {sorted(names)}")]
+    return []
+
+
+def validate_files(paths: list[str | Path], overrides: list[str] | None = None,
+                   for_run: bool = False) -> Config:
+    """`kdforge config validate`: every problem at once, static and filesystem, then raise."""
+    source = ", ".join(str(p) for p in paths) or None
+    return from_dict(merge_configs(paths, overrides), source, check_files=True, for_run=for_run)

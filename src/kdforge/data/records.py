@@ -1,0 +1,153 @@
+"""Record formats: every JSONL shape kdforge accepts, normalised to one `Record`.
+
+Accepted lines (SPEC "generate" and "train"):
+- kdforge generate output: {"prompt", "teacher_text", "messages"?, "teacher_logprobs"?, "metadata"?}
+- {"prompt", "completion"}
+- OpenAI chat: {"messages": [...]} whose last message is the assistant's answer
+- Alpaca: {"instruction", "input"?, "output"}
+- plain text: {"text"} (no prompt: every token is a training target)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from kdforge.errors import DataError
+
+ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+@dataclass
+class Record:
+    """One training example. `prompt_messages` is None only for plain-text records."""
+
+    prompt_messages: list[dict[str, str]] | None
+    response: str
+    teacher_logprobs: list[dict[str, Any]] | None = None
+    id: str | None = None
+    source: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    line: int = 0  # 1-based line number in its file
+
+    @property
+    def is_text(self) -> bool:
+        return self.prompt_messages is None
+
+    @property
+    def prompt(self) -> str:
+        if not self.prompt_messages:
+            return ""
+        return "\n".join(m["content"] for m in self.prompt_messages if m["role"] != "system")
+
+
+def _check_messages(msgs: Any, key: str) -> list[dict[str, str]]:
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"'{key}' must be a non-empty list of {{role, content}} objects")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"'{key}[{i}]' needs 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ValueError(f"'{key}[{i}].role' is {m['role']!r}; expected one of {sorted(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"'{key}[{i}].content' must be a string")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def parse_record(obj: Any) -> Record:
+    """Normalise one decoded JSON line. Raises ValueError with a reason if it is unusable."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    rid = obj.get("id")
+    source = meta.get("source") or obj.get("source")
+
+    if "teacher_text" in obj:
+        response = obj["teacher_text"]
+        if "messages" in obj and obj["messages"]:
+            prompt_msgs = _check_messages(obj["messages"], "messages")
+        elif isinstance(obj.get("prompt"), str):
+            prompt_msgs = [{"role": "user", "content": obj["prompt"]}]
+        else:
+            raise ValueError("a 'teacher_text' record needs 'prompt' (string) or 'messages'")
+        lp = obj.get("teacher_logprobs")
+        if lp is not None and not isinstance(lp, list):
+            raise ValueError("'teacher_logprobs' must be a list")
+        rec = Record(prompt_msgs, response, lp or None, rid, source, meta)
+    elif "completion" in obj and "prompt" in obj:
+        if not isinstance(obj["prompt"], str):
+            raise ValueError("'prompt' must be a string")
+        rec = Record([{"role": "user", "content": obj["prompt"]}], obj["completion"], None, rid, source, meta)
+    elif "messages" in obj:
+        msgs = _check_messages(obj["messages"], "messages")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError("the last of 'messages' must be the assistant's answer (role 'assistant')")
+        if len(msgs) < 2:
+            raise ValueError("'messages' needs at least one prompt message before the assistant's answer")
+        rec = Record(msgs[:-1], msgs[-1]["content"], None, rid, source, meta)
+    elif "instruction" in obj and "output" in obj:
+        inst, inp = obj["instruction"], obj.get("input") or ""
+        if not isinstance(inst, str) or not isinstance(inp, str):
+            raise ValueError("'instruction' and 'input' must be strings")
+        prompt = inst + ("\n\n" + inp if inp.strip() else "")
+        rec = Record([{"role": "user", "content": prompt}], obj["output"], None, rid, source, meta)
+    elif "text" in obj:
+        rec = Record(None, obj["text"], None, rid, source, meta)
+    else:
+        keys = ", ".join(sorted(obj)[:8]) or "none"
+        raise ValueError(
+            f"unknown record format (keys: {keys}); expected one of: prompt+teacher_text, "
+            "prompt+completion, messages, instruction+output, text"
+        )
+    if not isinstance(rec.response, str):
+        raise ValueError("the response must be a string")
+    if not rec.response.strip():
+        raise ValueError("the response is empty")
+    if rec.prompt_messages is not None and not any(m["content"].strip() for m in rec.prompt_messages):
+        raise ValueError("the prompt is empty")
+    return rec
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, stripped text) for each non-blank line."""
+    with open(path, "r", encoding="utf-8", errors="strict") as f:
+        for i, line in enumerate(f, 1):
+            s = line.strip()
+            if s:
+                yield i, s
+
+
+def read_records(path: str | Path, strict: bool = True) -> tuple[list[Record], list[DataError]]:
+    """Read every record of a JSONL file.
+
+    strict=True raises the first unusable line as DataError (file:line). strict=False returns
+    the good records and a DataError for each bad line, so a caller can train the good ones
+    and report the rest.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("file not found", str(path))
+    records: list[Record] = []
+    problems: list[DataError] = []
+    try:
+        lines = list(iter_lines(path))
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
+    for lineno, text in lines:
+        try:
+            obj = json.loads(text)
+            rec = parse_record(obj)
+        except (ValueError, json.JSONDecodeError) as e:
+            reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+            err = DataError(reason + "; fix or remove the line", str(path), lineno)
+            if strict:
+                raise err from None
+            problems.append(err)
+            continue
+        rec.line = lineno
+        records.append(rec)
+    return records, problems

@@ -1,0 +1,93 @@
+"""Shared fixtures: a real tokenizer trained here, tiny real models, free ports, CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    """Deterministic prompt/teacher_text records (arithmetic and word tasks) in generate's format."""
+    rng = random.Random(seed)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    out = []
+    for i in range(n):
+        if i % 2 == 0:
+            a, b = rng.randint(0, 99), rng.randint(0, 99)
+            prompt, answer = f"What is {a} plus {b}?", f"{a} plus {b} is {a + b}."
+        else:
+            ws = rng.sample(words, 3)
+            prompt, answer = f"Sort these words: {' '.join(ws)}", " ".join(sorted(ws))
+        out.append({"id": f"s{i}", "prompt": prompt, "teacher_text": answer,
+                    "metadata": {"source": "math" if i % 2 == 0 else "reasoning"}})
+    return out
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A real byte-level BPE tokenizer (vocab 512) trained on the synthetic records."""
+    from kdforge.data.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok")
+    texts = []
+    for r in synthetic_records(400):
+        texts += [r["prompt"], r["teacher_text"]]
+    train_tokenizer(texts, 512, out, min_frequency=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random-init Llama student with the tokenizer saved beside it (an HF folder)."""
+    from kdforge.model import ModelCfg, write_student
+
+    out = tmp_path_factory.mktemp("tiny_model")
+    cfg = ModelCfg(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, vocab_size=None,
+                   ffn_dim=128, max_seq_len=256)
+    write_student(cfg, tokenizer_dir, out, seed=0)
+    return out
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "train.jsonl", synthetic_records(64))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def run_cli(*args, cwd=None, env=None, timeout=300, check=False) -> subprocess.CompletedProcess:
+    """Run the real `kdforge` entry point in a subprocess; returns the CompletedProcess."""
+    p = subprocess.run([sys.executable, "-m", "kdforge", *map(str, args)], cwd=cwd,
+                       env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"kdforge {' '.join(map(str, args))} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
+    return p
