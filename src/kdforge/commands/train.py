@@ -37,6 +37,37 @@ def config_validate(
     print(f"ok: {', '.join(str(c) for c in configs)}")
 
 
+
+
+def train(
+    config: List[Path] = typer.Option(..., "--config", "-c", help="YAML files, merged left to right"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="overrides io.output_dir"),
+    resume: str = typer.Option("auto", "--resume",
+                               help="auto (newest complete checkpoint in the output dir, if any), "
+                                    "a checkpoint folder, or none"),
+    overrides: List[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.lr=1e-4"),
+):
+    """Train a student by knowledge distillation (torchrun-aware)."""
+    from kdforge.config import load_config, merge_configs
+    from kdforge.train.runner import run_training
+
+    overrides = list(overrides or [])
+    if output_dir is not None:
+        overrides.append(f"io.output_dir={output_dir}")
+    cfg = load_config(config, overrides)
+    raw = merge_configs(config, overrides)
+    run_training(cfg, resume=resume, raw_config=raw, log=lambda m: print(m, flush=True))
+
+
+def smoke(workdir: Optional[Path] = typer.Option(None, "--workdir", help="default: a new temp dir")):
+    """Toy end-to-end: toy data, tokenizer, model, 5 steps, checkpoint, resume to 10."""
+    from kdforge.train.smoke import run_smoke
+
+    run_smoke(workdir, log=lambda m: print(m, flush=True))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(tokenizer_app, name="tokenizer")
     app.add_typer(config_app, name="config")
+    app.command("train")(train)
+    app.command("smoke")(smoke)

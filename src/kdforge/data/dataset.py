@@ -1,0 +1,271 @@
+"""The KD dataset: records -> token ids, response-only labels, aligned teacher top-k logprobs.
+
+Every record format of `kdforge.data.records` is accepted. Chat records get the tokenizer's chat
+template with `add_generation_prompt=True` as the prompt, then the response and EOS; labels are
+set on the response (and its EOS) only. Plain-text records train on every token. Sequences longer
+than `max_seq_length` are truncated so that the response is kept: prompt tokens go first (from the
+left), and only a response longer than the budget loses its tail.
+
+Teacher top-k logprobs (`teacher_logprobs` in generate's output) are aligned 1:1 to the response
+tokens when the teacher used the same tokenizer; otherwise a clear error names the line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from kdforge.data.records import Record, read_records
+from kdforge.errors import DataError
+
+IGNORE = -100
+
+
+@dataclass
+class Example:
+    """One tokenised record: prompt and response ids kept apart so truncation can favour the response."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # includes the closing EOS for chat records
+    topk_ids: list[list[int]] | None = None  # per response token: teacher's top-k token ids
+    topk_logprobs: list[list[float]] | None = None
+    source: str = ""
+    line: int = 0
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int], int]:
+    """(prompt_ids, response_ids, response_offset) cut to max_len tokens, keeping the response.
+
+    Prompt tokens are dropped from the left first; the response loses its tail only if it alone
+    does not fit beside a quarter of the budget of prompt.
+    """
+    p, r = ex.prompt_ids, ex.response_ids
+    if len(p) + len(r) <= max_len:
+        return p, r, 0
+    p_keep = max(max_len - len(r), min(len(p), max_len // 4))
+    r_keep = max_len - p_keep
+    return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep], 0
+
+
+class TokenMap:
+    """Maps a teacher token's text to the student tokenizer's id (None if absent or ambiguous)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        counts: dict[str, int] = {}
+        first: dict[str, int] = {}
+        for i in range(len(tokenizer)):
+            s = tokenizer.decode([i])
+            counts[s] = counts.get(s, 0) + 1
+            first.setdefault(s, i)
+        self.map = {s: i for s, i in first.items() if counts[s] == 1 and s != "\ufffd"}
+
+    def __call__(self, text: str) -> int | None:
+        return self.map.get(text)
+
+
+def load_tokenizer(path_or_tok):
+    if isinstance(path_or_tok, (str, Path)):
+        from transformers import AutoTokenizer
+
+        p = Path(path_or_tok)
+        if not p.exists():
+            raise DataError(f"tokenizer folder not found: {p} (make one: kdforge tokenizer train ...)")
+        tok = AutoTokenizer.from_pretrained(str(p))
+    else:
+        tok = path_or_tok
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+class KDDataset(torch.utils.data.Dataset):
+    """Tokenised KD examples from one or more JSONL files.
+
+    `dataset[i]` is a dict of 1-D LongTensors `input_ids` and `labels` (labels = input ids on the
+    response, -100 elsewhere; the model shifts them), plus, when `with_topk`, `topk_ids` [L, K]
+    and `topk_logprobs` [L, K] where row t is the teacher's distribution for token t (rows outside
+    the response have id -1).
+    """
+
+    def __init__(self, jsonl_path: str | Path | Sequence[str | Path], tokenizer_path=None,
+                 max_seq_length: int = 4096, *, with_topk: bool = False, strict: bool = True,
+                 records: list[Record] | None = None, tokenizer=None):
+        self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_path)
+        self.max_seq_length = max_seq_length
+        self.with_topk = with_topk
+        self.problems: list[DataError] = []
+        paths = [jsonl_path] if isinstance(jsonl_path, (str, Path)) else list(jsonl_path or [])
+        if records is None:
+            records = []
+            for p in paths:
+                recs, probs = read_records(p, strict=strict)
+                for r in recs:
+                    r.metadata = {**r.metadata, "_path": str(p)}
+                records += recs
+                self.problems += probs
+        self.eos_id = self.tokenizer.eos_token_id
+        self._token_map: TokenMap | None = None
+        self.examples = [self._encode(r) for r in records]
+        self.truncated = sum(1 for e in self.examples if len(e) > max_seq_length)
+
+    # ------------------------------------------------------------------ encoding
+    def _prompt_text(self, msgs: list[dict]) -> str:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        # No template (some base models): a plain, documented fallback.
+        return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
+
+    def _encode(self, rec: Record) -> Example:
+        tok = self.tokenizer
+        if rec.is_text:
+            ids = tok(rec.response, add_special_tokens=False)["input_ids"] + [self.eos_id]
+            return Example([], ids, source=rec.source or "", line=rec.line)
+        prompt_ids = tok(self._prompt_text(rec.prompt_messages), add_special_tokens=False)["input_ids"]
+        resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
+        ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
+        if self.with_topk:
+            ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, resp_ids)
+        return ex
+
+    def _align_topk(self, rec: Record, resp_ids: list[int]):
+        where = (rec.metadata.get("_path"), rec.line)
+        lp = rec.teacher_logprobs
+        if not lp:
+            raise DataError("no teacher_logprobs: sparse KD (loss.kind fkl/rkl/jsd without teacher.path) "
+                            "needs generate --top-logprobs K, or use loss.kind=ce", *where)
+        if self._token_map is None:
+            self._token_map = TokenMap(self.tokenizer)
+        tm = self._token_map
+        chosen = [e.get("token") for e in lp]
+        if len(chosen) != len(resp_ids) or any(
+                self.tokenizer.decode([i]) != c and tm(c) != i for i, c in zip(resp_ids, chosen)):
+            raise DataError(
+                f"teacher_logprobs ({len(chosen)} tokens) do not align with the student tokenizer's "
+                f"{len(resp_ids)} response tokens: logit KD needs the teacher's tokenizer; "
+                "use the same tokenizer on both sides or loss.kind=ce", *where)
+        ids, lps = [], []
+        for i, e in zip(resp_ids, lp):
+            row_ids, row_lp = [], []
+            for alt in e.get("top") or [{"token": e["token"], "logprob": e["logprob"]}]:
+                j = i if alt.get("token") == e.get("token") else tm(alt.get("token", ""))
+                if j is not None and j not in row_ids:
+                    row_ids.append(j)
+                    row_lp.append(float(alt["logprob"]))
+            ids.append(row_ids)
+            lps.append(row_lp)
+        # The closing EOS has no teacher row (APIs do not report the stop token): empty row.
+        return ids + [[]], lps + [[]]
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def lengths(self) -> list[int]:
+        return [min(len(e), self.max_seq_length) for e in self.examples]
+
+    def item(self, i: int, max_len: int | None = None) -> dict:
+        """Example i as tensors, truncated to max_len (default: max_seq_length)."""
+        ex = self.examples[i]
+        L = min(max_len or self.max_seq_length, self.max_seq_length)
+        p, r, _ = truncate(ex, L)
+        input_ids = torch.tensor(p + r, dtype=torch.long)
+        labels = torch.tensor([IGNORE] * len(p) + r, dtype=torch.long)
+        out = {"input_ids": input_ids, "labels": labels}
+        if self.with_topk:
+            K = max((len(x) for x in ex.topk_ids), default=1) or 1
+            tid = torch.full((len(p) + len(r), K), -1, dtype=torch.long)
+            tlp = torch.zeros((len(p) + len(r), K), dtype=torch.float32)
+            for t, (row_i, row_l) in enumerate(zip(ex.topk_ids[:len(r)], ex.topk_logprobs[:len(r)])):
+                tid[len(p) + t, :len(row_i)] = torch.tensor(row_i, dtype=torch.long)
+                tlp[len(p) + t, :len(row_l)] = torch.tensor(row_l, dtype=torch.float32)
+            out["topk_ids"], out["topk_logprobs"] = tid, tlp
+        return out
+
+    def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+
+def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> dict:
+    """Right-pad a list of items into a batch; or, with `packed_len`, pack them back to back into
+    rows of exactly that many tokens (position ids restart at each example; a block-diagonal
+    attention mask keeps examples from seeing each other)."""
+    if packed_len:
+        return _pack(items, pad_id, packed_len)
+    L = max(len(x["input_ids"]) for x in items)
+    B = len(items)
+    batch = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "labels": torch.full((B, L), IGNORE, dtype=torch.long),
+        "attention_mask": torch.zeros((B, L), dtype=torch.long),
+    }
+    K = max((x["topk_ids"].shape[1] for x in items if "topk_ids" in x), default=0)
+    if K:
+        batch["topk_ids"] = torch.full((B, L, K), -1, dtype=torch.long)
+        batch["topk_logprobs"] = torch.zeros((B, L, K), dtype=torch.float32)
+    for b, x in enumerate(items):
+        n = len(x["input_ids"])
+        batch["input_ids"][b, :n] = x["input_ids"]
+        batch["labels"][b, :n] = x["labels"]
+        batch["attention_mask"][b, :n] = 1
+        if K:
+            k = x["topk_ids"].shape[1]
+            batch["topk_ids"][b, :n, :k] = x["topk_ids"]
+            batch["topk_logprobs"][b, :n, :k] = x["topk_logprobs"]
+    return batch
+
+
+def _pack(items: list[dict], pad_id: int, L: int) -> dict:
+    rows: list[list[dict]] = [[]]
+    used = [0]
+    for x in items:  # first fit, in order (the order is the sampler's)
+        n = len(x["input_ids"])
+        if used[-1] + n > L and rows[-1]:
+            rows.append([])
+            used.append(0)
+        rows[-1].append(x)
+        used[-1] += n
+    B = len(rows)
+    K = max((x["topk_ids"].shape[1] for x in items if "topk_ids" in x), default=0)
+    batch = {
+        "input_ids": torch.full((B, L), pad_id, dtype=torch.long),
+        "labels": torch.full((B, L), IGNORE, dtype=torch.long),
+        "position_ids": torch.zeros((B, L), dtype=torch.long),
+        "seq_ids": torch.full((B, L), -1, dtype=torch.long),  # which example each token belongs to
+    }
+    if K:
+        batch["topk_ids"] = torch.full((B, L, K), -1, dtype=torch.long)
+        batch["topk_logprobs"] = torch.zeros((B, L, K), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        o = 0
+        for s, x in enumerate(row):
+            n = min(len(x["input_ids"]), L - o)
+            batch["input_ids"][b, o:o + n] = x["input_ids"][:n]
+            batch["labels"][b, o:o + n] = x["labels"][:n]
+            batch["position_ids"][b, o:o + n] = torch.arange(n)
+            batch["seq_ids"][b, o:o + n] = s
+            if K:
+                k = x["topk_ids"].shape[1]
+                batch["topk_ids"][b, o:o + n, :k] = x["topk_ids"][:n]
+                batch["topk_logprobs"][b, o:o + n, :k] = x["topk_logprobs"][:n]
+            o += n
+    return batch
+
+
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, 1, L, L] additive mask: causal within each packed example, -inf across examples and
+    on padding (padding rows attend to themselves so softmax stays finite)."""
+    B, L = seq_ids.shape
+    same = seq_ids[:, :, None] == seq_ids[:, None, :]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq_ids.device).tril()
+    allowed = same & causal & (seq_ids[:, :, None] >= 0)
+    allowed |= torch.eye(L, dtype=torch.bool, device=seq_ids.device)
+    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=seq_ids.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)

@@ -1,0 +1,211 @@
+"""The training loop: a library function over (objective, optimizer, scheduler, data stream, state).
+
+`kdforge train` and the daemon both call `train_steps`; the daemon calls it batch after batch with
+the model kept loaded. The loop owns its data position (the stream's), so a new data file starts
+at its first example whatever the global step (the Hugging Face Trainer fast-forward pitfall).
+
+One optimizer step = `grad_accum` micro-batches per rank. Losses are summed per token and divided
+by the number of target tokens in the whole global batch (all micro-batches, all ranks), so
+grad_accum 4 x micro 1 equals micro 4 and N ranks equal one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from kdforge.train.checkpoint import TrainState
+from kdforge.train.data_stream import DataStream
+from kdforge.train.losses import combine
+
+
+@dataclass
+class LoopConfig:
+    grad_accum: int = 1
+    grad_clip: float | None = 1.0
+    kd_weight: float = 0.5
+    kind: str = "ce"
+    save_steps: int = 100
+    eval_steps: int | None = None
+    log_steps: int = 1
+
+
+@dataclass
+class Hooks:
+    """Callbacks the owner of the loop supplies; every one is optional."""
+
+    on_log: Callable[[dict], None] | None = None  # every log_steps: the metrics record
+    on_step: Callable[[TrainState, dict], None] | None = None  # after every optimizer step
+    save: Callable[[TrainState], None] | None = None  # write a checkpoint
+    evaluate: Callable[[], dict] | None = None  # -> {"eval_loss": ...}
+    should_stop: Callable[[], bool] | None = None  # e.g. a signal arrived or .stop exists
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_sum(values: list[float], device) -> list[float]:
+    if _world()[1] == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_steps(objective, optimizer, scheduler, stream: DataStream, state: TrainState,
+                lc: LoopConfig, *, until_step: int | None, seq_len_at: Callable[[int], int],
+                hooks: Hooks | None = None, device: torch.device | str = "cpu",
+                amp_dtype: torch.dtype | None = None) -> str:
+    """Train until `state.global_step == until_step` ("done"), the stream runs out ("exhausted"),
+    or `hooks.should_stop()` ("stopped"). Saves at every `save_steps` and before returning
+    (unless the last step was just saved). `objective` may be DDP-wrapped. Mutates `state`."""
+    hooks = hooks or Hooks()
+    rank, world = _world()
+    device = torch.device(device)
+    model = objective
+    t_last, tokens_since = time.perf_counter(), 0
+    saved_at = state.global_step
+    reason = "done"
+
+    while until_step is None or state.global_step < until_step:
+        # ---- gather this step's micro-batches (every rank walks the same global order)
+        seq_len = seq_len_at(state.global_step)
+        mine, n_local, samples = [], 0, 0
+        for m in range(lc.grad_accum * world):
+            got = stream.next_micro_batch(seq_len)
+            if got is None:
+                break
+            batch, n_ex = got
+            samples += n_ex
+            if m % world == rank:
+                mine.append(batch)
+                n_local += int((batch["labels"][:, 1:] != -100).sum())
+        empty = float(not mine)
+        if world > 1:  # every rank must agree, or the collectives below would hang
+            empty = _all_sum([empty], device)[0]
+        if empty:
+            reason = "exhausted"
+            break
+        n_global = int(_all_sum([float(n_local)], device)[0])
+        if n_global == 0:  # a step of examples with no target tokens: skip, keep position
+            continue
+
+        # ---- forward/backward over the micro-batches
+        model.train()
+        ce_sum = kd_sum = 0.0
+        for i, batch in enumerate(mine):
+            batch = _to(batch, device)
+            sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else model.no_sync()
+            amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                   else contextlib.nullcontext())
+            with ctx, amp:
+                ce, kd, _ = model(batch)
+                loss = combine_sums(ce, kd, lc, n_global) * world  # DDP averages over ranks
+            with ctx:
+                loss.backward()
+            ce_sum += float(ce.detach())
+            kd_sum += float(kd.detach()) if torch.is_tensor(kd) else float(kd)
+        grad_norm = None
+        if lc.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], lc.grad_clip))
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # ---- bookkeeping
+        ce_g, kd_g, samples_g = _all_sum([ce_sum, kd_sum, float(samples if rank == 0 else 0)], device)
+        state.global_step += 1
+        state.samples_seen += int(samples_g)
+        state.tokens_seen += n_global
+        state.epoch = round(stream.epoch_float, 6)
+        state.data_position = stream.position()
+        tokens_since += n_global
+        ce_m, kd_m = ce_g / n_global, kd_g / n_global
+        loss_m = ce_m if lc.kind == "ce" else (1 - lc.kd_weight) * ce_m + lc.kd_weight * kd_m
+        if not math.isfinite(loss_m):
+            raise FloatingPointError(f"loss is {loss_m} at step {state.global_step}: lower train.lr "
+                                     "or check the data (kdforge data validate)")
+        now = time.perf_counter()
+        rec = {"step": state.global_step, "loss": round(loss_m, 6), "ce": round(ce_m, 6),
+               "lr": lr, "tokens": n_global, "epoch": state.epoch, "seq_len": seq_len}
+        if lc.kind != "ce":
+            rec["kd"] = round(kd_m, 6)
+        if grad_norm is not None:
+            rec["grad_norm"] = round(grad_norm, 6)
+        if state.global_step % lc.log_steps == 0:
+            rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
+            t_last, tokens_since = now, 0
+            state.log_history.append({k: rec[k] for k in ("step", "loss", "lr", "epoch")})
+            if hooks.on_log:
+                hooks.on_log(rec)
+        if hooks.on_step:
+            hooks.on_step(state, rec)
+        if lc.eval_steps and hooks.evaluate and state.global_step % lc.eval_steps == 0:
+            ev = hooks.evaluate()
+            state.log_history.append({"step": state.global_step, **ev})
+            if hooks.on_log:
+                hooks.on_log({"step": state.global_step, **ev})
+        if hooks.save and state.global_step % lc.save_steps == 0:
+            hooks.save(state)
+            saved_at = state.global_step
+        stop = hooks.should_stop() if hooks.should_stop else False
+        if world > 1:
+            stop = _all_sum([float(stop)], device)[0] > 0
+        if stop:
+            reason = "stopped"
+            break
+        if stream.exhausted():
+            reason = "exhausted"
+            break
+
+    if hooks.save and state.global_step != saved_at:
+        hooks.save(state)
+    return reason
+
+
+def combine_sums(ce, kd, lc: LoopConfig, n_global: int) -> torch.Tensor:
+    from kdforge.train.losses import LossSums
+
+    return combine(LossSums(ce, kd, 0), lc.kd_weight, lc.kind, n_global)
+
+
+@torch.no_grad()
+def evaluate_loss(objective, stream_factory: Callable[[], DataStream], seq_len: int, max_batches: int,
+                  device, amp_dtype=None) -> dict:
+    """Mean target-token CE (and KD) over the first `max_batches` micro-batches of a fresh stream."""
+    model = objective
+    model.eval()
+    stream = stream_factory()
+    ce_t = kd_t = 0.0
+    n_t = 0
+    for _ in range(max_batches):
+        got = stream.next_micro_batch(seq_len)
+        if got is None:
+            break
+        amp = (torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype is not None
+               else contextlib.nullcontext())
+        with amp:
+            ce, kd, n = model(_to(got[0], device))
+        ce_t += float(ce)
+        kd_t += float(kd) if torch.is_tensor(kd) else float(kd)
+        n_t += int(n)
+    model.train()
+    if n_t == 0:
+        return {}
+    return {"eval_loss": round(ce_t / n_t, 6), "eval_tokens": n_t}
