@@ -1,0 +1,228 @@
+"""The batching generation engine: one background thread runs every request on the model.
+
+The loop: take the waiting requests (up to `max_batch_size` rows), prefill them as one
+left-padded batch, then step every row together, one token per forward pass, with the KV cache.
+Each row finishes at its own eos / stop string / max_tokens and leaves the batch; requests that
+arrive meanwhile are prefilled and join the running batch before the next step (continuous
+batching). One forward pass serves every active row, so throughput grows with concurrency.
+
+Padding never changes a row's tokens: prompts are padded on the left with an attention mask
+that hides the padding and position ids that count only real tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import torch
+from transformers import DynamicCache
+
+from kdforge.serve.kv_batch import KVBatch, merge, reshapable, select
+from kdforge.serve.output import Completion, Delta, SequenceOutput
+from kdforge.serve.sampling import SamplingParams, choose_tokens, make_generator, token_logprobs
+from kdforge.serve.vocab import Vocab
+
+Emit = Callable[[object], None]  # called from the engine thread with a Delta or an Exception
+
+
+class Ticket:
+    """A submitted request. `cancel()` (e.g. the client went away) drops it at the next step."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Emit):
+        if not prompt_ids:
+            raise ValueError("empty prompt: a request needs at least one prompt token")
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.emit = emit
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    ticket: Ticket
+    out: SequenceOutput
+    gen: torch.Generator
+
+
+def eos_token_ids(model, tokenizer) -> frozenset[int]:
+    """Every id that ends generation: the tokenizer's eos and the model's generation config's."""
+    ids = set()
+    for v in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+              getattr(model.config, "eos_token_id", None)):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return frozenset(ids)
+
+
+class Engine:
+    """Owns the model; `submit`/`stream`/`generate` may be called from any thread."""
+
+    def __init__(self, model, tokenizer, max_batch_size: int = 32):
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        self.vocab = Vocab(tokenizer)
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
+        self.max_batch_size = max_batch_size
+        # Only the last position's logits are needed: (B, 1, V), not (B, T, V).
+        self._keep = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters
+                      else {})
+        self._waiting: deque[Ticket] = deque()
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="kdforge-engine", daemon=True)
+        self._thread.start()
+
+    # ---- public API -------------------------------------------------------------------------
+
+    def submit(self, requests: list[tuple[list[int], SamplingParams, Emit]]) -> list[Ticket]:
+        """Queue requests together (they start in the same batch when there is room)."""
+        tickets = [Ticket(ids, p, emit) for ids, p, emit in requests]
+        with self._cv:
+            if self._closed:
+                raise RuntimeError("engine is closed")
+            self._waiting.extend(tickets)
+            self._cv.notify()
+        return tickets
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
+        """Deltas of one request as they are released; the last has `finish_reason` set."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+
+        def emit(ev: object) -> None:
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, ev)
+            except RuntimeError:  # event loop already closed: nobody is listening
+                pass
+
+        (ticket,) = self.submit([(prompt_ids, params, emit)])
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, BaseException):
+                    raise ev
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            ticket.cancel()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 timeout: float | None = None) -> list[Completion]:
+        """Blocking: run `prompts` (submitted together, so batched) and return their outputs."""
+        results: list[list] = [[] for _ in prompts]
+        left = threading.Semaphore(0)
+
+        def emitter(i: int) -> Emit:
+            def emit(ev: object) -> None:
+                results[i].append(ev)
+                if isinstance(ev, BaseException) or ev.finish_reason is not None:
+                    left.release()
+            return emit
+
+        self.submit([(ids, params, emitter(i)) for i, ids in enumerate(prompts)])
+        for _ in prompts:
+            if not left.acquire(timeout=timeout):
+                raise TimeoutError(f"generation did not finish within {timeout}s")
+        for r in results:
+            if isinstance(r[-1], BaseException):
+                raise r[-1]
+        return [Completion.join(r) for r in results]
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=10)
+
+    # ---- the worker thread ------------------------------------------------------------------
+
+    def _take(self, room: int, block: bool) -> list[Ticket]:
+        with self._cv:
+            if block and not self._waiting and not self._closed:
+                self._cv.wait(timeout=0.5)
+            out = []
+            while self._waiting and len(out) < room:
+                t = self._waiting.popleft()
+                if not t.cancelled:
+                    out.append(t)
+            return out
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)  # grad mode is per thread
+        batch: KVBatch | None = None
+        rows: list[_Row] = []
+        while not self._closed:
+            joinable = batch is None or reshapable(batch.cache)
+            new = self._take(self.max_batch_size - len(rows), block=batch is None) if joinable else []
+            if new:
+                try:
+                    nb, nrows = self._prefill(new)
+                except Exception as e:  # noqa: BLE001 - report to the requests, keep serving
+                    self._fail(new, e)
+                    continue
+                batch, rows = (nb, nrows) if batch is None else (merge(batch, nb), rows + nrows)
+            if batch is None:
+                continue
+            try:
+                batch, rows = self._step(batch, rows)
+            except Exception as e:  # noqa: BLE001
+                self._fail([r.ticket for r in rows], e)
+                batch, rows = None, []
+        self._fail([r.ticket for r in rows] + list(self._waiting), RuntimeError("server shutting down"))
+
+    @staticmethod
+    def _fail(tickets: list[Ticket], err: Exception) -> None:
+        for t in tickets:
+            t.emit(err)
+
+    def _prefill(self, tickets: list[Ticket]) -> tuple[KVBatch, list[_Row]]:
+        n, t = len(tickets), max(len(tk.prompt_ids) for tk in tickets)
+        ids = torch.full((n, t), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((n, t), dtype=torch.long)
+        for i, tk in enumerate(tickets):  # left padding: real tokens end at the last column
+            ids[i, t - len(tk.prompt_ids):] = torch.tensor(tk.prompt_ids)
+            mask[i, t - len(tk.prompt_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, **self._keep)
+        batch = KVBatch(out.past_key_values, mask, mask.sum(-1), out.logits[:, -1].float())
+        rows = [_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self.vocab.decode),
+                     make_generator(tk.params.seed, self.device)) for tk in tickets]
+        return batch, rows
+
+    def _step(self, batch: KVBatch, rows: list[_Row]) -> tuple[KVBatch | None, list[_Row]]:
+        """Sample one token per row, release outputs, drop finished rows, run the next forward."""
+        params = [r.ticket.params for r in rows]
+        tokens = choose_tokens(batch.logits, params, [r.gen for r in rows])
+        lps = token_logprobs(batch.logits, tokens, params)
+        keep = []
+        for i, (row, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps)):
+            if row.ticket.cancelled:
+                continue
+            delta = row.out.add(tok, lp)
+            if delta is not None:
+                row.ticket.emit(delta)
+            if row.out.finish_reason is None:
+                keep.append(i)
+        if not keep:
+            return None, []
+        if len(keep) < len(rows):
+            batch, rows, tokens = select(batch, keep), [rows[i] for i in keep], tokens[keep]
+        mask = torch.cat([batch.mask, batch.mask.new_ones((batch.size, 1))], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=batch.pos[:, None],
+                         past_key_values=batch.cache, use_cache=True)
+        return KVBatch(out.past_key_values, mask, batch.pos + 1, out.logits[:, -1].float()), rows

@@ -1,0 +1,94 @@
+"""Choosing the next token for each row of a batch, and the logprobs the API reports.
+
+Promises:
+- temperature 0 is greedy (argmax, first index on ties, as `model.generate` does);
+- with a `seed`, a request samples the same tokens whatever else shares its batch: each request
+  draws from its own `torch.Generator`;
+- logprobs are the model's log-softmax of the raw logits at temperature 1, in fp32, whatever
+  the sampling temperature or top_p (this is what OpenAI reports).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request generates. `max_tokens` counts every sampled token, eos included."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token, 0..20 (needs logprobs)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One sampled token: its id, its logprob, and the `top` best (id, logprob), best first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return g
+
+
+def _sample_row(logits: torch.Tensor, p: SamplingParams, gen: torch.Generator) -> int:
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        # Nucleus: keep the most likely tokens until their mass reaches top_p (at least one).
+        sp, si = probs.sort(descending=True)
+        keep = (sp.cumsum(0) - sp) < p.top_p
+        keep[0] = True
+        return int(si[torch.multinomial(sp * keep, 1, generator=gen)])
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams],
+                  gens: list[torch.Generator]) -> torch.Tensor:
+    """Next token per row: (B, V) fp32 logits -> (B,) long token ids."""
+    out = logits.argmax(dim=-1)
+    for i, p in enumerate(params):
+        if not p.greedy:
+            out[i] = _sample_row(logits[i], p, gens[i])
+    return out
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
+                   params: list[SamplingParams]) -> list[TokenLogprob | None]:
+    """The logprob of each chosen token and its row's top alternatives (None where a row did not
+    ask for logprobs). One log-softmax over the batch, one device->host copy."""
+    want = [p.logprobs for p in params]
+    if not any(want):
+        return [None] * len(params)
+    lp = torch.log_softmax(logits.float(), dim=-1)  # temperature 1, fp32
+    chosen = lp.gather(1, tokens[:, None])[:, 0].tolist()
+    k = max(p.top_logprobs for p in params)
+    top_v, top_i = (lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    toks = tokens.tolist()
+    out: list[TokenLogprob | None] = []
+    for i, p in enumerate(params):
+        if not p.logprobs:
+            out.append(None)
+            continue
+        n = p.top_logprobs
+        out.append(TokenLogprob(toks[i], chosen[i], tuple(zip(top_i[i][:n], top_v[i][:n]))))
+    return out
