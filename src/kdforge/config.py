@@ -137,6 +137,10 @@ class DaemonSection(Section):
     consolidate_every_batches: int | None = Field(None, gt=0)
     consolidate_daily: bool = False
     delete_processed: bool = True
+    archive_dir: str | None = None  # with delete_processed false: where trained files go (default BASE/processed)
+    # constant: train.lr from the first step; wsd: train.warmup_steps of warmup, then stable (an
+    # open-ended stream never reaches a decay phase). The scheduler state carries across batches.
+    schedule: Literal["constant", "wsd"] = "constant"
     poll_interval: float = Field(2.0, gt=0)  # seconds between inbox scans
     settle_seconds: float = Field(2.0, ge=0)  # a file must be unchanged this long to be taken
 
@@ -174,6 +178,8 @@ class GenerateSection(Section):
     top_logprobs: int = Field(0, ge=0, le=20)
     timeout: float = Field(120.0, gt=0)
     max_retries: int = Field(8, ge=0)
+    retry_base: float = Field(1.0, gt=0)  # seconds: first backoff after a 5xx/timeout (doubles, jittered)
+    retry_max: float = Field(60.0, gt=0)  # seconds: longest backoff
     seed: int = 0
     system_prompt: str | None = None
 
@@ -319,7 +325,7 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
     """Checks that need no filesystem: shapes, batch arithmetic, sequence lengths."""
     p: list[tuple[str, str]] = []
     m = cfg.model
-    if m.path is None:
+    if m.path is None and not daemon_only(cfg):
         if m.preset is not None:
             from kdforge.model.student import PRESETS
             if m.preset not in PRESETS:
@@ -332,7 +338,7 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
                 p.append(("train.seq_lengths", f"{L} is above the model's max_seq_len ({mc.max_seq_len}); "
                           f"lower it or raise model.max_seq_len"))
     t = cfg.train
-    if t.max_steps is None and t.epochs is None:
+    if t.max_steps is None and t.epochs is None and not daemon_only(cfg):
         p.append(("train.max_steps", "set train.max_steps or train.epochs"))
     if t.max_steps is not None and t.epochs is not None:
         p.append(("train.epochs", "set train.max_steps or train.epochs, not both"))
@@ -349,6 +355,12 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
     return p
 
 
+def looks_like_hub_id(s: str) -> bool:
+    """'org/name' with no local file: a Hugging Face hub id (allowed where there is a network)."""
+    import re
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "/"))
+
+
 def _tokenizer_vocab(path: str) -> int | None:
     from transformers import AutoTokenizer
     return len(AutoTokenizer.from_pretrained(path))
@@ -359,18 +371,33 @@ def _model_vocab(path: str) -> int | None:
     return AutoConfig.from_pretrained(path).vocab_size
 
 
+def daemon_only(cfg: Config) -> bool:
+    """A `kdforge daemon` config: a base model and no training shards (the inbox is the data)."""
+    return cfg.daemon.base_model is not None and not cfg.io.train_shards
+
+
 def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list[tuple[str, str]]:
     """Checks that touch the filesystem. `for_run=False` (config validate) lets outputs and
     data shards that a run will create be absent; `for_run=True` requires every input."""
     p: list[tuple[str, str]] = []
     io = cfg.io
     tok_vocab = None
+    if job == "train" and daemon_only(cfg):
+        job = "daemon"
+    if job == "daemon":
+        bm = cfg.daemon.base_model
+        if not bm and not cfg.model.path:
+            p.append(("daemon.base_model", "set the base model folder the daemon trains (a local HF model)"))
+        elif bm and not cfg.model.path and (for_run or Path(bm).exists()):
+            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bm})})
     if job == "train":
         if not io.tokenizer_path and not cfg.model.path:
             p.append(("io.tokenizer_path", "set a tokenizer folder (make one: kdforge tokenizer train ...)"))
         elif io.tokenizer_path:
             tp = Path(io.tokenizer_path)
-            if not tp.exists():
+            if not tp.exists() and looks_like_hub_id(io.tokenizer_path):
+                pass  # fetched from the Hugging Face hub at run time (needs a network)
+            elif not tp.exists():
                 p.append(("io.tokenizer_path", f"not found: {tp} (make one: kdforge tokenizer train --out {tp} ...)"))
             else:
                 try:

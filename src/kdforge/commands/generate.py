@@ -1,7 +1,104 @@
-"""CLI commands of this area (placeholder until the area lands)."""
+"""CLI: `kdforge generate`, `kdforge data validate`, `kdforge data inspect`.
+
+Thin: parse flags, merge them over `--config`, call the library. Nothing heavy is imported
+here: generate must not import torch or transformers (its first request goes out within
+1.5 s of the start); only `data validate --tokenizer` loads transformers, lazily.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+data_app = typer.Typer(help="Datasets: quality report, samples.", no_args_is_help=True)
+
+
+def _generate_config(configs: list[str], flags: dict):
+    """The generate section: config files merged left to right, then flags that were given."""
+    from pydantic import ValidationError
+
+    from kdforge.config import Config, _pydantic_problems, merge_configs
+    from kdforge.errors import ConfigError
+
+    data = merge_configs(configs)
+    section = dict(data.get("generate") or {})
+    section.update({k: v for k, v in flags.items() if v is not None})
+    data["generate"] = section
+    try:
+        return Config.model_validate(data).generate
+    except ValidationError as e:
+        raise ConfigError(_pydantic_problems(e), ", ".join(configs) or "flags") from None
+
+
+def generate(
+    out: Optional[str] = typer.Option(None, "--out", help="output JSONL; re-running resumes it"),
+    teacher: Optional[str] = typer.Option(None, "--teacher", help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1"),
+    model: Optional[str] = typer.Option(None, "--model", help="teacher model name"),
+    total: Optional[int] = typer.Option(None, "--total", help="samples the file should hold"),
+    budget_limit: Optional[float] = typer.Option(None, "--budget-limit", help="USD; never exceeded, counts across resumes"),
+    checkpoint_dir: Optional[str] = typer.Option(None, "--checkpoint-dir", help="default: OUT's name + _checkpoints"),
+    cache_dir: Optional[str] = typer.Option(None, "--cache-dir", help="default: CHECKPOINT_DIR/cache"),
+    prompts: Optional[List[str]] = typer.Option(None, "--prompts", help="JSONL (prompt/messages) or text file; repeatable"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", help="requests in flight at most"),
+    rpm: Optional[float] = typer.Option(None, "--rpm", help="requests/min (else learned from x-ratelimit headers)"),
+    tpm: Optional[float] = typer.Option(None, "--tpm", help="tokens/min (else learned from x-ratelimit headers)"),
+    delay: Optional[float] = typer.Option(None, "--delay", help="minimum seconds between request starts"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"),
+    top_logprobs: Optional[int] = typer.Option(None, "--top-logprobs", help="store the teacher's top-K logprobs per token"),
+    price_input: Optional[float] = typer.Option(None, "--price-input", help="USD per million input tokens"),
+    price_output: Optional[float] = typer.Option(None, "--price-output", help="USD per million output tokens"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="prompt sampling order"),
+    api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="environment variable holding the key "
+                                                                           "(default OPENAI_API_KEY)"),
+    config: Optional[List[str]] = typer.Option(None, "--config", help="YAML with a generate: section; repeatable"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and projected cost; send nothing"),
+):
+    """Call a teacher through any OpenAI-compatible API and write a KD dataset (JSONL)."""
+    flags = dict(out=out, teacher=teacher, model=model, total=total, budget_limit=budget_limit,
+                 checkpoint_dir=checkpoint_dir, cache_dir=cache_dir, prompts=prompts or None,
+                 concurrency=concurrency, rpm=rpm, tpm=tpm, delay=delay, max_tokens=max_tokens,
+                 temperature=temperature, top_logprobs=top_logprobs, price_input=price_input,
+                 price_output=price_output, seed=seed, api_key_env=api_key_env)
+    cfg = _generate_config(list(config or []), flags)
+    from kdforge.teacher.generate import run_generate
+
+    run_generate(cfg, dry_run=dry_run)
+
+
+@data_app.command("validate")
+def data_validate(
+    files: List[Path] = typer.Argument(..., help="JSONL files"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer folder for token lengths"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+):
+    """Quality report per file; exit 2 if any line is unusable (each named file:line)."""
+    from kdforge.data.quality import check_reports, render, validate_files
+
+    reports = validate_files(files, tokenizer)
+    if as_json:
+        import json
+
+        print(json.dumps([r.to_dict() for r in reports], indent=2))
+    else:
+        print(render(reports))
+    check_reports(reports)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    file: Path = typer.Argument(..., help="JSONL file"),
+    n: int = typer.Option(3, "-n", "--n", help="how many samples"),
+    width: int = typer.Option(100, "--width", help="characters shown of prompt and response"),
+):
+    """Show the first N samples: prompt, response, token counts."""
+    from kdforge.data.inspect import inspect_file
+
+    print(inspect_file(file, n, width))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("generate")(generate)
+    app.add_typer(data_app, name="data")

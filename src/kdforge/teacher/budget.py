@@ -1,0 +1,218 @@
+"""The budget ledger: what the teacher has cost, and what it may still cost.
+
+Promise: with a limit set, `spent <= limit` at every moment, across concurrent requests and
+across resumes, provided the teacher bills no more than the worst case we reserve (prompt
+tokens bounded from above, completion tokens capped by max_tokens).
+
+- Before a request is sent, its worst case is reserved under a lock; a reservation that would
+  make spent + reserved pass the limit waits for in-flight requests to settle, and if it still
+  does not fit with nothing in flight, raises BudgetExceededError: that request is never sent.
+- After the attempt, the reservation is settled at the real usage: the answer's `usage`, 0 for
+  an error answer without usage, and the full worst case when the outcome is unknown (timeout,
+  dropped connection, cancelled), since the provider may have billed it.
+- Money is counted in integer nano-dollars computed exactly (Fraction), so no float rounding
+  can carry spend over the limit.
+- The ledger persists as an append-only JSONL file in the checkpoint directory (`budget.jsonl`):
+  a `reserve` line before each send and a `settle` line after. A run killed with requests in
+  flight leaves reserves without settles; the next start counts those at their worst case.
+  On start the file is compacted to one `carry` line (atomic rename).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+from kdforge.atomic import atomic_write_text
+from kdforge.errors import BudgetExceededError, DataError
+from kdforge.teacher.pricing import Prices
+
+NANO = 10**9  # nano-dollars per dollar
+
+
+@dataclass
+class Reservation:
+    rid: int
+    nano: int  # worst-case cost held, nano-dollars
+    prompt_tokens: int  # the worst-case token counts it was computed from
+    completion_tokens: int
+
+
+def _to_nano_floor(usd: float) -> int:
+    return math.floor(Fraction(usd) * NANO)
+
+
+class BudgetLedger:
+    """Spend accounting with reservations (see the module docstring). State changes happen under a
+    lock; `reserve` waits on an asyncio event, so its waiters live in one event loop."""
+
+    def __init__(self, path: str | Path | None, prices: Prices | None, limit: float | None = None,
+                 readonly: bool = False):
+        if limit is not None and prices is None:
+            raise ValueError("a budget limit needs prices")
+        self.path = Path(path) if path else None
+        self.prices = prices
+        self.limit = limit
+        self.limit_nano = _to_nano_floor(limit) if limit is not None else None
+        self._in = Fraction(prices.input) if prices else Fraction(0)  # USD per million tokens, exact
+        self._out = Fraction(prices.output) if prices else Fraction(0)
+        self.spent_nano = 0  # settled, this run and earlier runs
+        self.reserved_nano = 0  # held by requests in flight
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.attempts = 0  # settled attempts, all runs
+        self.recovered = 0  # reservations of a killed run counted at worst case on load
+        self._open: dict[int, Reservation] = {}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._event: asyncio.Event | None = None
+        self._fd: int | None = None
+        if self.path:
+            self._replay()
+            if not readonly:
+                self._compact()
+
+    # ------------------------------------------------------------------ money
+    def cost_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Exact cost, rounded up to a whole nano-dollar."""
+        return math.ceil((prompt_tokens * self._in + completion_tokens * self._out) * NANO / 10**6)
+
+    @property
+    def spent(self) -> float:
+        """USD spent (settled), all runs of this checkpoint directory."""
+        return self.spent_nano / NANO
+
+    @property
+    def reserved(self) -> float:
+        return self.reserved_nano / NANO
+
+    def fits(self, nano: int) -> bool:
+        return self.limit_nano is None or self.spent_nano + self.reserved_nano + nano <= self.limit_nano
+
+    # ------------------------------------------------------------------ reserve / settle
+    def try_reserve(self, prompt_tokens: int, completion_tokens: int) -> Reservation | None:
+        """Hold the worst case for one attempt, or None if it would pass the limit."""
+        with self._lock:
+            return self._try_reserve_locked(self.cost_nano(prompt_tokens, completion_tokens),
+                                            prompt_tokens, completion_tokens)
+
+    def _try_reserve_locked(self, nano: int, prompt_tokens: int, completion_tokens: int) -> Reservation | None:
+        if not self.fits(nano):
+            return None
+        self._next += 1
+        res = Reservation(self._next, nano, prompt_tokens, completion_tokens)
+        self._open[res.rid] = res
+        self.reserved_nano += nano
+        self._append({"op": "reserve", "rid": res.rid, "nano": nano})
+        return res
+
+    async def reserve(self, prompt_tokens: int, completion_tokens: int) -> Reservation:
+        """Like try_reserve, but waits while in-flight reservations may free room.
+
+        Raises BudgetExceededError once the request cannot fit even with nothing in flight.
+        """
+        nano = self.cost_nano(prompt_tokens, completion_tokens)
+        while True:
+            with self._lock:
+                res = self._try_reserve_locked(nano, prompt_tokens, completion_tokens)
+                if res is not None:
+                    return res
+                if not self._open:
+                    raise BudgetExceededError(
+                        f"budget exhausted: spent ${self.spent:.4f} of ${self.limit:.4f}; the next request "
+                        f"may cost up to ${nano / NANO:.4f} (prompt + max_tokens at the set prices)")
+                if self._event is None:
+                    self._event = asyncio.Event()
+                event = self._event
+            await event.wait()
+
+    def settle(self, res: Reservation, prompt_tokens: int, completion_tokens: int, outcome: str) -> float:
+        """Replace a reservation by the real cost of its attempt; returns that cost in USD.
+
+        Usage above the reservation is still counted as spent (it is what we owe); the caller
+        should then raise its worst-case estimate (see `kdforge.teacher.tokens`).
+        """
+        nano = self.cost_nano(prompt_tokens, completion_tokens)
+        with self._lock:
+            if self._open.pop(res.rid, None) is None:
+                return 0.0  # already settled
+            self.reserved_nano -= res.nano
+            self.spent_nano += nano
+            self.prompt_tokens += prompt_tokens
+            self.completion_tokens += completion_tokens
+            self.attempts += 1
+            self._append({"op": "settle", "rid": res.rid, "nano": nano, "prompt_tokens": prompt_tokens,
+                          "completion_tokens": completion_tokens, "outcome": outcome})
+            event, self._event = self._event, None
+        if event is not None:
+            event.set()
+        return nano / NANO
+
+    def settle_worst(self, res: Reservation, outcome: str) -> float:
+        """Settle at the full reservation: the outcome is unknown, the provider may have billed."""
+        return self.settle(res, res.prompt_tokens, res.completion_tokens, outcome)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._open)
+
+    # ------------------------------------------------------------------ persistence
+    def _append(self, obj: dict) -> None:
+        if self._fd is not None:
+            data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+            while data:  # one write() per line: survives SIGKILL (page cache), flushed as written
+                data = data[os.write(self._fd, data):]
+
+    def _replay(self) -> None:
+        open_res: dict[int, int] = {}
+        if self.path.exists():
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            for i, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    if i == len(lines):
+                        continue  # torn last line of a killed run: a reserve never sent, or a settle
+                        # whose reserve then counts at its worst case below
+                    raise DataError("budget ledger line is not JSON; it was not written by kdforge. "
+                                    "Restore it or delete the checkpoint directory to start the count over",
+                                    str(self.path), i) from None
+                op = row.get("op")
+                if op == "carry":
+                    self.spent_nano += row["nano"]
+                    self.prompt_tokens += row.get("prompt_tokens", 0)
+                    self.completion_tokens += row.get("completion_tokens", 0)
+                    self.attempts += row.get("attempts", 0)
+                elif op == "reserve":
+                    open_res[row["rid"]] = row["nano"]
+                elif op == "settle":
+                    open_res.pop(row["rid"], None)
+                    self.spent_nano += row["nano"]
+                    self.prompt_tokens += row.get("prompt_tokens", 0)
+                    self.completion_tokens += row.get("completion_tokens", 0)
+                    self.attempts += 1
+        # Requests in flight when a previous run died: the provider may have billed them in full.
+        self.recovered = len(open_res)
+        self.spent_nano += sum(open_res.values())
+
+    def _compact(self) -> None:
+        carry = {"op": "carry", "nano": self.spent_nano, "usd": self.spent, "prompt_tokens": self.prompt_tokens,
+                 "completion_tokens": self.completion_tokens, "attempts": self.attempts}
+        atomic_write_text(self.path, json.dumps(carry) + "\n")
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.fsync(self._fd)
+            finally:
+                os.close(self._fd)
+                self._fd = None

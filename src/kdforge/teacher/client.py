@@ -1,0 +1,217 @@
+"""One attempt at a chat completion through the official `openai` async client, classified.
+
+The client's own retries are off (`max_retries=0`): retrying is ours (generate.py), because
+every attempt must pass the rate limiter and the budget. `TeacherClient.complete` returns an
+`Answer` or raises exactly one of:
+
+- `TeacherRefusedError` (kdforge.errors, exit 4): 401, 403, 404 (unknown model or wrong URL),
+  429 `insufficient_quota`. Retrying cannot help; the message says what to check.
+- `RateLimited`: 429; carries the server's `retry-after-ms`/`retry-after`.
+- `Transient`: 5xx, 408/409, timeouts, dropped connections, unreadable answers. `billed` says
+  whether the provider may have charged for it (the request reached it and the outcome is
+  unknown): the ledger then counts the worst case.
+- `Rejected`: any other 4xx (bad request, context too long): this sample fails, the run goes on.
+
+Every failure carries the answer's headers when there was an answer, for tier detection.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kdforge.errors import TeacherRefusedError
+
+
+@dataclass
+class Answer:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int | None  # from `usage`; None if the server sent none
+    completion_tokens: int | None
+    logprobs: list[dict] | None  # [{token, logprob, top: [{token, logprob}]}]
+    model: str | None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    def to_cache(self) -> dict:
+        return {"text": self.text, "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "logprobs": self.logprobs, "model": self.model}
+
+    @classmethod
+    def from_cache(cls, obj: dict) -> "Answer":
+        return cls(obj["text"], obj.get("finish_reason"), obj.get("prompt_tokens"), obj.get("completion_tokens"),
+                   obj.get("logprobs"), obj.get("model"))
+
+
+class AttemptFailed(Exception):
+    """Base of the retry-relevant failures. `kind` is what the summary counts them by."""
+
+    kind = "error"
+
+    def __init__(self, reason: str, headers: Mapping[str, str] | None = None, retry_after: float | None = None,
+                 usage: tuple[int, int] | None = None):
+        super().__init__(reason)
+        self.reason = reason
+        self.headers = headers or {}
+        self.retry_after = retry_after  # seconds the server asked us to wait
+        self.usage = usage  # (prompt, completion) tokens if the error answer reported them
+
+
+class RateLimited(AttemptFailed):
+    kind = "429"
+
+
+class Transient(AttemptFailed):
+    def __init__(self, reason: str, kind: str, billed: bool, **kw):
+        super().__init__(reason, **kw)
+        self.kind = kind
+        self.billed = billed
+
+
+class Rejected(AttemptFailed):
+    def __init__(self, reason: str, status: int, **kw):
+        super().__init__(reason, **kw)
+        self.status = status
+        self.kind = str(status)
+
+
+def retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
+    """`retry-after-ms` (milliseconds) first, then `retry-after` (seconds or an HTTP date)."""
+    if not headers:
+        return None
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra is None:
+        return None
+    try:
+        return max(0.0, float(ra))
+    except ValueError:
+        when = email.utils.parsedate_tz(ra)
+        return max(0.0, email.utils.mktime_tz(when) - time.time()) if when else None
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Progressive backoff with jitter: half of base*2^(attempt-1) (capped), plus up to that again."""
+    d = min(cap, base * 2 ** max(0, attempt - 1))
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+def _error_detail(body: Any) -> tuple[str, str | None]:
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:300], err.get("code") or err.get("type")
+        return str(err)[:300], None
+    return (str(body)[:300] if body else ""), None
+
+
+def _usage(body: Any) -> tuple[int, int] | None:
+    u = body.get("usage") if isinstance(body, dict) else None
+    if isinstance(u, dict) and "prompt_tokens" in u:
+        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    return None
+
+
+def _connect_failed(e: BaseException) -> bool:
+    """True if the connection was never made (so the request never reached the provider)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__name__ in ("ConnectError", "ConnectTimeout", "ConnectionRefusedError"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class TeacherClient:
+    """`complete(body)` makes one attempt; see the module docstring for what it raises."""
+
+    def __init__(self, base_url: str, api_key: str | None, timeout: float, api_key_env: str = "OPENAI_API_KEY"):
+        from openai import AsyncOpenAI  # ~0.9 s of imports: only when a request is to be made
+
+        self.base_url = base_url
+        self.api_key_env = api_key_env
+        self._has_key = bool(api_key)
+        # Local servers (vLLM, llama.cpp, transformers serve) accept any key; openai needs a string.
+        self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "no-key", max_retries=0, timeout=timeout)
+
+    async def complete(self, body: dict) -> Answer:
+        import openai
+
+        try:
+            raw = await self._client.chat.completions.with_raw_response.create(**body)
+        except openai.APIStatusError as e:
+            raise self._classify_status(e, body) from None
+        except openai.APITimeoutError:
+            raise Transient("timed out", "timeout", billed=True) from None
+        except openai.APIConnectionError as e:
+            never = _connect_failed(e)
+            raise Transient(f"connection {'refused' if never else 'dropped'} ({e.__cause__ or e})",
+                            "connect" if never else "dropped", billed=not never) from None
+        headers = dict(raw.headers)
+        try:
+            resp = raw.parse()
+            choice = resp.choices[0]
+        except Exception as e:  # noqa: BLE001 - any unreadable 200 is a transient fault
+            raise Transient(f"unreadable answer ({type(e).__name__}: {e})", "bad-answer", billed=True,
+                            headers=headers) from None
+        usage = resp.usage
+        return Answer(
+            text=choice.message.content or "",
+            finish_reason=choice.finish_reason,
+            prompt_tokens=usage.prompt_tokens if usage else None,
+            completion_tokens=usage.completion_tokens if usage else None,
+            logprobs=_logprobs(choice),
+            model=resp.model,
+            headers=headers,
+        )
+
+    def _classify_status(self, e, body: dict) -> Exception:
+        status = e.status_code
+        headers = dict(e.response.headers) if e.response is not None else {}
+        msg, code = _error_detail(e.body)
+        where = f"{self.base_url}"
+        if status == 401:
+            hint = (f"the environment variable {self.api_key_env} is not set" if not self._has_key
+                    else f"check that {self.api_key_env} holds a valid key for this endpoint")
+            return TeacherRefusedError(f"the teacher at {where} refused the API key (401: {msg}); {hint}")
+        if status == 403:
+            return TeacherRefusedError(f"the teacher at {where} denied access (403: {msg}); check that the key in "
+                                       f"{self.api_key_env} may use model {body.get('model')!r}")
+        if status == 404:
+            return TeacherRefusedError(
+                f"the teacher at {where} does not know model {body.get('model')!r} or the URL is wrong (404: {msg}); "
+                f"check --model (the server lists its models at {where.rstrip('/')}/models) and that --teacher "
+                "ends with the API prefix, usually /v1")
+        if status == 429 and code == "insufficient_quota":
+            return TeacherRefusedError(f"the teacher at {where} says the account is out of quota (429: {msg}); "
+                                       "check the account's billing, then re-run to resume")
+        retry = retry_after_seconds(headers)
+        usage = _usage(e.body)
+        if status == 429:
+            return RateLimited(f"429 {msg}", headers=headers, retry_after=retry, usage=usage)
+        if status >= 500 or status in (408, 409, 425):
+            return Transient(f"{status} {msg}", str(status) if status < 500 else "5xx", billed=False,
+                             headers=headers, retry_after=retry, usage=usage)
+        return Rejected(f"{status} {msg}", status, headers=headers, usage=usage)
+
+    async def aclose(self) -> None:
+        await self._client.close()
+
+
+def _logprobs(choice) -> list[dict] | None:
+    lp = getattr(choice, "logprobs", None)
+    content = getattr(lp, "content", None) if lp is not None else None
+    if not content:
+        return None
+    return [{"token": t.token, "logprob": t.logprob,
+             "top": [{"token": a.token, "logprob": a.logprob} for a in (t.top_logprobs or [])]}
+            for t in content]

@@ -1,0 +1,443 @@
+"""`kdforge generate`: teacher API -> KD dataset, never overspending, never paying twice,
+never losing or duplicating a sample.
+
+    run_generate(cfg)  # cfg: kdforge.config.GenerateSection
+
+Setup: validate, resolve prices (a budget without a price is exit 2), plan the prompts, lock the
+checkpoint directory, open the journal (the output file; torn tail repaired), the failure log,
+the budget ledger and the response cache. Then `concurrency` workers each take the next sample
+not yet in the file and:
+
+1. answer it from the cache if the exact request is there (costs $0, sends nothing);
+2. else, per attempt: wait for the rate limiter, reserve the worst case in the ledger (or stop:
+   budget exhausted), send, settle the real cost, learn rate limits from the headers;
+3. on success: cache the answer, append the sample line; on 429: shared pause, retry; on
+   5xx/timeout/drop: backoff with jitter, retry up to `max_retries`; on other 4xx: record the
+   failure (reason kept) and move on to the next prompt; on 401/403/404: stop everything.
+
+Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused -> in-flight
+requests cancelled at once, exit 4. SIGINT/SIGTERM -> no new dispatch, in-flight requests finish
+(a second signal cancels them), exit 130. Every path saves `state.json` and prints the summary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+
+from kdforge.atomic import atomic_write_json
+from kdforge.config import GenerateSection
+from kdforge.errors import BudgetExceededError, Interrupted, TeacherRefusedError, UsageError
+from kdforge.teacher.budget import BudgetLedger
+from kdforge.teacher.cache import ResponseCache
+from kdforge.teacher.client import Answer, AttemptFailed, RateLimited, Rejected, TeacherClient, backoff_delay
+from kdforge.teacher.journal import FailureLog, Journal
+from kdforge.teacher.plan import Job, build_jobs, projection
+from kdforge.teacher.pricing import Prices, resolve_prices
+from kdforge.teacher.progress import ProgressView, Stats, summary_text
+from kdforge.teacher.prompts import plan_prompts
+from kdforge.teacher.ratelimit import RateLimiter
+from kdforge.teacher.tokens import TokenEstimator
+
+RATE_LIMIT_RETRIES_PER_RETRY = 4  # a sample may see 4x max_retries 429s: being throttled is not failing
+STATE_EVERY = 5.0  # seconds between state.json writes
+
+
+# ----------------------------------------------------------------------------- setup
+
+def _paths(cfg: GenerateSection) -> tuple[Path, Path, Path]:
+    out = Path(cfg.out)
+    ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else ckpt / "cache"
+    return out, ckpt, cache
+
+
+def _check(cfg: GenerateSection) -> None:
+    problems = []
+    if not cfg.teacher:
+        problems.append("--teacher is required: the teacher's OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    elif not cfg.teacher.startswith(("http://", "https://")):
+        problems.append(f"--teacher must be an http(s) URL, got {cfg.teacher!r}")
+    if not cfg.model:
+        problems.append("--model is required: the teacher model's name at that URL")
+    if not cfg.out:
+        problems.append("--out is required: the JSONL file to write (resumed if it exists)")
+    if not cfg.total:
+        problems.append("--total is required: how many samples the file should hold")
+    if problems:
+        raise UsageError("\n  ".join(["cannot generate:"] + problems))
+
+
+@contextmanager
+def _locked(ckpt: Path):
+    """One writer per checkpoint directory (and so per output file)."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    fd = os.open(ckpt / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UsageError(f"another kdforge generate is running on {ckpt}; wait for it or stop it") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# ----------------------------------------------------------------------------- the run
+
+class Generator:
+    """The workers and their shared state; see the module docstring for the flow."""
+
+    def __init__(self, cfg: GenerateSection, jobs: list[Job], journal: Journal, failures: FailureLog,
+                 ledger: BudgetLedger, cache: ResponseCache, stats: Stats, view: ProgressView,
+                 api_key: str | None, prices: Prices | None, state_path: Path):
+        self.cfg, self.journal, self.failures, self.ledger, self.cache = cfg, journal, failures, ledger, cache
+        self.stats, self.view, self.api_key, self.prices, self.state_path = stats, view, api_key, prices, state_path
+        self.tokens = TokenEstimator()
+        self.rng = random.Random(cfg.seed)
+        self.stop_reason: str | None = None  # "budget" | "refused" | "interrupt"
+        self.stop_error: Exception | None = None
+        self._jobs = iter(jobs)
+        self._claimed = 0  # samples taken and not finished
+        self._state: dict[asyncio.Task, str] = {}  # worker -> "waiting" | "sending"
+        self._warned: set[str] = set()
+        self._interrupts = 0
+
+    # ---------------------------------------------------------------- main loop
+    async def main(self) -> None:
+        cfg = self.cfg
+        self.client = TeacherClient(cfg.teacher, self.api_key, cfg.timeout, cfg.api_key_env)
+        self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.delay, log=self.view.log)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.interrupt)
+        workers = [asyncio.create_task(self._worker()) for _ in range(cfg.concurrency)]
+        ticker = asyncio.create_task(self._tick())
+        try:
+            results = await asyncio.gather(*workers, return_exceptions=True)
+        finally:
+            ticker.cancel()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.client.aclose()
+        for r in results:
+            if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
+                raise r
+
+    async def _tick(self) -> None:
+        last_state = time.monotonic()
+        while True:
+            await asyncio.sleep(0.25)
+            self.view.refresh()
+            if time.monotonic() - last_state > STATE_EVERY:
+                self.save_state("running")
+                last_state = time.monotonic()
+
+    async def _worker(self) -> None:
+        me = asyncio.current_task()
+        self._state[me] = "waiting"
+        while (job := self._claim()) is not None:
+            try:
+                await self._process(job)
+            finally:
+                self._claimed -= 1
+                self._state[me] = "waiting"
+
+    def _claim(self) -> Job | None:
+        while self.stop_reason is None and self.journal.count + self._claimed < self.cfg.total:
+            job = next(self._jobs, None)
+            if job is None:
+                return None
+            if self.journal.done(job.id, job.key) or job.id in self.failures.permanent:
+                continue
+            self._claimed += 1
+            return job
+        return None
+
+    # ---------------------------------------------------------------- one sample
+    async def _process(self, job: Job) -> None:
+        cfg, me = self.cfg, asyncio.current_task()
+        hit = self.cache.get(job.cache_key)
+        if hit is not None:
+            self._write(job, Answer.from_cache(hit), 0.0, cached=True)
+            return
+        n429 = ntrans = attempts = 0
+        cost = 0.0
+        while True:
+            self._state[me] = "waiting"
+            if self.stop_reason:
+                return
+            await self.limiter.acquire(self.tokens.prompt_estimate(job.messages) + cfg.max_tokens)
+            if self.stop_reason:
+                return
+            try:
+                res = await self.ledger.reserve(self.tokens.prompt_bound(job.messages), cfg.max_tokens)
+            except BudgetExceededError as e:
+                self._stop("budget", e)
+                return
+            self._state[me] = "sending"
+            attempts += 1
+            self.stats.on_start()
+            try:
+                ans = await self.client.complete(job.body)
+            except asyncio.CancelledError:
+                self._charge(self.ledger.settle_worst(res, "cancelled"), res.prompt_tokens, res.completion_tokens)
+                raise
+            except TeacherRefusedError as e:
+                self.ledger.settle(res, 0, 0, "refused")
+                self.limiter.observe(None)
+                self._stop("refused", e)
+                return
+            except AttemptFailed as e:
+                self._state[me] = "waiting"
+                cost += self._settle_failed(res, e)
+                self.limiter.observe(e.headers or None)
+                if isinstance(e, Rejected):
+                    self._fail(job, e.reason, e.kind, attempts, permanent=True)
+                    return
+                if isinstance(e, RateLimited):
+                    n429 += 1
+                    wait = e.retry_after if e.retry_after is not None else \
+                        backoff_delay(n429, cfg.retry_base, cfg.retry_max, self.rng)
+                    self.limiter.pause(wait)  # everyone waits; acquire() above honours it
+                    if n429 > RATE_LIMIT_RETRIES_PER_RETRY * max(1, cfg.max_retries):
+                        self._fail(job, f"gave up after {attempts} attempts: {e.reason}", "429", attempts, False)
+                        return
+                else:
+                    ntrans += 1
+                    if ntrans > cfg.max_retries:
+                        self._fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, False)
+                        return
+                    await asyncio.sleep(max(e.retry_after or 0.0,
+                                            backoff_delay(ntrans, cfg.retry_base, cfg.retry_max, self.rng)))
+                self.stats.retries[e.kind] += 1
+                continue
+            self._state[me] = "waiting"
+            cost += self._settle_ok(job, res, ans)
+            self.limiter.observe(ans.headers)
+            if not ans.text.strip():
+                self._fail(job, "the teacher's answer is empty", "empty", attempts, permanent=True)
+            elif ans.finish_reason == "content_filter":
+                self._fail(job, "the teacher's content filter stopped the answer", "content_filter", attempts, True)
+            else:
+                self.cache.put(job.cache_key, ans.to_cache())
+                self._write(job, ans, cost, cached=False)
+            return
+
+    def _settle_failed(self, res, e: AttemptFailed) -> float:
+        if getattr(e, "billed", False):  # timeout / dropped: unknown outcome, may be billed in full
+            pt, ct = res.prompt_tokens, res.completion_tokens
+        else:
+            pt, ct = e.usage or (0, 0)
+        c = self.ledger.settle(res, pt, ct, e.kind)
+        self._charge(c, pt, ct)
+        return c
+
+    def _settle_ok(self, job: Job, res, ans: Answer) -> float:
+        pt, ct = ans.prompt_tokens, ans.completion_tokens
+        if pt is None or ct is None:
+            self._warn("usage", "the teacher's answers carry no `usage`: each is charged at its worst case "
+                                "(prompt bound + max_tokens)")
+            pt, ct = res.prompt_tokens, res.completion_tokens
+            ans.prompt_tokens, ans.completion_tokens = pt, ct
+        c = self.ledger.settle(res, pt, ct, "ok")
+        self._charge(c, pt, ct)
+        if ct > res.completion_tokens or self.tokens.learn(job.messages, pt):
+            self._warn("overshoot", f"the teacher billed more than reserved ({pt}+{ct} tokens, reserved "
+                                    f"{res.prompt_tokens}+{res.completion_tokens}); the prompt bound now adds "
+                                    f"{self.tokens.extra} tokens")
+        return c
+
+    def _charge(self, cost: float, pt: int, ct: int) -> None:
+        self.stats.on_usage(pt, ct, cost)
+
+    def _write(self, job: Job, ans: Answer, cost: float, cached: bool) -> None:
+        pt, ct = ans.prompt_tokens or 0, ans.completion_tokens or 0
+        rec = {"id": job.id, "prompt": job.prompt.text, "teacher_text": ans.text, "messages": job.messages}
+        if self.cfg.top_logprobs:
+            if ans.logprobs:
+                rec["teacher_logprobs"] = ans.logprobs
+            else:
+                self._warn("logprobs", "the teacher returned no logprobs; --top-logprobs has no effect on this server")
+        rec["metadata"] = {
+            "model": ans.model or self.cfg.model, "source": job.prompt.source, "finish_reason": ans.finish_reason,
+            "tokens": {"prompt": pt, "completion": ct, "total": pt + ct},
+            "cost_usd": round(cost, 9) if (self.prices or cached) else None,
+            "cached": cached, "created": _utc_now(),
+        }
+        self.journal.append(rec, job.key)
+        self.stats.written += 1
+        self.stats.cached += cached
+        self.view.refresh()
+
+    def _fail(self, job: Job, reason: str, kind: str, attempts: int, permanent: bool) -> None:
+        self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
+        self.stats.failed[kind] += 1
+
+    def _warn(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.view.log(f"warning: {msg}")
+
+    # ---------------------------------------------------------------- stopping
+    def _stop(self, reason: str, err: Exception | None) -> None:
+        if self.stop_reason is None:
+            self.stop_reason, self.stop_error = reason, err
+        at_once = reason == "refused"
+        for task, state in list(self._state.items()):
+            if task is not asyncio.current_task() and (at_once or state == "waiting"):
+                task.cancel()
+
+    def interrupt(self) -> None:
+        self._interrupts += 1
+        if self._interrupts == 1:
+            n = sum(1 for s in self._state.values() if s == "sending")
+            self.view.log(f"interrupted: finishing {n} request(s) in flight; interrupt again to abandon them")
+            self._stop("interrupt", None)
+        else:
+            self.stop_reason = "interrupt"
+            for task in self._state:
+                task.cancel()
+
+    def save_state(self, status: str) -> None:
+        atomic_write_json(self.state_path, {
+            "status": status, "out": str(self.cfg.out), "total": self.cfg.total, "samples": self.journal.count,
+            "failed": dict(self.stats.failed), "spent_usd": self.ledger.spent if self.prices else None,
+            "budget_limit": self.cfg.budget_limit, "requests_this_run": self.stats.requests, "updated": _utc_now()})
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: bool = False,
+                 out_stream=None, err_stream=None) -> Stats | None:
+    """Generate until the output file holds `cfg.total` samples (or stop, raising the error
+    whose exit code tells why). `api_key` defaults to the variable named by `cfg.api_key_env`."""
+    out_stream = out_stream or sys.stdout
+    err_stream = err_stream or sys.stderr
+    _check(cfg)
+    prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
+    if cfg.budget_limit is not None and prices is None:
+        raise UsageError(f"--budget-limit needs prices, and model {cfg.model!r} is not in the shipped price table: "
+                         "pass --price-input and --price-output (USD per million tokens)")
+    out, ckpt, cache_dir = _paths(cfg)
+    jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed))
+    if dry_run:
+        _dry_run(cfg, jobs, prices, out, ckpt, cache_dir, out_stream)
+        return None
+    if api_key is None:
+        api_key = os.environ.get(cfg.api_key_env) or None
+    with _locked(ckpt):
+        journal = Journal(out)
+        failures = FailureLog(ckpt / "failures.jsonl")
+        todo = [j for j in jobs if not journal.done(j.id, j.key) and j.id not in failures.permanent]
+        need = cfg.total - journal.count
+        if need > 0 and len(todo) < need:
+            journal.close()
+            failures.close()
+            raise UsageError(f"{out} needs {need} more samples but only {len(todo)} unused unique prompts are left "
+                             f"({len(jobs)} planned); add prompts with --prompts or lower --total")
+        ledger = BudgetLedger(ckpt / "budget.jsonl", prices, cfg.budget_limit)
+        cache = ResponseCache(cache_dir / "responses.sqlite")
+        stats = Stats(cfg.total, journal.count)
+        view = ProgressView(stats, (lambda: ledger.spent) if prices else (lambda: None), cfg.budget_limit, err_stream)
+        gen = Generator(cfg, todo, journal, failures, ledger, cache, stats, view, api_key, prices, ckpt / "state.json")
+        status = "error"
+        try:
+            if journal.repaired_bytes:
+                view.log(f"repaired {out}: cut a torn last line ({journal.repaired_bytes} bytes) left by a killed run")
+            if ledger.recovered:
+                view.log(f"budget: {ledger.recovered} request(s) of a killed run counted at their worst case")
+            if prices:
+                view.log(f"prices: ${prices.input:g} input / ${prices.output:g} output per million tokens "
+                         f"({prices.source})")
+            if need > 0:
+                with view:
+                    asyncio.run(gen.main())
+            status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted"}.get(
+                gen.stop_reason, "done")
+        finally:
+            journal.close()
+            failures.close()
+            ledger.close()
+            cache.close()
+            gen.save_state(status)
+            print(summary_text(stats, str(out), str(ckpt / "failures.jsonl"), ledger.spent if prices else None,
+                               cfg.budget_limit, cache.corrupted, status.replace("_", " ")), file=out_stream, flush=True)
+    _raise_for(gen, out, ckpt, ledger, cfg)
+    if journal.count < cfg.total:
+        print(f"warning: {cfg.total - journal.count} samples short of --total: the prompts ran out "
+              f"({sum(stats.failed.values())} failed, see {ckpt / 'failures.jsonl'})", file=err_stream)
+    return stats
+
+
+def _raise_for(gen: Generator, out: Path, ckpt: Path, ledger: BudgetLedger, cfg: GenerateSection) -> None:
+    if gen.stop_reason == "refused":
+        raise TeacherRefusedError(f"{gen.stop_error} (nothing was written for the refused request; "
+                                  f"{gen.journal.count} samples in {out})")
+    if gen.stop_reason == "budget":
+        raise BudgetExceededError(
+            f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; spend is saved in "
+            f"{ckpt / 'budget.jsonl'} and counts across runs. Re-run with a larger --budget-limit to continue.")
+    if gen.stop_reason == "interrupt":
+        raise Interrupted(f"interrupted: {gen.journal.count} samples saved in {out}; "
+                          "re-run the same command to resume")
+
+
+def _dry_run(cfg: GenerateSection, jobs: list[Job], prices: Prices | None, out: Path, ckpt: Path,
+             cache_dir: Path, stream) -> None:
+    journal = Journal(out, readonly=True)
+    ledger = BudgetLedger(ckpt / "budget.jsonl" if (ckpt / "budget.jsonl").exists() else None, prices,
+                          cfg.budget_limit, readonly=True)
+    need = max(0, cfg.total - journal.count)
+    todo = [j for j in jobs if not journal.done(j.id, j.key)][:need]
+    cached = 0
+    db = cache_dir / "responses.sqlite"
+    if db.exists() and todo:
+        cache = ResponseCache(db)
+        cached = sum(1 for j in todo if cache.get(j.cache_key) is not None)
+        cache.close()
+    mean = journal.completion_tokens / journal.count if journal.count else None
+    p = projection(todo[cached:] if cached else todo, cfg, prices, TokenEstimator(), mean)
+    sources = {}
+    for j in todo:
+        sources[j.prompt.source] = sources.get(j.prompt.source, 0) + 1
+    (wi, wo), (ei, eo) = p["worst_tokens"], p["expected_tokens"]
+    lines = [
+        "dry run: nothing sent.",
+        f"  plan:       {need} more samples for {out} ({journal.count} already there, --total {cfg.total}); "
+        f"{len(jobs)} unique prompts, seed {cfg.seed}",
+        f"  sources:    " + (", ".join(f"{s} {n}" for s, n in sorted(sources.items())) or "-"),
+        f"  requests:   {len(todo) - cached} to send ({cached} answered by the cache), model {cfg.model} at "
+        f"{cfg.teacher}, max_tokens {cfg.max_tokens}, temperature {cfg.temperature}",
+        f"  worst case: {wi:,} prompt + {wo:,} completion tokens"
+        + (f" = ${p['worst_usd']:.4f}" if prices else ""),
+        f"  expected:   {ei:,} prompt + {eo:,} completion tokens"
+        + (f" = ${p['expected_usd']:.4f}" if prices else "")
+        + f" (completions of ~{p['expected_completion']:.0f} tokens, "
+        + ("the mean of the file's samples)" if p["from_file"] else "half of max_tokens)"),
+    ]
+    if prices:
+        lines.append(f"  prices:     ${prices.input:g} / ${prices.output:g} per million input/output tokens "
+                     f"({prices.source})")
+    else:
+        lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected "
+                     "(pass --price-input/--price-output)")
+    if cfg.budget_limit is not None:
+        left = cfg.budget_limit - ledger.spent
+        verdict = "the worst case fits" if p["worst_usd"] <= left else "the run may stop at the budget (exit 3)"
+        lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left:.4f} left: {verdict}")
+    if len(todo) < need:
+        lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
+    print("\n".join(lines), file=stream, flush=True)

@@ -1,0 +1,152 @@
+"""The output JSONL is the journal of a run: a sample exists once its line is in the file.
+
+- Each line is written with a single `write()` of the whole line, newline included, on an
+  O_APPEND descriptor, so it reaches the kernel as it is written and survives a SIGKILL.
+  `fsync` runs every `FSYNC_EVERY` seconds and on close (power loss may cost the last second).
+- On open, a torn last line (a run killed mid-write: no trailing newline) is cut off, and the
+  ids and prompt keys of the complete lines are loaded, so a re-run skips them.
+- A complete line that is not a sample is not ours to fix: DataError naming file:line.
+- Failed samples go to a separate `failures.jsonl` in the checkpoint directory, never into
+  the dataset; permanent failures (4xx) are skipped by later runs, transient ones retried.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from kdforge.errors import DataError
+from kdforge.teacher.prompts import prompt_key
+
+FSYNC_EVERY = 2.0  # seconds
+
+
+class _AppendFile:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._synced = time.monotonic()
+
+    def append(self, obj: dict) -> None:
+        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data):]
+        if time.monotonic() - self._synced > FSYNC_EVERY:
+            os.fsync(self._fd)
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+
+def repair_torn_tail(path: Path) -> int:
+    """Cut an incomplete last line (no newline) off `path`; returns the bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return 0
+        # Walk back to the last newline, 64 KiB at a time.
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            chunk = f.read(end - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                keep = start + i + 1
+                break
+            end = start
+        else:
+            keep = 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return size - keep
+
+
+class Journal:
+    """The dataset file, opened for resuming: `ids`, `keys` and `count` describe what is done."""
+
+    def __init__(self, path: str | Path, readonly: bool = False):
+        self.path = Path(path)
+        self.repaired_bytes = 0 if readonly else repair_torn_tail(self.path)
+        self.ids: set[str] = set()
+        self.keys: set[str] = set()  # prompt keys (see prompts.prompt_key)
+        self.count = 0
+        self.completion_tokens = 0  # of the lines already there, for the dry-run estimate
+        if self.path.exists():
+            self._load()
+        self._file = None if readonly else _AppendFile(self.path)
+
+    def _load(self) -> None:
+        with open(self.path, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip() or not line.endswith("\n"):
+                    continue  # blank, or a torn last line (read-only open: left for the real run to cut)
+                try:
+                    obj = json.loads(line)
+                    msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
+                    key = prompt_key(msgs)
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise DataError("the output file holds a line that is not a kdforge sample; "
+                                    "pass a new --out, or remove the line to resume", str(self.path), i) from None
+                if obj.get("id") in self.ids or key in self.keys:
+                    continue  # a duplicate written by hand; counted once
+                self.ids.add(obj.get("id"))
+                self.keys.add(key)
+                self.count += 1
+                self.completion_tokens += int(((obj.get("metadata") or {}).get("tokens") or {}).get("completion") or 0)
+
+    def done(self, sample_id: str, key: str) -> bool:
+        return sample_id in self.ids or key in self.keys
+
+    def append(self, record: dict, key: str) -> None:
+        """Write one sample line (flushed to the kernel before returning)."""
+        self._file.append(record)
+        self.ids.add(record["id"])
+        self.keys.add(key)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class FailureLog:
+    """`failures.jsonl`: one line per failed sample, with the reason; never part of the dataset."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        repair_torn_tail(self.path)
+        self.permanent: set[str] = set()  # ids that failed with a 4xx: not sent again
+        if self.path.exists():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if row.get("permanent"):
+                    self.permanent.add(row.get("id"))
+        self._file = _AppendFile(self.path)
+
+    def append(self, sample_id: str, prompt: str, source: str, reason: str, kind: str, attempts: int,
+               permanent: bool) -> None:
+        self._file.append({"id": sample_id, "prompt": prompt, "source": source, "reason": reason, "kind": kind,
+                           "attempts": attempts, "permanent": permanent,
+                           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        if permanent:
+            self.permanent.add(sample_id)
+
+    def close(self) -> None:
+        self._file.close()

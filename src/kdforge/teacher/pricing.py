@@ -1,0 +1,58 @@
+"""Prices per million tokens: from flags/config, else from the shipped table (`prices.json`).
+
+A budget needs a price. `resolve_prices` never guesses: an unknown model without explicit
+prices gives None, and the caller turns a budget with no price into a usage error (exit 2).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+
+from kdforge.errors import UsageError
+
+# A dated snapshot suffix, as in gpt-4o-2024-08-06, claude-sonnet-4-20250514, kimi-k2-0905.
+_DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
+
+
+@dataclass(frozen=True)
+class Prices:
+    input: float  # USD per million prompt tokens
+    output: float  # USD per million completion tokens
+    source: str  # where they came from, for the log line
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for this many tokens."""
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+@lru_cache(maxsize=1)
+def price_table() -> dict:
+    """The shipped table: {"as_of": date, "models": {name: {"input", "output"}}}."""
+    text = resources.files("kdforge.teacher").joinpath("prices.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+def lookup(model: str) -> Prices | None:
+    """Table prices for `model`: exact name, else the name without a dated snapshot suffix."""
+    table = price_table()
+    models = table["models"]
+    for name in (model, _DATE_SUFFIX.sub("", model)):
+        if name in models:
+            row = models[name]
+            return Prices(row["input"], row["output"], f"shipped price table (as of {table['as_of']}) for {name}")
+    return None
+
+
+def resolve_prices(model: str | None, price_input: float | None, price_output: float | None) -> Prices | None:
+    """Explicit prices win (both must be given); else the table; else None (unknown)."""
+    if (price_input is None) != (price_output is None):
+        missing = "--price-output" if price_output is None else "--price-input"
+        raise UsageError(f"{missing} is missing: give both --price-input and --price-output "
+                         "(USD per million tokens), or neither to use the shipped table")
+    if price_input is not None:
+        return Prices(price_input, price_output, "--price-input/--price-output")
+    return lookup(model) if model else None

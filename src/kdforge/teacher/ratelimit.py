@@ -1,0 +1,153 @@
+"""Pace request starts so the teacher's rate limits are used fully and never crossed.
+
+- Requests/min and tokens/min are paced with GCRA (a virtual schedule): each start pushes the
+  next allowed start by 60/rpm seconds, and by tokens*60/tpm for the token limit, so the
+  long-run rate equals the limit without bursts. `SLACK` lets a start that woke a few ms late
+  keep the schedule instead of drifting below the limit.
+- The limits come from `--rpm/--tpm` and from the teacher itself (tier detection): every
+  answer's `x-ratelimit-limit-*` headers re-set them (the lower of flag and header wins), and
+  `x-ratelimit-remaining-requests: 0` holds starts for one interval.
+- Until the first answer arrives only one request is in flight (a probe), so a client that
+  does not know its tier yet cannot open with a burst of 429s.
+- A 429 calls `pause(seconds)`: no worker starts a request before the pause ends, then the
+  schedule resumes at the paced rate (no catch-up burst after a rate-limit signal).
+- `--delay` is a minimum gap between request starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import time
+from typing import Callable, Mapping
+
+SLACK = 0.02  # seconds a late wake-up may borrow from the schedule
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in '20ms', '1s', '6m0s', '1h2m3.5s' or a bare number; None if unreadable."""
+    if not text:
+        return None
+    text = text.strip()
+    try:
+        return max(0.0, float(text))
+    except ValueError:
+        pass
+    parts = _DURATION.findall(text)
+    if not parts or "".join(a + u for a, u in parts) != text:
+        return None
+    scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+    return sum(float(a) * scale[u] for a, u in parts)
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    v = headers.get(name)
+    try:
+        return int(float(v)) if v is not None else None
+    except ValueError:
+        return None
+
+
+class RateLimiter:
+    def __init__(self, rpm: float | None = None, tpm: float | None = None, min_gap: float = 0.0, *,
+                 probe: bool = True, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], object] = asyncio.sleep, log: Callable[[str], None] | None = None):
+        self.user_rpm, self.user_tpm = rpm, tpm
+        self.header_rpm: int | None = None
+        self.header_tpm: int | None = None
+        self.min_gap = min_gap  # seconds between request starts
+        self.clock, self.sleep, self.log = clock, sleep, log or (lambda msg: None)
+        self.pause_until = -math.inf
+        self._tat_req = -math.inf  # earliest next start allowed by requests/min (GCRA schedule)
+        self._tat_tok = -math.inf  # same for tokens/min
+        self._last_start = -math.inf
+        self._lock = asyncio.Lock()
+        self._probing = probe
+        self._probe_sent = False
+        self._probe_done = asyncio.Event()
+        self.starts = 0
+        self.pauses = 0
+
+    @property
+    def rpm(self) -> float | None:
+        known = [x for x in (self.user_rpm, self.header_rpm) if x]
+        return min(known) if known else None
+
+    @property
+    def tpm(self) -> float | None:
+        known = [x for x in (self.user_tpm, self.header_tpm) if x]
+        return min(known) if known else None
+
+    # ------------------------------------------------------------------ starting
+    async def acquire(self, tokens: int = 0) -> None:
+        """Wait until one request costing `tokens` (prompt estimate + max_tokens) may start."""
+        if self._probing and not self._probe_done.is_set():
+            if self._probe_sent:
+                await self._probe_done.wait()
+            else:
+                self._probe_sent = True
+        async with self._lock:  # one waiter at a time: starts are handed out in order
+            while True:
+                now = self.clock()
+                t = self._earliest(now)
+                if t <= now:
+                    self._commit(now, tokens)
+                    return
+                await self.sleep(t - now)
+
+    def _earliest(self, now: float) -> float:
+        t = max(self.pause_until, self._last_start + self.min_gap)
+        if self.rpm:
+            t = max(t, self._tat_req)
+        if self.tpm:
+            t = max(t, self._tat_tok)
+        return t
+
+    def _commit(self, now: float, tokens: int) -> None:
+        if self.rpm:
+            self._tat_req = max(self._tat_req, now - SLACK) + 60.0 / self.rpm
+        if self.tpm:
+            self._tat_tok = max(self._tat_tok, now - SLACK) + tokens * 60.0 / self.tpm
+        self._last_start = now
+        self.starts += 1
+
+    # ------------------------------------------------------------------ feedback
+    def pause(self, seconds: float) -> None:
+        """Shared pause after a 429: nobody starts before `seconds` from now."""
+        until = self.clock() + max(0.0, seconds)
+        if until > self.pause_until:
+            self.pause_until = until
+            self.pauses += 1
+        self._tat_req = max(self._tat_req, self.pause_until)
+        self._tat_tok = max(self._tat_tok, self.pause_until)
+
+    def observe(self, headers: Mapping[str, str] | None) -> None:
+        """Learn from an answer (or from a failed attempt: headers None). Re-syncs the limits."""
+        self._probe_done.set()
+        if not headers:
+            return
+        rpm = _int_header(headers, "x-ratelimit-limit-requests")
+        tpm = _int_header(headers, "x-ratelimit-limit-tokens")
+        if (rpm and rpm != self.header_rpm) or (tpm and tpm != self.header_tpm):
+            self.header_rpm = rpm or self.header_rpm
+            self.header_tpm = tpm or self.header_tpm
+            parts = [f"{self.header_rpm} requests/min" if self.header_rpm else None,
+                     f"{self.header_tpm} tokens/min" if self.header_tpm else None]
+            self.log(f"teacher rate limits detected (x-ratelimit-* headers): {', '.join(p for p in parts if p)}; "
+                     f"pacing at {self._describe()}")
+        if _int_header(headers, "x-ratelimit-remaining-requests") == 0 and self.rpm:
+            interval = 60.0 / self.rpm
+            reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
+            self.pause(min(reset, interval) if reset is not None else interval)
+
+    def _describe(self) -> str:
+        parts = []
+        if self.rpm:
+            parts.append(f"{self.rpm:g} requests/min")
+        if self.tpm:
+            parts.append(f"{self.tpm:g} tokens/min")
+        if self.min_gap:
+            parts.append(f"one start per {self.min_gap:g} s at most")
+        return ", ".join(parts) or "no limit (concurrency only)"
