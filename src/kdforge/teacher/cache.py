@@ -16,6 +16,7 @@ import sqlite3
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS responses (
     key TEXT PRIMARY KEY,
@@ -37,8 +38,9 @@ def request_key(base_url: str, body: dict) -> str:
 class ResponseCache:
     """get/put of JSON answers by request key, with integrity checks (see the module docstring)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, log: Callable[[str], None] | None = None):
         self.path = Path(path)
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.hits = self.misses = self.corrupted = 0
         try:
@@ -48,8 +50,8 @@ class ResponseCache:
             self.path.rename(aside)
             for suffix in ("-wal", "-shm"):
                 Path(str(self.path) + suffix).unlink(missing_ok=True)
-            print(f"warning: response cache {self.path} is not a readable SQLite database ({e}); "
-                  f"moved it to {aside} and started a fresh cache", file=sys.stderr)
+            self.log(f"warning: response cache {self.path} is not a readable SQLite database ({e}); "
+                     f"moved it to {aside} and started a fresh cache")
             self.corrupted += 1
             self._db = self._open()
 
@@ -86,7 +88,7 @@ class ResponseCache:
     def _bad(self, key: str, why: str) -> None:
         self.corrupted += 1
         self.misses += 1
-        print(f"warning: corrupted cache entry {key[:12]} in {self.path} ({why}); refetching it", file=sys.stderr)
+        self.log(f"warning: corrupted cache entry {key[:12]} in {self.path} ({why}); refetching it")
         try:
             self._db.execute("DELETE FROM responses WHERE key = ?", (key,))
         except sqlite3.DatabaseError:

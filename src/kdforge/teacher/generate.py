@@ -343,15 +343,10 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
         failures = FailureLog(ckpt / "failures.jsonl")
         todo = [j for j in jobs if not journal.done(j.id, j.key) and j.id not in failures.permanent]
         need = cfg.total - journal.count
-        if need > 0 and len(todo) < need:
-            journal.close()
-            failures.close()
-            raise UsageError(f"{out} needs {need} more samples but only {len(todo)} unused unique prompts are left "
-                             f"({len(jobs)} planned); add prompts with --prompts or lower --total")
         ledger = BudgetLedger(ckpt / "budget.jsonl", prices, cfg.budget_limit)
-        cache = ResponseCache(cache_dir / "responses.sqlite")
         stats = Stats(cfg.total, journal.count)
         view = ProgressView(stats, (lambda: ledger.spent) if prices else (lambda: None), cfg.budget_limit, err_stream)
+        cache = ResponseCache(cache_dir / "responses.sqlite", log=view.log)
         gen = Generator(cfg, todo, journal, failures, ledger, cache, stats, view, api_key, prices, ckpt / "state.json")
         status = "error"
         try:
@@ -362,11 +357,14 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             if prices:
                 view.log(f"prices: ${prices.input:g} input / ${prices.output:g} output per million tokens "
                          f"({prices.source})")
+            if 0 < len(todo) < need:
+                view.log(f"warning: {out} needs {need} more samples but only {len(todo)} unused unique prompts are "
+                         "left; the run will stop short (add prompts with --prompts, or lower --total)")
             if need > 0:
                 with view:
                     asyncio.run(gen.main())
             status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted"}.get(
-                gen.stop_reason, "done")
+                gen.stop_reason, "done" if journal.count >= cfg.total else "out_of_prompts")
         finally:
             journal.close()
             failures.close()
@@ -375,14 +373,16 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             gen.save_state(status)
             print(summary_text(stats, str(out), str(ckpt / "failures.jsonl"), ledger.spent if prices else None,
                                cfg.budget_limit, cache.corrupted, status.replace("_", " ")), file=out_stream, flush=True)
-    _raise_for(gen, out, ckpt, ledger, cfg)
+    _raise_for(gen, out, ckpt)
     if journal.count < cfg.total:
-        print(f"warning: {cfg.total - journal.count} samples short of --total: the prompts ran out "
-              f"({sum(stats.failed.values())} failed, see {ckpt / 'failures.jsonl'})", file=err_stream)
+        raise UsageError(f"{out} holds {journal.count} of --total {cfg.total} samples: the prompts ran out "
+                         f"({len(jobs)} unique, {sum(stats.failed.values())} failed this run, see "
+                         f"{ckpt / 'failures.jsonl'}); add prompts with --prompts and re-run to continue, "
+                         "or lower --total")
     return stats
 
 
-def _raise_for(gen: Generator, out: Path, ckpt: Path, ledger: BudgetLedger, cfg: GenerateSection) -> None:
+def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
     if gen.stop_reason == "refused":
         raise TeacherRefusedError(f"{gen.stop_error} (nothing was written for the refused request; "
                                   f"{gen.journal.count} samples in {out})")
