@@ -455,6 +455,16 @@ def _lora_target_problems(model_path: str, targets: list[str]) -> list[tuple[str
     return []
 
 
+def config_notes(cfg: Config) -> list[tuple[str, str]]:
+    """Not errors: inputs absent now that a run will need (e.g. data `kdforge generate` will write)."""
+    notes = []
+    for name, shards in (("io.train_shards", cfg.io.train_shards), ("io.eval_shards", cfg.io.eval_shards)):
+        for i, s in enumerate(shards):
+            if not Path(s).is_file():
+                notes.append((f"{name}[{i}]", f"{s} does not exist yet (must exist before training)"))
+    return notes
+
+
 def validate_files(paths: list[str | Path], overrides: list[str] | None = None,
                    for_run: bool = False) -> Config:
     """`kdforge config validate`: every problem at once, static and filesystem, then raise."""

@@ -31,10 +31,15 @@ def config_validate(
     overrides: List[str] = typer.Option([], "--set", help="key=value overrides"),
 ):
     """Report every config problem at once, each naming its field (exit 2 if any)."""
-    from kdforge.config import validate_files
+    from kdforge.config import config_notes, validate_files
 
-    validate_files(configs, overrides)
-    print(f"ok: {', '.join(str(c) for c in configs)}")
+    cfg = validate_files(configs, overrides)
+    for field, note in config_notes(cfg):
+        print(f"note: {field}: {note}")
+    mc = None if cfg.model.path else cfg.model.model_cfg()
+    print(f"ok: {', '.join(str(c) for c in configs)}"
+          + (f" (student {mc.d_model}d x {mc.n_layers} layers, {mc.n_heads}/{mc.n_kv_heads} heads; "
+             f"global batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum})" if mc else ""))
 
 
 
