@@ -3,8 +3,8 @@
 Per file: lines, valid records, unusable lines (each file:line with its reason; empty or
 whitespace-only responses are unusable), truncated answers (`finish_reason: length`), refusals
 (a reply that opens like "I'm sorry, but I can't ..."), exact duplicates (same prompt and
-response) and duplicate prompts, near duplicates (MinHash over word 3-grams, verified by a
-Jaccard similarity >= 0.8), token lengths (with a tokenizer: prompt as the chat template renders
+response) and duplicate prompts, near-duplicate responses and prompts (MinHash over word
+3-grams, each candidate verified by an exact Jaccard similarity >= 0.8), token lengths (with a tokenizer: prompt as the chat template renders
 it, and response; without one, the teacher's counts from `metadata.tokens` when present), and
 prompt diversity per source (distinct-1/distinct-2: unique n-grams over all n-grams).
 `check_reports` raises DataError (exit 2) if any line is unusable.
@@ -43,7 +43,8 @@ class FileReport:
     exact_duplicates: int = 0  # records repeating an earlier (prompt, response)
     duplicate_prompts: int = 0  # records repeating an earlier prompt with another response
     duplicate_ids: int = 0
-    near_duplicates: list[tuple[int, int, float]] = field(default_factory=list)  # (line, earlier line, jaccard)
+    near_duplicates: list[tuple[int, int, float]] = field(default_factory=list)  # responses: (line, earlier, jaccard)
+    near_duplicate_prompts: list[tuple[int, int, float]] = field(default_factory=list)
     lengths: dict[str, dict[str, float]] = field(default_factory=dict)  # prompt/response/total -> stats
     length_unit: str = ""
     diversity: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> stats
@@ -188,8 +189,9 @@ def validate_file(path: str | Path, tokenizer=None) -> FileReport:
     for r in recs:
         uniq.setdefault((r.prompt, r.response), r)
     kept = list(uniq.values())
-    rep.near_duplicates = [(kept[i].line, kept[j].line, jac)
-                           for i, j, jac in near_duplicates([r.prompt + "\n" + r.response for r in kept])]
+    rep.near_duplicates = [(kept[i].line, kept[j].line, jac) for i, j, jac in near_duplicates([r.response for r in kept])]
+    rep.near_duplicate_prompts = [(kept[i].line, kept[j].line, jac)
+                                  for i, j, jac in near_duplicates([r.prompt for r in kept])]
     rep.lengths, rep.length_unit = _lengths(recs, tokenizer)
     rep.diversity = _diversity(recs)
     return rep
@@ -236,9 +238,12 @@ def render(reports: list[FileReport]) -> str:
         out.append(f"  lines {r.lines} · valid {r.valid} · unusable {len(r.unusable)} (empty responses {r.empty})")
         out.append(f"  truncated (finish_reason=length) {r.truncated} · refusals {r.refusals}")
         out.append(f"  duplicates: exact {r.exact_duplicates} · same prompt {r.duplicate_prompts} · "
-                   f"near (Jaccard >= {NEAR_DUP_JACCARD}) {len(r.near_duplicates)} · repeated ids {r.duplicate_ids}")
-        for line, first, jac in r.near_duplicates[:3]:
-            out.append(f"    near duplicate: line {line} ~ line {first} (Jaccard {jac})")
+                   f"repeated ids {r.duplicate_ids}")
+        out.append(f"  near duplicates (word 3-gram Jaccard >= {NEAR_DUP_JACCARD}): responses {len(r.near_duplicates)}"
+                   f" · prompts {len(r.near_duplicate_prompts)}")
+        for what, pairs in (("response", r.near_duplicates), ("prompt", r.near_duplicate_prompts)):
+            for line, first, jac in pairs[:3]:
+                out.append(f"    near-duplicate {what}: line {line} ~ line {first} (Jaccard {jac})")
         if r.lengths:
             out.append(f"  lengths in {r.length_unit}:")
             for k, s in r.lengths.items():

@@ -2,8 +2,8 @@
 
 - Requests/min and tokens/min are paced with GCRA (a virtual schedule): each start pushes the
   next allowed start by 60/rpm seconds, and by tokens*60/tpm for the token limit, so the
-  long-run rate equals the limit without bursts. `SLACK` lets a start that woke a few ms late
-  keep the schedule instead of drifting below the limit.
+  long-run rate equals the limit without bursts. A start that woke up to `SLACK` late keeps
+  the schedule instead of drifting below the limit; idle time earns no burst.
 - The limits come from `--rpm/--tpm` and from the teacher itself (tier detection): every
   answer's `x-ratelimit-limit-*` headers re-set them (the lower of flag and header wins), and
   `x-ratelimit-remaining-requests: 0` holds starts for one interval.
@@ -40,6 +40,12 @@ def parse_duration(text: str | None) -> float | None:
         return None
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
     return sum(float(a) * scale[u] for a, u in parts)
+
+
+def _keep_schedule(slot: float, now: float) -> float:
+    """Where the next interval starts: the slot we were due at if we woke within SLACK of it
+    (so a few ms of lateness never lowers the rate), else now (no credit for idle time)."""
+    return slot if now - slot <= SLACK else now
 
 
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
@@ -107,9 +113,9 @@ class RateLimiter:
 
     def _commit(self, now: float, tokens: int) -> None:
         if self.rpm:
-            self._tat_req = max(self._tat_req, now - SLACK) + 60.0 / self.rpm
+            self._tat_req = _keep_schedule(self._tat_req, now) + 60.0 / self.rpm
         if self.tpm:
-            self._tat_tok = max(self._tat_tok, now - SLACK) + tokens * 60.0 / self.tpm
+            self._tat_tok = _keep_schedule(self._tat_tok, now) + tokens * 60.0 / self.tpm
         self._last_start = now
         self.starts += 1
 
@@ -133,6 +139,8 @@ class RateLimiter:
         if (rpm and rpm != self.header_rpm) or (tpm and tpm != self.header_tpm):
             self.header_rpm = rpm or self.header_rpm
             self.header_tpm = tpm or self.header_tpm
+            if self.rpm:  # starts made before we knew the tier count too
+                self._tat_req = max(self._tat_req, self._last_start + 60.0 / self.rpm)
             parts = [f"{self.header_rpm} requests/min" if self.header_rpm else None,
                      f"{self.header_tpm} tokens/min" if self.header_tpm else None]
             self.log(f"teacher rate limits detected (x-ratelimit-* headers): {', '.join(p for p in parts if p)}; "
