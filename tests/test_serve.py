@@ -23,8 +23,7 @@ CHAT = [{"role": "user", "content": "What is 12 plus 30?"}]
 def server(tiny_model_dir):
     handle = launch(tiny_model_dir, env=cli_env(KDFORGE_TEST_KEY=KEY), api_key_env="KDFORGE_TEST_KEY")
     yield handle
-    handle.stop()
-    assert not handle.alive(), "stop() must end the server process"
+    assert handle.stop() == 0 and not handle.alive(), "SIGTERM must shut the server down cleanly"
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +107,8 @@ def test_seed_makes_sampling_reproducible(client, server):
     a, b = (client.chat.completions.create(**kw, seed=11).choices[0].message.content for _ in range(2))
     c = client.chat.completions.create(**kw, seed=12).choices[0].message.content
     assert a == b and a != c
+    two = client.chat.completions.create(**kw, seed=11, n=2)  # n choices: seeds 11 and 12
+    assert [ch.message.content for ch in two.choices] == [a, c] and [ch.index for ch in two.choices] == [0, 1]
 
 
 def test_stop_string_cuts_the_text_before_it(client, server):
@@ -229,7 +230,7 @@ def test_requests_joining_a_running_batch_get_their_own_tokens(engine, hf):
 
     _, tok = hf
     ids = [tok(p)["input_ids"] for p in PROMPTS]
-    long_p, short_p = SamplingParams(max_tokens=60, temperature=0), SamplingParams(max_tokens=12, temperature=0)
+    long_p, short_p = SamplingParams(max_tokens=200, temperature=0), SamplingParams(max_tokens=12, temperature=0)
     alone = [engine.generate([ids[0]], long_p)[0]] + [engine.generate([x], short_p)[0] for x in ids[1:]]
 
     got = {i: [] for i in range(len(ids))}

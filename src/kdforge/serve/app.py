@@ -27,6 +27,7 @@ from kdforge.serve.output import Completion, Delta
 from kdforge.serve.responses import chat_logprobs, completion_logprobs, usage
 from kdforge.serve.sampling import SamplingParams
 from kdforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from kdforge.serve.vocab import Vocab
 
 Job = tuple[list[int], SamplingParams]
 
@@ -62,8 +63,8 @@ async def _merged(engine: Engine, jobs: list[Job]) -> AsyncIterator[tuple[int, D
 class _ChatFormat:
     object, prefix = "chat.completion", "chatcmpl-"
 
-    def __init__(self, req: ChatCompletionRequest, engine: Engine):
-        self.req, self.vocab = req, engine.vocab
+    def __init__(self, req: ChatCompletionRequest, vocab: Vocab):
+        self.req, self.vocab = req, vocab
 
     def choice(self, i: int, c: Completion) -> dict:
         out = {"index": i, "message": {"role": "assistant", "content": c.text},
@@ -84,8 +85,8 @@ class _ChatFormat:
 class _TextFormat:
     object, prefix = "text_completion", "cmpl-"
 
-    def __init__(self, req: CompletionRequest, engine: Engine):
-        self.req, self.vocab = req, engine.vocab
+    def __init__(self, req: CompletionRequest, vocab: Vocab):
+        self.req, self.vocab = req, vocab
         self.sent: dict[int, int] = {}  # choice -> characters streamed so far (text_offset)
 
     def _logprobs(self, i: int, lps, text: str) -> dict | None:
@@ -112,6 +113,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
     `Authorization: Bearer <api_key>` (401 otherwise)."""
     app = FastAPI(title="kdforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
+    vocab = Vocab(tok)
     started = int(time.time())
 
     # ---- errors -----------------------------------------------------------------------------
@@ -234,7 +236,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
         ids = tok(text, add_special_tokens=False)["input_ids"]
         jobs = jobs_for(req, ids, "messages", req.logprobs, req.top_logprobs or 0)
         extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
-        return await respond(req, _ChatFormat(req, engine), jobs, len(ids), extra)
+        return await respond(req, _ChatFormat(req, vocab), jobs, len(ids), extra)
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest):
@@ -249,6 +251,6 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
             prompt_tokens += len(ids)
             prompt_ids.append(ids)
         extra = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
-        return await respond(req, _TextFormat(req, engine), jobs, prompt_tokens, extra)
+        return await respond(req, _TextFormat(req, vocab), jobs, prompt_tokens, extra)
 
     return app

@@ -13,6 +13,7 @@ that hides the padding and position ids that count only real tokens.
 from __future__ import annotations
 
 import asyncio
+import copy
 import inspect
 import threading
 from collections import deque
@@ -70,7 +71,8 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch_size: int = 32):
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.vocab = Vocab(tokenizer)
+        # Its own tokenizer copy: the HTTP thread tokenizes prompts with the original meanwhile.
+        self._decode = Vocab(copy.deepcopy(tokenizer)).decode
         self.eos_ids = eos_token_ids(model, tokenizer)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0)
@@ -200,7 +202,7 @@ class Engine:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
                          past_key_values=DynamicCache(config=self.model.config), use_cache=True, **self._keep)
         batch = KVBatch(out.past_key_values, mask, mask.sum(-1), out.logits[:, -1].float())
-        rows = [_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self.vocab.decode),
+        rows = [_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self._decode),
                      make_generator(tk.params.seed, self.device)) for tk in tickets]
         return batch, rows
 

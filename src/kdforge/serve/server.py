@@ -1,4 +1,5 @@
-"""`kdforge serve`: load the model, start the engine, run uvicorn until SIGINT/SIGTERM.
+"""`kdforge serve`: load the model, start the engine, run uvicorn until SIGINT/SIGTERM, which
+shut it down gracefully (in-flight requests get up to 5 s) and exit 0.
 
 When the socket is listening and the model loaded, one line goes to stdout (flushed), which
 callers wait for:
@@ -92,6 +93,12 @@ def run_server(opts: ServeOptions) -> None:
             if self.started:
                 print(ready, flush=True)
 
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises a captured SIGINT/SIGTERM after shutting down; a server stopped on
+            # request has done its job, so it exits 0 instead.
+            getattr(self, "_captured_signals", []).clear()
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
                             lifespan="off")
     try:
@@ -99,3 +106,4 @@ def run_server(opts: ServeOptions) -> None:
     finally:
         engine.close()
         sock.close()
+    print("kdforge serve: stopped", flush=True)
