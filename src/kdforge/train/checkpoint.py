@@ -113,11 +113,11 @@ def _fsync_tree(path: Path) -> None:
 
 def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer, scheduler,
                     tokenizer=None, config: dict | None = None, total_limit: int | None = None,
-                    model_state_dict: dict | None = None) -> Path:
+                    model_state_dict: dict | None = None, optimizer_state_dict: dict | None = None) -> Path:
     """Write checkpoint-{global_step} atomically, then keep the newest `total_limit`.
 
-    `model_state_dict` (full, on CPU) replaces `model.state_dict()` where the caller gathered it
-    (FSDP). Returns the final folder.
+    `model_state_dict` / `optimizer_state_dict` (full, on CPU) replace the modules' own where the
+    caller gathered them from shards (FSDP). Returns the final folder.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
                 m.config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer_state_dict or optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         torch.save(rng_state(), tmp / "rng_state.pth")
         if config is not None:

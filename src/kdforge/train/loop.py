@@ -121,8 +121,9 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             kd_sum += float(kd.detach()) if torch.is_tensor(kd) else float(kd)
         grad_norm = None
         if lc.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in model.parameters() if p.requires_grad], lc.grad_clip))
+            norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in model.parameters() if p.requires_grad], lc.grad_clip)
+            grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: DTensor
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

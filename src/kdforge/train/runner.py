@@ -24,7 +24,7 @@ from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream, curriculum
 from kdforge.train.loop import Hooks, LoopConfig, evaluate_loss, train_steps
 from kdforge.train.objective import DistillObjective
-from kdforge.train.schedule import make_scheduler
+from kdforge.train.schedule import LRMultiplier, make_scheduler
 
 
 # ============================================================================ setup
@@ -191,6 +191,12 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     max_epochs = None if t.max_steps else t.epochs
     stream = DataStream(train_ds, t.micro_batch_size, t.seed, packing=t.packing, max_epochs=max_epochs)
 
+    # Wrap before the optimizer exists: FSDP replaces parameters with sharded ones.
+    objective = DistillObjective(model, cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta,
+                                 cfg.loss.chunk_size, teacher)
+    fsdp = world > 1 and t.fsdp
+    if world > 1:
+        objective = _wrap_distributed(objective, cfg, device)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, t.schedule, t.warmup_steps, total, t.min_lr_ratio, t.decay_fraction)
 
@@ -201,18 +207,20 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
         raise UsageError(f"{out} already holds checkpoints ({ckpt.latest_checkpoint(out).name}); "
                          "continue with --resume auto, or choose a new --output-dir")
     if start is not None:
-        state = ckpt.load_checkpoint(start, model, optimizer, scheduler)
+        if fsdp:
+            state = _load_fsdp(start, objective, optimizer, scheduler)
+        else:
+            state = ckpt.load_checkpoint(start, model, optimizer, scheduler)
         if state.data_position:
             stream.restore(state.data_position)
+        # The step count comes from the checkpoint, the schedule's shape from today's config
+        # (so raising train.max_steps extends the cosine instead of idling at its floor).
+        scheduler.lr_lambdas[0] = LRMultiplier(t.schedule, t.warmup_steps, total, t.min_lr_ratio,
+                                               t.decay_fraction)
         log(f"Resuming from checkpoint: {start.name} (global_step {state.global_step})")
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.cleanup_partial(out)
-
-    objective = DistillObjective(model, cfg.loss.kind, cfg.loss.temperature, cfg.loss.beta,
-                                 cfg.loss.chunk_size, teacher)
-    if world > 1:
-        objective = _wrap_distributed(objective, cfg, device)
     amp_dtype = amp_dtype_for(cfg, device)
 
     # ---------------------------------------------------------------- hooks
@@ -223,10 +231,10 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     stop = StopFlag().install()
 
     def save(st: TrainState):
-        sd = _full_state_dict(objective) if cfg.train.fsdp and world > 1 else None
+        sd, osd = _full_state_dicts(objective, optimizer) if fsdp else (None, None)  # collective
         if rank == 0:
             path = ckpt.save_checkpoint(out, st, model, optimizer, scheduler, tokenizer, resolved,
-                                        t.save_total_limit, model_state_dict=sd)
+                                        t.save_total_limit, model_state_dict=sd, optimizer_state_dict=osd)
             log(f"saved {path.name}")
         if world > 1:
             dist.barrier()
@@ -290,9 +298,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def _wrap_distributed(objective, cfg: Config, device):
-    if cfg.train.fsdp:
-        if device.type != "cuda":
-            raise ConfigError([("train.fsdp", "FSDP needs GPUs; on CPU use DDP (train.fsdp: false)")])
+    if cfg.train.fsdp:  # FSDP2: shard each decoder layer, then the root (embeddings, head, loss)
         from torch.distributed.fsdp import fully_shard
 
         lm = objective.lm
@@ -310,11 +316,31 @@ def _decoder_layers(lm):
     return list(base_lm(lm).get_decoder().layers)
 
 
-def _full_state_dict(objective):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _full_state_dicts(objective, optimizer):
+    """Gather FSDP shards into full state dicts on rank 0 (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
 
-    sd = get_model_state_dict(objective, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {k.removeprefix("lm."): v for k, v in sd.items()}
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(objective, options=opts)
+    osd = get_optimizer_state_dict(objective, optimizer, options=opts)
+    return {k.removeprefix("lm."): v for k, v in sd.items()}, osd
+
+
+def _load_fsdp(path: Path, objective, optimizer, scheduler) -> TrainState:
+    """Resume an FSDP run: every rank reads the full files and keeps its own shards."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    sd = {f"lm.{k}": v for k, v in load_file(str(path / "model.safetensors")).items()}
+    set_model_state_dict(objective, sd, options=opts)
+    osd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(objective, optimizer, osd, options=opts)
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    ckpt.set_rng_state(torch.load(path / "rng_state.pth", map_location="cpu", weights_only=True))
+    return ckpt.read_state(path)
 
 
 class _Progress:
