@@ -78,7 +78,16 @@ class LossSection(Section):
     kd_weight: float = Field(0.5, ge=0, le=1)
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1)
-    chunk_size: int | None = Field(1024, gt=0)  # tokens per chunk for the chunked KD loss; null = plain
+    # Tokens per chunk for the chunked loss (logits recomputed in backward); null = plain; "auto" =
+    # chunks of 256 once the labelled tokens x vocab would pass 64M logits (256 MB in fp32).
+    chunk_size: int | Literal["auto"] | None = "auto"
+
+    @field_validator("chunk_size")
+    @classmethod
+    def _positive_chunk(cls, v):
+        if isinstance(v, int) and v <= 0:
+            raise ValueError("must be positive, 'auto' or null")
+        return v
 
 
 class TrainSection(Section):

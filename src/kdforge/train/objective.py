@@ -37,8 +37,11 @@ class DistillObjective(nn.Module):
     syncs nor broadcasts it.
     """
 
+    AUTO_CHUNK = 256  # tokens per chunk in "auto" mode
+    AUTO_THRESHOLD = 1 << 26  # labelled tokens x vocab above which "auto" chunks (64M fp32 logits)
+
     def __init__(self, lm, kind: str = "ce", temperature: float = 1.0, beta: float = 0.5,
-                 chunk_size: int | None = 1024, teacher=None):
+                 chunk_size: int | str | None = "auto", teacher=None):
         super().__init__()
         self.lm = lm
         self.kind = kind
@@ -55,8 +58,11 @@ class DistillObjective(nn.Module):
         hidden = _hidden(self.lm, batch, torch.float32 if dtype == torch.float32 else dtype)
         h = hidden[:, :-1][sel]
         head = base_lm(self.lm).get_output_embeddings()
+        chunk = self.chunk_size
+        if chunk == "auto":
+            chunk = self.AUTO_CHUNK if h.shape[0] * getattr(head, "out_features", 0) > self.AUTO_THRESHOLD else None
         # LoRA on lm_head (or any wrapped head) takes the plain path: logits of selected tokens only.
-        chunked = bool(self.chunk_size) and type(head) is nn.Linear
+        chunked = bool(chunk) and type(head) is nn.Linear
         kw = dict(kind=self.kind, temperature=self.temperature, beta=self.beta)
         teacher = self._teacher[0]
         if self.kind != "ce":
@@ -76,7 +82,7 @@ class DistillObjective(nn.Module):
             else:
                 raise ValueError(f"loss.kind={self.kind} needs a teacher: teacher.path or top-k logprobs in the data")
         if chunked:
-            s = losses.chunked_loss_sums(h, head.weight, targets, chunk_size=self.chunk_size,
+            s = losses.chunked_loss_sums(h, head.weight, targets, chunk_size=chunk,
                                          lm_head_bias=head.bias, **kw)
         else:
             s = losses.loss_sums(head(h), targets, **kw)
