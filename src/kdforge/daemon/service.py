@@ -1,0 +1,442 @@
+"""The continuous-training daemon: one model, kept loaded, learning from every batch that lands
+in `inbox/`.
+
+Setup: lock the base dir, load the tokenizer and the model once, from the newest complete
+checkpoint if there is one. Loop: finish a batch left in `processing/` by a crash, else claim the
+oldest settled file; each batch resumes from the newest checkpoint (`Resuming from checkpoint:
+checkpoint-N`: global_step, optimizer and scheduler carry over) and trains its own file from its
+first example (or, after a crash, from the data position the checkpoint saved: nothing twice,
+nothing skipped); checkpoints every `save_steps` and at its end, rotation to `save_total_limit`;
+only then does the file leave. Between steps and batches: the daily snapshot, consolidation.
+`.stop`, SIGTERM or SIGINT: finish the step, save, status `stopped`, return 0.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import signal
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kdforge.config import Config, check_config
+from kdforge.daemon import consolidate as merge
+from kdforge.daemon.dailylog import DailyLog
+from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, move_to, next_ready, reject, sha256_file
+from kdforge.daemon.layout import Layout
+from kdforge.daemon.snapshot import list_snapshots, snapshot_due, take_snapshot, time_reached
+from kdforge.daemon.status import StatusFile
+from kdforge.errors import ConfigError, DataError, UsageError
+from kdforge.train import checkpoint as ckpt
+from kdforge.train.checkpoint import TrainState
+from kdforge.train.data_stream import DataStream
+from kdforge.train.loop import Hooks, LoopConfig, train_steps
+from kdforge.train.objective import DistillObjective
+from kdforge.train.runner import (StopFlag, amp_dtype_for, load_student, load_teacher, make_optimizer,
+                                  pick_device)
+from kdforge.train.schedule import LRMultiplier
+
+QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
+
+
+def batch_steps(n_examples: int, epochs: float, micro_batch: int, grad_accum: int) -> int:
+    """Optimizer steps one batch file takes (the stream draws ceil(epochs * n) examples)."""
+    micro_batches = math.ceil(math.ceil(epochs * n_examples) / micro_batch)
+    return math.ceil(micro_batches / grad_accum)
+
+
+class Daemon:
+    """`kdforge daemon`. `now` is the clock for log file names, snapshots and daily
+    consolidation (tests pass a fake one); `echo` also prints each log line."""
+
+    def __init__(self, base_dir: str | Path, cfg: Config, *, now: Callable[[], datetime] = datetime.now,
+                 echo: Callable[[str], None] | None = None, handle_signals: bool = True):
+        self.paths = Layout(Path(base_dir).resolve())
+        self.cfg, self.dc, self.tc = cfg, cfg.daemon, cfg.train
+        self.now = now
+        self.handle_signals = handle_signals
+        self.log = DailyLog(self.paths.logs, now, echo)
+        self.status = StatusFile(self.paths.status_file, now)
+        self.stop_flag = StopFlag()
+        self.resolved = cfg.model_dump(mode="json")
+        self.seq_len = self.tc.seq_lengths[-1]
+        self.device = pick_device(self.tc.device)
+        self.amp_dtype = amp_dtype_for(cfg, self.device)
+        self.model = self.objective = self.optimizer = self.scheduler = self.tokenizer = self.teacher = None
+        self.base_model: str | None = None  # the base folder the loaded model was built on
+        self.state = TrainState()
+        self.in_memory: tuple[str, int] | None = None  # (checkpoint name, step) the loaded state equals
+        self._recovered: set[str] = set()
+        self._stop_logged = False
+        self._told_full = False
+        self._queue_checked = 0.0
+
+    # ============================================================================ run
+
+    def run(self, once: bool = False, lock: BaseDirLock | None = None) -> int:
+        """Serve until `.stop` or a signal (or, with `once`, until the inbox is empty). Returns 0.
+        `lock`: the base dir lock, if the caller already holds it."""
+        own_lock = lock is None
+        lock = lock or BaseDirLock(self.paths.lock_file).acquire()  # a second daemon is refused here
+        self.paths.make()
+        self.paths.stop_file.unlink(missing_ok=True)
+        old_handlers = self._install_signals()
+        try:
+            self.log.info(f"daemon started: pid {os.getpid()}, base dir {self.paths.base}, device {self.device}")
+            self.status.update(status="starting")
+            self._setup()
+            while not self._stop_requested():
+                self._housekeeping()
+                path, wait = self._next_batch()
+                if path is not None:
+                    self._train_batch(path)
+                    continue
+                if once and wait is None:  # nothing left, nothing still settling
+                    break
+                self._idle(wait)
+            self.status.update(status="stopped", current_file=None)
+            self.log.info(f"daemon stopped at global_step {self.state.global_step} "
+                          f"(last checkpoint {self.status.data['last_checkpoint']})")
+            return 0
+        except KeyboardInterrupt:
+            self.log.warning("aborted by a second signal: the step in progress was not saved")
+            self.status.update(status="stopped")
+            raise
+        except BaseException as e:
+            self.log.error(f"daemon failed: {e}", e)
+            self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            if own_lock:
+                lock.release()
+
+    def _install_signals(self) -> dict:
+        if not self.handle_signals:
+            return {}
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.stop_flag.install()
+        return old
+
+    def _stop_requested(self) -> bool:
+        why = (f"signal {signal.Signals(self.stop_flag.signum).name}" if self.stop_flag()
+               else ".stop file" if self.paths.stop_file.exists() else None)
+        if why and not self._stop_logged:
+            self._stop_logged = True
+            self.log.info(f"stop requested ({why}): finishing the current step, saving, exiting")
+            self.status.update(status="stopping")
+        return why is not None
+
+    def _idle(self, wait: float | None) -> None:
+        self.status.update(status="idle", current_file=None, batch_queue_size=len(batch_files(self.paths.inbox)))
+        deadline = time.monotonic() + min(self.dc.poll_interval, wait if wait is not None else math.inf)
+        while time.monotonic() < deadline and not self._stop_requested():
+            time.sleep(0.05)
+
+    # ============================================================================ setup
+
+    def _setup(self) -> None:
+        from transformers.utils import logging as hf_logging
+
+        from kdforge.data.dataset import load_tokenizer
+
+        hf_logging.disable_progress_bar()  # no "Loading weights" bars between log lines
+
+        problems = check_config(self.cfg, for_run=True, job="daemon")
+        if problems:
+            raise ConfigError(problems)
+        ckpt.cleanup_partial(self.paths.checkpoints)
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        configured = self._configured_base()
+        tok_from = self.cfg.io.tokenizer_path or (newest if newest and (newest / "tokenizer_config.json").is_file()
+                                                  else configured)
+        self.tokenizer = load_tokenizer(str(tok_from))
+        self.teacher = load_teacher(self.cfg, self.device)
+        torch.manual_seed(self.tc.seed)
+        if newest is None:
+            self._load_fresh(configured)
+            self.log.info(f"no checkpoint in {self.paths.checkpoints}: the first batch starts from "
+                          f"{configured} at step 0")
+        else:
+            self._load_checkpoint(newest)
+            base = self.state.extra.get("base_model")
+            if self.state.extra.get("generation", 0) == 0 and base != configured:
+                self.log.warning(f"daemon.base_model is {configured} but {newest.name} was trained on {base}: "
+                                 f"continuing on {base} (move current_model/ away to start over)")
+            self.log.info(f"loaded {newest.name} (global_step {self.state.global_step}, "
+                          f"batch {self.state.extra.get('batch_number', 0)}, base {base})")
+        self._recovered = {p.name for p in batch_files(self.paths.processing)}
+        if self._recovered:
+            self.log.info(f"unfinished batch(es) in processing/: {', '.join(sorted(self._recovered))}")
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.status.update(status="idle", current_step=self.state.global_step, base_model=self.base_model,
+                           generation=self.state.extra.get("generation", 0),
+                           batch_number=self.state.extra.get("batch_number", 0),
+                           last_checkpoint=newest.name if newest else None)
+        self.log.info(f"model ready: {'LoRA' if self.cfg.model.lora else 'full'} training, "
+                      f"{n_train:,} trainable parameters, save_steps {self.dc.save_steps}, "
+                      f"save_total_limit {self.dc.save_total_limit}, lr {self.tc.lr} ({self.dc.schedule})")
+
+    def _configured_base(self) -> str:
+        base = self.dc.base_model or self.cfg.model.path
+        if not base:
+            raise ConfigError([("daemon.base_model", "set the base model folder the daemon trains")])
+        return str(Path(base).resolve())
+
+    def _build_model(self, base: str) -> None:
+        """Load `base` (plus a new adapter when LoRA is configured) and the objective around it."""
+        cfg = self.cfg.model_copy(update={"model": self.cfg.model.model_copy(update={"path": base})})
+        self.model = load_student(cfg, self.tokenizer, self.tc.seed).to(self.device)
+        self.base_model = base
+        lc = self.cfg.loss
+        self.objective = DistillObjective(self.model, lc.kind, lc.temperature, lc.beta, lc.chunk_size, self.teacher)
+
+    def _schedule(self) -> LRMultiplier:
+        """Open-ended: total_steps None, so neither kind ever decays."""
+        return LRMultiplier(self.dc.schedule, self.tc.warmup_steps if self.dc.schedule == "wsd" else 0, None)
+
+    def _new_optimizer(self) -> None:
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
+
+    def _load_fresh(self, base: str) -> None:
+        self._build_model(base)
+        self._new_optimizer()
+        self.state = TrainState(extra={"base_model": base, "generation": 0, "batch_number": 0, "batches": []})
+        self.in_memory = None
+
+    def _load_checkpoint(self, path: Path) -> None:
+        """Weights, optimizer, scheduler, RNG and state from `path` (the base it names, too)."""
+        base = ckpt.read_state(path).extra.get("base_model") or self._configured_base()
+        if self.model is None or base != self.base_model:
+            self._build_model(base)
+        self._new_optimizer()
+        try:
+            self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            self.scheduler.lr_lambdas[0] = self._schedule()  # step count from the checkpoint, shape from the config
+        except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+            raise UsageError(f"{path} does not fit this config ({e}); a LoRA checkpoint needs model.lora set "
+                             "as when it was trained, a full one needs no model.lora") from e
+        self.in_memory = (path.name, self.state.global_step)
+
+    # ============================================================================ the inbox
+
+    def _next_batch(self) -> tuple[Path | None, float | None]:
+        """A batch left in processing/ (a crash), else the oldest settled inbox file, claimed."""
+        left = batch_files(self.paths.processing)
+        if left:
+            return left[0], None
+        while True:
+            path, wait = next_ready(self.paths.inbox, self.dc.settle_seconds)
+            if path is None:
+                return None, wait
+            claimed = claim(path, self.paths.processing)
+            if claimed is not None:
+                return claimed, None
+
+    def _queue_size(self, force: bool = False) -> int:
+        if force or time.monotonic() - self._queue_checked > QUEUE_RESCAN_S:
+            self._queue_checked = time.monotonic()
+            self.status.data["batch_queue_size"] = len(batch_files(self.paths.inbox))
+        return self.status.data["batch_queue_size"]
+
+    def _reject(self, path: Path, reason: str) -> None:
+        dest = reject(path, self.paths.rejected, reason)
+        self._recovered.discard(path.name)
+        self.log.warning(f"rejected {path.name} -> {dest} (reason in {dest.name}.reason): {reason.splitlines()[0]}")
+
+    def _finish_file(self, path: Path) -> str:
+        """The batch is saved: the file leaves processing/ (deleted, or archived)."""
+        self._recovered.discard(path.name)
+        if self.dc.delete_processed:
+            path.unlink()
+            return "deleted"
+        dest = move_to(path, Path(self.dc.archive_dir) if self.dc.archive_dir else self.paths.processed)
+        return f"archived to {dest}"
+
+    # ============================================================================ one batch
+
+    def _train_batch(self, path: Path) -> None:
+        from kdforge.data.dataset import KDDataset
+
+        t0 = time.perf_counter()
+        recovered = path.name in self._recovered
+        sha = sha256_file(path)
+        with_topk = self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
+        try:
+            ds = KDDataset(path, tokenizer=self.tokenizer, max_seq_length=self.seq_len, with_topk=with_topk,
+                           strict=False)
+        except DataError as e:  # unreadable, or records this loss cannot use: keep it, say why
+            self._reject(path, str(e))
+            return
+        for problem in ds.problems:
+            self.log.warning(f"skipped bad line {problem}")
+        if len(ds) == 0:
+            reasons = "\n".join(str(p) for p in ds.problems) or f"{path.name}: no records"
+            self._reject(path, f"no usable line in {path.name} ({len(ds.problems)} bad):\n{reasons}")
+            return
+
+        # ---------------------------------------------------------------- resume point
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        position = None
+        if newest is not None:
+            saved = ckpt.read_state(newest)
+            same = (recovered and saved.extra.get("batch_file") == path.name
+                    and saved.extra.get("batch_sha256") == sha)
+            if same and saved.extra.get("batch_done"):  # died after the final save, before the file left
+                how = self._finish_file(path)
+                self.log.info(f"{path.name} was already trained ({newest.name}); file {how}")
+                self._after_batch()
+                return
+            if self.in_memory != (newest.name, saved.global_step):
+                self._load_checkpoint(newest)
+            self.log.info(f"Resuming from checkpoint: {newest.name}")
+            if same:
+                position = self.state.data_position
+        st, ex = self.state, self.state.extra
+        if position is None:
+            ex["batch_number"] = ex.get("batch_number", 0) + 1
+            ex.update(batch_file=path.name, batch_sha256=sha, batch_done=False, batch_start_step=st.global_step)
+            ex.setdefault("batches", []).append({"number": ex["batch_number"], "file": path.name,
+                                                 "start_step": st.global_step})
+        stream = DataStream(ds, self.tc.micro_batch_size, self.tc.seed + ex["batch_number"],
+                            max_epochs=self.dc.epochs_per_batch, name=path.name)
+        if position is not None:
+            stream.restore(position)
+        n_steps = batch_steps(len(ds), self.dc.epochs_per_batch, self.tc.micro_batch_size, self.tc.grad_accum)
+        start, end = ex["batch_start_step"], ex["batch_start_step"] + n_steps
+        where = (f"continuing at step {st.global_step} (example {position['consumed']} of the batch)"
+                 if position else f"global steps {start} -> {end}")
+        self.log.info(f"Batch {ex['batch_number']} start: {path.name} ({len(ds)} examples, "
+                      f"{len(ds.problems)} bad lines skipped), {n_steps} steps, {where}")
+        self.status.update(status="training", current_file=path.name, batch_number=ex["batch_number"],
+                           current_step=st.global_step, total_steps=end, batch_step=st.global_step - start,
+                           batch_steps=n_steps, batch_queue_size=self._queue_size(force=True))
+        first_loss = None
+
+        # ---------------------------------------------------------------- hooks
+        def on_log(rec: dict) -> None:
+            nonlocal first_loss
+            first_loss = rec["loss"] if first_loss is None else first_loss
+            self.log.info(f"step {rec['step']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+                          f"{rec.get('tokens_per_s', 0):,.0f} tok/s")
+
+        def on_step(state: TrainState, rec: dict) -> None:
+            self.status.update(current_step=state.global_step, batch_step=state.global_step - start,
+                               loss=rec["loss"], learning_rate=rec["lr"],
+                               tokens_per_s=rec.get("tokens_per_s", self.status.data["tokens_per_s"]),
+                               batch_queue_size=self._queue_size())
+
+        def save(state: TrainState) -> None:
+            state.extra["batch_done"] = stream.exhausted()
+            self._save(state)
+
+        def should_stop() -> bool:
+            return self._stop_requested()
+
+        # ---------------------------------------------------------------- train
+        lc = LoopConfig(grad_accum=self.tc.grad_accum, grad_clip=self.tc.grad_clip, kd_weight=self.cfg.loss.kd_weight,
+                        kind=self.cfg.loss.kind, save_steps=self.dc.save_steps, log_steps=self.tc.log_steps)
+        train_steps(self.objective, self.optimizer, self.scheduler, stream, st, lc, until_step=None,
+                    seq_len_at=lambda step: self.seq_len, device=self.device, amp_dtype=self.amp_dtype,
+                    hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=should_stop))
+        if not stream.exhausted():
+            self.log.info(f"Batch {ex['batch_number']} interrupted at step {st.global_step}: {path.name} stays in "
+                          "processing/ and continues from its saved data position on the next start")
+            return
+        how = self._finish_file(path)
+        last = st.log_history[-1]["loss"] if st.log_history else float("nan")
+        self.log.info(f"Batch {ex['batch_number']} done: {path.name}, global_step {st.global_step}, "
+                      f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
+                      f"{time.perf_counter() - t0:.1f}s; file {how}")
+        self._after_batch()
+
+    def _save(self, state: TrainState) -> None:
+        t0 = time.perf_counter()
+        path = ckpt.save_checkpoint(self.paths.checkpoints, state, self.model, self.optimizer, self.scheduler,
+                                    self.tokenizer, self.resolved, self.dc.save_total_limit)
+        self.in_memory = (path.name, state.global_step)
+        self.log.info(f"Saved checkpoint: {path.name} ({time.perf_counter() - t0:.2f}s)")
+        self.status.update(last_checkpoint=path.name)
+        self._snapshot_if_due()
+
+    def _after_batch(self) -> None:
+        self.status.update(status="idle", current_file=None, batch_queue_size=self._queue_size(force=True))
+        every = self.dc.consolidate_every_batches
+        if every and self.state.extra.get("batch_number", 0) % every == 0:
+            self._consolidate(f"every {every} batch(es)")
+
+    # ============================================================================ snapshots, consolidation
+
+    def _housekeeping(self) -> None:
+        self._snapshot_if_due()
+        now = self.now()
+        if (self.dc.consolidate_daily and time_reached(now, self.dc.snapshot_time)
+                and self.state.extra.get("consolidated_on") != f"{now:%Y%m%d}"):
+            self._consolidate("daily")
+
+    def _snapshot_if_due(self) -> None:
+        now = self.now()
+        day = snapshot_due(now, self.dc.snapshot_time, self.paths.snapshots)
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        if day is None or newest is None:
+            return
+        path = take_snapshot(newest, self.paths.snapshots, day, self.dc.snapshot_keep, now)
+        self.log.info(f"snapshot {path.name}: {newest.name} -> {path}")
+        self.status.update(last_snapshot=path.name)
+
+    def _consolidate(self, why: str) -> None:
+        """Merge the adapter into a new base (bases/gen-K), continue with a fresh adapter on it;
+        global_step, the scheduler position and the loss curve go on unbroken."""
+        ex, step = self.state.extra, self.state.global_step
+        if not ckpt.is_peft(self.model):
+            if not self._told_full:
+                self.log.info("consolidation skipped: full training has no adapter to merge")
+                self._told_full = True
+            return
+        if ex.get("consolidated_step") == step or step == 0:
+            ex["consolidated_on"] = f"{self.now():%Y%m%d}"
+            return  # nothing trained since the last merge
+        self.status.update(status="consolidating")
+        gen = ex.get("generation", 0) + 1
+        out = self.paths.bases / f"gen-{gen:04d}"
+        self.paths.bases.mkdir(parents=True, exist_ok=True)
+        probe = merge.probe_ids(self.model.get_input_embeddings().num_embeddings, self.device)
+        ref = merge.logits(self.model, probe)
+        old_base, sched_state = self.base_model, self.scheduler.state_dict()
+        t0 = time.perf_counter()
+        try:
+            merge.merge_into_folder(self.model, out, self.tokenizer)
+            self.model = None  # the PEFT wrapper is spent; rebuild on the new base, fresh adapter
+            torch.manual_seed(self.tc.seed + gen)
+            self._build_model(str(out))
+            ok, diff = merge.same_outputs(ref, merge.logits(self.model, probe))
+            if not ok:
+                raise RuntimeError(f"merged model's logits differ by {diff:.3g} from base + adapter")
+        except Exception as e:  # noqa: BLE001 - fall back to the previous base, which is untouched
+            self.log.error(f"consolidation failed ({e}); continuing on {old_base}", e)
+            shutil.rmtree(out, ignore_errors=True)
+            self.model = None
+            self._load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints))
+            self.status.update(status="idle")
+            return
+        self._new_optimizer()  # Adam moments belonged to the old adapter; the lr schedule goes on
+        self.scheduler.load_state_dict(sched_state)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        ex.update(base_model=str(out), generation=gen, consolidated_step=step,
+                  consolidated_on=f"{self.now():%Y%m%d}")
+        ex.setdefault("consolidations", []).append({"generation": gen, "step": step, "base_model": str(out)})
+        self._save(self.state)  # replaces checkpoint-{step}: same step, new base, fresh adapter
+        holders = ckpt.list_checkpoints(self.paths.checkpoints) + list_snapshots(self.paths.snapshots)
+        gone = merge.prune_bases(self.paths.bases, {str(out)}, holders)
+        self.log.info(f"Consolidated ({why}): adapter merged into {out} at global_step {step} "
+                      f"(max |logit diff| {diff:.2e}, {time.perf_counter() - t0:.1f}s); previous base {old_base} "
+                      f"kept while checkpoints name it" + (f"; removed {', '.join(g.name for g in gone)}" if gone else ""))
+        self.status.update(status="idle", base_model=str(out), generation=gen)

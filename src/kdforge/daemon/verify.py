@@ -1,0 +1,240 @@
+"""`kdforge verify`: the seed guide's "Final Validation", as checks that pass or fail.
+
+Checks: checkpoints present and no more than `save_total_limit`; each with its weights (adapter
+or full model), `optimizer.pt`, `scheduler.pt`, `trainer_state.json`; `global_step` strictly
+increasing across them (and equal to the folder's number); no ERROR lines in the daemon's logs;
+the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in processing/); the
+loss curve with no jump back toward the initial loss at a batch boundary or a consolidation.
+Writes `BASE/verification_report.txt` and `BASE/loss.png` (loss vs global step, boundaries marked).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from kdforge.atomic import atomic_write_text
+from kdforge.daemon.inbox import batch_files
+from kdforge.daemon.layout import Layout
+from kdforge.errors import UsageError
+
+# The file names kdforge.train.checkpoint writes, repeated here so that verify runs without
+# importing torch (a test keeps the two in step).
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
+REQUIRED = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+
+ERROR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ERROR\b")
+JUMP_SHARE = 0.5  # a boundary fails if the loss climbs back more than this share of the way to the start
+TAIL = 3  # steps averaged for "the loss at the end of the previous batch"
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Verification:
+    ok: bool
+    checks: list[Check]
+    report: str
+    report_path: Path
+    plot_path: Path | None
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024 or unit == "G":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    return str(n)
+
+
+def _state(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _save_limit(folder: Path | None) -> int:
+    """The daemon's save_total_limit, from the resolved config the newest checkpoint carries."""
+    import yaml
+
+    try:
+        conf = yaml.safe_load((folder / "kdforge.yaml").read_text()) or {}
+        return int(conf["daemon"]["save_total_limit"])
+    except (OSError, TypeError, KeyError, ValueError, AttributeError):
+        return 3
+
+
+def boundaries(state: dict) -> list[tuple[int, str]]:
+    """(global step where it starts, label) for every batch after the first and every consolidation."""
+    extra = state.get("extra") or {}
+    out = [(b["start_step"], f"batch {b['number']}") for b in extra.get("batches", [])[1:]]
+    out += [(c["step"], f"consolidation {c['generation']}") for c in extra.get("consolidations", [])]
+    return sorted(out)
+
+
+def jump_checks(history: list[dict], marks: list[tuple[int, str]]) -> list[tuple[bool, str]]:
+    """Per boundary: did the loss climb back toward the initial loss?"""
+    curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not curve:
+        return []
+    initial = curve[0][1]
+    results = []
+    for step, label in marks:
+        before = [loss for s, loss in curve if step - TAIL < s <= step]
+        after = [loss for s, loss in curve if s > step][:1]
+        if not before or not after:
+            continue
+        end, first = sum(before) / len(before), after[0]
+        gap = initial - end
+        ok = gap <= 0.05 * abs(initial) or first - end <= JUMP_SHARE * gap
+        results.append((ok, f"{label} at step {step}: previous end {end:.4f}, next {first:.4f}, "
+                            f"initial {initial:.4f}"))
+    return results
+
+
+def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> Path | None:
+    curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if not curve:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1.2, label="training loss")
+    for i, (step, label) in enumerate(marks):
+        style = ":" if label.startswith("consolidation") else "--"
+        ax.axvline(step + 0.5, color="tab:red" if style == "--" else "tab:green", ls=style, lw=1,
+                   label=("batch boundary" if style == "--" else "consolidation") if i < 2 else None)
+        ax.annotate(label, (step + 0.5, ax.get_ylim()[1]), rotation=90, va="top", ha="right", fontsize=7)
+    ax.set_xlabel("global step")
+    ax.set_ylabel("loss")
+    ax.set_title("kdforge daemon: loss across batches")
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(dict(zip(labels, handles)).values(), dict(zip(labels, handles)).keys(), loc="upper right")
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
+
+
+def verify(base_dir: str | Path) -> Verification:
+    paths = Layout(Path(base_dir).resolve())
+    if not paths.base.is_dir():
+        raise UsageError(f"--base-dir {paths.base}: no such folder (the daemon's base dir, see kdforge daemon --help)")
+    checks: list[Check] = []
+    lines = ["=== Continuous Training Verification Report ===", f"Date: {datetime.now():%Y-%m-%d %H:%M:%S}",
+             f"Base dir: {paths.base}", ""]
+
+    # ---------------------------------------------------------------- checkpoints
+    folders = []
+    if paths.checkpoints.is_dir():
+        found = ((CKPT_RE.match(p.name), p) for p in paths.checkpoints.iterdir() if p.is_dir())
+        folders = sorted((int(m.group(1)), p) for m, p in found if m)
+    newest = folders[-1][1] if folders else None
+    limit = _save_limit(newest)
+    lines.append("Checkpoints:")
+    missing_files = []
+    for _, p in folders:
+        lines.append(f"  {p.name}/")
+        for f in sorted(p.iterdir()):
+            lines.append(f"    {_human(f.stat().st_size):>7}  {f.name}")
+        lacks = [f for f in REQUIRED if not (p / f).is_file()]
+        if not any((p / w).is_file() for w in WEIGHT_FILES):
+            lacks.insert(0, " or ".join(WEIGHT_FILES))
+        if lacks:
+            missing_files.append(f"{p.name} lacks {', '.join(lacks)}")
+    if not folders:
+        lines.append("  (none)")
+    checks.append(Check("checkpoints exist", bool(folders),
+                        f"{len(folders)} in {paths.checkpoints}" if folders else f"no checkpoint-* in {paths.checkpoints}"))
+    checks.append(Check(f"no more than save_total_limit ({limit}) checkpoints", len(folders) <= limit,
+                        f"{len(folders)} present"))
+    checks.append(Check("each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json",
+                        bool(folders) and not missing_files, "; ".join(missing_files) or "all complete"))
+
+    lines += ["", "Global step progression:"]
+    steps, step_problems = [], []
+    for n, p in folders:
+        st = _state(p)
+        gs = st.get("global_step") if st else None
+        lines.append(f"  {p.name}: global_step={gs}")
+        if gs is None:
+            step_problems.append(f"{p.name}: unreadable trainer_state.json")
+            continue
+        if gs != n:
+            step_problems.append(f"{p.name} holds global_step {gs}")
+        if steps and gs <= steps[-1]:
+            step_problems.append(f"{p.name}: global_step {gs} does not increase past {steps[-1]}")
+        steps.append(gs)
+    checks.append(Check("global_step strictly increasing across checkpoints",
+                        bool(steps) and not step_problems,
+                        "; ".join(step_problems) or " -> ".join(map(str, steps)) or "no steps"))
+
+    # ---------------------------------------------------------------- logs, status, inbox
+    errors = []
+    for log in sorted(paths.logs.glob("daemon_*.log")) if paths.logs.is_dir() else []:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            errors += [f"{log.name}:{i}: {line.strip()[:160]}" for i, line in enumerate(f, 1) if ERROR_LINE.match(line)]
+    checks.append(Check("no ERROR lines in the daemon logs", not errors,
+                        "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
+                        if errors else "none"))
+    status = None
+    if paths.status_file.is_file():
+        try:
+            status = json.loads(paths.status_file.read_text())
+        except ValueError:
+            status = {"status": "unreadable"}
+    state_word = (status or {}).get("status", "no status file")
+    checks.append(Check("daemon status is not error", state_word not in ("error", "unreadable"),
+                        f"{state_word}" + (f": {status.get('last_error')}" if status and status.get("last_error") else "")))
+    waiting = batch_files(paths.inbox) if paths.inbox.is_dir() else []
+    half = batch_files(paths.processing) if paths.processing.is_dir() else []
+    checks.append(Check("inbox empty (all batches trained and removed)", not waiting and not half,
+                        f"{len(waiting)} waiting in inbox/ ({', '.join(p.name for p in waiting[:5])}), "
+                        f"{len(half)} unfinished in processing/ ({', '.join(p.name for p in half[:5])})"
+                        if waiting or half else "empty"))
+
+    # ---------------------------------------------------------------- the loss curve
+    newest_state = _state(newest) if newest else None
+    history = (newest_state or {}).get("log_history", [])
+    marks = boundaries(newest_state or {})
+    jumps = jump_checks(history, marks)
+    bad = [d for ok, d in jumps if not ok]
+    checks.append(Check("no loss jump back toward the initial loss at batch boundaries", bool(history) and not bad,
+                        ("; ".join(bad) if bad else f"{len(jumps)} boundaries checked") if history else "no loss history"))
+    plot = plot_loss(history, marks, paths.loss_plot)
+
+    if newest is not None:
+        lines += ["", f"Latest checkpoint: {newest.name}"]
+        extra = (newest_state or {}).get("extra", {})
+        lines.append(f"  batch {extra.get('batch_number')} ({extra.get('batch_file')}), base model "
+                     f"{extra.get('base_model')} (generation {extra.get('generation', 0)}), "
+                     f"samples_seen {(newest_state or {}).get('samples_seen')}")
+    if jumps:
+        lines += ["", "Loss at boundaries:"] + [f"  {'ok ' if ok else 'JUMP'} {d}" for ok, d in jumps]
+    lines += ["", "Checks:"] + [f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
+    ok = all(c.ok for c in checks)
+    failed = [c.name for c in checks if not c.ok]
+    lines += ["", "RESULT: " + ("all checks passed: continuous training is working correctly" if ok
+                                else f"{len(failed)} check(s) failed: " + "; ".join(failed))]
+    if plot:
+        lines.append(f"Loss plot: {plot}")
+    report = "\n".join(lines) + "\n"
+    paths.base.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(paths.report, report)
+    return Verification(ok, checks, report, paths.report, plot)

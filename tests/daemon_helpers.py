@@ -1,0 +1,131 @@
+"""Helpers for the daemon tests: a tiny-model daemon config, a real `kdforge daemon` process, and
+readers for what it leaves in its base dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import cli_env, synthetic_records, write_jsonl
+from train_helpers import wait_for
+
+# LoRA (r=16, every linear layer and the LM head) at a high lr: the tiny random model learns in a
+# few steps, so "the loss carried over" is visible. 48 records / micro-batch 4 = 12 steps a batch.
+LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                 "up_proj", "down_proj", "lm_head"]}
+STEPS_PER_BATCH = 12
+RECORDS_PER_BATCH = 48
+
+
+def daemon_config(path: Path, base_model: Path, *, lora: bool = True, **daemon) -> Path:
+    cfg = {
+        "daemon": {"base_model": str(base_model), "save_steps": 5, "save_total_limit": 3,
+                   "poll_interval": 0.2, "settle_seconds": 0.5, "snapshot_time": "23:59", **daemon},
+        "model": {"lora": LORA} if lora else {},
+        "loss": {"kind": "ce"},
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "seq_lengths": [64], "lr": 3e-3, "seed": 0},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def batch(n: int = RECORDS_PER_BATCH, seed: int = 1) -> list[dict]:
+    return synthetic_records(n, seed=seed)
+
+
+def drop(base: Path, name: str, rows: list[dict] | None = None, lines: list[str] | None = None) -> Path:
+    """Write a batch beside the inbox, then move it in (the way users are told to)."""
+    tmp = base / f".{name}.writing"
+    if rows is not None:
+        write_jsonl(tmp, rows)
+    else:
+        tmp.write_text("".join(line + "\n" for line in lines))
+    dest = base / "inbox" / name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def start_daemon(base: Path, config: Path, log_name: str = "daemon.out") -> subprocess.Popen:
+    out = open(base.parent / f"{base.name}.{log_name}", "w")
+    return subprocess.Popen([sys.executable, "-m", "kdforge", "daemon", "--base-dir", str(base),
+                             "--config", str(config)], env=cli_env(), stdout=out, stderr=subprocess.STDOUT)
+
+
+def output(base: Path, log_name: str = "daemon.out") -> str:
+    p = base.parent / f"{base.name}.{log_name}"
+    return p.read_text() if p.exists() else ""
+
+
+def status(base: Path) -> dict:
+    try:
+        return json.loads((base / "status" / "training_status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def wait_until(pred, proc: subprocess.Popen | None, base: Path, what: str, timeout: float = 120) -> None:
+    """Wait for `pred()`; fail with the daemon's output if it exits or time runs out."""
+    def check():
+        if proc is not None and proc.poll() is not None and not pred():
+            raise AssertionError(f"daemon exited ({proc.returncode}) while waiting for {what}:\n{output(base)}")
+        return pred()
+    assert wait_for(check, timeout, 0.05), f"timed out waiting for {what}:\n{output(base)[-3000:]}"
+
+
+def wait_idle_at(base: Path, step: int, proc: subprocess.Popen, name: str) -> None:
+    """Wait until batch `name` is trained: its file gone, status idle at `step`."""
+    def done():
+        s = status(base)
+        return (s.get("status") == "idle" and s.get("current_step") == step
+                and not (base / "inbox" / name).exists() and not (base / "processing" / name).exists())
+    wait_until(done, proc, base, f"{name} trained to step {step}")
+
+
+def stop(proc: subprocess.Popen, base: Path, timeout: float = 60) -> int:
+    (base / ".stop").touch()
+    return proc.wait(timeout=timeout)
+
+
+def daemon_log(base: Path) -> str:
+    return "".join(p.read_text() for p in sorted((base / "logs").glob("daemon_*.log")))
+
+
+def newest_state(base: Path) -> dict:
+    from kdforge.train import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(base / "current_model")
+    assert last is not None, f"no checkpoint in {base / 'current_model'}"
+    return json.loads((last / "trainer_state.json").read_text())
+
+
+def losses(state: dict) -> dict[int, float]:
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
+class FakeClock:
+    """The daemon's `now()`: a time the test sets."""
+
+    def __init__(self, when):
+        self.when = when
+
+    def __call__(self):
+        return self.when
+
+
+def run_in_process(base: Path, config: Path, now=None):
+    """One `kdforge daemon --once` pass in this process (for clock-driven and reference runs);
+    returns the daemon's final TrainState."""
+    from datetime import datetime
+
+    from kdforge.config import load_config
+    from kdforge.daemon.service import Daemon
+
+    d = Daemon(base, load_config([config]), now=now or datetime.now, handle_signals=False)
+    assert d.run(once=True) == 0
+    return d.state
