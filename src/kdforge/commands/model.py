@@ -1,7 +1,200 @@
-"""CLI commands of this area (placeholder until the area lands)."""
+"""CLI: `kdforge init-model` (a new random-init student) and `kdforge estimate-memory`.
+
+Thin: resolve the model from `--preset` or `--config`, call `kdforge.model`, print. torch and
+transformers are imported inside the commands, never at import time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional
 
 import typer
 
+from kdforge.errors import UsageError
+
+
+def _source(preset: Optional[str], configs: List[Path], tokenizer: Optional[Path], job: str):
+    """(ModelCfg, tokenizer dir or None, Config or None, name) from --preset or --config."""
+    if preset and configs:
+        raise UsageError("give --preset or --config, not both")
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise UsageError(f"tokenizer folder not found: {tokenizer} "
+                         f"(make one: kdforge tokenizer train --data FILE --vocab-size N --out {tokenizer})")
+
+    from kdforge.model.student import PRESETS, preset as get_preset  # imports torch
+
+    if not preset and not configs:
+        raise UsageError(f"give --preset NAME (one of {', '.join(PRESETS)}) or --config CFG")
+    conf = None
+    if preset:
+        if preset not in PRESETS:
+            raise UsageError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+        cfg, name = get_preset(preset), f"preset {preset}"
+    else:
+        from kdforge.config import load_config
+
+        conf = load_config(configs)
+        name = ", ".join(str(c) for c in configs)
+        if conf.model.path:
+            if job == "init-model":
+                raise UsageError(f"model.path ({conf.model.path}) names an existing model; init-model builds a "
+                                 "new student from model.preset and the model numbers: remove model.path")
+            cfg = _cfg_from_model_path(Path(conf.model.path))
+            name = f"{conf.model.path} (Llama-shaped estimate)"
+        else:
+            cfg = conf.model.model_cfg()
+        if tokenizer is None and conf.io.tokenizer_path:
+            tokenizer = Path(conf.io.tokenizer_path)
+    problems = cfg.problems()
+    if problems:
+        raise UsageError("; ".join(f"model.{f}: {m}" for f, m in problems))
+    if tokenizer is not None and not tokenizer.is_dir():
+        raise UsageError(f"io.tokenizer_path: tokenizer folder not found: {tokenizer} "
+                         f"(make one: kdforge tokenizer train --data FILE --vocab-size N --out {tokenizer})")
+    return cfg, tokenizer, conf, name
+
+
+def _cfg_from_model_path(path: Path):
+    from kdforge.model.memory import cfg_from_hf_config
+
+    conf_file = path / "config.json"
+    if not conf_file.is_file():
+        raise UsageError(f"model.path: no Hugging Face model folder (config.json) at {path}")
+    try:
+        return cfg_from_hf_config(json.loads(conf_file.read_text(encoding="utf-8")))
+    except (KeyError, ValueError) as e:
+        raise UsageError(f"model.path: {conf_file} is not a Llama-shaped config ({e})") from None
+
+
+def _tokenizer_size(tokenizer: Path) -> int:
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(str(tokenizer)))
+    except Exception as e:  # noqa: BLE001 - any load failure is a bad input folder
+        raise UsageError(f"cannot load a tokenizer from {tokenizer}: {e}") from None
+
+
+# ----------------------------------------------------------------------------- init-model
+
+def init_model(
+    preset: Optional[str] = typer.Option(None, "--preset", help="toy, small, 125m, 1b, 9b"),
+    config: List[Path] = typer.Option([], "--config", help="kdforge YAML config(s); its model section"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer folder (default: io.tokenizer_path)"),
+    out: Path = typer.Option(..., "--out", help="folder to write the Hugging Face model into"),
+    seed: int = typer.Option(0, "--seed", help="initialisation seed"),
+    force: bool = typer.Option(False, "--force", help="replace --out if it exists"),
+):
+    """Write a new random-init student as a Hugging Face model folder (with its tokenizer)."""
+    cfg, tok_dir, _, name = _source(preset, config, tokenizer, "init-model")
+    n_tok = _tokenizer_size(tok_dir) if tok_dir else None
+    if cfg.vocab_size is None and n_tok is None:
+        raise UsageError(f"{name} takes its vocabulary from the tokenizer: pass --tokenizer DIR "
+                         "(make one: kdforge tokenizer train --data FILE --vocab-size N --out DIR)")
+    if n_tok is not None and cfg.vocab_size is not None and cfg.vocab_size < n_tok:
+        raise UsageError(f"model.vocab_size {cfg.vocab_size} is smaller than the tokenizer's {n_tok} tokens "
+                         f"({tok_dir}): raise it or leave it unset to take the tokenizer's")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"--out {out} exists and is not empty: choose another folder or pass --force")
+
+    from kdforge.model.student import write_student
+
+    # Written aside, then renamed: the folder appears whole or not at all.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_student(cfg, tok_dir, tmp, seed=seed)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    c = cfg.resolved(n_tok)
+    print(f"wrote {out}: {c.num_params():,} parameters ({name}: d_model {c.d_model}, {c.n_layers} layers, "
+          f"{c.n_heads} heads ({c.n_kv_heads} kv) x {c.d_head}, ffn {c.ffn_dim}, vocab {c.vocab_size}), seed {seed}")
+    if tok_dir is None:
+        print("note: no tokenizer given, so none was saved beside the model")
+    print(f"train it: set model.path: {out} in a config, then kdforge train --config CFG")
+
+
+# ----------------------------------------------------------------------------- estimate-memory
+
+def _dtype_from_config(conf) -> str:
+    if conf.model.dtype != "auto":
+        return conf.model.dtype
+    return "float32" if conf.train.bf16 is False else "bfloat16"  # estimates target an accelerator
+
+
+def estimate_memory(
+    preset: Optional[str] = typer.Option(None, "--preset", help="toy, small, 125m, 1b, 9b"),
+    config: List[Path] = typer.Option([], "--config", help="kdforge YAML config(s): model, train, lora"),
+    tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="vocab for presets that take it from one"),
+    vocab_size: Optional[int] = typer.Option(None, "--vocab-size", help="vocab for presets that leave it open"),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="default: train.micro_batch_size or 1"),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="default: max(train.seq_lengths) or 512"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 (default) or float16"),
+    optimizer_dtype: Optional[str] = typer.Option(None, "--optimizer-dtype",
+                                                  help="AdamW moments; default: the weights' dtype"),
+    master_weights: bool = typer.Option(False, "--master-weights", help="mixed precision: an fp32 master copy"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="LoRA instead of full training"),
+    lora_r: Optional[int] = typer.Option(None, "--lora-r", help="LoRA rank (implies --lora; default 8)"),
+    gradient_checkpointing: Optional[bool] = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing"),
+    attention: str = typer.Option("sdpa", "--attention", help="sdpa (also flash) or eager"),
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+):
+    """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
+    from kdforge.model.memory import LoraSetup, Setup, report, to_json
+
+    cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
+    st = Setup()
+    if conf is not None:
+        lc = conf.model.lora
+        st = Setup(micro_batch=conf.train.micro_batch_size, seq_len=max(conf.train.seq_lengths),
+                   dtype=_dtype_from_config(conf), gradient_checkpointing=conf.train.gradient_checkpointing,
+                   lora=LoraSetup(r=lc.r, target_modules=tuple(lc.target_modules), dropout=lc.dropout) if lc else None)
+    over = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "optimizer_dtype": optimizer_dtype,
+            "gradient_checkpointing": gradient_checkpointing, "attention": attention,
+            "master_weights": master_weights or None}
+    st = replace(st, **{k: v for k, v in over.items() if v is not None})
+    if lora is False and lora_r is not None:
+        raise UsageError("--lora-r with --no-lora: drop one")
+    if lora is False:
+        st = replace(st, lora=None)
+    elif lora or lora_r is not None:
+        base = st.lora or LoraSetup()
+        st = replace(st, lora=replace(base, r=lora_r or base.r))
+    problems = st.problems()
+    if problems:
+        raise UsageError("; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in problems))
+
+    notes = []
+    vocab = None
+    if cfg.vocab_size is None:
+        if vocab_size is not None:
+            vocab = vocab_size
+        elif tok_dir is not None:
+            vocab = _tokenizer_size(tok_dir)
+            notes.append(f"vocab {vocab} from the tokenizer at {tok_dir}")
+        else:
+            vocab = 32000
+            notes.append(f"{name} takes its vocab from the tokenizer; assumed 32000 "
+                         "(pass --vocab-size N or --tokenizer DIR)")
+    elif vocab_size is not None:
+        raise UsageError(f"--vocab-size: {name} fixes its vocab at {cfg.vocab_size}")
+    if vocab is not None and vocab <= 0:
+        raise UsageError(f"--vocab-size must be positive, got {vocab}")
+
+    if as_json:
+        print(json.dumps(to_json(cfg, st, vocab, name=name, notes=notes), indent=2))
+    else:
+        print(report(cfg, st, vocab, name=name, notes=notes))
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("init-model")(init_model)
+    app.command("estimate-memory")(estimate_memory)
