@@ -86,7 +86,7 @@ PRESETS: dict[str, ModelCfg] = {
     # ~7M at vocab 8k: the benchmark model ("a few million parameters").
     "small": ModelCfg(d_model=256, n_layers=4, n_heads=8, n_kv_heads=2, d_head=32, vocab_size=None,
                       ffn_dim=704, max_seq_len=1024),
-    # ~135M at vocab 32k.
+    # ~125M (124,668,672) at vocab 32k.
     "125m": ModelCfg(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_head=64, vocab_size=32000,
                      ffn_dim=2048, max_seq_len=2048),
     # ~1.1B at vocab 32k (TinyLlama shape).
