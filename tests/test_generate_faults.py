@@ -58,6 +58,24 @@ def test_sigkill_mid_run_then_resume_gives_exactly_total(tmp_path):
         assert srv.received <= total + conc  # only requests in flight at the kill were sent again
 
 
+def test_sigint_finishes_in_flight_saves_and_exits_130(tmp_path):
+    with FaultServer(FaultConfig(api_key=KEY, latency=0.3)) as srv:
+        cmd = [sys.executable, "-m", "kdforge", *map(str, gen_args(tmp_path, srv.url, "--concurrency", 4, total=60))]
+        proc = subprocess.Popen(cmd, env=cli_env(OPENAI_API_KEY=KEY), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        deadline = time.monotonic() + 60
+        while len(lines(tmp_path / "kd.jsonl")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130, err
+        assert "interrupted" in err and "re-run the same command to resume" in err
+        rows = lines(tmp_path / "kd.jsonl")
+        assert srv.count(kind="ok") == len(rows) < 60  # the requests in flight were finished and written
+        state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+        assert state["status"] == "interrupted" and state["samples"] == len(rows)
+
+
 def test_429_and_500_storm_completes_without_duplicates(tmp_path):
     with FaultServer(FaultConfig(api_key=KEY, p429=0.3, p500=0.1, retry_after_ms=20, latency=0.01, seed=3)) as srv:
         stats, out, err = gen_in_process(tmp_path, srv.url, total=20, retry_base=0.02, max_retries=12, concurrency=4)

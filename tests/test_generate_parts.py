@@ -64,6 +64,16 @@ def test_limiter_shared_pause_holds_every_worker_then_resumes_paced():
     assert _starts(lim, c, 3) == [1.5, 1.6, 1.7]
 
 
+@pytest.mark.parametrize("remaining, expected", [("7", [0.15, 0.2, 0.3]),  # an overloaded teacher: quota left
+                                                  ("0", [0.15, 0.25, 0.35])])  # the limit is spent: no catch-up
+def test_limiter_after_a_429_catches_up_only_if_quota_is_left(remaining, expected):
+    c = FakeClock()
+    lim = RateLimiter(rpm=600, clock=c, sleep=c.sleep, probe=False)
+    assert _starts(lim, c, 1) == [0.0]
+    lim.on_429(0.15, {"x-ratelimit-remaining-requests": remaining})
+    assert _starts(lim, c, 3) == expected
+
+
 def test_limiter_learns_tier_from_headers_and_probes_first():
     c = FakeClock()
     logs = []

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from kdforge.atomic import atomic_write_text
 from kdforge.errors import BudgetExceededError, DataError
+from kdforge.teacher.journal import AppendFile
 from kdforge.teacher.pricing import Prices
 
 NANO = 10**9  # nano-dollars per dollar
@@ -72,7 +72,7 @@ class BudgetLedger:
         self._next = 0
         self._lock = threading.Lock()
         self._event: asyncio.Event | None = None
-        self._fd: int | None = None
+        self._file: AppendFile | None = None
         if self.path:
             self._replay()
             if not readonly:
@@ -164,10 +164,8 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ persistence
     def _append(self, obj: dict) -> None:
-        if self._fd is not None:
-            data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
-            while data:  # one write() per line: survives SIGKILL (page cache), flushed as written
-                data = data[os.write(self._fd, data):]
+        if self._file is not None:
+            self._file.append(obj)  # one write() per line: survives SIGKILL (page cache)
 
     def _replay(self) -> None:
         open_res: dict[int, int] = {}
@@ -207,12 +205,9 @@ class BudgetLedger:
         carry = {"op": "carry", "nano": self.spent_nano, "usd": self.spent, "prompt_tokens": self.prompt_tokens,
                  "completion_tokens": self.completion_tokens, "attempts": self.attempts}
         atomic_write_text(self.path, json.dumps(carry) + "\n")
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self._file = AppendFile(self.path)
 
     def close(self) -> None:
-        if self._fd is not None:
-            try:
-                os.fsync(self._fd)
-            finally:
-                os.close(self._fd)
-                self._fd = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

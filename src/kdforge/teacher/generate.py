@@ -29,6 +29,7 @@ import random
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -107,7 +108,7 @@ class Generator:
         self.stats, self.view, self.api_key, self.prices, self.state_path = stats, view, api_key, prices, state_path
         self.tokens = TokenEstimator()
         self.rng = random.Random(cfg.seed)
-        self.stop_reason: str | None = None  # "budget" | "refused" | "interrupt"
+        self.stop_reason: str | None = None  # "budget" | "refused" | "interrupt" | "error"
         self.stop_error: Exception | None = None
         self._jobs = iter(jobs)
         self._claimed = 0  # samples taken and not finished
@@ -151,6 +152,9 @@ class Generator:
         while (job := self._claim()) is not None:
             try:
                 await self._process(job)
+            except Exception as e:  # a bug or an unexpected fault: stop all, save, report it
+                self._stop("error", e)
+                raise
             finally:
                 self._claimed -= 1
                 self._state[me] = "waiting"
@@ -168,31 +172,22 @@ class Generator:
 
     # ---------------------------------------------------------------- one sample
     async def _process(self, job: Job) -> None:
-        cfg, me = self.cfg, asyncio.current_task()
         hit = self.cache.get(job.cache_key)
         if hit is not None:
             self._write(job, Answer.from_cache(hit), 0.0, cached=True)
             return
-        n429 = ntrans = attempts = 0
-        cost = 0.0
+        me, tries, cost = asyncio.current_task(), Counter(), 0.0
         while True:
             self._state[me] = "waiting"
-            if self.stop_reason:
-                return
-            await self.limiter.acquire(self.tokens.prompt_estimate(job.messages) + cfg.max_tokens)
-            if self.stop_reason:
-                return
-            try:
-                res = await self.ledger.reserve(self.tokens.prompt_bound(job.messages), cfg.max_tokens)
-            except BudgetExceededError as e:
-                self._stop("budget", e)
-                return
+            res = await self._admit(job)
+            if res is None:
+                return  # stopping
             self._state[me] = "sending"
-            attempts += 1
+            tries["attempts"] += 1
             self.stats.on_start()
             try:
                 ans = await self.client.complete(job.body)
-            except asyncio.CancelledError:
+            except asyncio.CancelledError:  # refused elsewhere, or a second interrupt
                 self._charge(self.ledger.settle_worst(res, "cancelled"), res.prompt_tokens, res.completion_tokens)
                 raise
             except TeacherRefusedError as e:
@@ -204,37 +199,58 @@ class Generator:
                 self._state[me] = "waiting"
                 cost += self._settle_failed(res, e)
                 self.limiter.observe(e.headers or None)
-                if isinstance(e, Rejected):
-                    self._fail(job, e.reason, e.kind, attempts, permanent=True)
-                    return
-                if isinstance(e, RateLimited):
-                    n429 += 1
-                    wait = e.retry_after if e.retry_after is not None else \
-                        backoff_delay(n429, cfg.retry_base, cfg.retry_max, self.rng)
-                    self.limiter.pause(wait)  # everyone waits; acquire() above honours it
-                    if n429 > RATE_LIMIT_RETRIES_PER_RETRY * max(1, cfg.max_retries):
-                        self._fail(job, f"gave up after {attempts} attempts: {e.reason}", "429", attempts, False)
-                        return
-                else:
-                    ntrans += 1
-                    if ntrans > cfg.max_retries:
-                        self._fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, False)
-                        return
-                    await asyncio.sleep(max(e.retry_after or 0.0,
-                                            backoff_delay(ntrans, cfg.retry_base, cfg.retry_max, self.rng)))
-                self.stats.retries[e.kind] += 1
-                continue
+                if await self._retry_after_failure(job, e, tries):
+                    continue
+                return
             self._state[me] = "waiting"
             cost += self._settle_ok(job, res, ans)
             self.limiter.observe(ans.headers)
             if not ans.text.strip():
-                self._fail(job, "the teacher's answer is empty", "empty", attempts, permanent=True)
+                self._fail(job, "the teacher's answer is empty", "empty", tries["attempts"], permanent=True)
             elif ans.finish_reason == "content_filter":
-                self._fail(job, "the teacher's content filter stopped the answer", "content_filter", attempts, True)
+                self._fail(job, "the teacher's content filter stopped the answer", "content_filter",
+                           tries["attempts"], permanent=True)
             else:
                 self.cache.put(job.cache_key, ans.to_cache())
                 self._write(job, ans, cost, cached=False)
             return
+
+    async def _admit(self, job: Job):
+        """Wait for the rate limiter, then reserve the worst case. None: the run is stopping."""
+        if self.stop_reason:
+            return None
+        await self.limiter.acquire(self.tokens.prompt_estimate(job.messages) + self.cfg.max_tokens)
+        if self.stop_reason:
+            return None
+        try:
+            return await self.ledger.reserve(self.tokens.prompt_bound(job.messages), self.cfg.max_tokens)
+        except BudgetExceededError as e:
+            self._stop("budget", e)
+            return None
+
+    async def _retry_after_failure(self, job: Job, e: AttemptFailed, tries: Counter) -> bool:
+        """Record a failed attempt; wait as the error asks. False: the sample failed for good."""
+        cfg, attempts = self.cfg, tries["attempts"]
+        if isinstance(e, Rejected):
+            self._fail(job, e.reason, e.kind, attempts, permanent=True)
+            return False
+        if isinstance(e, RateLimited):  # throttled: retried longer, and every worker waits
+            tries["429"] += 1
+            wait = e.retry_after if e.retry_after is not None else \
+                backoff_delay(tries["429"], cfg.retry_base, cfg.retry_max, self.rng)
+            self.limiter.on_429(wait, e.headers)  # acquire() honours it
+            gave_up = tries["429"] > RATE_LIMIT_RETRIES_PER_RETRY * max(1, cfg.max_retries)
+        else:  # 5xx, timeout, dropped connection: this worker backs off
+            tries["transient"] += 1
+            wait = max(e.retry_after or 0.0, backoff_delay(tries["transient"], cfg.retry_base, cfg.retry_max, self.rng))
+            gave_up = tries["transient"] > cfg.max_retries
+        if gave_up:
+            self._fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, permanent=False)
+            return False
+        self.stats.retries[e.kind] += 1
+        if not isinstance(e, RateLimited):
+            await asyncio.sleep(wait)
+        return True
 
     def _settle_failed(self, res, e: AttemptFailed) -> float:
         if getattr(e, "billed", False):  # timeout / dropped: unknown outcome, may be billed in full
@@ -295,7 +311,7 @@ class Generator:
     def _stop(self, reason: str, err: Exception | None) -> None:
         if self.stop_reason is None:
             self.stop_reason, self.stop_error = reason, err
-        at_once = reason == "refused"
+        at_once = reason in ("refused", "error")
         for task, state in list(self._state.items()):
             if task is not asyncio.current_task() and (at_once or state == "waiting"):
                 task.cancel()

@@ -23,7 +23,9 @@ from kdforge.teacher.prompts import prompt_key
 FSYNC_EVERY = 2.0  # seconds
 
 
-class _AppendFile:
+class AppendFile:
+    """An append-only JSONL file: one write() per line, fsync every FSYNC_EVERY s and on close."""
+
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
@@ -87,7 +89,7 @@ class Journal:
         self.completion_tokens = 0  # of the lines already there, for the dry-run estimate
         if self.path.exists():
             self._load()
-        self._file = None if readonly else _AppendFile(self.path)
+        self._file = None if readonly else AppendFile(self.path)
 
     def _load(self) -> None:
         with open(self.path, encoding="utf-8") as f:
@@ -138,7 +140,7 @@ class FailureLog:
                     continue
                 if row.get("permanent"):
                     self.permanent.add(row.get("id"))
-        self._file = _AppendFile(self.path)
+        self._file = AppendFile(self.path)
 
     def append(self, sample_id: str, prompt: str, source: str, reason: str, kind: str, attempts: int,
                permanent: bool) -> None:

@@ -9,8 +9,9 @@
   `x-ratelimit-remaining-requests: 0` holds starts for one interval.
 - Until the first answer arrives only one request is in flight (a probe), so a client that
   does not know its tier yet cannot open with a burst of 429s.
-- A 429 calls `pause(seconds)`: no worker starts a request before the pause ends, then the
-  schedule resumes at the paced rate (no catch-up burst after a rate-limit signal).
+- A 429 calls `on_429`: no worker starts a request before its Retry-After ends; then, if the
+  limit was spent, the schedule restarts at the paced rate (no catch-up burst); if the headers
+  show quota left (a 429 for an overloaded teacher), the schedule goes on where it was.
 - `--delay` is a minimum gap between request starts.
 """
 
@@ -22,7 +23,7 @@ import re
 import time
 from typing import Callable, Mapping
 
-SLACK = 0.02  # seconds a late wake-up may borrow from the schedule
+SLACK = 0.1  # seconds a late wake-up (or a short pause) may borrow back from the schedule
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -120,14 +121,27 @@ class RateLimiter:
         self.starts += 1
 
     # ------------------------------------------------------------------ feedback
-    def pause(self, seconds: float) -> None:
-        """Shared pause after a 429: nobody starts before `seconds` from now."""
+    def pause(self, seconds: float, keep_schedule: bool = False) -> None:
+        """Shared pause: nobody starts before `seconds` from now. Unless `keep_schedule`, the
+        paced schedule restarts after the pause (the time paused is not made up for)."""
         until = self.clock() + max(0.0, seconds)
         if until > self.pause_until:
             self.pause_until = until
             self.pauses += 1
-        self._tat_req = max(self._tat_req, self.pause_until)
-        self._tat_tok = max(self._tat_tok, self.pause_until)
+        if not keep_schedule:
+            self._tat_req = max(self._tat_req, self.pause_until)
+            self._tat_tok = max(self._tat_tok, self.pause_until)
+
+    def on_429(self, seconds: float, headers: Mapping[str, str] | None) -> None:
+        """A 429 pauses every worker for `seconds` (the server's Retry-After, else a backoff).
+
+        If its headers show quota left (remaining requests and tokens > 0), the 429 was not about
+        our pace (an overloaded teacher): after the pause the schedule goes on where it was.
+        Otherwise (quota spent, or no headers) the schedule restarts after the pause.
+        """
+        rem = [_int_header(headers or {}, f"x-ratelimit-remaining-{k}") for k in ("requests", "tokens")]
+        quota_left = any(r is not None for r in rem) and all(r is None or r > 0 for r in rem)
+        self.pause(seconds, keep_schedule=quota_left)
 
     def observe(self, headers: Mapping[str, str] | None) -> None:
         """Learn from an answer (or from a failed attempt: headers None). Re-syncs the limits."""
