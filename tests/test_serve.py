@@ -166,6 +166,12 @@ def test_bad_request_is_400_naming_the_field(client, server, kw, param):
     assert e.value.param == param and e.value.body["message"]
 
 
+def test_prompt_filling_the_context_is_400(client, server):
+    with pytest.raises(openai.BadRequestError) as e:  # 256 prompt tokens leave no room in a 256 context
+        client.completions.create(model=server.model, prompt=[5] * 256, max_tokens=None)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt"
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="no-such-model", messages=CHAT, max_tokens=2)

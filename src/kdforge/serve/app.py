@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kdforge.serve.api_error import APIError, invalid
 from kdforge.serve.engine import Engine
 from kdforge.serve.loader import ServedModel
-from kdforge.serve.output import Completion, Delta
+from kdforge.serve.output import Delta
 from kdforge.serve.responses import chat_logprobs, completion_logprobs, usage
 from kdforge.serve.sampling import SamplingParams
 from kdforge.serve.schemas import ChatCompletionRequest, CompletionRequest
@@ -32,13 +32,14 @@ from kdforge.serve.vocab import Vocab
 Job = tuple[list[int], SamplingParams]
 
 
-async def _merged(engine: Engine, jobs: list[Job]) -> AsyncIterator[tuple[int, Delta]]:
-    """(choice index, delta) from all jobs, in the order the engine releases them."""
+async def _merged(engine: Engine, jobs: list[Job], stream: bool) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from all jobs, in the order the engine releases them (one delta per
+    job unless `stream`)."""
     q: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, ids: list[int], p: SamplingParams) -> None:
         try:
-            async for d in engine.stream(ids, p):
+            async for d in engine.stream(ids, p, incremental=stream):
                 q.put_nowait((i, d))
         except Exception as e:  # noqa: BLE001 - handed to the consumer
             q.put_nowait((i, e))
@@ -66,7 +67,7 @@ class _ChatFormat:
     def __init__(self, req: ChatCompletionRequest, vocab: Vocab):
         self.req, self.vocab = req, vocab
 
-    def choice(self, i: int, c: Completion) -> dict:
+    def choice(self, i: int, c: Delta) -> dict:
         out = {"index": i, "message": {"role": "assistant", "content": c.text},
                "logprobs": chat_logprobs(c.logprobs, self.vocab) if self.req.logprobs else None,
                "finish_reason": c.finish_reason}
@@ -94,7 +95,7 @@ class _TextFormat:
         self.sent[i] = off + len(text)
         return completion_logprobs(lps, self.vocab, off) if self.req.logprobs is not None else None
 
-    def choice(self, i: int, c: Completion) -> dict:
+    def choice(self, i: int, c: Delta) -> dict:
         out = {"index": i, "text": c.text, "logprobs": self._logprobs(i, c.logprobs, c.text),
                "finish_reason": c.finish_reason}
         return out | ({"token_ids": c.token_ids} if self.req.return_token_ids else {})
@@ -160,7 +161,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
             raise invalid(param, "the prompt is empty: it must hold at least one token")
         room = served.context_len - len(prompt_ids)
         max_tokens = req.limit or room
-        if max_tokens > room:
+        if room < 1 or max_tokens > room:
             raise APIError(f"This model's maximum context length is {served.context_len} tokens; the prompt "
                            f"has {len(prompt_ids)} and max_tokens asks for {max_tokens}. Shorten the prompt "
                            "or lower max_tokens.", param="max_tokens" if room > 0 else param,
@@ -176,9 +177,9 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
         if req.stream:
             return StreamingResponse(_sse(req, fmt, jobs, prompt_tokens, head), media_type="text/event-stream")
         deltas: list[list[Delta]] = [[] for _ in jobs]
-        async for i, d in _merged(engine, jobs):
+        async for i, d in _merged(engine, jobs, stream=False):
             deltas[i].append(d)
-        comps = [Completion.join(ds) for ds in deltas]
+        comps = [Delta.join(ds) for ds in deltas]
         return {**head, "object": fmt.object, "choices": [fmt.choice(i, c) for i, c in enumerate(comps)],
                 "usage": usage(prompt_tokens, sum(c.completion_tokens for c in comps)), **extra}
 
@@ -193,7 +194,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
         if openings:
             yield event(openings)
         try:
-            async for i, d in _merged(engine, jobs):
+            async for i, d in _merged(engine, jobs, stream=True):
                 sampled[i] = d.completion_tokens
                 yield event([fmt.chunk(i, d)])
         except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band

@@ -17,14 +17,14 @@ import copy
 import inspect
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
 from transformers import DynamicCache
 
 from kdforge.serve.kv_batch import KVBatch, merge, reshapable, select
-from kdforge.serve.output import Completion, Delta, SequenceOutput
+from kdforge.serve.output import Delta, SequenceOutput
 from kdforge.serve.sampling import SamplingParams, choose_tokens, make_generator, token_logprobs
 from kdforge.serve.vocab import Vocab
 
@@ -34,12 +34,13 @@ Emit = Callable[[object], None]  # called from the engine thread with a Delta or
 class Ticket:
     """A submitted request. `cancel()` (e.g. the client went away) drops it at the next step."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Emit):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, emit: Emit, incremental: bool = True):
         if not prompt_ids:
             raise ValueError("empty prompt: a request needs at least one prompt token")
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.emit = emit
+        self.incremental = incremental  # False: one Delta with the whole output, at the end
         self.cancelled = False
 
     def cancel(self) -> None:
@@ -51,6 +52,15 @@ class _Row:
     ticket: Ticket
     out: SequenceOutput
     gen: torch.Generator
+    held: list[Delta] = field(default_factory=list)  # deltas of a non-incremental ticket
+
+    def release(self, delta: Delta) -> None:
+        if self.ticket.incremental:
+            self.ticket.emit(delta)
+            return
+        self.held.append(delta)  # one wake-up of the caller per request, not per token
+        if delta.finish_reason is not None:
+            self.ticket.emit(Delta.join(self.held))
 
 
 def eos_token_ids(model, tokenizer) -> frozenset[int]:
@@ -88,9 +98,12 @@ class Engine:
 
     # ---- public API -------------------------------------------------------------------------
 
-    def submit(self, requests: list[tuple[list[int], SamplingParams, Emit]]) -> list[Ticket]:
-        """Queue requests together (they start in the same batch when there is room)."""
-        tickets = [Ticket(ids, p, emit) for ids, p, emit in requests]
+    def submit(self, requests: list[tuple[list[int], SamplingParams, Emit]],
+               incremental: bool = True) -> list[Ticket]:
+        """Queue requests together (they start in the same batch when there is room). Each
+        `emit` gets Deltas as text is released (or, not `incremental`, one at the end), or an
+        Exception."""
+        tickets = [Ticket(ids, p, emit, incremental) for ids, p, emit in requests]
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
@@ -98,8 +111,10 @@ class Engine:
             self._cv.notify()
         return tickets
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[Delta]:
-        """Deltas of one request as they are released; the last has `finish_reason` set."""
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     incremental: bool = True) -> AsyncIterator[Delta]:
+        """Deltas of one request as they are released (one only, unless `incremental`); the last
+        has `finish_reason` set."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
 
@@ -109,7 +124,7 @@ class Engine:
             except RuntimeError:  # event loop already closed: nobody is listening
                 pass
 
-        (ticket,) = self.submit([(prompt_ids, params, emit)])
+        (ticket,) = self.submit([(prompt_ids, params, emit)], incremental)
         try:
             while True:
                 ev = await q.get()
@@ -122,7 +137,7 @@ class Engine:
             ticket.cancel()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
-                 timeout: float | None = None) -> list[Completion]:
+                 timeout: float | None = None) -> list[Delta]:
         """Blocking: run `prompts` (submitted together, so batched) and return their outputs."""
         results: list[list] = [[] for _ in prompts]
         left = threading.Semaphore(0)
@@ -134,14 +149,14 @@ class Engine:
                     left.release()
             return emit
 
-        self.submit([(ids, params, emitter(i)) for i, ids in enumerate(prompts)])
+        self.submit([(ids, params, emitter(i)) for i, ids in enumerate(prompts)], incremental=False)
         for _ in prompts:
             if not left.acquire(timeout=timeout):
                 raise TimeoutError(f"generation did not finish within {timeout}s")
         for r in results:
             if isinstance(r[-1], BaseException):
                 raise r[-1]
-        return [Completion.join(r) for r in results]
+        return [r[-1] for r in results]
 
     def close(self) -> None:
         with self._cv:
@@ -217,7 +232,7 @@ class Engine:
                 continue
             delta = row.out.add(tok, lp)
             if delta is not None:
-                row.ticket.emit(delta)
+                row.release(delta)
             if row.out.finish_reason is None:
                 keep.append(i)
         if not keep:

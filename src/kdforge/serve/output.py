@@ -33,6 +33,14 @@ class Delta:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # sampled so far, eos included
 
+    @classmethod
+    def join(cls, deltas: list["Delta"]) -> "Delta":
+        """Consecutive deltas of one request as one (all of them: the whole output)."""
+        last = deltas[-1]
+        return cls("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
+                   [lp for d in deltas for lp in d.logprobs], last.finish_reason, last.prompt_tokens,
+                   last.completion_tokens)
+
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
     hits = [i for s in stops if (i := text.find(s, start)) >= 0]
@@ -113,21 +121,3 @@ class SequenceOutput:
         self._sent_chars, self._sent_tokens = end_char, end_tok
         return d
 
-
-@dataclass
-class Completion:
-    """A whole request's output: its deltas joined."""
-
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-
-    @classmethod
-    def join(cls, deltas: list[Delta]) -> "Completion":
-        last = deltas[-1]
-        return cls("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
-                   [lp for d in deltas for lp in d.logprobs], last.finish_reason, last.prompt_tokens,
-                   last.completion_tokens)

@@ -1,4 +1,4 @@
-"""Response bodies in OpenAI's shapes, built from engine output (`Delta` / `Completion`).
+"""Response bodies in OpenAI's shapes, built from engine output (`Delta`s).
 
 - chat logprobs: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
   "logprob", "bytes"}]}], "refusal": null}`;
