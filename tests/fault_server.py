@@ -192,8 +192,8 @@ class FaultServer:
         c = self.cfg
         with self.lock:
             self.hits.append(hit)
-            if c.api_key is not None and auth != f"Bearer {c.api_key}":
-                return self._err(hit, 401, "auth", "Incorrect API key provided.", "invalid_api_key")
+            if c.api_key is not None and auth != f"Bearer {c.api_key}":  # echoes the key, as careless servers do
+                return self._err(hit, 401, "auth", f"Incorrect API key provided: {(auth or '')[7:]}.", "invalid_api_key")
             if c.models is not None and body.get("model") not in c.models:
                 return self._err(hit, 404, "model", f"The model `{body.get('model')}` does not exist.",
                                  "model_not_found")

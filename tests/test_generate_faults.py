@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from conftest import cli_env
 
 from kdforge.data.records import parse_record
-from kdforge.errors import BudgetExceededError
+from kdforge.errors import BudgetExceededError, KdforgeError
 
 
 def _assert_unique_and_valid(rows):
@@ -74,6 +74,28 @@ def test_sigint_finishes_in_flight_saves_and_exits_130(tmp_path):
         assert srv.count(kind="ok") == len(rows) < 60  # the requests in flight were finished and written
         state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
         assert state["status"] == "interrupted" and state["samples"] == len(rows)
+
+
+def test_teacher_down_stops_with_state_saved_then_resumes_when_back(tmp_path):
+    srv = FaultServer(FaultConfig(api_key=KEY)).start()
+    port, url = srv.port, srv.url
+    stats, _, err = gen_in_process(tmp_path, url, total=4)
+    assert not isinstance(stats, Exception), err
+    srv.stop()  # the teacher goes away: connections are refused
+
+    result, out, err = gen_in_process(tmp_path, url, total=10, retry_base=0.01, max_retries=2)
+    assert isinstance(result, KdforgeError) and result.exit_code == 1, result
+    assert "keeps failing" in str(result) and "re-run the same command" in str(result)
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["status"] == "teacher_unavailable" and state["samples"] == 4
+    assert all(not f["permanent"] for f in lines(tmp_path / "ckpt" / "failures.jsonl"))
+
+    with FaultServer(FaultConfig(api_key=KEY), port=port) as back:  # it is back: resume
+        stats, _, err = gen_in_process(tmp_path, url, total=10)
+        assert not isinstance(stats, Exception), err
+        rows = lines(tmp_path / "kd.jsonl")
+        assert len(rows) == 10 and back.received == 6
+        _assert_unique_and_valid(rows)
 
 
 def test_429_and_500_storm_completes_without_duplicates(tmp_path):

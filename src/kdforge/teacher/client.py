@@ -140,6 +140,7 @@ class TeacherClient:
         self.base_url = base_url
         self.api_key_env = api_key_env
         self._has_key = bool(api_key)
+        self._secret = api_key if api_key and len(api_key) >= 6 else None  # redacted from error text
         # Local servers (vLLM, llama.cpp, transformers serve) accept any key; openai needs a string.
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "no-key", max_retries=0, timeout=timeout)
 
@@ -178,6 +179,8 @@ class TeacherClient:
         status = e.status_code
         headers = dict(e.response.headers) if e.response is not None else {}
         msg, code = _error_detail(e.body)
+        if self._secret:
+            msg = msg.replace(self._secret, "***")  # some servers echo the key back
         where = f"{self.base_url}"
         if status == 401:
             hint = (f"the environment variable {self.api_key_env} is not set" if not self._has_key

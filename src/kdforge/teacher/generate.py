@@ -17,7 +17,8 @@ not yet in the file and:
 
 Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused -> in-flight
 requests cancelled at once, exit 4. SIGINT/SIGTERM -> no new dispatch, in-flight requests finish
-(a second signal cancels them), exit 130. Every path saves `state.json` and prints the summary.
+(a second signal cancels them), exit 130. Teacher down (3 samples in a row out of retries) ->
+no new dispatch, exit 1. Every path saves `state.json` and prints the summary; all resume.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from pathlib import Path
 
 from kdforge.atomic import atomic_write_json
 from kdforge.config import GenerateSection
-from kdforge.errors import BudgetExceededError, Interrupted, TeacherRefusedError, UsageError
+from kdforge.errors import BudgetExceededError, Interrupted, KdforgeError, TeacherRefusedError, UsageError
 from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache
 from kdforge.teacher.client import Answer, AttemptFailed, RateLimited, Rejected, TeacherClient, backoff_delay
@@ -50,6 +51,7 @@ from kdforge.teacher.tokens import TokenEstimator
 
 RATE_LIMIT_RETRIES_PER_RETRY = 4  # a sample may see 4x max_retries 429s: being throttled is not failing
 STATE_EVERY = 5.0  # seconds between state.json writes
+UNAVAILABLE_AFTER = 3  # samples in a row giving up on transient errors: the teacher is down, stop (exit 1)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -108,13 +110,14 @@ class Generator:
         self.stats, self.view, self.api_key, self.prices, self.state_path = stats, view, api_key, prices, state_path
         self.tokens = TokenEstimator()
         self.rng = random.Random(cfg.seed)
-        self.stop_reason: str | None = None  # "budget" | "refused" | "interrupt" | "error"
+        self.stop_reason: str | None = None  # budget | refused | interrupt | unavailable | error
         self.stop_error: Exception | None = None
         self._jobs = iter(jobs)
         self._claimed = 0  # samples taken and not finished
         self._state: dict[asyncio.Task, str] = {}  # worker -> "waiting" | "sending"
         self._warned: set[str] = set()
         self._interrupts = 0
+        self._gave_up = 0  # samples in a row that failed for transient reasons
 
     # ---------------------------------------------------------------- main loop
     async def main(self) -> None:
@@ -213,6 +216,7 @@ class Generator:
             else:
                 self.cache.put(job.cache_key, ans.to_cache())
                 self._write(job, ans, cost, cached=False)
+                self._gave_up = 0
             return
 
     async def _admit(self, job: Job):
@@ -301,6 +305,12 @@ class Generator:
     def _fail(self, job: Job, reason: str, kind: str, attempts: int, permanent: bool) -> None:
         self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
         self.stats.failed[kind] += 1
+        if not permanent:
+            self._gave_up += 1
+            if self._gave_up >= UNAVAILABLE_AFTER:  # the teacher is down, not this prompt
+                self._stop("unavailable", KdforgeError(
+                    f"the teacher at {self.cfg.teacher} keeps failing: {self._gave_up} samples in a row ran out "
+                    f"of retries (last: {reason})"))
 
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -379,7 +389,8 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             if need > 0:
                 with view:
                     asyncio.run(gen.main())
-            status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted"}.get(
+            status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted",
+                      "unavailable": "teacher_unavailable"}.get(
                 gen.stop_reason, "done" if journal.count >= cfg.total else "out_of_prompts")
         finally:
             journal.close()
@@ -406,6 +417,9 @@ def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
         raise BudgetExceededError(
             f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; spend is saved in "
             f"{ckpt / 'budget.jsonl'} and counts across runs. Re-run with a larger --budget-limit to continue.")
+    if gen.stop_reason == "unavailable":
+        raise KdforgeError(f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; check that the "
+                           "teacher is up, then re-run the same command to resume")
     if gen.stop_reason == "interrupt":
         raise Interrupted(f"interrupted: {gen.journal.count} samples saved in {out}; "
                           "re-run the same command to resume")

@@ -6,7 +6,7 @@
   the schedule instead of drifting below the limit; idle time earns no burst.
 - The limits come from `--rpm/--tpm` and from the teacher itself (tier detection): every
   answer's `x-ratelimit-limit-*` headers re-set them (the lower of flag and header wins), and
-  `x-ratelimit-remaining-requests: 0` holds starts for one interval.
+  `x-ratelimit-remaining-requests: 0` holds starts for one interval (`-tokens: 0`: up to 1 s).
 - Until the first answer arrives only one request is in flight (a probe), so a client that
   does not know its tier yet cannot open with a burst of 429s.
 - A 429 calls `on_429`: no worker starts a request before its Retry-After ends; then, if the
@@ -23,6 +23,7 @@ import re
 import time
 from typing import Callable, Mapping
 
+TOKENS_PAUSE_MAX = 1.0  # seconds held when the teacher reports no tokens left (its reset may say longer)
 SLACK = 0.1  # seconds a late wake-up (or a short pause) may borrow back from the schedule
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
@@ -160,9 +161,12 @@ class RateLimiter:
             self.log(f"teacher rate limits detected (x-ratelimit-* headers): {', '.join(p for p in parts if p)}; "
                      f"pacing at {self._describe()}")
         if _int_header(headers, "x-ratelimit-remaining-requests") == 0 and self.rpm:
-            interval = 60.0 / self.rpm
+            interval = 60.0 / self.rpm  # the next request comes back within one interval
             reset = parse_duration(headers.get("x-ratelimit-reset-requests"))
             self.pause(min(reset, interval) if reset is not None else interval)
+        if _int_header(headers, "x-ratelimit-remaining-tokens") == 0:
+            reset = parse_duration(headers.get("x-ratelimit-reset-tokens"))
+            self.pause(min(reset, TOKENS_PAUSE_MAX) if reset is not None else TOKENS_PAUSE_MAX)
 
     def _describe(self) -> str:
         parts = []
