@@ -5,7 +5,6 @@ invariant under random concurrency (hypothesis)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess

@@ -42,7 +42,7 @@ from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache
 from kdforge.teacher.client import Answer, AttemptFailed, RateLimited, Rejected, TeacherClient, backoff_delay
 from kdforge.teacher.journal import FailureLog, Journal
-from kdforge.teacher.plan import Job, build_jobs, projection
+from kdforge.teacher.plan import Job, build_jobs, dry_run_report
 from kdforge.teacher.pricing import Prices, resolve_prices
 from kdforge.teacher.progress import ProgressView, Stats, summary_text
 from kdforge.teacher.prompts import plan_prompts
@@ -360,7 +360,7 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
     out, ckpt, cache_dir = _paths(cfg)
     jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed))
     if dry_run:
-        _dry_run(cfg, jobs, prices, out, ckpt, cache_dir, out_stream)
+        print(dry_run_report(cfg, jobs, prices, out, ckpt, cache_dir), file=out_stream, flush=True)
         return None
     if api_key is None:
         api_key = os.environ.get(cfg.api_key_env) or None
@@ -423,51 +423,3 @@ def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
     if gen.stop_reason == "interrupt":
         raise Interrupted(f"interrupted: {gen.journal.count} samples saved in {out}; "
                           "re-run the same command to resume")
-
-
-def _dry_run(cfg: GenerateSection, jobs: list[Job], prices: Prices | None, out: Path, ckpt: Path,
-             cache_dir: Path, stream) -> None:
-    journal = Journal(out, readonly=True)
-    ledger = BudgetLedger(ckpt / "budget.jsonl" if (ckpt / "budget.jsonl").exists() else None, prices,
-                          cfg.budget_limit, readonly=True)
-    need = max(0, cfg.total - journal.count)
-    todo = [j for j in jobs if not journal.done(j.id, j.key)][:need]
-    cached = 0
-    db = cache_dir / "responses.sqlite"
-    if db.exists() and todo:
-        cache = ResponseCache(db)
-        cached = sum(1 for j in todo if cache.get(j.cache_key) is not None)
-        cache.close()
-    mean = journal.completion_tokens / journal.count if journal.count else None
-    p = projection(todo[cached:] if cached else todo, cfg, prices, TokenEstimator(), mean)
-    sources = {}
-    for j in todo:
-        sources[j.prompt.source] = sources.get(j.prompt.source, 0) + 1
-    (wi, wo), (ei, eo) = p["worst_tokens"], p["expected_tokens"]
-    lines = [
-        "dry run: nothing sent.",
-        f"  plan:       {need} more samples for {out} ({journal.count} already there, --total {cfg.total}); "
-        f"{len(jobs)} unique prompts, seed {cfg.seed}",
-        f"  sources:    " + (", ".join(f"{s} {n}" for s, n in sorted(sources.items())) or "-"),
-        f"  requests:   {len(todo) - cached} to send ({cached} answered by the cache), model {cfg.model} at "
-        f"{cfg.teacher}, max_tokens {cfg.max_tokens}, temperature {cfg.temperature}",
-        f"  worst case: {wi:,} prompt + {wo:,} completion tokens"
-        + (f" = ${p['worst_usd']:.4f}" if prices else ""),
-        f"  expected:   {ei:,} prompt + {eo:,} completion tokens"
-        + (f" = ${p['expected_usd']:.4f}" if prices else "")
-        + f" (completions of ~{p['expected_completion']:.0f} tokens, "
-        + ("the mean of the file's samples)" if p["from_file"] else "half of max_tokens)"),
-    ]
-    if prices:
-        lines.append(f"  prices:     ${prices.input:g} / ${prices.output:g} per million input/output tokens "
-                     f"({prices.source})")
-    else:
-        lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected "
-                     "(pass --price-input/--price-output)")
-    if cfg.budget_limit is not None:
-        left = cfg.budget_limit - ledger.spent
-        verdict = "the worst case fits" if p["worst_usd"] <= left else "the run may stop at the budget (exit 3)"
-        lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left:.4f} left: {verdict}")
-    if len(todo) < need:
-        lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
-    print("\n".join(lines), file=stream, flush=True)

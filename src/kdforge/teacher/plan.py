@@ -6,8 +6,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from pathlib import Path
+
 from kdforge.config import GenerateSection
-from kdforge.teacher.cache import canonical, request_key
+from kdforge.teacher.budget import BudgetLedger
+from kdforge.teacher.cache import ResponseCache, canonical, request_key
+from kdforge.teacher.journal import Journal
 from kdforge.teacher.pricing import Prices
 from kdforge.teacher.prompts import Prompt, prompt_key
 from kdforge.teacher.tokens import TokenEstimator
@@ -63,3 +67,53 @@ def projection(jobs: list[Job], cfg: GenerateSection, prices: Prices | None, tok
         out["worst_usd"] = prices.cost(worst_in, worst_out)
         out["expected_usd"] = prices.cost(exp_in, exp_out)
     return out
+
+
+def dry_run_report(cfg: GenerateSection, jobs: list[Job], prices: Prices | None, out: Path, ckpt: Path,
+                   cache_dir: Path) -> str:
+    """What `--dry-run` prints: the plan, cache hits, worst-case and expected cost, the budget.
+    Reads the output file, the ledger and the cache without changing them."""
+    journal = Journal(out, readonly=True)
+    ledger = BudgetLedger(ckpt / "budget.jsonl" if (ckpt / "budget.jsonl").exists() else None, prices,
+                          cfg.budget_limit, readonly=True)
+    need = max(0, cfg.total - journal.count)
+    todo = [j for j in jobs if not journal.done(j.id, j.key)][:need]
+    cached = 0
+    db = cache_dir / "responses.sqlite"
+    if db.exists() and todo:
+        cache = ResponseCache(db)
+        cached = sum(1 for j in todo if cache.get(j.cache_key) is not None)
+        cache.close()
+    mean = journal.completion_tokens / journal.count if journal.count else None
+    p = projection(todo[cached:] if cached else todo, cfg, prices, TokenEstimator(), mean)
+    sources = {}
+    for j in todo:
+        sources[j.prompt.source] = sources.get(j.prompt.source, 0) + 1
+    (wi, wo), (ei, eo) = p["worst_tokens"], p["expected_tokens"]
+    lines = [
+        "dry run: nothing sent.",
+        f"  plan:       {need} more samples for {out} ({journal.count} already there, --total {cfg.total}); "
+        f"{len(jobs)} unique prompts, seed {cfg.seed}",
+        f"  sources:    " + (", ".join(f"{s} {n}" for s, n in sorted(sources.items())) or "-"),
+        f"  requests:   {len(todo) - cached} to send ({cached} answered by the cache), model {cfg.model} at "
+        f"{cfg.teacher}, max_tokens {cfg.max_tokens}, temperature {cfg.temperature}",
+        f"  worst case: {wi:,} prompt + {wo:,} completion tokens"
+        + (f" = ${p['worst_usd']:.4f}" if prices else ""),
+        f"  expected:   {ei:,} prompt + {eo:,} completion tokens"
+        + (f" = ${p['expected_usd']:.4f}" if prices else "")
+        + f" (completions of ~{p['expected_completion']:.0f} tokens, "
+        + ("the mean of the file's samples)" if p["from_file"] else "half of max_tokens)"),
+    ]
+    if prices:
+        lines.append(f"  prices:     ${prices.input:g} / ${prices.output:g} per million input/output tokens "
+                     f"({prices.source})")
+    else:
+        lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected "
+                     "(pass --price-input/--price-output)")
+    if cfg.budget_limit is not None:
+        left = cfg.budget_limit - ledger.spent
+        verdict = "the worst case fits" if p["worst_usd"] <= left else "the run may stop at the budget (exit 3)"
+        lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left:.4f} left: {verdict}")
+    if len(todo) < need:
+        lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
+    return "\n".join(lines)
