@@ -83,7 +83,7 @@ def wait_idle_at(base: Path, step: int, proc: subprocess.Popen, name: str) -> No
     def done():
         s = status(base)
         return (s.get("status") == "idle" and s.get("current_step") == step
-                and not (base / "inbox" / name).exists() and not (base / "processing" / name).exists())
+                and not (base / "inbox" / name).exists() and not (base / "inbox" / ".claimed" / name).exists())
     wait_until(done, proc, base, f"{name} trained to step {step}")
 
 

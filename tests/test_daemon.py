@@ -236,5 +236,5 @@ def test_stop_file_saves_a_checkpoint_and_exits_zero(option_b):
     assert st["current_step"] == step and st["last_checkpoint"] == f"checkpoint-{step}"
     assert state["extra"]["batch_file"] == "long.jsonl" and state["extra"]["batch_done"] is False
     assert "stop requested (.stop file)" in option_b["log"]
-    # the unfinished batch waits in processing/ for the next start
-    assert (option_b["base"] / "processing" / "long.jsonl").is_file()
+    # the unfinished batch stays claimed in inbox/.claimed/ for the next start
+    assert (option_b["base"] / "inbox" / ".claimed" / "long.jsonl").is_file()

@@ -45,7 +45,7 @@ def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tin
         kill9(proc)
     killed_at = ckpt.read_state(ckpt.latest_checkpoint(base / "current_model")).global_step
     assert 8 <= killed_at < N_STEPS, killed_at  # a checkpoint of this batch, and the batch unfinished
-    assert (base / "processing" / "stream.jsonl").is_file() and not (base / "inbox" / "stream.jsonl").exists()
+    assert (base / "inbox" / ".claimed" / "stream.jsonl").is_file() and not (base / "inbox" / "stream.jsonl").exists()
 
     # ---- restart: the batch resumes at its data position
     proc = start_daemon(base, cfg, "second.out")
@@ -74,5 +74,5 @@ def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tin
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    # the file left once: not in the inbox, not in processing/, not rejected
-    assert [p.name for d in ("inbox", "processing", "rejected") for p in (base / d).glob("*.jsonl")] == []
+    # the file left once: not in the inbox, not claimed, not rejected
+    assert [p.name for d in ("inbox", "inbox/.claimed", "rejected") for p in (base / d).glob("*.jsonl")] == []

@@ -110,7 +110,7 @@ def test_recovery_of_a_claimed_batch(tmp_path, tiny_model_dir):
     drop(base, "b1.jsonl", batch(seed=1))
     run_in_process(base, cfg)
 
-    claimed = base / "processing" / "b2.jsonl"
+    claimed = base / "inbox" / ".claimed" / "b2.jsonl"
     shutil.copy(drop(tmp_path / "elsewhere", "b2.jsonl", batch(seed=2)), claimed)
     run_in_process(base, cfg)
     state = newest_state(base)

@@ -3,13 +3,14 @@
 A file is *ready* when it is a `*.jsonl` file with no temp-file name (hidden, `.tmp`, `.part`) and
 it has not been modified for `settle_seconds` (its mtime changes with every write, so a file still
 being copied in is left alone). Files are taken oldest first (mtime, then name). Claiming is one
-`rename` into `processing/`: of two processes that try, exactly one succeeds. The base directory
+`rename` into `inbox/.claimed/`: of two processes that try, exactly one succeeds. The base directory
 is also locked (flock) by the running daemon, so a second daemon is refused before it loads
 anything.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import os
@@ -66,7 +67,7 @@ def next_ready(inbox: Path, settle_seconds: float) -> tuple[Path | None, float |
 
 
 def claim(path: Path, processing: Path) -> Path | None:
-    """Move `path` into `processing/` (atomic on one filesystem). None if another process took it."""
+    """Move `path` into the claimed folder (atomic: one filesystem). None if another process took it."""
     processing.mkdir(parents=True, exist_ok=True)
     dest = processing / path.name
     if dest.exists():  # a file of that name is still being trained: leave the new one waiting
@@ -100,9 +101,20 @@ def free_name(folder: Path, name: str) -> Path:
 
 
 def move_to(path: Path, folder: Path) -> Path:
+    """Move `path` into `folder` under a free name; whole or not at all, even across filesystems."""
     folder.mkdir(parents=True, exist_ok=True)
     dest = free_name(folder, path.name)
-    shutil.move(str(path), str(dest))
+    try:
+        os.rename(path, dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        tmp = folder / f".{dest.name}.{os.getpid()}.tmp"
+        shutil.copy2(path, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+        path.unlink()
     fsync_dir(folder)
     return dest
 
@@ -112,7 +124,7 @@ def reject(path: Path, rejected: Path, reason: str) -> Path:
     rejected.mkdir(parents=True, exist_ok=True)
     dest = free_name(rejected, path.name)
     atomic_write_text(dest.with_name(dest.name + ".reason"), reason.rstrip() + "\n")
-    shutil.move(str(path), str(dest))
+    os.rename(path, dest)  # inside the base dir: one filesystem
     fsync_dir(rejected)
     return dest
 

@@ -2,7 +2,8 @@
 
     BASE/
       inbox/                       drop *.jsonl here (write elsewhere, then move in)
-      processing/                  the batch being trained (claimed from inbox/ by a rename)
+      inbox/.claimed/              the batch being trained (claimed by a rename; it leaves inbox/
+                                   only once its training is saved)
       current_model/checkpoint-N/  checkpoints, save_total_limit kept
       bases/gen-K/                 consolidated base models (LoRA merged into the previous base)
       status/training_status.json  written atomically after every step and state change
@@ -30,7 +31,7 @@ class Layout:
 
     @property
     def processing(self) -> Path:
-        return self.base / "processing"
+        return self.inbox / ".claimed"
 
     @property
     def checkpoints(self) -> Path:

@@ -2,7 +2,7 @@
 in `inbox/`.
 
 Setup: lock the base dir, load the tokenizer and the model once, from the newest complete
-checkpoint if there is one. Loop: finish a batch left in `processing/` by a crash, else claim the
+checkpoint if there is one. Loop: finish a batch left claimed (`inbox/.claimed/`) by a crash, else claim the
 oldest settled file; each batch resumes from the newest checkpoint (`Resuming from checkpoint:
 checkpoint-N`: global_step, optimizer and scheduler carry over) and trains its own file from its
 first example (or, after a crash, from the data position the checkpoint saved: nothing twice,
@@ -171,9 +171,10 @@ class Daemon:
                                  f"continuing on {base} (move current_model/ away to start over)")
             self.log.info(f"loaded {newest.name} (global_step {self.state.global_step}, "
                           f"batch {self.state.extra.get('batch_number', 0)}, base {base})")
+        self._warm_up()
         self._recovered = {p.name for p in batch_files(self.paths.processing)}
         if self._recovered:
-            self.log.info(f"unfinished batch(es) in processing/: {', '.join(sorted(self._recovered))}")
+            self.log.info(f"unfinished batch(es) in inbox/.claimed/: {', '.join(sorted(self._recovered))}")
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.status.update(status="idle", current_step=self.state.global_step, base_model=self.base_model,
                            generation=self.state.extra.get("generation", 0),
@@ -182,6 +183,20 @@ class Daemon:
         self.log.info(f"model ready: {'LoRA' if self.cfg.model.lora else 'full'} training, "
                       f"{n_train:,} trainable parameters, save_steps {self.dc.save_steps}, "
                       f"save_total_limit {self.dc.save_total_limit}, lr {self.tc.lr} ({self.dc.schedule})")
+
+    def _warm_up(self) -> None:
+        """One forward/backward on a dummy example and one chat-template render, so that the
+        first batch's first step does not also pay for first-call setup (allocator, kernels,
+        template compile). Weights, optimizer and RNG are left exactly as they were."""
+        if getattr(self.tokenizer, "chat_template", None):
+            self.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}],
+                                               add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([self.tokenizer("warm up the model", add_special_tokens=False)["input_ids"] or [0]],
+                           device=self.device)
+        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
+            self.model.train()
+            self.model(input_ids=ids, labels=ids).loss.backward()
+        self.model.zero_grad(set_to_none=True)
 
     def _configured_base(self) -> str:
         base = self.dc.base_model or self.cfg.model.path
@@ -228,17 +243,15 @@ class Daemon:
     # ============================================================================ the inbox
 
     def _next_batch(self) -> tuple[Path | None, float | None]:
-        """A batch left in processing/ (a crash), else the oldest settled inbox file, claimed."""
+        """A batch left claimed by a crash, else the oldest settled inbox file, claimed."""
         left = batch_files(self.paths.processing)
         if left:
             return left[0], None
-        while True:
-            path, wait = next_ready(self.paths.inbox, self.dc.settle_seconds)
-            if path is None:
-                return None, wait
-            claimed = claim(path, self.paths.processing)
-            if claimed is not None:
-                return claimed, None
+        path, wait = next_ready(self.paths.inbox, self.dc.settle_seconds)
+        if path is None:
+            return None, wait
+        claimed = claim(path, self.paths.processing)
+        return (claimed, None) if claimed else (None, 0.05)  # lost a race for it: look again soon
 
     def _queue_size(self, force: bool = False) -> int:
         if force or time.monotonic() - self._queue_checked > QUEUE_RESCAN_S:
@@ -252,7 +265,7 @@ class Daemon:
         self.log.warning(f"rejected {path.name} -> {dest} (reason in {dest.name}.reason): {reason.splitlines()[0]}")
 
     def _finish_file(self, path: Path) -> str:
-        """The batch is saved: the file leaves processing/ (deleted, or archived)."""
+        """The batch is saved: the file leaves the inbox (deleted, or archived)."""
         self._recovered.discard(path.name)
         if self.dc.delete_processed:
             path.unlink()
@@ -348,7 +361,7 @@ class Daemon:
                     hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=should_stop))
         if not stream.exhausted():
             self.log.info(f"Batch {ex['batch_number']} interrupted at step {st.global_step}: {path.name} stays in "
-                          "processing/ and continues from its saved data position on the next start")
+                          "inbox/.claimed/ and continues from its saved data position on the next start")
             return
         how = self._finish_file(path)
         last = st.log_history[-1]["loss"] if st.log_history else float("nan")

@@ -37,7 +37,7 @@ class StatusFile:
             raise ValueError(f"unknown daemon status {fields['status']!r}")
         self.data.update(fields)
         self.data["updated_at"] = self.now().isoformat(timespec="milliseconds")
-        atomic_write_json(self.path, self.data)
+        atomic_write_json(self.path, self.data, durable=False)  # rewritten every step: atomic, no fsync
 
 
 def read_status(path: Path) -> dict:

@@ -3,7 +3,7 @@
 Checks: checkpoints present and no more than `save_total_limit`; each with its weights (adapter
 or full model), `optimizer.pt`, `scheduler.pt`, `trainer_state.json`; `global_step` strictly
 increasing across them (and equal to the folder's number); no ERROR lines in the daemon's logs;
-the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in processing/); the
+the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in inbox/.claimed/); the
 loss curve with no jump back toward the initial loss at a batch boundary or a consolidation.
 Writes `BASE/verification_report.txt` and `BASE/loss.png` (loss vs global step, boundaries marked).
 """
@@ -206,7 +206,7 @@ def verify(base_dir: str | Path) -> Verification:
     half = batch_files(paths.processing) if paths.processing.is_dir() else []
     checks.append(Check("inbox empty (all batches trained and removed)", not waiting and not half,
                         f"{len(waiting)} waiting in inbox/ ({', '.join(p.name for p in waiting[:5])}), "
-                        f"{len(half)} unfinished in processing/ ({', '.join(p.name for p in half[:5])})"
+                        f"{len(half)} unfinished in inbox/.claimed/ ({', '.join(p.name for p in half[:5])})"
                         if waiting or half else "empty"))
 
     # ---------------------------------------------------------------- the loss curve
