@@ -17,6 +17,9 @@ beside the inbox and renamed in; later batch 2 (40 records). Measured:
   time of the 100 training steps before it (the batch's wall time, which also holds tokenising the
   file, minus that save).
 
+The daemon processes run with OMP_NUM_THREADS=1 unless the environment sets it (on a shared
+machine, two intra-op threads fighting other jobs make every step several times slower).
+
 Goals (issue 4): first step within 5 s of arrival with the model loaded; the save at most 10% of
 the training time at the default save_steps.
 """
@@ -109,17 +112,17 @@ def run_case(name: str, work: Path, tokenizer: Path, settle: float, poll: float)
     base = work / f"base-{name}"
     shutil.rmtree(base, ignore_errors=True)
     cfg = write_config(work / f"{name}.yaml", model, lora, settle, poll)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}  # one thread unless told
     out = open(work / f"{name}.out", "w")
     proc = subprocess.Popen([sys.executable, "-m", "kdforge", "daemon", "--base-dir", str(base), "--config", str(cfg)],
                             env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         wait(lambda: status(base).get("status") == "idle", 300, "model load", proc)
         lat1 = arrive(base, "batch1.jsonl", 400, 1, proc, 0)
-        wait(lambda: status(base).get("status") == "idle" and status(base).get("current_step") == 100, 600,
+        wait(lambda: status(base).get("status") == "idle" and status(base).get("current_step") == 100, 3600,
              "batch 1", proc)
         lat2 = arrive(base, "batch2.jsonl", 40, 2, proc, 100)
-        wait(lambda: status(base).get("status") == "idle" and status(base).get("current_step") == 110, 600,
+        wait(lambda: status(base).get("status") == "idle" and status(base).get("current_step") == 110, 3600,
              "batch 2", proc)
         (base / ".stop").touch()
         proc.wait(timeout=120)
@@ -146,17 +149,18 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="kdforge-daemon-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tokenizer = prepare(work)
-    rows = [run_case(c, work, tokenizer, args.settle, args.poll) for c in args.cases.split(",")]
-    print(f"\ndaemon latency (settle_seconds {args.settle}, poll_interval {args.poll}, save_steps 100, "
-          f"micro-batch 4, seq <= 256, torch threads {os.environ.get('OMP_NUM_THREADS', 'default')})")
+    print(f"daemon latency (settle_seconds {args.settle}, poll_interval {args.poll}, save_steps 100, "
+          f"micro-batch 4, seq <= 256, OMP_NUM_THREADS {os.environ.get('OMP_NUM_THREADS', '1')}, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start)", flush=True)
     head = (f"{'case':<11} {'trainable':>10} {'arrival->step, batch 1':>23} {'batch 2':>8} "
             f"{'100 steps':>10} {'1 save':>7} {'save/train':>10} {'ckpt size':>10}")
-    print(head)
-    print("-" * len(head))
-    for r in rows:
+    print(head + "\n" + "-" * len(head), flush=True)
+    for case in args.cases.split(","):  # each row as soon as it is measured
+        r = run_case(case, work, tokenizer, args.settle, args.poll)
         print(f"{r['case']:<11} {r['trainable']:>10,} {r['first_step_1']:>22.2f}s {r['first_step_2']:>7.2f}s "
-              f"{r['train_100']:>9.1f}s {r['save']:>6.2f}s {100 * r['share']:>9.1f}% {r['ckpt_mb']:>8.1f}MB")
-    print(f"\nwork dir: {work}")
+              f"{r['train_100']:>9.1f}s {r['save']:>6.2f}s {100 * r['share']:>9.1f}% {r['ckpt_mb']:>8.1f}MB",
+              flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end; work dir: {work}")
 
 
 if __name__ == "__main__":

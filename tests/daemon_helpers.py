@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import cli_env, synthetic_records, write_jsonl
@@ -20,6 +21,18 @@ LORA = {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "
                                                  "up_proj", "down_proj", "lm_head"]}
 STEPS_PER_BATCH = 12
 RECORDS_PER_BATCH = 48
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """For modules that run the daemon in this process too: one thread, as the daemon processes
+    run (OMP_NUM_THREADS=1), so results compare exactly. Import it to use it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def daemon_config(path: Path, base_model: Path, *, lora: bool = True, **daemon) -> Path:

@@ -8,21 +8,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from daemon_helpers import (batch, daemon_config, daemon_log, drop, losses, newest_state, run_in_process,
                             start_daemon, status, stop, wait_idle_at, wait_until)
 from kdforge.train import checkpoint as ckpt
 from train_helpers import kill9
 
 N_RECORDS, N_STEPS = 160, 40  # micro-batch 4, grad_accum 1
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The reference run happens in this process: one thread, as the daemons run (OMP_NUM_THREADS=1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tiny_model_dir):

@@ -8,22 +8,14 @@ import json
 import shutil
 from datetime import datetime
 
-import pytest
 import torch
 
+from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from daemon_helpers import (FakeClock, batch, daemon_config, daemon_log, drop, losses, newest_state,
                             run_in_process)
 from kdforge.daemon import verify as verify_mod
 from kdforge.daemon.verify import verify
 from kdforge.train import checkpoint as ckpt
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_snapshot_at_the_configured_time_and_a_log_file_a_day(tmp_path, tiny_model_dir):

@@ -397,8 +397,11 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
         bm = cfg.daemon.base_model
         if not bm and not cfg.model.path:
             p.append(("daemon.base_model", "set the base model folder the daemon trains (a local HF model)"))
-        elif bm and not cfg.model.path and (for_run or Path(bm).exists()):
+        elif bm and not cfg.model.path and (Path(bm) / "config.json").is_file():
             cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bm})})
+        elif bm and not cfg.model.path and (for_run or Path(bm).exists()):
+            p.append(("daemon.base_model", f"no Hugging Face model folder (config.json) at {bm} "
+                      "(make one: kdforge init-model --preset toy --tokenizer DIR --out DIR)"))
     if job == "train":
         if not io.tokenizer_path and not cfg.model.path:
             p.append(("io.tokenizer_path", "set a tokenizer folder (make one: kdforge tokenizer train ...)"))

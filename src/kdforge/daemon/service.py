@@ -31,7 +31,7 @@ from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, move_to, next_
 from kdforge.daemon.layout import Layout
 from kdforge.daemon.snapshot import list_snapshots, snapshot_due, take_snapshot, time_reached
 from kdforge.daemon.status import StatusFile
-from kdforge.errors import ConfigError, DataError, UsageError
+from kdforge.errors import ConfigError, DataError, KdforgeError, UsageError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
@@ -108,7 +108,7 @@ class Daemon:
             self.status.update(status="stopped")
             raise
         except BaseException as e:
-            self.log.error(f"daemon failed: {e}", e)
+            self.log.error(f"daemon failed: {e}", None if isinstance(e, KdforgeError) else e)  # ours: the message says it
             self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
             raise
         finally:
