@@ -1,7 +1,22 @@
-"""CLI commands of this area (placeholder until the area lands)."""
+"""CLI: `kdforge demo`, the whole pipeline on the shipped example, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def demo(
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="an empty or new folder (default: a temp dir)"),
+    fast: bool = typer.Option(False, "--fast", help="smaller numbers (about a minute and a half)"),
+):
+    """Serve the shipped teacher, generate KD data from it, train two students, compare them."""
+    from kdforge.demo.run import run_demo
+
+    run_demo(workdir, fast=fast, log=lambda m: print(m, flush=True))
+
+
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("demo")(demo)
