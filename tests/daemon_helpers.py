@@ -54,6 +54,7 @@ def batch(n: int = RECORDS_PER_BATCH, seed: int = 1) -> list[dict]:
 def drop(base: Path, name: str, rows: list[dict] | None = None, lines: list[str] | None = None) -> Path:
     """Write a batch beside the inbox, then move it in (the way users are told to)."""
     tmp = base / f".{name}.writing"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
     if rows is not None:
         write_jsonl(tmp, rows)
     else:

@@ -38,6 +38,8 @@ def option_a(tmp_path_factory, tiny_model_dir):
     base = tmp / "training"
     cfg = daemon_config(tmp / "daemon.yaml", tiny_model_dir)
     obs: dict = {"base": base, "config": cfg, "after": {}}
+    base.mkdir()
+    (base / ".stop").touch()  # left from an earlier stop: removed on start, not obeyed
     proc = start_daemon(base, cfg)
     try:
         wait_until(lambda: status(base).get("status") == "idle", proc, base, "the model to load")
@@ -149,6 +151,7 @@ def test_sigterm_exits_zero_with_status_stopped(option_a):
     assert option_a["rc"] == 0
     assert option_a["status"]["status"] == "stopped"
     assert "stop requested (signal SIGTERM)" in option_a["log"]
+    assert ".stop file" not in option_a["log"] and not (option_a["base"] / ".stop").exists()
 
 
 def test_verify_passes_and_writes_its_report_and_plot(option_a):

@@ -1,11 +1,10 @@
-"""Snapshots, consolidation and crash recovery branches, driven by a fake clock. The daemon runs in
-this process (`run(once=True)`) on the real tiny model: every pass is a fresh Daemon that loads its
-state from disk, as a restarted process would."""
+"""Snapshots and consolidation, driven by a fake clock or a config that triggers them at once. The
+daemon runs in this process (`run(once=True)`) on the real tiny model: every pass is a fresh Daemon
+that loads its state from disk, as a restarted process would."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime
 
 import torch
@@ -13,7 +12,7 @@ import torch
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from daemon_helpers import (FakeClock, batch, daemon_config, daemon_log, drop, losses, newest_state,
                             run_in_process)
-from kdforge.daemon import verify as verify_mod
+from kdforge.daemon import consolidate
 from kdforge.daemon.verify import verify
 from kdforge.train import checkpoint as ckpt
 
@@ -93,31 +92,18 @@ def test_consolidation_keeps_outputs_and_the_loss_curve(tmp_path, tiny_model_dir
     assert "consolidation 2 at step 24" in result.report
 
 
-def test_recovery_of_a_claimed_batch(tmp_path, tiny_model_dir):
-    """Killed after claiming a file but before its first checkpoint: the batch restarts from its
-    first example on top of the previous batch. Killed after its final save but before the file
-    left: the file leaves, nothing is trained again."""
-    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+def test_a_consolidation_that_does_not_verify_keeps_the_previous_base(tmp_path, tiny_model_dir, monkeypatch):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, save_steps=100, consolidate_every_batches=1,
+                        settle_seconds=0)
     base = tmp_path / "training"
+    monkeypatch.setattr(consolidate, "REL_TOL", -1.0)  # no merged model can pass: the check must refuse it
     drop(base, "b1.jsonl", batch(seed=1))
-    run_in_process(base, cfg)
-
-    claimed = base / "inbox" / ".claimed" / "b2.jsonl"
-    shutil.copy(drop(tmp_path / "elsewhere", "b2.jsonl", batch(seed=2)), claimed)
+    drop(base, "b2.jsonl", batch(seed=2))
     run_in_process(base, cfg)
     state = newest_state(base)
-    assert (state["global_step"], state["samples_seen"], state["extra"]["batch_number"]) == (24, 96, 2)
-    log = daemon_log(base)
-    assert "Resuming from checkpoint: checkpoint-12" in log and "global steps 12 -> 24" in log
-    assert not claimed.exists()
-
-    shutil.copy(tmp_path / "elsewhere" / "inbox" / "b2.jsonl", claimed)  # as if the unlink never happened
-    run_in_process(base, cfg)
-    assert newest_state(base)["global_step"] == 24
-    assert "b2.jsonl was already trained (checkpoint-24); file deleted" in daemon_log(base)
-    assert not claimed.exists()
-
-
-def test_verify_knows_the_checkpoint_file_names():
-    assert verify_mod.WEIGHT_FILES == ckpt.WEIGHT_FILES and verify_mod.REQUIRED == ckpt.REQUIRED
-    assert verify_mod.CKPT_RE.pattern == ckpt.CKPT_RE.pattern
+    assert state["global_step"] == 24 and state["extra"]["generation"] == 0
+    assert state["extra"]["base_model"] == str(tiny_model_dir.resolve())
+    assert not list((base / "bases").glob("gen-*"))
+    assert "consolidation failed" in daemon_log(base)
+    loss = losses(state)
+    assert loss[13] < loss[1] - 0.5 * (loss[1] - loss[12])  # back on the old base + adapter, no jump

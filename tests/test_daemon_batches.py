@@ -1,0 +1,89 @@
+"""Batches in the daemon, in this process on the real tiny model: every record format, claiming,
+and the two crash windows around a batch (before its first checkpoint, after its last)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime
+
+from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
+from daemon_helpers import batch, daemon_config, daemon_log, drop, newest_state, run_in_process
+from kdforge.daemon import verify as verify_mod
+from kdforge.daemon.dailylog import DailyLog
+from kdforge.daemon.inbox import claim, is_batch_name, next_ready
+from kdforge.train import checkpoint as ckpt
+
+FORMATS = [
+    {"prompt": "What is 2 plus 2?", "teacher_text": "2 plus 2 is 4.",
+     "messages": [{"role": "user", "content": "What is 2 plus 2?"}]},
+    {"prompt": "Sort these words: golf alpha", "completion": "alpha golf"},
+    {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 1 plus 3?"},
+                  {"role": "assistant", "content": "1 plus 3 is 4."}]},
+    {"instruction": "Sort these words", "input": "echo bravo", "output": "bravo echo"},
+    {"text": "alpha bravo charlie delta echo"},
+]
+
+
+def test_every_record_format_trains(tmp_path, tiny_model_dir):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "mixed.jsonl", lines=[json.dumps(r) for r in FORMATS * 4])  # 20 records: 5 steps
+    state = run_in_process(base, cfg)
+    assert (state.global_step, state.samples_seen) == (5, 20)
+    assert "WARNING" not in daemon_log(base) and not list((base / "rejected").iterdir())
+
+
+def test_recovery_of_a_claimed_batch(tmp_path, tiny_model_dir):
+    """Killed after claiming a file but before its first checkpoint: the batch restarts from its
+    first example on top of the previous batch. Killed after its final save but before the file
+    left: the file leaves, nothing is trained again."""
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(seed=1))
+    run_in_process(base, cfg)
+
+    claimed = base / "inbox" / ".claimed" / "b2.jsonl"
+    shutil.copy(drop(tmp_path / "elsewhere", "b2.jsonl", batch(seed=2)), claimed)
+    run_in_process(base, cfg)
+    state = newest_state(base)
+    assert (state["global_step"], state["samples_seen"], state["extra"]["batch_number"]) == (24, 96, 2)
+    log = daemon_log(base)
+    assert "Resuming from checkpoint: checkpoint-12" in log and "global steps 12 -> 24" in log
+    assert not claimed.exists()
+
+    shutil.copy(tmp_path / "elsewhere" / "inbox" / "b2.jsonl", claimed)  # as if the unlink never happened
+    run_in_process(base, cfg)
+    assert newest_state(base)["global_step"] == 24
+    assert "b2.jsonl was already trained (checkpoint-24); file deleted" in daemon_log(base)
+    assert not claimed.exists()
+
+
+def test_claiming_names_and_settling(tmp_path):
+    inbox, claimed = tmp_path / "inbox", tmp_path / "inbox" / ".claimed"
+    inbox.mkdir()
+    assert is_batch_name("b.jsonl") and not is_batch_name("b.jsonl.part") and not is_batch_name("b.tmp.jsonl")
+    assert not is_batch_name(".b.jsonl") and not is_batch_name("b.json")
+    f = inbox / "b.jsonl"
+    f.write_text("{}\n")
+    assert next_ready(inbox, 60)[0] is None and 59 < next_ready(inbox, 60)[1] <= 60  # just written: settling
+    assert next_ready(inbox, 0)[0] == f
+    first, second = claim(f, claimed), claim(f, claimed)  # two daemons racing for one file
+    assert first == claimed / "b.jsonl" and second is None
+
+
+def test_errors_are_logged_with_their_traceback(tmp_path):
+    log = DailyLog(tmp_path, now=lambda: datetime(2025, 5, 6, 7, 8, 9))
+    try:
+        raise ValueError("bad thing")
+    except ValueError as e:
+        log.error("batch failed", e)
+    text = (tmp_path / "daemon_20250506.log").read_text()
+    assert text.startswith("2025-05-06 07:08:09 ERROR   batch failed\nTraceback (most recent call last):")
+    assert "ValueError: bad thing" in text
+    assert verify_mod.ERROR_LINE.match(text)
+
+
+def test_verify_knows_the_checkpoint_file_names():
+    assert verify_mod.WEIGHT_FILES == ckpt.WEIGHT_FILES and verify_mod.REQUIRED == ckpt.REQUIRED
+    assert verify_mod.CKPT_RE.pattern == ckpt.CKPT_RE.pattern
