@@ -25,13 +25,16 @@ FORMATS = [
 ]
 
 
-def test_every_record_format_trains(tmp_path, tiny_model_dir):
-    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+def test_every_record_format_trains_and_the_file_can_be_archived(tmp_path, tiny_model_dir):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, delete_processed=False)
     base = tmp_path / "training"
-    drop(base, "mixed.jsonl", lines=[json.dumps(r) for r in FORMATS * 4])  # 20 records: 5 steps
+    lines = [json.dumps(r) for r in FORMATS * 4]  # 20 records: 5 steps
+    drop(base, "mixed.jsonl", lines=lines)
     state = run_in_process(base, cfg)
     assert (state.global_step, state.samples_seen) == (5, 20)
     assert "WARNING" not in daemon_log(base) and not list((base / "rejected").iterdir())
+    assert (base / "processed" / "mixed.jsonl").read_text().splitlines() == lines  # kept whole, out of the inbox
+    assert not (base / "inbox" / "mixed.jsonl").exists()
 
 
 def test_recovery_of_a_claimed_batch(tmp_path, tiny_model_dir):
