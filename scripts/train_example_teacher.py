@@ -11,13 +11,16 @@ held-out eval prompts and writes:
     assets/eval.jsonl held-out prompts with their exact answers ({"id","prompt","answer","messages"})
     assets/teacher/training.json  the settings, the loss curve, the accuracy, the wall time
 
-How long: ~8-10 minutes on 2 CPU cores with the defaults (the printed log says).
-Reproducible: seeded, single process, deterministic CPU kernels; the same command writes the
-same weights on the same machine and torch version.
+How long: 1500 steps of 64 sequences, ~0.3 s of CPU a step on one thread: 452 CPU seconds
+(7.5 minutes) measured; wall time grows when other jobs share the cores (24 minutes on a
+2-core machine loaded ~3x over). One torch thread by default: on shared cores two threads spin
+against each other (10x slower per step measured), and the result depends on the thread count.
+Reproducible: seeded, single process, deterministic CPU kernels; a rerun with the defaults
+wrote a bit-identical model.safetensors (torch 2.13.0+cpu). Held-out exact match: 0.99.
 
 Run (from the repository root, in the project's venv):
 
-    OMP_NUM_THREADS=2 python scripts/train_example_teacher.py            # writes the assets
+    python scripts/train_example_teacher.py                              # writes the assets
     python scripts/train_example_teacher.py --out /tmp/teacher --steps 200  # a quick try
 """
 
