@@ -1,0 +1,41 @@
+"""`benchmarks/train_throughput.py --tiny` runs end to end and prints both tables.
+
+Speed is measured by the benchmark, never asserted here: the test only checks that every trainer
+trained (a positive token rate) and that the KD memory table is there.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, cli_env
+
+
+def _rows(out: str) -> dict[str, list[str]]:
+    """Markdown table rows by their first cell."""
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+@pytest.mark.slow
+def test_train_throughput_tiny_prints_both_tables():
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--tiny", "--threads", "1"],
+                       env=cli_env(), capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = _rows(p.stdout)
+    trainers = ["HF Trainer (padded)", "kdforge (padded)", "kdforge (packed)"]
+    if "not installed" not in rows["TRL SFTTrainer (packed)"][1]:
+        trainers.append("TRL SFTTrainer (packed)")
+    for name in trainers:
+        useful, labels = (float(x.replace(",", "")) for x in rows[name][1:3])
+        assert useful > labels > 0, (name, rows[name])
+    assert float(rows["baseline (imports + model)"][-2]) > 0
+    assert "plain" in rows and any(k.startswith("chunked") for k in rows)
+    assert "load average" in p.stdout
