@@ -50,7 +50,8 @@ class ModelSection(Section):
         """The ModelCfg the numbers describe: the preset, overridden by any number given."""
         from kdforge.model.student import ModelCfg, preset
 
-        base = preset(self.preset) if self.preset else ModelCfg()
+        # No preset: every number from this section; the vocabulary from the tokenizer unless given.
+        base = preset(self.preset) if self.preset else ModelCfg(vocab_size=None)
         over = {k: v for k, v in self.model_dump().items()
                 if k in ModelCfg.__dataclass_fields__ and v is not None}
         from dataclasses import replace
@@ -79,7 +80,7 @@ class LossSection(Section):
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.5, ge=0, le=1)
     # Tokens per chunk for the chunked loss (logits recomputed in backward); null = plain; "auto" =
-    # chunks of 256 once the labelled tokens x vocab would pass 64M logits (256 MB in fp32).
+    # chunks of 256 once the labelled tokens x vocab would pass 16M logits (64 MB in fp32).
     chunk_size: int | Literal["auto"] | None = "auto"
 
     @field_validator("chunk_size")

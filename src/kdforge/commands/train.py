@@ -1,4 +1,4 @@
-"""CLI: tokenizer train, init-model, config validate, estimate-memory, train, smoke."""
+"""CLI: `kdforge tokenizer train`, `config validate`, `train`, `smoke`."""
 
 from __future__ import annotations
 

@@ -125,8 +125,14 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print) -
     from kdforge.serve import launch
     from kdforge.train.runner import run_training
 
+    import torch
+
     s = FAST if fast else FULL
     t_start = time.perf_counter()
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's models are tiny: a second thread buys little and, on a busy 2-core machine,
+        # makes each step several times slower (measured: scripts/distill_feasibility.py).
+        torch.set_num_threads(1)
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kdforge-demo-"))
     if work.exists() and any(work.iterdir()):
         raise KdforgeError(f"--workdir {work} is not empty: give a new folder (the demo starts from nothing)")

@@ -38,7 +38,7 @@ class DistillObjective(nn.Module):
     """
 
     AUTO_CHUNK = 256  # tokens per chunk in "auto" mode
-    AUTO_THRESHOLD = 1 << 26  # labelled tokens x vocab above which "auto" chunks (64M fp32 logits)
+    AUTO_THRESHOLD = 1 << 24  # labelled tokens x vocab above which "auto" chunks (16M fp32 logits, 64 MB)
 
     def __init__(self, lm, kind: str = "ce", temperature: float = 1.0, beta: float = 0.5,
                  chunk_size: int | str | None = "auto", teacher=None):
