@@ -2,7 +2,7 @@
 
     python benchmarks/serve_throughput.py [--model DIR] [--max-tokens 64] [--threads 1]
 
-The model: `--model DIR`; else the shipped example teacher (`src/kdforge/examples/teacher/`)
+The model: `--model DIR`; else the shipped example teacher (`src/kdforge/demo/assets/teacher/`)
 when present; else a ~5M-parameter Llama (kdforge's "small" shape, 6 layers) with a byte-level BPE
 tokenizer trained here on synthetic text, in a temporary folder (random weights: the text is
 gibberish, the work per token is real). Both servers get the same chat requests (greedy, each
@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-EXAMPLE_TEACHER = REPO / "src" / "kdforge" / "examples" / "teacher"
+EXAMPLE_TEACHER = REPO / "src" / "kdforge" / "demo" / "assets" / "teacher"
 LEVELS = (1, 4, 16)
 
 
