@@ -22,6 +22,7 @@ from kdforge.data.records import Record, read_records
 from kdforge.errors import DataError
 
 IGNORE = -100
+MISALIGNED_SHARE = 0.05  # above this share of misaligned top-k samples, the tokenizers differ
 
 
 @dataclass
@@ -112,8 +113,15 @@ class KDDataset(torch.utils.data.Dataset):
                 self.problems += probs
         self.eos_id = self.tokenizer.eos_token_id
         self._token_map: TokenMap | None = None
+        self.misaligned: list[DataError] = []  # top-k rows that did not match the response tokens
         self.examples = [self._encode(r) for r in records]
         self.truncated = sum(1 for e in self.examples if len(e) > max_seq_length)
+        if with_topk and len(self.misaligned) > MISALIGNED_SHARE * len(records):
+            # Many samples disagree: the teacher used another tokenizer. A few: the teacher emitted
+            # a non-canonical tokenization (e.g. "a"+"b" where BPE merges "ab"); those keep CE only.
+            first = self.misaligned[0]
+            raise DataError(f"{len(self.misaligned)} of {len(records)} samples: {first.args[0].split(': ', 1)[-1]}",
+                            first.path, first.line)
 
     # ------------------------------------------------------------------ encoding
     def _prompt_text(self, msgs: list[dict]) -> str:
@@ -132,7 +140,13 @@ class KDDataset(torch.utils.data.Dataset):
         resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
         ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
         if self.with_topk:
-            ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, resp_ids)
+            try:
+                ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, resp_ids)
+            except DataError as e:
+                if not rec.teacher_logprobs:
+                    raise
+                self.misaligned.append(e)  # judged once all records are read
+                ex.topk_ids = ex.topk_logprobs = [[] for _ in ex.response_ids]
         return ex
 
     def _align_topk(self, rec: Record, resp_ids: list[int]):

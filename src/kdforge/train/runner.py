@@ -184,6 +184,9 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     with_topk = cfg.loss.kind != "ce" and not cfg.teacher.path
     max_len = max(t.seq_lengths)
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=tokenizer, max_seq_length=max_len, with_topk=with_topk)
+    if train_ds.misaligned and rank == 0:
+        log(f"note: {len(train_ds.misaligned)} of {len(train_ds)} samples' teacher logprobs do not align "
+            f"with their tokens (first: {train_ds.misaligned[0]}); they train with CE only")
     eval_ds = (KDDataset(cfg.io.eval_shards, tokenizer=tokenizer, max_seq_length=max_len, with_topk=with_topk)
                if cfg.io.eval_shards else None)
     model = load_student(cfg, tokenizer, t.seed).to(device)
