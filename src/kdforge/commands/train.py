@@ -36,10 +36,18 @@ def config_validate(
     cfg = validate_files(configs, overrides)
     for field, note in config_notes(cfg):
         print(f"note: {field}: {note}")
-    mc = None if cfg.model.path else cfg.model.model_cfg()
-    print(f"ok: {', '.join(str(c) for c in configs)}"
-          + (f" (student {mc.d_model}d x {mc.n_layers} layers, {mc.n_heads}/{mc.n_kv_heads} heads; "
-             f"global batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum})" if mc else ""))
+    from kdforge.config import daemon_only
+
+    names = ", ".join(str(c) for c in configs)
+    if daemon_only(cfg):
+        lora = f"LoRA r={cfg.model.lora.r}" if cfg.model.lora else "full training"
+        print(f"ok: {names} (daemon on base model {cfg.daemon.base_model}, {lora})")
+    elif cfg.model.path:
+        print(f"ok: {names} (student {cfg.model.path})")
+    else:
+        mc = cfg.model.model_cfg()
+        print(f"ok: {names} (student {mc.d_model}d x {mc.n_layers} layers, {mc.n_heads}/{mc.n_kv_heads} heads; "
+              f"global batch {cfg.train.micro_batch_size}x{cfg.train.grad_accum})")
 
 
 
