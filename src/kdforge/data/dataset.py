@@ -40,18 +40,18 @@ class Example:
         return len(self.prompt_ids) + len(self.response_ids)
 
 
-def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int], int]:
-    """(prompt_ids, response_ids, response_offset) cut to max_len tokens, keeping the response.
+def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int]]:
+    """(prompt_ids, response_ids) cut to max_len tokens, keeping the response.
 
     Prompt tokens are dropped from the left first; the response loses its tail only if it alone
     does not fit beside a quarter of the budget of prompt.
     """
     p, r = ex.prompt_ids, ex.response_ids
     if len(p) + len(r) <= max_len:
-        return p, r, 0
+        return p, r
     p_keep = max(max_len - len(r), min(len(p), max_len // 4))
     r_keep = max_len - p_keep
-    return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep], 0
+    return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep]
 
 
 class TokenMap:
@@ -189,7 +189,7 @@ class KDDataset(torch.utils.data.Dataset):
         """Example i as tensors, truncated to max_len (default: max_seq_length)."""
         ex = self.examples[i]
         L = min(max_len or self.max_seq_length, self.max_seq_length)
-        p, r, _ = truncate(ex, L)
+        p, r = truncate(ex, L)
         input_ids = torch.tensor(p + r, dtype=torch.long)
         labels = torch.tensor([IGNORE] * len(p) + r, dtype=torch.long)
         out = {"input_ids": input_ids, "labels": labels}

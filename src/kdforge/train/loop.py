@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
-from kdforge.train.losses import combine
+from kdforge.train.losses import LossSums, combine
 
 
 @dataclass
@@ -181,8 +181,6 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
 
 
 def combine_sums(ce, kd, lc: LoopConfig, n_global: int) -> torch.Tensor:
-    from kdforge.train.losses import LossSums
-
     return combine(LossSums(ce, kd, 0), lc.kd_weight, lc.kind, n_global)
 
 
