@@ -116,3 +116,15 @@ def test_fresh_run_refuses_to_mix_with_existing_checkpoints(tmp_path, tokenizer_
     assert "already holds checkpoints" in r.stderr and "--resume auto" in r.stderr
     r = run_cli("train", "--config", cfg, "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "not a complete checkpoint" in r.stderr
+
+
+def test_empty_data_and_changed_data_are_usage_errors(tmp_path, tokenizer_dir, data_file):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = run_cli("train", "--config", train_config(tmp_path, tokenizer_dir, empty, out="e"))
+    assert r.returncode == 2 and "no usable examples" in r.stderr and "Traceback" not in r.stderr
+    cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=5, save_steps=5)
+    assert run_cli("train", "--config", cfg).returncode == 0
+    data_file.write_text(data_file.read_text() + data_file.read_text().splitlines()[0] + "\n")
+    r = run_cli("train", "--config", cfg, "train.max_steps=8")
+    assert r.returncode == 2 and "the data changed since the checkpoint" in r.stderr

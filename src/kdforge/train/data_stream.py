@@ -15,13 +15,15 @@ from typing import Callable
 import torch
 
 from kdforge.data.dataset import KDDataset, collate
+from kdforge.errors import DataError, UsageError
 
 
 class DataStream:
     def __init__(self, dataset: KDDataset, micro_batch_size: int, seed: int = 0, *,
                  packing: bool = False, max_epochs: float | None = None, name: str = "train"):
         if len(dataset) == 0:
-            raise ValueError("the dataset has no usable examples")
+            raise DataError("no usable examples in the training data: add records (any accepted format) "
+                            "or check the file with kdforge data validate")
         self.ds = dataset
         self.mbs = micro_batch_size
         self.seed = seed
@@ -45,8 +47,8 @@ class DataStream:
 
     def restore(self, pos: dict) -> None:
         if pos.get("size") not in (None, len(self.ds)):
-            raise ValueError(f"the data changed since the checkpoint: {pos['size']} examples then, "
-                             f"{len(self.ds)} now; resume with the same data or start a new output dir")
+            raise UsageError(f"the data changed since the checkpoint: {pos['size']} examples then, "
+                             f"{len(self.ds)} now; resume with the same data or start a new --output-dir")
         self.epoch, self.index = int(pos["epoch"]), int(pos["index"])
         self.consumed = int(pos.get("consumed", self.epoch * len(self.ds) + self.index))
         self._perm = self._permutation(self.epoch)
