@@ -196,3 +196,17 @@ def test_smoke_command(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resuming from checkpoint: checkpoint-5" in r.stdout and "smoke ok" in r.stdout
     assert (tmp_path / "checkpoints" / "checkpoint-10" / "optimizer.pt").is_file()
+
+
+def test_log_history_in_trainer_state_is_bounded(tokenizer_dir, data_file, monkeypatch):
+    import kdforge.train.loop as loop
+
+    monkeypatch.setattr(loop, "MAX_LOG_HISTORY", 3)
+    ds = KDDataset(data_file, tokenizer_dir, 64)
+    model = build_student(ModelCfg(d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=None,
+                                   ffn_dim=64, max_seq_len=64), len(ds.tokenizer), seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = TrainState()
+    train_steps(DistillObjective(model), opt, make_scheduler(opt, "constant", 0, None), DataStream(ds, 2),
+                state, LoopConfig(), until_step=6, seq_len_at=lambda s: 64)
+    assert [h["step"] for h in state.log_history] == [4, 5, 6]

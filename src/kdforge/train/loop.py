@@ -25,6 +25,9 @@ from kdforge.train.data_stream import DataStream
 from kdforge.train.losses import LossSums, combine
 
 
+MAX_LOG_HISTORY = 10_000  # trainer_state.json keeps the newest entries; metrics.jsonl keeps all
+
+
 @dataclass
 class LoopConfig:
     grad_accum: int = 1
@@ -153,6 +156,8 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
             t_last, tokens_since = now, 0
             state.log_history.append({k: rec[k] for k in ("step", "loss", "lr", "epoch")})
+            # A daemon runs for months: keep trainer_state.json (rewritten at every save) bounded.
+            del state.log_history[:-MAX_LOG_HISTORY]
             if hooks.on_log:
                 hooks.on_log(rec)
         if hooks.on_step:
