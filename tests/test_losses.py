@@ -249,7 +249,8 @@ def test_divergences_are_finite_and_nonnegative(scale, kind, T, seed):
     for kw in ({"teacher_logits": teacher}, {"topk_ids": ids, "topk_logprobs": lp}):
         s = loss_sums(student, targets, kind=kind, temperature=T, **kw)
         (grad,) = torch.autograd.grad(s.kd, student)
-        assert math.isfinite(s.kd.item()) and s.kd.item() >= -1e-6  # fp32 rounding only
+        # fp32 rounding only: ~1e-6 of log-prob error per token, scaled by T^2 like the loss
+        assert math.isfinite(s.kd.item()) and s.kd.item() >= -1e-6 * T**2 * s.n_tokens
         assert torch.isfinite(grad).all()
 
 
