@@ -210,3 +210,18 @@ def test_log_history_in_trainer_state_is_bounded(tokenizer_dir, data_file, monke
     train_steps(DistillObjective(model), opt, make_scheduler(opt, "constant", 0, None), DataStream(ds, 2),
                 state, LoopConfig(), until_step=6, seq_len_at=lambda s: 64)
     assert [h["step"] for h in state.log_history] == [4, 5, 6]
+
+
+def test_packed_stream_fills_at_most_micro_batch_rows_and_takes_every_example_once(tokenizer_dir, data_file):
+    ds = KDDataset(data_file, tokenizer_dir, 64)
+    stream = DataStream(ds, micro_batch_size=2, seed=0, packing=True, max_epochs=1)
+    taken, batches = 0, 0
+    while (got := stream.next_micro_batch(64)) is not None:
+        batch, n = got
+        assert batch["input_ids"].shape == (batch["input_ids"].shape[0], 64) and batch["input_ids"].shape[0] <= 2
+        # every example's tokens are in the batch: rows hold exactly the taken examples' lengths
+        assert int((batch["seq_ids"] >= 0).sum()) == sum(len(ds[i]["input_ids"]) for i in
+                                                         stream._perm[stream.index - n:stream.index])
+        taken += n
+        batches += 1
+    assert taken == len(ds) and batches < len(ds) / 2  # several examples per micro-batch

@@ -182,9 +182,6 @@ class KDDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def lengths(self) -> list[int]:
-        return [min(len(e), self.max_seq_length) for e in self.examples]
-
     def item(self, i: int, max_len: int | None = None) -> dict:
         """Example i as tensors, truncated to max_len (default: max_seq_length)."""
         ex = self.examples[i]
@@ -236,16 +233,22 @@ def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> di
     return batch
 
 
-def _pack(items: list[dict], pad_id: int, L: int) -> dict:
-    rows: list[list[dict]] = [[]]
-    used = [0]
-    for x in items:  # first fit, in order (the order is the sampler's)
-        n = len(x["input_ids"])
-        if used[-1] + n > L and rows[-1]:
+def pack_rows(lengths: list[int], L: int) -> list[list[int]]:
+    """Indices of examples per row of L tokens: in order, a new row when the next one does not fit
+    (the order is the sampler's, so a resumed run packs the same rows)."""
+    rows: list[list[int]] = [[]]
+    used = 0
+    for i, n in enumerate(lengths):
+        if used + n > L and rows[-1]:
             rows.append([])
-            used.append(0)
-        rows[-1].append(x)
-        used[-1] += n
+            used = 0
+        rows[-1].append(i)
+        used += n
+    return rows
+
+
+def _pack(items: list[dict], pad_id: int, L: int) -> dict:
+    rows = [[items[i] for i in row] for row in pack_rows([len(x["input_ids"]) for x in items], L)]
     B = len(rows)
     K = max((x["topk_ids"].shape[1] for x in items if "topk_ids" in x), default=0)
     batch = {

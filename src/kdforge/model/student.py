@@ -7,7 +7,7 @@ apply. GQA is one field: `n_kv_heads` (must divide `n_heads`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -149,10 +149,3 @@ def write_student(cfg: ModelCfg, tokenizer_dir: str | Path | None, out: str | Pa
     if tok is not None:
         tok.save_pretrained(out)
     return out
-
-
-def cfg_dict(cfg: ModelCfg) -> dict:
-    return asdict(cfg)
-
-
-MODEL_FIELDS = [f.name for f in fields(ModelCfg)]

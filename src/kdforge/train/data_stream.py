@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from kdforge.data.dataset import KDDataset, collate
+from kdforge.data.dataset import KDDataset, collate, pack_rows
 from kdforge.errors import DataError, UsageError
 
 
@@ -86,22 +86,14 @@ class DataStream:
                 items.append(self.ds.item(self._peek(), seq_len))
                 self._advance()
             return collate(items, self.pad_id), len(items)
-        budget = self.mbs * seq_len
-        used = 0
-        rows_used = [0]
+        lengths: list[int] = []
         while not self.exhausted():
             x = self.ds.item(self._peek(), seq_len)
-            n = len(x["input_ids"])
-            if rows_used[-1] + n > seq_len:
-                if len(rows_used) == self.mbs:
-                    break
-                rows_used.append(0)
-            rows_used[-1] += n
-            used += n
+            if len(pack_rows([*lengths, len(x["input_ids"])], seq_len)) > self.mbs:
+                break  # it would open a row past micro_batch_size: it starts the next micro-batch
+            lengths.append(len(x["input_ids"]))
             items.append(x)
             self._advance()
-            if used >= budget:
-                break
         return collate(items, self.pad_id, packed_len=seq_len), len(items)
 
 

@@ -55,7 +55,7 @@ class DistillObjective(nn.Module):
         sel = labels != IGNORE
         targets = labels[sel]
         dtype = next(self.lm.parameters()).dtype
-        hidden = _hidden(self.lm, batch, torch.float32 if dtype == torch.float32 else dtype)
+        hidden = _hidden(self.lm, batch, dtype)
         h = hidden[:, :-1][sel]
         head = base_lm(self.lm).get_output_embeddings()
         chunk = self.chunk_size
