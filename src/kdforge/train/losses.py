@@ -10,10 +10,11 @@ Divergences, with temperature T, p_T = softmax(teacher / T) and q_T = softmax(st
   rkl = KL(q_T || p_T)                                        (mode-seeking)
   jsd = beta * KL(p_T || m) + (1 - beta) * KL(q_T || m),  m = beta * p_T + (1 - beta) * q_T
 each multiplied by T^2 so that gradient magnitudes do not shrink as 1/T^2 when T grows. beta = 0.5
-is the symmetric Jensen-Shannon divergence. At beta = 0 or 1, m equals one of the two distributions
-and the formula is identically 0 (its continuous limit); TRL and Liger instead special-case those
-endpoints to forward / reverse KL, for which use kind="fkl" / "rkl". Cross-entropy is always at T = 1
-on the target tokens.
+is the symmetric Jensen-Shannon divergence. The endpoints follow TRL's generalized JSD
+(GKDTrainer.generalized_jsd_loss) and GKD's reading of beta as the interpolation towards reverse KL:
+beta = 0 is forward KL(p_T || q_T) and beta = 1 is reverse KL(q_T || p_T). (The mixture formula
+itself is identically 0 there, since m equals one side; a silent 0 would train CE only.)
+Cross-entropy is always at T = 1 on the target tokens.
 
 The teacher is either dense logits [N, V] (a local model) or sparse: the top-K log-probs an API
 returns for each position, which leave the rest of the teacher's mass unaccounted for.
@@ -228,22 +229,12 @@ def _divergence(logp, logq, kind, beta):
     # exp() of it is exactly 0 and floor - floor = 0, so they contribute exactly 0 with zero gradient,
     # where -inf would give 0 * (-inf) = NaN (and NaN gradients through logaddexp).
     logp, logq = logp.clamp(min=LOG_FLOOR), logq.clamp(min=LOG_FLOOR)
-    if kind == "fkl":
+    if kind == "fkl" or (kind == "jsd" and beta == 0.0):  # TRL: jsd at beta 0 is forward KL
         return _kl(logp, logq)
-    if kind == "rkl":
+    if kind == "rkl" or (kind == "jsd" and beta == 1.0):  # and at beta 1 reverse KL
         return _kl(logq, logp)
-    if beta == 0.0:  # m = q_T: both terms vanish (see the module docstring)
-        logm = logq
-    elif beta == 1.0:  # m = p_T
-        logm = logp
-    else:
-        logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
-    div = torch.zeros_like(logp[..., 0])
-    if beta > 0.0:
-        div = div + beta * _kl(logp, logm)
-    if beta < 1.0:
-        div = div + (1.0 - beta) * _kl(logq, logm)
-    return div
+    logm = torch.logaddexp(logp + math.log(beta), logq + math.log1p(-beta))
+    return beta * _kl(logp, logm) + (1.0 - beta) * _kl(logq, logm)
 
 
 def _kl(logp, logq):
