@@ -116,3 +116,55 @@ def test_topk_from_another_tokenizer_is_a_clear_error(tmp_path, tokenizer_dir):
                                 {"token": "ha echo", "logprob": -0.2, "top": []}]}
     with pytest.raises(DataError, match="same tokenizer"):
         KDDataset(write_jsonl(tmp_path / "k.jsonl", [rec]), tokenizer_dir, 64, with_topk=True)
+
+
+# ---------------------------------------------------------------- hostile teacher_logprobs, CE-only rows
+
+
+@pytest.mark.parametrize("lp,reason", [
+    ([1, 2], "'teacher_logprobs[0]' must be an object"),
+    ([{"logprob": -0.1}], "'teacher_logprobs[0]' needs 'token'"),
+    ([{"token": "alpha"}], "'teacher_logprobs[0]' needs 'logprob'"),
+    ([{"token": "alpha", "logprob": "low"}], "'teacher_logprobs[0].logprob' must be a finite number"),
+    ([{"token": "alpha", "logprob": float("nan")}], "'teacher_logprobs[0].logprob' must be a finite number"),
+    ([{"token": "alpha", "logprob": float("inf")}], "'teacher_logprobs[0].logprob' must be a finite number"),
+    ([{"token": "alpha", "logprob": 0.5}], "'teacher_logprobs[0].logprob' must be <= 0"),
+    ([{"token": "alpha", "logprob": -0.1, "top": [3]}], "'teacher_logprobs[0].top[0]' must be an object"),
+    ([{"token": "alpha", "logprob": -0.1, "top": {"a": 1}}], "'teacher_logprobs[0].top' must be a list"),
+    ([{"token": "alpha", "logprob": -0.1, "top": [{"token": "a", "logprob": float("-inf")}]}],
+     "'teacher_logprobs[0].top[0].logprob' must be a finite number"),
+    ([{"token": "alpha", "logprob": -0.1, "bytes": [300]}], "'teacher_logprobs[0].bytes' must be a list of"),
+])
+def test_malformed_teacher_logprobs_are_data_errors(tmp_path, tokenizer_dir, lp, reason):
+    """Never AttributeError/TypeError (they crash-loop the daemon): a DataError naming file:line."""
+    from transformers import AutoTokenizer
+
+    good = _topk_record(AutoTokenizer.from_pretrained(str(tokenizer_dir)), "alpha echo")
+    path = tmp_path / "bad.jsonl"
+    line = json.dumps({"prompt": "hi", "teacher_text": "alpha", "teacher_logprobs": lp})
+    path.write_text(json.dumps(good) + "\n" + line + "\n")
+    with pytest.raises(DataError) as e:
+        KDDataset(path, tokenizer_dir, 64, with_topk=True)
+    assert f"{path}:2:" in str(e.value) and reason in str(e.value)
+    ds = KDDataset(path, tokenizer_dir, 64, with_topk=True, strict=False)  # the daemon's lenient mode
+    assert len(ds) == 1 and ds.problems[0].line == 2
+
+
+def test_text_lines_with_sparse_kd_train_ce_only_and_are_counted(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    rows = [_topk_record(tok, "alpha echo"), {"text": "bravo charlie"}, FORMATS[1]]
+    ds = KDDataset(write_jsonl(tmp_path / "m.jsonl", rows), tokenizer_dir, 64, with_topk=True)
+    assert ds.ce_only == 2  # the text line and the prompt/completion line: no teacher rows
+    for i in (1, 2):
+        x = ds[i]
+        assert (x["topk_ids"] == -1).all() and x["topk_ids"].shape[0] == x["input_ids"].shape[0]
+    assert (ds[0]["topk_ids"] >= 0).any()
+    collate([ds[0], ds[1], ds[2]], tok.pad_token_id)
+
+
+def test_sparse_kd_without_any_teacher_rows_is_an_error(tmp_path, tokenizer_dir):
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "bravo charlie"}, FORMATS[1]])
+    with pytest.raises(DataError, match="no teacher_logprobs"):
+        KDDataset(path, tokenizer_dir, 64, with_topk=True)

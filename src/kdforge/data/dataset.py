@@ -114,14 +114,26 @@ class KDDataset(torch.utils.data.Dataset):
         self.eos_id = self.tokenizer.eos_token_id
         self._token_map: TokenMap | None = None
         self.misaligned: list[DataError] = []  # top-k rows that did not match the response tokens
+        # (file, line) of records without teacher_logprobs under sparse KD: they train with CE only
+        self.ce_only_lines: list[tuple[str | None, int]] = []
         self.examples = [self._encode(r) for r in records]
         self.truncated = sum(1 for e in self.examples if len(e) > max_seq_length)
+        if with_topk and records and self.ce_only == len(records):
+            path, line = self.ce_only_lines[0]
+            raise DataError("no teacher_logprobs in any record: sparse KD (loss.kind fkl/rkl/jsd without "
+                            "teacher.path) needs generate --top-logprobs K, or use loss.kind=ce", path, line)
         if with_topk and len(self.misaligned) > MISALIGNED_SHARE * len(records):
             # Many samples disagree: the teacher used another tokenizer. A few: the teacher emitted
             # a non-canonical tokenization (e.g. "a"+"b" where BPE merges "ab"); those keep CE only.
             first = self.misaligned[0]
             raise DataError(f"{len(self.misaligned)} of {len(records)} samples: {first.args[0].split(': ', 1)[-1]}",
                             first.path, first.line)
+
+    @property
+    def ce_only(self) -> int:
+        """Records that train with CE only under sparse KD because they carry no teacher_logprobs
+        (text lines, prompt/completion...); a caller logs it. Misaligned ones are in `misaligned`."""
+        return len(self.ce_only_lines)
 
     # ------------------------------------------------------------------ encoding
     def _prompt_text(self, msgs: list[dict]) -> str:
@@ -135,26 +147,27 @@ class KDDataset(torch.utils.data.Dataset):
         tok = self.tokenizer
         if rec.is_text:
             ids = tok(rec.response, add_special_tokens=False)["input_ids"] + [self.eos_id]
-            return Example([], ids, source=rec.source or "", line=rec.line)
-        prompt_ids = tok(self._prompt_text(rec.prompt_messages), add_special_tokens=False)["input_ids"]
-        resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
-        ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
-        if self.with_topk:
+            ex = Example([], ids, source=rec.source or "", line=rec.line)
+        else:
+            prompt_ids = tok(self._prompt_text(rec.prompt_messages), add_special_tokens=False)["input_ids"]
+            resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
+            ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
+        if not self.with_topk:
+            return ex
+        if not rec.teacher_logprobs:  # text lines, prompt/completion...: CE only, counted
+            self.ce_only_lines.append((rec.metadata.get("_path"), rec.line))
+        else:
             try:
-                ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, resp_ids)
+                ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, ex.response_ids[:-1])
+                return ex
             except DataError as e:
-                if not rec.teacher_logprobs:
-                    raise
                 self.misaligned.append(e)  # judged once all records are read
-                ex.topk_ids = ex.topk_logprobs = [[] for _ in ex.response_ids]
+        ex.topk_ids = ex.topk_logprobs = [[] for _ in ex.response_ids]
         return ex
 
     def _align_topk(self, rec: Record, resp_ids: list[int]):
         where = (rec.metadata.get("_path"), rec.line)
         lp = rec.teacher_logprobs
-        if not lp:
-            raise DataError("no teacher_logprobs: sparse KD (loss.kind fkl/rkl/jsd without teacher.path) "
-                            "needs generate --top-logprobs K, or use loss.kind=ce", *where)
         if self._token_map is None:
             self._token_map = TokenMap(self.tokenizer)
         tm = self._token_map

@@ -124,17 +124,6 @@ def _diversity(recs: list[Record]) -> dict[str, dict[str, float]]:
     return out
 
 
-def _check_logprobs(lp) -> str | None:
-    for i, e in enumerate(lp or []):
-        if not isinstance(e, dict) or not isinstance(e.get("token"), str) or not isinstance(e.get("logprob"), (int, float)):
-            return f"teacher_logprobs[{i}] needs 'token' (string) and 'logprob' (number)"
-        if not e["logprob"] <= 1e-6:  # NaN fails too; 1e-6 of float slack above 0
-            return f"teacher_logprobs[{i}].logprob is {e['logprob']}; a log-probability is <= 0"
-        if not isinstance(e.get("top", []), list):
-            return f"teacher_logprobs[{i}].top must be a list"
-    return None
-
-
 def validate_file(path: str | Path, tokenizer=None) -> FileReport:
     """The report for one file (see the module docstring). Never raises for bad lines."""
     path = Path(path)
@@ -162,10 +151,6 @@ def validate_file(path: str | Path, tokenizer=None) -> FileReport:
             if "response is empty" in str(e):
                 rep.empty += 1
             rep.unusable.append((i, str(e)))
-            continue
-        bad = _check_logprobs(rec.teacher_logprobs)
-        if bad:
-            rep.unusable.append((i, bad))
             continue
         rec.line = i
         recs.append(rec)

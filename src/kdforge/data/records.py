@@ -11,6 +11,7 @@ Accepted lines (SPEC "generate" and "train"):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +59,48 @@ def _check_messages(msgs: Any, key: str) -> list[dict[str, str]]:
     return out
 
 
+# A stored logprob may round a little above 0 (APIs print a few digits); beyond this it is not a logprob.
+LOGPROB_SLACK = 1e-4  # nats
+
+
+def _check_token(e: Any, where: str) -> None:
+    """One {token, logprob, bytes?} entry of teacher_logprobs (or of its `top`)."""
+    if not isinstance(e, dict):
+        raise ValueError(f"'{where}' must be an object {{token, logprob, top?, bytes?}}, got {type(e).__name__}")
+    for key in ("token", "logprob"):
+        if key not in e:
+            raise ValueError(f"'{where}' needs '{key}'")
+    if not isinstance(e["token"], str):
+        raise ValueError(f"'{where}.token' must be a string")
+    lp = e["logprob"]
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)) or not math.isfinite(lp):
+        raise ValueError(f"'{where}.logprob' must be a finite number, got {lp!r}")
+    if lp > LOGPROB_SLACK:
+        raise ValueError(f"'{where}.logprob' must be <= 0 (a log-probability in nats), got {lp!r}")
+    b = e.get("bytes")
+    if b is not None and not (isinstance(b, list) and all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in b)):
+        raise ValueError(f"'{where}.bytes' must be a list of integers 0-255 (the token's UTF-8 bytes)")
+
+
+def _check_logprobs(lp: Any) -> list[dict[str, Any]] | None:
+    """generate's teacher_logprobs, checked entry by entry so a bad teacher or file is a named error."""
+    if lp is None:
+        return None
+    if not isinstance(lp, list):
+        raise ValueError("'teacher_logprobs' must be a list")
+    for t, e in enumerate(lp):
+        _check_token(e, f"teacher_logprobs[{t}]")
+        top = e.get("top")
+        if top is None:
+            continue
+        if not isinstance(top, list):
+            raise ValueError(f"'teacher_logprobs[{t}].top' must be a list")
+        for k, alt in enumerate(top):
+            _check_token(alt, f"teacher_logprobs[{t}].top[{k}]")
+    return lp or None
+
+
 def parse_record(obj: Any) -> Record:
     """Normalise one decoded JSON line. Raises ValueError with a reason if it is unusable."""
     if not isinstance(obj, dict):
@@ -74,10 +117,7 @@ def parse_record(obj: Any) -> Record:
             prompt_msgs = [{"role": "user", "content": obj["prompt"]}]
         else:
             raise ValueError("a 'teacher_text' record needs 'prompt' (string) or 'messages'")
-        lp = obj.get("teacher_logprobs")
-        if lp is not None and not isinstance(lp, list):
-            raise ValueError("'teacher_logprobs' must be a list")
-        rec = Record(prompt_msgs, response, lp or None, rid, source, meta)
+        rec = Record(prompt_msgs, response, _check_logprobs(obj.get("teacher_logprobs")), rid, source, meta)
     elif "completion" in obj and "prompt" in obj:
         if not isinstance(obj["prompt"], str):
             raise ValueError("'prompt' must be a string")
