@@ -8,6 +8,12 @@ tokens-per-minute limits (token buckets, as OpenAI quantises them), inject 429s 
 for prompts holding a marker. It counts everything it received (`hits`), and what it billed:
 a completion counts as billed once generated, even if the connection is then dropped.
 
+It can also lie, request by request, from a `script` of `Act`s (the i-th request plays
+`script[i % len(script)]`): usage that is missing, negative, huge, a string or a bool; 5xx
+answers after the upstream generated (and billed) the completion, as gateways do with 502/504;
+bodies echoing the API key at any offset; garbage JSON, truncated bodies and slow drips. What it
+billed is always the honest count, whatever it reports.
+
     with FaultServer(FaultConfig(api_key="sk-test", p429=0.3)) as srv:
         ... kdforge generate --teacher srv.url ...
         assert srv.count(status=200) == 20
@@ -31,6 +37,21 @@ WORDS = ("the teacher writes a careful answer with steps and checks each result 
          "to the next part of the question so the student can learn from every token").split()
 
 
+USAGE_LIES = ("honest", "missing", "negative", "huge", "string", "bool", "float", "over")
+
+
+@dataclass(frozen=True)
+class Act:
+    """How the server answers one request (see `FaultConfig.script`)."""
+
+    status: int = 200  # 200, or an error status (400, 500, 502, 503, 504 ...)
+    usage: str = "honest"  # one of USAGE_LIES: what `usage` reports (billing stays honest)
+    billed: bool = False  # for a 5xx: the upstream generated the completion and billed it
+    echo_key_at: int | None = None  # the key is echoed in the answer (or error message) at this offset
+    body: str = "json"  # json | garbage (not JSON) | truncated (closed mid-body)
+    drip: float = 0.0  # seconds between the body's 4 chunks (a slow drip)
+
+
 @dataclass
 class FaultConfig:
     api_key: str | None = None  # required bearer key; None accepts any
@@ -50,6 +71,10 @@ class FaultConfig:
     usage: bool = True  # include `usage` in answers
     completion_tokens: int | None = None  # fixed completion length (capped by max_tokens); None: varies
     bad_marker: str = "<<400>>"  # prompts containing this get a 400
+    p500_billed: float = 0.0  # probability an injected 5xx was generated and billed upstream first
+    status_5xx: int = 500  # the status of injected 5xx answers (502/504: a gateway in front)
+    answer: str | None = None  # fixed answer text, sent as 3-byte tokens (splits non-ASCII characters)
+    script: tuple[Act, ...] | None = None  # per-request behaviour, cycled; None: the random faults above
     seed: int = 0
 
 
@@ -61,8 +86,9 @@ class Hit:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     billed: bool = False
-    kind: str = ""  # "ok", "auth", "model", "limit", "inj429", "inj500", "drop", "bad"
+    kind: str = ""  # "ok", "auth", "model", "limit", "inj429", "inj500", "drop", "bad", "scripted"
     body: dict = field(default_factory=dict)
+    act: Act | None = None  # the scripted behaviour it got, if any
 
 
 class _Bucket:
@@ -212,6 +238,8 @@ class FaultServer:
                 headers["retry-after"] = str(max(1, round(wait)))
                 return self._err(hit, 429, "limit", "Rate limit reached for requests.", "rate_limit_exceeded",
                                  headers)
+            if c.script:
+                return self._scripted(hit, body, prompt, ptoks, max_tokens, headers)
             r = self.rng.random()
             if r < c.p429:
                 if c.retry_after_ms is not None:
@@ -220,7 +248,9 @@ class FaultServer:
                     headers["retry-after"] = str(c.retry_after_s)
                 return self._err(hit, 429, "inj429", "Rate limit reached (injected).", "rate_limit_exceeded", headers)
             if r < c.p429 + c.p500:
-                return self._err(hit, 500, "inj500", "The server had an error (injected).", None, headers)
+                if self.rng.random() < c.p500_billed:  # generated upstream, then the gateway failed
+                    self._bill(hit, prompt, ptoks, max_tokens, body)
+                return self._err(hit, c.status_5xx, "inj500", "The server had an error (injected).", None, headers)
             if c.bad_marker and c.bad_marker in prompt:
                 return self._err(hit, 400, "bad", "This model's maximum context length was exceeded (injected).",
                                  "context_length_exceeded", headers)
@@ -233,10 +263,55 @@ class FaultServer:
                 hit.kind = "slow"
         return 200, self._completion(body, prompt, ptoks, ctoks, max_tokens), headers, hit
 
+    def _bill(self, hit: Hit, prompt: str, ptoks: int, max_tokens: int, body: dict) -> int:
+        """Generate (and bill) a completion for this hit; returns its length in tokens."""
+        ctoks = self._completion_len(prompt, max_tokens)
+        hit.billed, hit.prompt_tokens, hit.completion_tokens, hit.body = True, ptoks, ctoks, body
+        return ctoks
+
+    def _scripted(self, hit: Hit, body: dict, prompt: str, ptoks: int, max_tokens: int, headers: dict):
+        act = self.cfg.script[(len(self.hits) - 1) % len(self.cfg.script)]
+        hit.act, key = act, self.cfg.api_key or ""
+        if act.status != 200:
+            if act.billed:
+                self._bill(hit, prompt, ptoks, max_tokens, body)
+            msg = "The request could not be served (scripted). " * 10
+            if act.echo_key_at is not None:
+                at = min(act.echo_key_at, len(msg))
+                msg = msg[:at] + key + msg[at:]
+            out = self._err(hit, act.status, "scripted", msg, None, headers)
+            if act.billed:  # what a provider that billed the failed answer may report
+                out[1]["usage"] = self._usage(act.usage, ptoks, hit.completion_tokens, max_tokens)
+            return out
+        ctoks = self._bill(hit, prompt, ptoks, max_tokens, body)
+        hit.status, hit.kind = 200, "scripted"
+        obj = self._completion(body, prompt, ptoks, ctoks, max_tokens)
+        if act.echo_key_at is not None:  # the answer itself quotes the key (a prompt-injected teacher)
+            text = obj["choices"][0]["message"]["content"]
+            at = min(act.echo_key_at, len(text))
+            obj["choices"][0]["message"]["content"] = text[:at] + key + text[at:]
+        usage = self._usage(act.usage, ptoks, ctoks, max_tokens)
+        if usage is None:
+            obj.pop("usage", None)
+        else:
+            obj["usage"] = usage
+        return 200, obj, headers, hit
+
+    @staticmethod
+    def _usage(lie: str, ptoks: int, ctoks: int, max_tokens: int) -> dict | None:
+        """The `usage` object an answer reports, honest or not (billing is always `ptoks`, `ctoks`)."""
+        p, c = {"honest": (ptoks, ctoks), "negative": (-1_000_000, -ctoks), "huge": (10**15, 10**15),
+                "string": ("lots", "many"), "bool": (True, False), "float": (ptoks + 0.5, float(ctoks)),
+                "over": (ptoks, max_tokens * 10)}.get(lie, (None, None))
+        if lie == "missing":
+            return None
+        return {"prompt_tokens": p, "completion_tokens": c,
+                "total_tokens": p + c if lie in ("honest", "negative", "huge", "over") else "?"}
+
     def _err(self, hit: Hit, status: int, kind: str, msg: str, code: str | None, headers: dict | None = None):
         hit.status, hit.kind = status, kind
         etype = {401: "invalid_request_error", 404: "invalid_request_error", 400: "invalid_request_error",
-                 429: "requests", 500: "server_error"}[status]
+                 429: "requests"}.get(status, "server_error")
         return status, {"error": {"message": msg, "type": etype, "param": None, "code": code}}, headers or {}, hit
 
     def _completion_len(self, prompt: str, max_tokens: int) -> int:
@@ -249,19 +324,24 @@ class FaultServer:
     def _completion(self, body: dict, prompt: str, ptoks: int, ctoks: int, max_tokens: int) -> dict:
         digest = hashlib.sha256(f"{prompt}|{body.get('temperature')}".encode()).hexdigest()[:8]
         rng = random.Random(digest)
-        tokens = [f"[{digest}]"] + [" " + rng.choice(WORDS) for _ in range(ctoks - 1)]
-        msg = {"role": "assistant", "content": "".join(tokens)}
+        if self.cfg.answer is not None:  # byte-level tokens: a character may span two of them
+            raw = f"[{digest}] {self.cfg.answer}".encode()
+            pieces = [raw[i:i + 3] for i in range(0, len(raw), 3)]
+        else:
+            pieces = [t.encode() for t in [f"[{digest}]"] + [" " + rng.choice(WORDS) for _ in range(ctoks - 1)]]
+        tokens = [p.decode("utf-8", "replace") for p in pieces]
+        msg = {"role": "assistant", "content": b"".join(pieces).decode()}
         choice = {"index": 0, "message": msg, "finish_reason": "length" if ctoks >= max_tokens else "stop",
                   "logprobs": None}
         if body.get("logprobs"):
             k = int(body.get("top_logprobs") or 0)
             content = []
-            for tok in tokens:
+            for tok, piece in zip(tokens, pieces):
                 lp = -round(rng.random() * 0.5, 4)
-                alts = [{"token": tok, "logprob": lp, "bytes": list(tok.encode())}]
+                alts = [{"token": tok, "logprob": lp, "bytes": list(piece)}]
                 alts += [{"token": " " + w, "logprob": lp - 1 - i, "bytes": list((" " + w).encode())}
                          for i, w in enumerate(rng.sample(WORDS, max(0, k - 1)))]
-                content.append({"token": tok, "logprob": lp, "bytes": list(tok.encode()), "top_logprobs": alts[:k]})
+                content.append({"token": tok, "logprob": lp, "bytes": list(piece), "top_logprobs": alts[:k]})
             choice["logprobs"] = {"content": content, "refusal": None}
         out = {"id": f"chatcmpl-{digest}", "object": "chat.completion", "created": int(time.time()),
                "model": body.get("model", "fault-teacher"), "choices": [choice]}
@@ -282,15 +362,29 @@ def _make_handler(srv: FaultServer):
         def log_message(self, *args) -> None:  # quiet
             pass
 
-        def _send(self, status: int, obj: dict, headers: dict | None = None) -> None:
+        def _send(self, status: int, obj: dict, headers: dict | None = None, act: Act | None = None) -> None:
             data = json.dumps(obj).encode()
+            if act is not None and act.body == "garbage":
+                data = b'{"id": "chatcmpl-x", "choices": [{"message": ' + data[: len(data) // 3] + b"<html>oops"
             self.send_response(status)
             self.send_header("content-type", "application/json")
             self.send_header("content-length", str(len(data)))
             for k, v in (headers or {}).items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(data)
+            if act is not None and act.body == "truncated":  # promise the whole body, send half, hang up
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            chunks = 4 if act is not None and act.drip else 1
+            step = -(-len(data) // chunks)
+            for i in range(0, len(data), step):
+                if i:
+                    time.sleep(act.drip)
+                self.wfile.write(data[i:i + step])
+                self.wfile.flush()
 
         def do_GET(self) -> None:
             if self.path.rstrip("/").endswith("/models"):
@@ -326,8 +420,8 @@ def _make_handler(srv: FaultServer):
                             pass
                         return
                 try:
-                    self._send(status, obj, headers)
-                except (BrokenPipeError, ConnectionResetError):
+                    self._send(status, obj, headers, hit.act)
+                except (BrokenPipeError, ConnectionResetError, OSError):
                     self.close_connection = True  # the client gave up (timeout); it was still billed
             finally:
                 with srv.lock:
