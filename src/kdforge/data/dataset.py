@@ -7,11 +7,16 @@ than `max_seq_length` are truncated so that the response is kept: prompt tokens 
 left), and only a response longer than the budget loses its tail.
 
 Teacher top-k logprobs (`teacher_logprobs` in generate's output) are aligned 1:1 to the response
-tokens when the teacher used the same tokenizer; otherwise a clear error names the line.
+tokens when the teacher used the same tokenizer; otherwise a clear error names the line. Tokens are
+matched by their raw bytes (OpenAI's `bytes`, on every token and alternative), so a token holding
+part of a UTF-8 character maps to its own id; a teacher that sends no bytes is matched by text,
+where every partial character reads "\ufffd" and such alternatives are dropped, never guessed.
+Records without teacher rows (text lines...) train with CE only and are counted (`ce_only`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -54,21 +59,70 @@ def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int]]:
     return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep]
 
 
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """The raw bytes of every token id (None where unknown).
+
+    Byte-level BPE (GPT-2, Llama-3, Qwen, kdforge's own): the vocabulary piece read back through
+    GPT-2's bytes<->unicode table, so a token holding half of a UTF-8 character has its real bytes
+    (its decoded text is only "\ufffd"). SentencePiece byte fallback: `<0xNN>`. Special and added
+    tokens, and other schemes: the UTF-8 of the decoded text, unless that text is lossy.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_level = "ByteLevel" in repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
+    to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    added = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
+    out: list[bytes | None] = []
+    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        m = _SP_BYTE.fullmatch(piece) if isinstance(piece, str) else None
+        if byte_level and i not in added and isinstance(piece, str) and all(c in to_byte for c in piece):
+            out.append(bytes(to_byte[c] for c in piece))
+        elif m and i not in added:
+            out.append(bytes([int(m.group(1), 16)]))
+        else:
+            text = tokenizer.decode([i])
+            out.append(None if "\ufffd" in text else text.encode("utf-8"))
+    return out
+
+
+def _unique(pairs) -> dict:
+    """key -> id for keys that name exactly one id (an ambiguous key maps to nothing)."""
+    first: dict = {}
+    seen_twice = set()
+    for key, i in pairs:
+        if key in first:
+            seen_twice.add(key)
+        first.setdefault(key, i)
+    return {k: i for k, i in first.items() if k not in seen_twice}
+
+
 class TokenMap:
-    """Maps a teacher token's text to the student tokenizer's id (None if absent or ambiguous)."""
+    """Maps a teacher token entry ({token, logprob, bytes?}) to the student tokenizer's id.
+
+    By OpenAI's `bytes` when the entry has them: exact, also for partial UTF-8 characters. Else by
+    the token's text, a fallback for teachers that send no bytes: every partial character decodes to
+    "\ufffd", so those (and any text two ids share) map to nothing.
+    """
 
     def __init__(self, tokenizer):
-        self.tok = tokenizer
-        counts: dict[str, int] = {}
-        first: dict[str, int] = {}
-        for i in range(len(tokenizer)):
-            s = tokenizer.decode([i])
-            counts[s] = counts.get(s, 0) + 1
-            first.setdefault(s, i)
-        self.map = {s: i for s, i in first.items() if counts[s] == 1 and s != "\ufffd"}
+        self.bytes = token_bytes(tokenizer)
+        self.by_bytes = _unique((b, i) for i, b in enumerate(self.bytes) if b is not None)
+        self.text = [tokenizer.decode([i]) for i in range(len(tokenizer))]
+        self.by_text = _unique((t, i) for i, t in enumerate(self.text) if t != "\ufffd")
 
-    def __call__(self, text: str) -> int | None:
-        return self.map.get(text)
+    def __call__(self, entry: dict) -> int | None:
+        if entry.get("bytes") is not None:
+            return self.by_bytes.get(bytes(entry["bytes"]))
+        return self.by_text.get(entry["token"])
+
+    def matches(self, entry: dict, token_id: int) -> bool:
+        """Whether the teacher's entry is the student's token `token_id`."""
+        if entry.get("bytes") is not None:
+            return self.bytes[token_id] == bytes(entry["bytes"])
+        return self.text[token_id] == entry["token"] or self(entry) == token_id
 
 
 def load_tokenizer(path_or_tok):
@@ -171,18 +225,17 @@ class KDDataset(torch.utils.data.Dataset):
         if self._token_map is None:
             self._token_map = TokenMap(self.tokenizer)
         tm = self._token_map
-        chosen = [e.get("token") for e in lp]
-        if len(chosen) != len(resp_ids) or any(
-                self.tokenizer.decode([i]) != c and tm(c) != i for i, c in zip(resp_ids, chosen)):
+        if len(lp) != len(resp_ids) or not all(tm.matches(e, i) for e, i in zip(lp, resp_ids)):
             raise DataError(
-                f"teacher_logprobs ({len(chosen)} tokens) do not align with the student tokenizer's "
+                f"teacher_logprobs ({len(lp)} tokens) do not align with the student tokenizer's "
                 f"{len(resp_ids)} response tokens: logit KD needs the teacher's tokenizer; "
                 "use the same tokenizer on both sides or loss.kind=ce", *where)
         ids, lps = [], []
         for i, e in zip(resp_ids, lp):
             row_ids, row_lp = [], []
-            for alt in e.get("top") or [{"token": e["token"], "logprob": e["logprob"]}]:
-                j = i if alt.get("token") == e.get("token") else tm(alt.get("token", ""))
+            # The chosen token closes the row when the top-k left it out: its logprob is the teacher's too.
+            for alt in [*(e.get("top") or []), e]:
+                j = i if alt is e else tm(alt)
                 if j is not None and j not in row_ids:
                     row_ids.append(j)
                     row_lp.append(float(alt["logprob"]))
