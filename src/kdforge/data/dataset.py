@@ -273,7 +273,8 @@ class KDDataset(torch.utils.data.Dataset):
 def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> dict:
     """Right-pad a list of items into a batch; or, with `packed_len`, pack them back to back into
     rows of exactly that many tokens (position ids restart at each example; a block-diagonal
-    attention mask keeps examples from seeing each other)."""
+    attention mask keeps examples from seeing each other; an example's first position is never a
+    target). Packed and padded batches hold the same targets."""
     if packed_len:
         return _pack(items, pad_id, packed_len)
     L = max(len(x["input_ids"]) for x in items)
@@ -332,6 +333,9 @@ def _pack(items: list[dict], pad_id: int, L: int) -> dict:
             n = min(len(x["input_ids"]), L - o)
             batch["input_ids"][b, o:o + n] = x["input_ids"][:n]
             batch["labels"][b, o:o + n] = x["labels"][:n]
+            # Position o's label would be predicted from the previous example's last token: never a
+            # target (padded batches never use an example's first label either).
+            batch["labels"][b, o] = IGNORE
             batch["position_ids"][b, o:o + n] = torch.arange(n)
             batch["seq_ids"][b, o:o + n] = s
             if K:
