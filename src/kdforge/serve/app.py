@@ -1,8 +1,14 @@
 """The HTTP API: FastAPI routes for `GET /v1/models`, `POST /v1/chat/completions` and
 `POST /v1/completions` (plain JSON or server-sent events with `stream: true`).
 
-A route checks the request, tokenizes the prompt, hands one job per choice to the engine and
-formats what comes back. Every error is an OpenAI error body (see `api_error.py`).
+A route checks the request, tokenizes the prompt (on a worker thread: a long prompt must not
+hold the event loop, which answers every other client), hands one job per choice to the engine
+and formats what comes back. Every error is an OpenAI error body (see `api_error.py`); a 500
+says only that something failed, the exception itself goes to the server's log.
+
+Limits: bodies over `max_body_bytes` get 413 before they are read; prompts and rows per request
+are capped in `schemas.py`; a non-streamed request whose client disconnects is cancelled (its
+rows leave the engine at the next step), as a streamed one already was.
 """
 
 from __future__ import annotations
@@ -10,26 +16,85 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import sys
 import time
+import traceback
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdforge.serve.api_error import APIError, invalid
 from kdforge.serve.engine import Engine
 from kdforge.serve.loader import ServedModel
 from kdforge.serve.output import Delta
-from kdforge.serve.responses import chat_logprobs, completion_logprobs, usage
+from kdforge.serve.responses import chat_logprobs, completion_logprobs, echo, joined, prompt_logprobs, usage
 from kdforge.serve.sampling import SamplingParams
 from kdforge.serve.schemas import ChatCompletionRequest, CompletionRequest
+from kdforge.serve.server import DEFAULT_MAX_BODY_BYTES
 from kdforge.serve.vocab import Vocab
 
 Job = tuple[list[int], SamplingParams]
+
+
+class _BodyCap:
+    """ASGI middleware: a body over `limit` bytes is answered 413 and never read further, whether
+    it announces its length (Content-Length) or not (chunked: counted as it arrives)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _too_large(self) -> APIError:
+        return APIError(f"The request body is larger than this server accepts ({self.limit} bytes; "
+                        "`kdforge serve --max-body-bytes` sets it): send fewer or shorter prompts per request.",
+                        status=413, code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self._too_large().response()(scope, receive, send)
+        seen, rejected = 0, False
+
+        async def capped_receive():
+            nonlocal seen, rejected
+            msg = await receive()
+            if msg["type"] == "http.request" and not rejected:
+                seen += len(msg.get("body", b""))
+                if seen > self.limit:
+                    rejected = True
+                    await self._too_large().response()(scope, receive, send)
+                    return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
+            return msg
+
+        async def guarded_send(msg):
+            if not rejected:
+                await send(msg)
+
+        await self.app(scope, capped_receive, guarded_send)
+
+
+async def _until_disconnect(request: Request) -> None:
+    """Returns once the client has gone (the body is read already, so `receive` now only reports
+    a disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _server_error(e: BaseException) -> APIError:
+    """A generic 500: exception text can hold paths, prompts or internals, so it goes only to the
+    server's log, under an id the client can quote."""
+    err_id = uuid.uuid4().hex[:12]
+    print(f"kdforge serve: internal error {err_id}:\n" + "".join(traceback.format_exception(e)),
+          file=sys.stderr, flush=True)
+    return APIError(f"The server had an error processing this request (error id {err_id}; the details are "
+                    "in the server's log).", status=500, type="server_error")
 
 
 async def _merged(engine: Engine, jobs: list[Job], stream: bool) -> AsyncIterator[tuple[int, Delta]]:
@@ -86,32 +151,39 @@ class _ChatFormat:
 class _TextFormat:
     object, prefix = "text_completion", "cmpl-"
 
-    def __init__(self, req: CompletionRequest, vocab: Vocab):
-        self.req, self.vocab = req, vocab
-        self.sent: dict[int, int] = {}  # choice -> characters streamed so far (text_offset)
+    def __init__(self, req: CompletionRequest, vocab: Vocab, job_prompts: list[list[int]]):
+        self.req, self.vocab, self.job_prompts = req, vocab, job_prompts
+        self.sent: dict[int, int] = {}  # choice -> characters sent so far (text_offset), echo included
 
-    def _logprobs(self, i: int, lps, text: str) -> dict | None:
-        off = self.sent.get(i, 0)
-        self.sent[i] = off + len(text)
-        return completion_logprobs(lps, self.vocab, off) if self.req.logprobs is not None else None
-
-    def choice(self, i: int, c: Delta) -> dict:
-        out = {"index": i, "text": c.text, "logprobs": self._logprobs(i, c.logprobs, c.text),
-               "finish_reason": c.finish_reason}
-        return out | ({"token_ids": c.token_ids} if self.req.return_token_ids else {})
+    def choice(self, i: int, d: Delta) -> dict:
+        """A choice's first delta (the whole of it, unless streamed) carries the echoed prompt."""
+        req, text, lps, extra = self.req, d.text, None, {}
+        if i not in self.sent:
+            self.sent[i] = 0
+            if req.echo:
+                prompt_text, lps = echo(self.job_prompts[i], d.prompt_logprobs, self.vocab, req.logprobs or 0)
+                text, self.sent[i] = prompt_text + text, len(prompt_text)
+            if req.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = prompt_logprobs(d.prompt_logprobs, self.vocab, req.prompt_logprobs)
+        if req.logprobs is not None:
+            gen = completion_logprobs(d.logprobs, self.vocab, self.sent[i])
+            lps = joined(lps, gen) if lps else gen
+        else:
+            lps = None
+        self.sent[i] += len(d.text)
+        out = {"index": i, "text": text, "logprobs": lps, "finish_reason": d.finish_reason} | extra
+        return out | ({"token_ids": d.token_ids} if req.return_token_ids else {})
 
     def opening(self, i: int) -> dict | None:
         return None
 
-    def chunk(self, i: int, d: Delta) -> dict:
-        out = {"index": i, "text": d.text, "logprobs": self._logprobs(i, d.logprobs, d.text),
-               "finish_reason": d.finish_reason}
-        return out | ({"token_ids": d.token_ids} if self.req.return_token_ids else {})
+    chunk = choice
 
 
-def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving `served` through `engine`. With `api_key`, every /v1 route needs
-    `Authorization: Bearer <api_key>` (401 otherwise)."""
+def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    """The ASGI app serving `served` through `engine`. With `api_key`, every /v1 route (and
+    /stats) needs `Authorization: Bearer <api_key>` (401 otherwise)."""
     app = FastAPI(title="kdforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
     vocab = Vocab(tok)
@@ -141,7 +213,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):
-        return APIError(f"internal error: {type(e).__name__}: {e}", status=500, type="server_error").response()
+        return _server_error(e).response()
 
     async def authorized(authorization: str | None = Header(None)) -> None:
         if api_key is None:
@@ -156,29 +228,57 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
             raise APIError(f"The model `{name}` does not exist. This server serves `{served.name}` "
                            "(see GET /v1/models).", status=404, param="model", code="model_not_found")
 
-    def jobs_for(req, prompt_ids: list[int], param: str, logprobs: bool, top: int) -> list[Job]:
+    # One worker: tokenizers are not meant to be shared across threads, and one long prompt at a
+    # time is what the engine could use anyway. The engine decodes with its own copy.
+    tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kdforge-tokenize")
+    tokenise_jobs = 0
+
+    async def off_loop(fn, *args):
+        nonlocal tokenise_jobs
+        tokenise_jobs += 1
+        return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
+
+    def jobs_for(req, prompt_ids: list[int], param: str, logprobs: bool, top: int,
+                 prompt_top: int | None = None) -> list[Job]:
         if not prompt_ids:
             raise invalid(param, "the prompt is empty: it must hold at least one token")
         room = served.context_len - len(prompt_ids)
-        max_tokens = req.limit or room
-        if room < 1 or max_tokens > room:
+        max_tokens = room if req.limit is None else req.limit
+        # max_tokens 0 (scoring) may fill the whole context; generating needs room for a token
+        if room < 0 or max_tokens > room or (req.limit is None and room < 1):
             raise APIError(f"This model's maximum context length is {served.context_len} tokens; the prompt "
                            f"has {len(prompt_ids)} and max_tokens asks for {max_tokens}. Shorten the prompt "
                            "or lower max_tokens.", param="max_tokens" if room > 0 else param,
                            code="context_length_exceeded")
         p = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                           stop=tuple(req.stop or ()), seed=req.seed, logprobs=logprobs, top_logprobs=top)
+                           stop=tuple(req.stop or ()), seed=req.seed, logprobs=logprobs, top_logprobs=top,
+                           prompt_logprobs=prompt_top)
         # n choices of one prompt: distinct but reproducible seeds
         return [(prompt_ids, p if req.seed is None else replace(p, seed=req.seed + j)) for j in range(req.n)]
 
-    async def respond(req, fmt, jobs: list[Job], prompt_tokens: int, extra: dict):
+    async def respond(request: Request, req, fmt, jobs: list[Job], prompt_tokens: int, extra: dict):
         rid, created = fmt.prefix + uuid.uuid4().hex, int(time.time())
         head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": None}
         if req.stream:
             return StreamingResponse(_sse(req, fmt, jobs, prompt_tokens, head), media_type="text/event-stream")
         deltas: list[list[Delta]] = [[] for _ in jobs]
-        async for i, d in _merged(engine, jobs, stream=False):
-            deltas[i].append(d)
+
+        async def collect() -> None:
+            async for i, d in _merged(engine, jobs, stream=False):
+                deltas[i].append(d)
+
+        # Nothing is sent until the end, so nothing else notices a client that left: watch for it,
+        # and cancel the generation (its rows leave the engine) instead of finishing it for nobody.
+        work, gone = asyncio.create_task(collect()), asyncio.create_task(_until_disconnect(request))
+        try:
+            await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+        if work.cancelled():  # the client left: nobody reads this answer
+            return Response(status_code=499)
+        work.result()  # an engine error propagates as the route's own
         comps = [Delta.join(ds) for ds in deltas]
         return {**head, "object": fmt.object, "choices": [fmt.choice(i, c) for i, c in enumerate(comps)],
                 "usage": usage(prompt_tokens, sum(c.completion_tokens for c in comps)), **extra}
@@ -198,7 +298,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
                 sampled[i] = d.completion_tokens
                 yield event([fmt.chunk(i, d)])
         except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
-            yield "data: " + json.dumps(APIError(str(e), status=500, type="server_error").body()) + "\n\n"
+            yield "data: " + json.dumps(_server_error(e).body()) + "\n\n"
             return
         if req.include_usage:
             yield event([], usage=usage(prompt_tokens, sum(sampled)))
@@ -209,6 +309,10 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": served.name}
+
+    @app.get("/stats", dependencies=[Depends(authorized)])
+    async def stats():
+        return engine.stats() | {"tokenise_jobs": tokenise_jobs}
 
     def model_card() -> dict:
         return {"id": served.name, "object": "model", "created": started, "owned_by": "kdforge",
@@ -223,35 +327,44 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None) -
         served_model(model_id)
         return model_card()
 
+    def chat_ids(messages: list[dict]) -> list[int]:
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
+            raise invalid("messages", f"cannot apply the chat template: {e}") from None
+        return tok(text, add_special_tokens=False)["input_ids"]
+
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         req.check()
         served_model(req.model)
         if not tok.chat_template:
             raise invalid("messages", f"model {served.name} has no chat template; use /v1/completions")
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
-            raise invalid("messages", f"cannot apply the chat template: {e}") from None
-        ids = tok(text, add_special_tokens=False)["input_ids"]
+        except ValueError as e:
+            raise invalid("messages", str(e)) from None
+        ids = await off_loop(chat_ids, messages)
         jobs = jobs_for(req, ids, "messages", req.logprobs, req.top_logprobs or 0)
         extra = {"prompt_token_ids": ids} if req.return_token_ids else {}
-        return await respond(req, _ChatFormat(req, vocab), jobs, len(ids), extra)
+        return await respond(request, req, _ChatFormat(req, vocab), jobs, len(ids), extra)
+
+    def tokenized(prompts: list[str | list[int]]) -> list[list[int]]:
+        return [p if isinstance(p, list) else tok(p)["input_ids"] for p in prompts]
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         req.check()
         served_model(req.model)
-        jobs, prompt_tokens, prompt_ids = [], 0, []
-        for p in req.prompts():
-            ids = p if isinstance(p, list) else tok(p)["input_ids"]
+        prompt_ids = await off_loop(tokenized, req.prompts())
+        jobs: list[Job] = []
+        for ids in prompt_ids:
             if any(not 0 <= t < len(tok) for t in ids):
                 raise invalid("prompt", f"token ids must lie in [0, {len(tok)})")
-            jobs += jobs_for(req, ids, "prompt", req.logprobs is not None, req.logprobs or 0)
-            prompt_tokens += len(ids)
-            prompt_ids.append(ids)
+            jobs += jobs_for(req, ids, "prompt", req.logprobs is not None, req.logprobs or 0, req.prompt_top)
+        job_prompts = [ids for ids in prompt_ids for _ in range(req.n)]
         extra = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
-        return await respond(req, _TextFormat(req, vocab), jobs, prompt_tokens, extra)
+        return await respond(request, req, _TextFormat(req, vocab, job_prompts), jobs,
+                             sum(map(len, prompt_ids)), extra)
 
-    return app
+    return _BodyCap(app, max_body_bytes)

@@ -25,10 +25,26 @@ from transformers import DynamicCache
 
 from kdforge.serve.kv_batch import KVBatch, merge, reshapable, select
 from kdforge.serve.output import Delta, SequenceOutput
-from kdforge.serve.sampling import SamplingParams, choose_tokens, make_generator, token_logprobs
+from kdforge.serve.sampling import (SamplingParams, choose_tokens, make_generator, prompt_token_logprobs,
+                                    token_logprobs)
 from kdforge.serve.vocab import Vocab
 
 Emit = Callable[[object], None]  # called from the engine thread with a Delta or an Exception
+
+
+@dataclass
+class EngineStats:
+    """Counters of what the engine did (read by `/stats` and the tests: behaviour, not timing)."""
+
+    requests: int = 0  # tickets submitted
+    rows_finished: int = 0  # rows that ran to eos / stop / max_tokens (scoring-only ones too)
+    rows_cancelled: int = 0  # rows dropped because their client went away
+    decode_steps: int = 0
+    prefills: int = 0
+    prompt_tokens_scored: int = 0
+    rows_per_step: dict[int, int] = field(default_factory=dict)  # batch size -> decode steps run at it
+    active_rows: int = 0
+    waiting: int = 0
 
 
 class Ticket:
@@ -53,8 +69,11 @@ class _Row:
     out: SequenceOutput
     gen: torch.Generator
     held: list[Delta] = field(default_factory=list)  # deltas of a non-incremental ticket
+    prompt_logprobs: list | None = None  # goes out with the row's first delta
 
     def release(self, delta: Delta) -> None:
+        if self.prompt_logprobs is not None:
+            delta.prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         if self.ticket.incremental:
             self.ticket.emit(delta)
             return
@@ -91,12 +110,23 @@ class Engine:
         self._keep = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters
                       else {})
         self._waiting: deque[Ticket] = deque()
+        self._stats = EngineStats()
+        self._active = 0
         self._cv = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="kdforge-engine", daemon=True)
         self._thread.start()
 
     # ---- public API -------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """A snapshot of the counters (safe from any thread)."""
+        with self._cv:
+            self._stats.waiting = len(self._waiting)
+        self._stats.active_rows = self._active
+        d = dict(vars(self._stats))
+        d["rows_per_step"] = dict(d["rows_per_step"])
+        return d
 
     def submit(self, requests: list[tuple[list[int], SamplingParams, Emit]],
                incremental: bool = True) -> list[Ticket]:
@@ -108,6 +138,7 @@ class Engine:
             if self._closed:
                 raise RuntimeError("engine is closed")
             self._waiting.extend(tickets)
+            self._stats.requests += len(tickets)
             self._cv.notify()
         return tickets
 
@@ -175,6 +206,8 @@ class Engine:
                 t = self._waiting.popleft()
                 if not t.cancelled:
                     out.append(t)
+                else:
+                    self._stats.rows_cancelled += 1
             return out
 
     def _loop(self) -> None:
@@ -190,7 +223,9 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 - report to the requests, keep serving
                     self._fail(new, e)
                     continue
-                batch, rows = (nb, nrows) if batch is None else (merge(batch, nb), rows + nrows)
+                if nb is not None:
+                    batch, rows = (nb, nrows) if batch is None else (merge(batch, nb), rows + nrows)
+            self._active = len(rows)
             if batch is None:
                 continue
             try:
@@ -198,6 +233,7 @@ class Engine:
             except Exception as e:  # noqa: BLE001
                 self._fail([r.ticket for r in rows], e)
                 batch, rows = None, []
+            self._active = len(rows)
         self._fail([r.ticket for r in rows] + list(self._waiting), RuntimeError("server shutting down"))
 
     @staticmethod
@@ -205,7 +241,10 @@ class Engine:
         for t in tickets:
             t.emit(err)
 
-    def _prefill(self, tickets: list[Ticket]) -> tuple[KVBatch, list[_Row]]:
+    def _prefill(self, tickets: list[Ticket]) -> tuple[KVBatch | None, list[_Row]]:
+        """One forward over the new prompts. Rows that score their prompt get it from the same
+        pass (full logits then, not just the last position); score-only rows (max_tokens 0)
+        finish here and never join the decode batch."""
         n, t = len(tickets), max(len(tk.prompt_ids) for tk in tickets)
         ids = torch.full((n, t), self.pad_id, dtype=torch.long)
         mask = torch.zeros((n, t), dtype=torch.long)
@@ -214,12 +253,29 @@ class Engine:
             mask[i, t - len(tk.prompt_ids):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        scoring = any(tk.params.prompt_logprobs is not None for tk in tickets)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                         past_key_values=DynamicCache(config=self.model.config), use_cache=True, **self._keep)
+                         past_key_values=DynamicCache(config=self.model.config), use_cache=True,
+                         **({} if scoring else self._keep))
+        self._stats.prefills += 1
         batch = KVBatch(out.past_key_values, mask, mask.sum(-1), out.logits[:, -1].float())
-        rows = [_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self._decode),
-                     make_generator(tk.params.seed, self.device)) for tk in tickets]
-        return batch, rows
+        rows, keep = [], []
+        for i, tk in enumerate(tickets):
+            scored = None
+            if tk.params.prompt_logprobs is not None:
+                scored = prompt_token_logprobs(out.logits[i, t - len(tk.prompt_ids):], tk.prompt_ids,
+                                               tk.params.prompt_logprobs)
+                self._stats.prompt_tokens_scored += len(tk.prompt_ids)
+            if tk.params.max_tokens == 0:  # scored, nothing to sample: done
+                tk.emit(Delta("", finish_reason="length", prompt_tokens=len(tk.prompt_ids), prompt_logprobs=scored))
+                self._stats.rows_finished += 1
+                continue
+            keep.append(i)
+            rows.append(_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self._decode),
+                             make_generator(tk.params.seed, self.device), prompt_logprobs=scored))
+        if not keep:
+            return None, []
+        return (batch if len(keep) == n else select(batch, keep)), rows
 
     def _step(self, batch: KVBatch, rows: list[_Row]) -> tuple[KVBatch | None, list[_Row]]:
         """Sample one token per row, release outputs, drop finished rows, run the next forward."""
@@ -229,12 +285,17 @@ class Engine:
         keep = []
         for i, (row, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps)):
             if row.ticket.cancelled:
+                self._stats.rows_cancelled += 1
                 continue
             delta = row.out.add(tok, lp)
             if delta is not None:
                 row.release(delta)
             if row.out.finish_reason is None:
                 keep.append(i)
+            else:
+                self._stats.rows_finished += 1
+        self._stats.decode_steps += 1
+        self._stats.rows_per_step[len(rows)] = self._stats.rows_per_step.get(len(rows), 0) + 1
         if not keep:
             return None, []
         if len(keep) < len(rows):

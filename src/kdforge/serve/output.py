@@ -32,6 +32,9 @@ class Delta:
     finish_reason: str | None = None  # "stop" | "length"
     prompt_tokens: int = 0
     completion_tokens: int = 0  # sampled so far, eos included
+    # The prompt's own tokens scored (None first: nothing predicts the first token); only on a
+    # request's first delta, and only when its params ask for `prompt_logprobs`.
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @classmethod
     def join(cls, deltas: list["Delta"]) -> "Delta":
@@ -39,7 +42,7 @@ class Delta:
         last = deltas[-1]
         return cls("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
                    [lp for d in deltas for lp in d.logprobs], last.finish_reason, last.prompt_tokens,
-                   last.completion_tokens)
+                   last.completion_tokens, deltas[0].prompt_logprobs)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:

@@ -3,11 +3,17 @@
 - chat logprobs: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token",
   "logprob", "bytes"}]}], "refusal": null}`;
 - completions (legacy) logprobs: `{"tokens", "token_logprobs", "top_logprobs": [{token:
-  logprob}], "text_offset"}`, where each top dict also holds the sampled token, as OpenAI's does.
+  logprob}], "text_offset"}`, where each top dict also holds the sampled token, as OpenAI's does,
+  plus `tokens_bytes` (each token's raw bytes: the legacy format has no `bytes`, and a token that
+  is a fragment of a UTF-8 character has no exact text); with `echo`, the prompt's tokens come
+  first, `null` in `token_logprobs` / `top_logprobs` for the first (nothing predicts it);
+- vLLM's `prompt_logprobs`: `[null, {"<token id>": {"logprob", "rank", "decoded_token"}}, ...]`,
+  each dict holding the prompt's own token and its top-K alternatives.
 """
 
 from __future__ import annotations
 
+import codecs
 import math
 
 from kdforge.serve.sampling import TokenLogprob
@@ -40,7 +46,48 @@ def completion_logprobs(lps: list[TokenLogprob], vocab: Vocab, offset: int) -> d
         alts.setdefault(tokens[-1], _lp(t.logprob))
         top.append(alts)
     return {"tokens": tokens, "token_logprobs": [_lp(t.logprob) for t in lps], "top_logprobs": top,
-            "text_offset": offsets}
+            "text_offset": offsets, "tokens_bytes": [vocab.bytes(t.token_id) for t in lps]}
+
+
+def echo(ids: list[int], scored: list[TokenLogprob | None] | None, vocab: Vocab, k: int) -> tuple[str, dict]:
+    """The prompt's text and its legacy logprobs. The text is the tokens' bytes decoded in order,
+    so `text_offset` points into exactly what is echoed: a token's offset is the first character
+    it contributes to (a continuation fragment of a character shares that character's offset)."""
+    dec = codecs.getincrementaldecoder("utf-8")("replace")
+    text, tokens, offsets, lps, top = "", [], [], [], []
+    for tid, s in zip(ids, scored or [None] * len(ids)):
+        offsets.append(len(text))
+        text += dec.decode(bytes(vocab.bytes(tid)))
+        tokens.append(vocab.text(tid))
+        lps.append(None if s is None else _lp(s.logprob))
+        if s is None:
+            top.append(None)
+        else:
+            alts = {vocab.text(i): _lp(v) for i, v in s.top[:k]}
+            alts.setdefault(tokens[-1], _lp(s.logprob))
+            top.append(alts)
+    text += dec.decode(b"", final=True)
+    return text, {"tokens": tokens, "token_logprobs": lps, "top_logprobs": top, "text_offset": offsets,
+                  "tokens_bytes": [vocab.bytes(t) for t in ids]}
+
+
+def joined(a: dict, b: dict) -> dict:
+    """Two legacy logprobs objects one after the other (the echoed prompt, then the completion)."""
+    return {k: a[k] + b[k] for k in a}
+
+
+def prompt_logprobs(scored: list[TokenLogprob | None], vocab: Vocab, k: int) -> list[dict | None]:
+    """vLLM's `prompt_logprobs`: per prompt token, its own entry then its `k` best alternatives."""
+    out: list[dict | None] = []
+    for s in scored:
+        if s is None:
+            out.append(None)
+            continue
+        d = {str(s.token_id): {"logprob": _lp(s.logprob), "rank": s.rank, "decoded_token": vocab.text(s.token_id)}}
+        for r, (i, v) in enumerate(s.top[:k], 1):
+            d.setdefault(str(i), {"logprob": _lp(v), "rank": r, "decoded_token": vocab.text(i)})
+        out.append(d)
+    return out
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:

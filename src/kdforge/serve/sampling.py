@@ -20,7 +20,8 @@ MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request generates. `max_tokens` counts every sampled token, eos included."""
+    """How one request generates. `max_tokens` counts every sampled token, eos included; 0 (with
+    `prompt_logprobs`) scores the prompt and samples nothing."""
 
     max_tokens: int = 16
     temperature: float = 1.0
@@ -29,6 +30,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token, 0..20 (needs logprobs)
+    prompt_logprobs: int | None = None  # score the prompt's own tokens with this many alternatives
 
     @property
     def greedy(self) -> bool:
@@ -37,11 +39,13 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """One sampled token: its id, its logprob, and the `top` best (id, logprob), best first."""
+    """One token: its id, its logprob, the `top` best (id, logprob), best first, and (prompt
+    tokens) its rank in the whole vocabulary, 1 = the most likely."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -92,3 +96,19 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor,
         n = p.top_logprobs
         out.append(TokenLogprob(toks[i], chosen[i], tuple(zip(top_i[i][:n], top_v[i][:n]))))
     return out
+
+
+def prompt_token_logprobs(logits: torch.Tensor, ids: list[int], k: int) -> list[TokenLogprob | None]:
+    """Score a prompt's own tokens: `logits` (T, V) are the model's outputs at the prompt's T
+    positions; token j is scored by position j-1, so the first token has no logprob (None). fp32
+    log-softmax at temperature 1, as for sampled tokens; one device->host copy per field."""
+    if len(ids) < 2:
+        return [None] * len(ids)
+    lp = torch.log_softmax(logits[:-1].float(), dim=-1)  # (T-1, V)
+    target = torch.tensor(ids[1:], device=lp.device)[:, None]
+    chosen = lp.gather(1, target)
+    rank = ((lp > chosen).sum(-1) + 1).tolist()  # 1 + tokens strictly more likely
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())
+    top_v, top_i, chosen = top_v.tolist(), top_i.tolist(), chosen[:, 0].tolist()
+    return [None] + [TokenLogprob(t, c, tuple(zip(ti, tv)), r)
+                     for t, c, ti, tv, r in zip(ids[1:], chosen, top_i, top_v, rank)]

@@ -16,6 +16,10 @@ from kdforge.serve.sampling import MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
+# Caps on one request's work, so one client cannot queue hours of compute (3000 prompts x n=16
+# were accepted before): prompts in one /v1/completions call, and rows (prompts x n) generated.
+MAX_PROMPTS = 256
+MAX_ROWS = 256
 
 
 class _Body(BaseModel):
@@ -32,7 +36,9 @@ class _Sampling(_Body):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     max_tokens: int | None = Field(None, ge=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    # torch seeds a generator with a 64-bit integer: anything wider is refused here (400), not
+    # deep in the engine (it was a 500 carrying the raw OverflowError).
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
     n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -91,19 +97,39 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str], list[int], list[list[int]]]
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's legacy default
+    max_tokens: int | None = Field(16, ge=0)  # OpenAI's legacy default; 0: score the prompt only
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    echo: bool = False
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs if asked)
+    # vLLM's extension: logprobs of the prompt's own tokens, with this many alternatives each.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
 
     def check(self) -> None:
         """Rules across fields; raises APIError(400) naming the field."""
-        if self.echo:
-            raise invalid("echo", "echo is not supported by kdforge serve")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported by kdforge serve")
         if isinstance(self.prompt, list) and not self.prompt:
             raise invalid("prompt", "prompt must not be an empty list")
+        if self.max_tokens == 0 and not self.scores_prompt:
+            raise invalid("max_tokens", "max_tokens 0 generates nothing: use it with echo: true and logprobs "
+                                        "(or prompt_logprobs) to score the prompt, or ask for at least 1 token")
+        n_prompts = len(self.prompts())
+        if n_prompts > MAX_PROMPTS:
+            raise invalid("prompt", f"at most {MAX_PROMPTS} prompts per request, got {n_prompts}: "
+                                    "split them over several requests (they are batched together anyway)")
+        if n_prompts * self.n > MAX_ROWS:
+            raise invalid("n", f"prompts x n is {n_prompts} x {self.n} = {n_prompts * self.n} sequences; at most "
+                               f"{MAX_ROWS} per request: lower n or send fewer prompts per request")
+
+    @property
+    def scores_prompt(self) -> bool:
+        return (self.echo and self.logprobs is not None) or self.prompt_logprobs is not None
+
+    @property
+    def prompt_top(self) -> int | None:
+        """Alternatives per prompt token the response needs (None: the prompt is not scored)."""
+        ks = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return max(ks) if ks else None
 
     @property
     def limit(self) -> int | None:

@@ -11,6 +11,7 @@ callers wait for:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -19,17 +20,21 @@ from dataclasses import dataclass
 from kdforge.errors import UsageError
 
 
+DEFAULT_MAX_BODY_BYTES = 16 << 20  # 256 prompts of ~10k token ids as JSON fit; 413 above
+
+
 @dataclass
 class ServeOptions:
     model_dir: str
     adapter: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000  # 0: any free port
-    api_key_env: str | None = None  # name of the env var holding the key; unset var: no auth
+    api_key_env: str | None = None  # name of the env var holding the key; it must be set and non-empty
     model_name: str | None = None  # default: MODEL_DIR's folder name
     max_batch_size: int = 32  # rows generated together
     device: str = "auto"
     dtype: str = "auto"
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 413
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -62,13 +67,37 @@ def set_torch_threads() -> None:
         pass
 
 
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def api_key_from_env(name: str | None, host: str) -> str | None:
+    """The key named by --api-key-env. A name whose variable is unset or empty is an error, not
+    "no authentication": a typo or a missing secret must not open the server to everyone."""
+    if name is None:
+        if not _loopback(host):
+            print(f"kdforge serve: WARNING: listening on {host} with no API key: anyone who can reach this "
+                  "address can use the model. Pass --api-key-env VAR (VAR holding the key) or bind 127.0.0.1.",
+                  file=sys.stderr, flush=True)
+        return None
+    key = os.environ.get(name, "")
+    if not key.strip():
+        state = "is empty" if name in os.environ else "is not set"
+        raise UsageError(f"--api-key-env {name}: the variable {name} {state}; export {name}=<key> "
+                         "(or drop --api-key-env to serve without authentication on 127.0.0.1)")
+    return key
+
+
 def run_server(opts: ServeOptions) -> None:
-    """Serve until interrupted. Raises UsageError for a bad folder, port or option."""
+    """Serve until interrupted. Raises UsageError for a bad folder, port, key or option."""
     if opts.max_batch_size < 1:
         raise UsageError(f"--max-batch-size must be at least 1, got {opts.max_batch_size}")
-    api_key = os.environ.get(opts.api_key_env) if opts.api_key_env else None
-    if opts.api_key_env and not api_key:
-        print(f"kdforge serve: {opts.api_key_env} is not set: serving without an API key", file=sys.stderr)
+    if opts.max_body_bytes < 1024:
+        raise UsageError(f"--max-body-bytes must be at least 1024, got {opts.max_body_bytes}")
+    api_key = api_key_from_env(opts.api_key_env, opts.host)
     from kdforge.serve.loader import load_served_model, resolve_folders
 
     resolve_folders(opts.model_dir, opts.adapter)  # bad folders and taken ports fail fast, before torch loads
@@ -83,7 +112,7 @@ def run_server(opts: ServeOptions) -> None:
     served = load_served_model(opts.model_dir, opts.adapter, model_name=opts.model_name,
                                device=opts.device, dtype=opts.dtype)
     engine = Engine(served.model, served.tokenizer, max_batch_size=opts.max_batch_size)
-    app = build_app(engine, served, api_key=api_key)
+    app = build_app(engine, served, api_key=api_key, max_body_bytes=opts.max_body_bytes)
     port = sock.getsockname()[1]
     ready = f"kdforge serve: listening on http://{_url_host(opts.host)}:{port}/v1 (model {served.name})"
 
