@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
-from kdforge.train.losses import LossSums, combine
+from kdforge.train.losses import LossSums
 
 
 MAX_LOG_HISTORY = 10_000  # trainer_state.json keeps the newest entries; metrics.jsonl keeps all
@@ -30,6 +30,9 @@ MAX_LOG_HISTORY = 10_000  # trainer_state.json keeps the newest entries; metrics
 
 @dataclass
 class LoopConfig:
+    """What the loop needs from the config. Build it with `from_config` (the defaults live in
+    `kdforge.config`); the keyword defaults here only serve tests and library callers."""
+
     grad_accum: int = 1
     grad_clip: float | None = 1.0
     kd_weight: float = 0.5
@@ -37,6 +40,15 @@ class LoopConfig:
     save_steps: int = 100
     eval_steps: int | None = None
     log_steps: int = 1
+
+    @classmethod
+    def from_config(cls, train, loss, **overrides) -> LoopConfig:
+        """From the `train` and `loss` config sections; `overrides` replace fields (the daemon
+        saves at `daemon.save_steps`, and evaluates never)."""
+        fields = dict(grad_accum=train.grad_accum, grad_clip=train.grad_clip, kd_weight=loss.kd_weight,
+                      kind=loss.kind, save_steps=train.save_steps, eval_steps=train.eval_steps,
+                      log_steps=train.log_steps)
+        return cls(**{**fields, **overrides})
 
 
 @dataclass
@@ -79,6 +91,7 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
     rank, world = _world()
     device = torch.device(device)
     model = objective
+    counts = _unwrap(objective).token_counts  # (target tokens, tokens with teacher data) per batch
     t_last, tokens_since = time.perf_counter(), 0
     saved_at = state.global_step
     reason = "done"
@@ -86,7 +99,7 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
     while until_step is None or state.global_step < until_step:
         # ---- gather this step's micro-batches (every rank walks the same global order)
         seq_len = seq_len_at(state.global_step)
-        mine, n_local, samples = [], 0, 0
+        mine, n_local, n_kd_local, samples = [], 0, 0, 0
         for m in range(lc.grad_accum * world):
             got = stream.next_micro_batch(seq_len)
             if got is None:
@@ -95,20 +108,22 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             samples += n_ex
             if m % world == rank:
                 mine.append(batch)
-                n_local += int((batch["labels"][:, 1:] != -100).sum())
+                n, n_kd = counts(batch)
+                n_local += n
+                n_kd_local += n_kd
         empty = float(not mine)
         if world > 1:  # every rank must agree, or the collectives below would hang
             empty = _all_sum([empty], device)[0]
         if empty:
             reason = "exhausted"
             break
-        n_global = int(_all_sum([float(n_local)], device)[0])
+        n_global, n_kd_global = (int(x) for x in _all_sum([float(n_local), float(n_kd_local)], device))
         if n_global == 0:  # a step of examples with no target tokens: skip, keep position
             continue
 
         # ---- forward/backward over the micro-batches
         model.train()
-        ce_sum = kd_sum = 0.0
+        ce_sum = kd_sum = 0.0  # float64 on the host: the log's sums, all-reduced below
         for i, batch in enumerate(mine):
             batch = _to(batch, device)
             sync = i == len(mine) - 1 or not hasattr(model, "no_sync")
@@ -116,12 +131,12 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
             with ctx, amp:
-                ce, kd, _ = model(batch)
-                loss = combine_sums(ce, kd, lc, n_global) * world  # DDP averages over ranks
+                sums = model(batch)
+                loss = sums.loss(lc.kd_weight, lc.kind, n_global, n_kd_global) * world  # DDP averages ranks
             with ctx:
                 loss.backward()
-            ce_sum += float(ce.detach())
-            kd_sum += float(kd.detach()) if torch.is_tensor(kd) else float(kd)
+            ce_sum += float(sums.ce.detach())
+            kd_sum += float(sums.kd.detach())
         grad_norm = None
         if lc.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(
@@ -134,22 +149,25 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
 
         # ---- bookkeeping
         ce_g, kd_g, samples_g = _all_sum([ce_sum, kd_sum, float(samples if rank == 0 else 0)], device)
+        step_sums = LossSums(torch.tensor(ce_g, dtype=torch.float64), torch.tensor(kd_g, dtype=torch.float64),
+                             n_global, n_kd_global)
         state.global_step += 1
         state.samples_seen += int(samples_g)
         state.tokens_seen += n_global
         state.epoch = round(stream.epoch_float, 6)
         state.data_position = stream.position()
         tokens_since += n_global
-        ce_m, kd_m = ce_g / n_global, kd_g / n_global
-        loss_m = ce_m if lc.kind == "ce" else (1 - lc.kd_weight) * ce_m + lc.kd_weight * kd_m
+        means = step_sums.metrics(lc.kd_weight, lc.kind)  # the backward's combine rule, on the step's totals
+        loss_m = means["loss"]
         if not math.isfinite(loss_m):
             raise FloatingPointError(f"loss is {loss_m} at step {state.global_step}: lower train.lr "
                                      "or check the data (kdforge data validate)")
         now = time.perf_counter()
-        rec = {"step": state.global_step, "loss": round(loss_m, 6), "ce": round(ce_m, 6),
+        rec = {"step": state.global_step, "loss": round(loss_m, 6), "ce": round(means["ce"], 6),
                "lr": lr, "tokens": n_global, "epoch": state.epoch, "seq_len": seq_len}
         if lc.kind != "ce":
-            rec["kd"] = round(kd_m, 6)
+            rec["kd"] = round(means["kd"], 6)
+            rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
         if state.global_step % lc.log_steps == 0:
@@ -185,8 +203,9 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
     return reason
 
 
-def combine_sums(ce, kd, lc: LoopConfig, n_global: int) -> torch.Tensor:
-    return combine(LossSums(ce, kd, 0), lc.kd_weight, lc.kind, n_global)
+def _unwrap(objective):
+    """The DistillObjective under a DDP wrapper (FSDP2 shards it in place)."""
+    return getattr(objective, "module", objective)
 
 
 @torch.no_grad()
@@ -196,7 +215,7 @@ def evaluate_loss(objective, stream_factory: Callable[[], DataStream], seq_len: 
     model = objective
     model.eval()
     stream = stream_factory()
-    ce_t = kd_t = 0.0
+    ce_t = 0.0
     n_t = 0
     for _ in range(max_batches):
         got = stream.next_micro_batch(seq_len)
@@ -205,10 +224,9 @@ def evaluate_loss(objective, stream_factory: Callable[[], DataStream], seq_len: 
         amp = (torch.autocast(torch.device(device).type, dtype=amp_dtype) if amp_dtype is not None
                else contextlib.nullcontext())
         with amp:
-            ce, kd, n = model(_to(got[0], device))
-        ce_t += float(ce)
-        kd_t += float(kd) if torch.is_tensor(kd) else float(kd)
-        n_t += int(n)
+            sums = model(_to(got[0], device))
+        ce_t += float(sums.ce)
+        n_t += sums.n_tokens
     model.train()
     if n_t == 0:
         return {}

@@ -2,8 +2,11 @@
 
 Every function takes already-selected target positions (the loop flattens the batch, applies the
 causal shift and keeps the positions whose label is not -100), so N = target tokens in the
-micro-batch. Sums, not means, so that gradient accumulation is exact: `combine` divides by the
-token count of the whole optimizer step (see its docstring). All maths runs in fp32, in nats.
+micro-batch. Sums, not means, so that gradient accumulation is exact: `LossSums.loss` divides by the
+token counts of the whole optimizer step (see its docstring). CE is divided by the target tokens; KD
+by the target positions that HAVE teacher data (dense teacher: all of them; sparse: rows with a
+stored top-k, so not the EOS nor CE-only records), so kd_weight means the same whatever the
+teacher's coverage. All maths runs in fp32, in nats.
 
 Divergences, with temperature T, p_T = softmax(teacher / T) and q_T = softmax(student / T):
   fkl = KL(p_T || q_T)                                        (mean-seeking, classic Hinton KD)
@@ -59,9 +62,54 @@ LOG_FLOOR = -1e30
 
 @dataclass
 class LossSums:
-    ce: torch.Tensor  # scalar, SUM over the N tokens of cross-entropy (nats)
-    kd: torch.Tensor  # scalar, SUM over the N tokens of the KD divergence (x T^2); 0 for kind="ce"
-    n_tokens: int
+    """One micro-batch's (or, summed, one step's) loss sums and the token counts that normalise them.
+
+    KD is normalised by the positions that HAVE teacher data (n_kd_tokens), not by every target: EOS
+    (APIs report no stop token) and CE-only records carry no teacher row, and counting them would
+    shrink the effective kd_weight with the teacher's coverage. Dense teacher: every target position.
+    """
+
+    ce: torch.Tensor  # scalar, SUM over the n_tokens targets of cross-entropy (nats)
+    kd: torch.Tensor  # scalar, SUM over the n_kd_tokens of the KD divergence (x T^2); 0 for kind="ce"
+    n_tokens: int  # target tokens
+    n_kd_tokens: int | None = None  # target tokens with teacher data; None = all of n_tokens
+
+    def __iter__(self):
+        """(ce, kd, n_tokens), for callers that unpack the older tuple form."""
+        return iter((self.ce, self.kd, self.n_tokens))
+
+    def __add__(self, other: LossSums) -> LossSums:
+        return LossSums(self.ce + other.ce, self.kd + other.kd, self.n_tokens + other.n_tokens,
+                        self.kd_count + other.kd_count)
+
+    @property
+    def kd_count(self) -> int:
+        return self.n_tokens if self.n_kd_tokens is None else self.n_kd_tokens
+
+    def loss(self, kd_weight: float, kind: str, n_tokens: int | None = None,
+             n_kd_tokens: int | None = None) -> torch.Tensor:
+        """The one combine rule, for backward and for the log alike:
+        (1 - kd_weight) * ce / n_tokens + kd_weight * kd / n_kd_tokens for KL kinds, ce / n_tokens
+        for "ce" (kd_weight ignored). The counts default to this object's own. Given the counts of
+        the whole optimizer step (all micro-batches, all ranks), the sum of these over the
+        micro-batches is the step's token-mean, whatever the split; a step without teacher data
+        (n_kd_tokens 0) has kd 0 and trains CE alone at its (1 - kd_weight) weight."""
+        if kind not in KINDS:
+            raise ValueError(f"kind is {kind!r}; expected one of {', '.join(KINDS)}")
+        n = self.n_tokens if n_tokens is None else n_tokens
+        n_kd = self.kd_count if n_kd_tokens is None else n_kd_tokens
+        if n <= 0:
+            raise ValueError(f"n_tokens is {n}; a step with no target tokens has no loss, skip it")
+        if kind == "ce":
+            return self.ce / n
+        return (1.0 - kd_weight) * self.ce / n + kd_weight * self.kd / max(n_kd, 1)
+
+    def metrics(self, kd_weight: float, kind: str) -> dict[str, float]:
+        """{"loss", "ce", "kd"?} token-means of summed (e.g. all-reduced) step totals, for the log."""
+        out = {"loss": float(self.loss(kd_weight, kind)), "ce": float(self.ce) / self.n_tokens}
+        if kind != "ce":
+            out["kd"] = float(self.kd) / max(self.kd_count, 1)
+        return out
 
 
 def loss_sums(student_logits, targets, *, kind="ce", temperature=1.0, beta=0.5,
@@ -81,30 +129,34 @@ def loss_sums(student_logits, targets, *, kind="ce", temperature=1.0, beta=0.5,
                          f"expected the student's {tuple(student_logits.shape)}")
     ce, kd = _sums(student_logits, targets, kind, temperature, beta,
                    teacher_logits, topk_ids, topk_logprobs, topk_mask)
-    return LossSums(ce, kd, int(targets.shape[0]))
+    return LossSums(ce, kd, int(targets.shape[0]), _kd_count(kind, targets, topk_ids, topk_mask))
 
 
 def chunked_loss_sums(hidden, lm_head_weight, targets, *, chunk_size=1024, kind="ce", temperature=1.0,
                       beta=0.5, teacher_hidden=None, teacher_lm_head_weight=None,
-                      topk_ids=None, topk_logprobs=None, topk_mask=None, lm_head_bias=None) -> LossSums:
+                      topk_ids=None, topk_logprobs=None, topk_mask=None, lm_head_bias=None,
+                      teacher_lm_head_bias=None, head=None, teacher_head=None) -> LossSums:
     """Same result as loss_sums(F.linear(hidden, lm_head_weight, lm_head_bias), ...), chunked.
 
     hidden [N, D], lm_head_weight [V, D], lm_head_bias [V] or None. Dense KD: teacher_hidden [N, Dt]
-    and teacher_lm_head_weight [V, Dt]; teacher logits are computed per chunk under no_grad. Sparse
-    KD: as in loss_sums. Each chunk of chunk_size tokens is checkpointed: its logits (student and
-    teacher) are freed after the forward and recomputed in backward, so peak memory holds one chunk's
+    and teacher_lm_head_weight [V, Dt] (teacher_lm_head_bias [V] or None); teacher logits are
+    computed per chunk under no_grad. `head` / `teacher_head`, callables hidden [n, D] -> logits
+    [n, V], replace the weight-and-bias projection: the model's own output layer and logit
+    processing (soft-capping, scaling), so the chunks equal what the model computes. Sparse KD: as
+    in loss_sums. Each chunk of chunk_size tokens is checkpointed: its logits (student and teacher)
+    are freed after the forward and recomputed in backward, so peak memory holds one chunk's
     [chunk_size, V] tensors, never [N, V]. The price is one extra lm_head (and teacher head) matmul
-    per token in backward. Gradients reach hidden, lm_head_weight and lm_head_bias.
+    per token in backward. Gradients reach hidden and the head's parameters.
     """
-    dense = teacher_hidden is not None or teacher_lm_head_weight is not None
+    dense = teacher_hidden is not None or teacher_lm_head_weight is not None or teacher_head is not None
     _check_args(kind, temperature, beta, dense, topk_ids is not None)
     _check_shapes(hidden.shape[0], targets, topk_ids, topk_logprobs, topk_mask)
     if not (isinstance(chunk_size, int) and chunk_size > 0):
         raise ValueError(f"chunk_size is {chunk_size!r}; expected a positive int (tokens per chunk)")
     if kind == "ce":
-        teacher_hidden = teacher_lm_head_weight = topk_ids = topk_logprobs = topk_mask = None
-    elif dense and (teacher_hidden is None or teacher_lm_head_weight is None):
-        raise ValueError("dense KD needs both teacher_hidden and teacher_lm_head_weight")
+        teacher_hidden = teacher_lm_head_weight = teacher_head = topk_ids = topk_logprobs = topk_mask = None
+    elif dense and (teacher_hidden is None or (teacher_lm_head_weight is None and teacher_head is None)):
+        raise ValueError("dense KD needs teacher_hidden and teacher_lm_head_weight (or teacher_head)")
     elif dense and teacher_hidden.shape[0] != hidden.shape[0]:
         raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} rows; expected N = {hidden.shape[0]}")
     if topk_ids is not None and topk_mask is None:
@@ -112,30 +164,23 @@ def chunked_loss_sums(hidden, lm_head_weight, targets, *, chunk_size=1024, kind=
 
     per_token = (targets, teacher_hidden, topk_ids, topk_logprobs, topk_mask)
     chunks = zip(hidden.split(chunk_size), *(_split(t, chunk_size, hidden.shape[0]) for t in per_token))
-    fn = partial(_chunk_sums, kind=kind, temperature=temperature, beta=beta)
+    fn = partial(_chunk_sums, kind=kind, temperature=temperature, beta=beta, head=head, teacher_head=teacher_head)
     ce_parts, kd_parts = [], []
     for h, tgt, th, ids, lps, mask in chunks:  # N = 0 still gives one (empty) chunk: a graph to backprop
         ce, kd = checkpoint(fn, h, lm_head_weight, lm_head_bias, tgt, th, teacher_lm_head_weight,
-                            ids, lps, mask, use_reentrant=False, preserve_rng_state=False)
+                            teacher_lm_head_bias, ids, lps, mask, use_reentrant=False, preserve_rng_state=False)
         ce_parts.append(ce)
         kd_parts.append(kd)
-    return LossSums(torch.stack(ce_parts).sum(), torch.stack(kd_parts).sum(), int(targets.shape[0]))
+    return LossSums(torch.stack(ce_parts).sum(), torch.stack(kd_parts).sum(), int(targets.shape[0]),
+                    _kd_count(kind, targets, topk_ids, topk_mask))
 
 
-def combine(sums: LossSums, kd_weight: float, kind: str, n_global_tokens: int) -> torch.Tensor:
-    """The scalar to backprop for one micro-batch.
-
-    ((1 - kd_weight) * ce + kd_weight * kd) / n_global_tokens for KL kinds, ce / n_global_tokens for
-    "ce" (kd_weight ignored). With n_global_tokens = target tokens over all micro-batches (and ranks)
-    of one optimizer step, the sum of these over the micro-batches is the token-mean over the global
-    batch, whatever the split.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind is {kind!r}; expected one of {', '.join(KINDS)}")
-    if n_global_tokens <= 0:
-        raise ValueError(f"n_global_tokens is {n_global_tokens}; a step with no target tokens has no loss, skip it")
-    total = sums.ce if kind == "ce" else (1.0 - kd_weight) * sums.ce + kd_weight * sums.kd
-    return total / n_global_tokens
+def combine(sums: LossSums, kd_weight: float, kind: str, n_global_tokens: int,
+            n_global_kd_tokens: int | None = None) -> torch.Tensor:
+    """The scalar to backprop for one micro-batch: `sums.loss(...)` with the step's global counts
+    (n_global_kd_tokens None: the same as n_global_tokens, a dense teacher)."""
+    return sums.loss(kd_weight, kind, n_global_tokens,
+                     n_global_tokens if n_global_kd_tokens is None else n_global_kd_tokens)
 
 
 # ----------------------------------------------------------------------------- internals
@@ -169,6 +214,16 @@ def _check_shapes(n: int, targets, topk_ids, topk_logprobs, topk_mask) -> None:
         raise ValueError(f"topk_ids has shape {tuple(topk_ids.shape)}; expected ({n}, K)")
 
 
+def _kd_count(kind, targets, topk_ids, topk_mask) -> int:
+    """Target positions with teacher data: all of them for a dense teacher; sparse, the rows that
+    hold at least one stored id (a row of padding only, e.g. EOS, has no teacher data)."""
+    if kind == "ce":
+        return 0
+    if topk_ids is None or topk_mask is None:
+        return int(targets.shape[0])
+    return int(topk_mask.any(dim=1).sum())
+
+
 def _split(t, chunk_size: int, n: int) -> list:
     """t.split(chunk_size) along tokens, or one None per chunk when t is absent."""
     if t is None:
@@ -176,12 +231,15 @@ def _split(t, chunk_size: int, n: int) -> list:
     return list(t.split(chunk_size))
 
 
-def _chunk_sums(h, weight, bias, targets, teacher_h, teacher_weight, ids, lps, mask, *, kind, temperature, beta):
+def _chunk_sums(h, weight, bias, targets, teacher_h, teacher_weight, teacher_bias, ids, lps, mask, *,
+                kind, temperature, beta, head, teacher_head):
     teacher = None
     if teacher_h is not None:
         with torch.no_grad():
-            teacher = F.linear(teacher_h, teacher_weight)
-    return _sums(F.linear(h, weight, bias), targets, kind, temperature, beta, teacher, ids, lps, mask)
+            teacher = (teacher_head(teacher_h) if teacher_head is not None
+                       else F.linear(teacher_h, teacher_weight, teacher_bias))
+    logits = head(h) if head is not None else F.linear(h, weight, bias)
+    return _sums(logits, targets, kind, temperature, beta, teacher, ids, lps, mask)
 
 
 def _sums(student_logits, targets, kind, temperature, beta, teacher_logits, topk_ids, topk_logprobs, topk_mask):

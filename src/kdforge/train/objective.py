@@ -30,11 +30,39 @@ def _hidden(lm, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     return decoder(**kwargs).last_hidden_state
 
 
+def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits as the model itself computes them from its final hidden states: its own output layer
+    (bias, LoRA and all), then the logit processing its config asks for. Rebuilding logits as
+    hidden @ W.T drops a head bias (Phi) and final soft-capping (Gemma 2/3)."""
+    base = base_lm(lm)
+    return _process_logits(base.config, base.get_output_embeddings()(hidden))
+
+
+def _process_logits(config, logits: torch.Tensor) -> torch.Tensor:
+    """What Hugging Face causal LMs do to logits after the head, by config field (transformers 5)."""
+    cfg = getattr(config, "text_config", None) or config
+    kind = getattr(cfg, "model_type", "") or ""
+    if kind.startswith("cohere") and getattr(cfg, "logit_scale", None):  # Cohere: logits * scale
+        logits = logits * cfg.logit_scale
+    if kind.startswith("granite") and getattr(cfg, "logits_scaling", None):  # Granite: logits / scaling
+        logits = logits / cfg.logits_scaling
+    cap = getattr(cfg, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _selected(batch: dict) -> torch.Tensor:
+    """[B, L-1] bool: the positions whose next token is a target (the causal shift)."""
+    return batch["labels"][:, 1:] != IGNORE
+
+
 class DistillObjective(nn.Module):
-    """forward(batch) -> (ce_sum, kd_sum, n_tokens) for one micro-batch.
+    """forward(batch) -> `losses.LossSums` (CE and KD sums, target and teacher-covered token
+    counts) for one micro-batch.
 
     `teacher` (a local HF model, frozen) is held outside the module's parameters so DDP neither
-    syncs nor broadcasts it.
+    syncs nor broadcasts it. Build it from the config with `from_config(loss_section, lm, teacher)`.
     """
 
     AUTO_CHUNK = 256  # tokens per chunk in "auto" mode
@@ -50,10 +78,25 @@ class DistillObjective(nn.Module):
         self.chunk_size = chunk_size
         self._teacher = [teacher]  # a list keeps it out of self.parameters()
 
-    def forward(self, batch: dict):
-        labels = batch["labels"][:, 1:]
-        sel = labels != IGNORE
-        targets = labels[sel]
+    @classmethod
+    def from_config(cls, loss, lm, teacher=None) -> DistillObjective:
+        """From the `loss` config section (kind, temperature, beta, chunk_size; its defaults)."""
+        return cls(lm, loss.kind, loss.temperature, loss.beta, loss.chunk_size, teacher)
+
+    def token_counts(self, batch: dict) -> tuple[int, int]:
+        """(target tokens, target tokens with teacher data) of a micro-batch, as forward counts them:
+        the loop divides the step's sums by these, summed over micro-batches and ranks."""
+        sel = _selected(batch)
+        n = int(sel.sum())
+        if self.kind == "ce":
+            return n, 0
+        if self._teacher[0] is not None or "topk_ids" not in batch:
+            return n, n
+        return n, int(((batch["topk_ids"][:, 1:] >= 0).any(dim=-1) & sel).sum())
+
+    def forward(self, batch: dict) -> losses.LossSums:
+        sel = _selected(batch)
+        targets = batch["labels"][:, 1:][sel]
         dtype = next(self.lm.parameters()).dtype
         hidden = _hidden(self.lm, batch, dtype)
         h = hidden[:, :-1][sel]
@@ -69,12 +112,11 @@ class DistillObjective(nn.Module):
             if teacher is not None:
                 with torch.no_grad():
                     th = _hidden(teacher, batch, dtype)[:, :-1][sel]
-                    thead = base_lm(teacher).get_output_embeddings()
                 if chunked:
-                    kw.update(teacher_hidden=th, teacher_lm_head_weight=thead.weight)
+                    kw.update(teacher_hidden=th, teacher_head=lambda x: output_logits(teacher, x))
                 else:
                     with torch.no_grad():
-                        kw.update(teacher_logits=thead(th))
+                        kw.update(teacher_logits=output_logits(teacher, th))
             elif "topk_ids" in batch:
                 ids = batch["topk_ids"][:, 1:][sel]
                 kw.update(topk_ids=ids.clamp(min=0), topk_logprobs=batch["topk_logprobs"][:, 1:][sel],
@@ -82,8 +124,6 @@ class DistillObjective(nn.Module):
             else:
                 raise ValueError(f"loss.kind={self.kind} needs a teacher: teacher.path or top-k logprobs in the data")
         if chunked:
-            s = losses.chunked_loss_sums(h, head.weight, targets, chunk_size=chunk,
-                                         lm_head_bias=head.bias, **kw)
-        else:
-            s = losses.loss_sums(head(h), targets, **kw)
-        return s.ce, s.kd, s.n_tokens
+            return losses.chunked_loss_sums(h, None, targets, chunk_size=chunk,
+                                            head=lambda x: output_logits(self.lm, x), **kw)
+        return losses.loss_sums(output_logits(self.lm, h), targets, **kw)
