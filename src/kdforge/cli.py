@@ -28,9 +28,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kdforge.commands import daemon, demo, generate, model, serve, train
+    from kdforge.commands import daemon, demo, generate, model, preflight, serve, train
 
-    for mod in (generate, train, model, daemon, serve, demo):
+    for mod in (generate, train, model, daemon, serve, demo, preflight):
         mod.register(app)
 
 

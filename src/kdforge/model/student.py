@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
 @dataclass
@@ -105,16 +106,56 @@ def preset(name: str) -> ModelCfg:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}") from None
 
 
+@dataclass
+class StudentOutput(CausalLMOutputWithPast):
+    """`StudentLM`'s output: the usual `CausalLMOutputWithPast` (`.logits`, `.loss`, ...) that also
+    answers the tensor questions the seed's snippet asks of `logits = model(input_ids)`:
+    `.shape`, `.size()`, `.dim()`, `.numel()`, `.element_size()`, `.dtype`, `.device`, all of
+    the logits. Only `StudentLM` returns it; `build_student` and saved folders stay plain Llama."""
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.logits.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.logits.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
+    def size(self, *dim):
+        return self.logits.size(*dim)
+
+    def dim(self) -> int:
+        return self.logits.dim()
+
+    def numel(self) -> int:
+        return self.logits.numel()
+
+    def element_size(self) -> int:
+        return self.logits.element_size()
+
+
 class StudentLM(LlamaForCausalLM):
     """The seed's `StudentLM(cfg)`: a LlamaForCausalLM built from a ModelCfg.
 
-    `model(input_ids).logits` has shape (batch, seq, vocab). Saved folders name the plain
-    `LlamaForCausalLM` architecture so that any Llama loader takes them.
+    `model(input_ids).logits` has shape (batch, seq, vocab), and so does `model(input_ids).shape`
+    (the seed's snippet treats the output as the logits; see `StudentOutput`). Saved folders name
+    the plain `LlamaForCausalLM` architecture so that any Llama loader takes them, and load back
+    as a plain `LlamaForCausalLM` with its usual outputs.
     """
 
     def __init__(self, cfg: ModelCfg | LlamaConfig, vocab_size: int | None = None, **special):
         hf = cfg if isinstance(cfg, LlamaConfig) else cfg.to_hf(vocab_size, **special)
         super().__init__(hf)
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if isinstance(out, CausalLMOutputWithPast) and out.logits is not None:  # return_dict=False: a tuple
+            return StudentOutput(**dict(out.items()))
+        return out
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         out = super().save_pretrained(save_directory, *args, **kwargs)

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The seed plan's scripts/test_budget_enforcement.sh, on your own setup: kdforge preflight --only budget.
+#
+#   scripts/test_budget_enforcement.sh --config configs/my.yaml [--teacher URL --model NAME] [--budget-limit 1.0] ...
+#
+# A generate run whose limit leaves room for about one request must stop with exit 3, nothing sent
+# past the limit, spend persisted; the same command again must send nothing.
+#
+# Runs in a scratch dir (--workdir DIR, default a new temp dir): never touches your outputs, cache
+# or checkpoints. Spends at most --budget-limit (default $1.00) on the teacher named by the config's
+# generate section (or the flags). Prints the checklist and writes preflight_report.md there.
+# Exit 0: nothing failed; 2: a check failed (the report says the fix); 4: the teacher refused us.
+set -euo pipefail
+exec "${KDFORGE:-kdforge}" preflight --only budget "$@"

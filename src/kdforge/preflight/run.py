@@ -1,0 +1,219 @@
+"""`kdforge preflight`: the seed plan's "before spending money" checks on the user's own setup.
+
+    report = run_preflight(PreflightOptions(configs=["configs/my.yaml"], only="pipeline"))
+
+Order: the free parts first (config, memory), then the paid ones (api, generation, budget) and
+training on what generation wrote. A teacher that refuses us stops everything after it (exit 4:
+nothing else spends). Everything happens in the scratch dir; the report goes to stdout (by the
+CLI), `preflight_report.md` and `preflight_report.json` there.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kdforge.config import Config, GenerateSection, from_dict, load_section, merge_configs
+from kdforge.errors import ConfigError, KdforgeError, UsageError
+from kdforge.preflight import machine, teacher, training
+from kdforge.preflight.report import Item, Report, failed, render_json, render_markdown, skipped
+
+PARTS = ("api", "generation", "budget", "config", "memory", "training", "pipeline")
+# Which items each part checks; `pipeline` is all of them.
+ITEMS = {"api": ["api"], "generation": ["generation", "dataset", "quality"], "budget": ["budget"],
+         "config": ["config"], "memory": ["memory"], "training": ["smoke", "training", "resume"]}
+# Parts a part needs the results of: training trains on generated samples, sized by memory.
+NEEDS = {"training": ["memory", "generation"]}
+RUN_ORDER = ("config", "memory", "api", "generation", "budget", "training")
+
+
+@dataclass
+class PreflightOptions:
+    configs: list[str]
+    teacher: str | None = None
+    model: str | None = None
+    prompts: list[str] = field(default_factory=list)
+    budget_limit: float = 1.0
+    samples: int = 20
+    only: str = "pipeline"
+    workdir: str | None = None
+    price_input: float | None = None
+    price_output: float | None = None
+    api_key_env: str | None = None
+    log: object = print  # progress lines
+
+
+def parts_to_run(only: str) -> list[str]:
+    if only not in PARTS:
+        raise UsageError(f"--only {only!r}: use one of {', '.join(PARTS)}")
+    chosen = set(RUN_ORDER) if only == "pipeline" else {only, *NEEDS.get(only, [])}
+    return [p for p in RUN_ORDER if p in chosen]
+
+
+def _generate_section(opts: PreflightOptions) -> GenerateSection:
+    flags = dict(teacher=opts.teacher, model=opts.model, prompts=opts.prompts or None,
+                 price_input=opts.price_input, price_output=opts.price_output, api_key_env=opts.api_key_env)
+    return load_section(opts.configs, "generate", flags)
+
+
+def _tokenizer_vocab(cfg: Config | None) -> int | None:
+    path = cfg and (cfg.io.tokenizer_path or cfg.model.path)
+    if not path or not Path(path).exists():
+        return None
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(path)))
+
+
+class Preflight:
+    """The run's state between parts: options, configs, budget, what earlier parts produced."""
+
+    def __init__(self, opts: PreflightOptions, work: Path):
+        self.opts, self.work, self.log = opts, work, opts.log
+        self.items: dict[str, Item] = {}
+        self.merged = merge_configs(opts.configs)
+        self.cfg: Config | None = None
+        self.config_error: ConfigError | None = None
+        try:
+            self.cfg = from_dict(self.merged, ", ".join(opts.configs))
+        except ConfigError as e:
+            self.config_error = e
+        self.gen: GenerateSection = _generate_section(opts)
+        self.prices = None
+        self.price_error: KdforgeError | None = None
+        try:
+            self.prices = teacher.section_prices(self.gen)
+        except KdforgeError as e:
+            self.price_error = e
+        self.purse = teacher.Purse(opts.budget_limit, self.prices)
+        self.api_key = os.environ.get(self.gen.api_key_env) or None
+        self.samples = teacher.Samples(None, 0)
+        self.student = None
+        self.refused = False
+
+    # ---------------------------------------------------------------- parts
+    def config(self) -> None:
+        if self.config_error is not None:
+            e = self.config_error
+            self.items["config"] = failed("config", "; ".join(f"{f}: {m}" for f, m in e.problems),
+                                          f"fix {', '.join(sorted({f for f, _ in e.problems}))} in the config",
+                                          problems=[list(p) for p in e.problems])
+            return
+        self.items["config"] = machine.check_config_item(self.cfg, self.merged)
+
+    def memory(self) -> None:
+        if self.cfg is None:
+            self.items["memory"] = skipped("memory", "not run: the config does not load (see the config item)")
+            return
+        item, self.student = machine.check_memory(self.cfg, _tokenizer_vocab(self.cfg))
+        self.items["memory"] = item
+
+    def _teacher_problem(self) -> str | None:
+        if not self.gen.teacher or not self.gen.model:
+            return ("no teacher: set generate.teacher and generate.model in the config, or pass --teacher URL "
+                    "--model NAME")
+        if self.price_error is not None:
+            return str(self.price_error)
+        if self.prices is None:
+            return (f"no prices for model {self.gen.model!r} (not in the shipped table): the preflight budget cannot "
+                    "be enforced; set generate.price_input and generate.price_output (USD per million tokens), "
+                    "0 for a local server")
+        return None
+
+    def _needs_teacher(self, key: str) -> bool:
+        problem = self._teacher_problem()
+        if problem:
+            self.items[key] = failed(key, f"cannot run: {problem}", problem.split(": ", 1)[-1])
+        return problem is None
+
+    def api(self) -> None:
+        if self._needs_teacher("api"):
+            self.items["api"] = teacher.check_api(self.gen, self.work / "api", self.purse, self.api_key)
+
+    def generation(self) -> None:
+        if not self._needs_teacher("generation"):
+            return
+        item, self.samples = teacher.check_generation(self.gen, self.work / "generation", self.purse,
+                                                      self.api_key, self.opts.samples)
+        self.items["generation"] = item
+        self._dataset_items()
+
+    def _dataset_items(self) -> None:
+        from kdforge.preflight.dataset import check_dataset, check_quality
+
+        if self.samples.path is None:
+            for key in ("dataset", "quality"):
+                self.items[key] = skipped(key, "not run: no samples were generated (see the generation item)")
+            return
+        tok = self.cfg.io.tokenizer_path or self.cfg.model.path if self.cfg else None
+        seq = max(self.cfg.train.seq_lengths) if self.cfg else 4096
+        self.items["dataset"] = check_dataset(self.samples.path, tok, seq)
+        self.items["quality"] = check_quality(self.samples.path, tok)
+
+    def budget(self) -> None:
+        if self._needs_teacher("budget"):
+            self.items["budget"] = teacher.check_budget(self.gen, self.work / "budget", self.purse, self.api_key)
+
+    def training(self) -> None:
+        self.items["smoke"] = training.check_smoke(self.work / "smoke")
+        why = None
+        if self.cfg is None or self.items.get("config", Item("config", "pass", "")).status == "fail":
+            why = "not run: the config has problems (see the config item)"
+        elif self.samples.path is None:
+            why = "not run: no generated samples to train on (see the generation item)"
+        elif self.student is None:
+            why = "not run: the memory part did not run"
+        if why:
+            for key in ("training", "resume"):
+                self.items[key] = skipped(key, why)
+            return
+        work = self.work / "training"
+        item, losses = training.check_training(self.merged, self.samples.path, work, self.student)
+        self.items["training"] = item
+        if item.status == "fail":
+            self.items["resume"] = skipped("resume", "not run: training failed")
+            return
+        self.items["resume"] = training.check_resume(self.merged, self.samples.path, work, self.student, losses)
+
+    # ---------------------------------------------------------------- the run
+    def run(self, parts: list[str]) -> None:
+        for part in parts:
+            if self.refused:
+                for key in ITEMS[part]:
+                    self.items[key] = skipped(key, "not run: the teacher refused us (see above); nothing else spends")
+                continue
+            self.log(f"preflight: {part} ...")
+            t0 = time.perf_counter()
+            getattr(self, part)()
+            for key in ITEMS[part]:
+                it = self.items.get(key)
+                if it is not None:
+                    self.refused |= it.refused
+                    self.log(f"preflight: {key}: {it.status} ({time.perf_counter() - t0:.1f}s)")
+
+
+def run_preflight(opts: PreflightOptions) -> Report:
+    """Run the chosen parts in a scratch dir; write the reports there; return the Report."""
+    parts = parts_to_run(opts.only)
+    if opts.samples <= 0:
+        raise UsageError(f"--samples must be positive, got {opts.samples}")
+    if not opts.budget_limit >= 0 or opts.budget_limit == float("inf"):
+        raise UsageError(f"--budget-limit must be a finite amount of USD >= 0, got {opts.budget_limit}")
+    work = Path(opts.workdir) if opts.workdir else Path(tempfile.mkdtemp(prefix="kdforge-preflight-"))
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pf = Preflight(opts, work.resolve())
+    chosen = set(parts) if opts.only == "pipeline" else {opts.only}
+    pf.run(parts)
+    for part in RUN_ORDER:  # items of parts only run as prerequisites still show: they ran
+        if part not in chosen and part not in parts:
+            for key in ITEMS[part]:
+                pf.items.setdefault(key, skipped(key, f"not run (--only {opts.only})"))
+    report = Report(pf.items, pf.purse.spent if pf.prices is not None else None, opts.budget_limit, str(work),
+                    pf.gen.teacher, pf.gen.model, list(opts.configs), parts, time.perf_counter() - t0)
+    (work / "preflight_report.md").write_text(render_markdown(report), encoding="utf-8")
+    (work / "preflight_report.json").write_text(render_json(report), encoding="utf-8")
+    return report
