@@ -49,7 +49,7 @@ def test_twenty_samples_well_formed_then_rerun_sends_nothing(tmp_path, server):
         assert m["cached"] is False and m["created"].endswith("Z")
         lp = r["teacher_logprobs"]
         assert len(lp) == m["tokens"]["completion"] and "".join(t["token"] for t in lp) == r["teacher_text"]
-        assert all(len(t["top"]) == 2 and t["logprob"] <= 0 and set(t["top"][0]) == {"token", "logprob"} for t in lp)
+        assert all(len(t["top"]) == 2 and t["logprob"] <= 0 and set(t["top"][0]) == {"token", "logprob", "bytes"} for t in lp)
     assert "generate done: 20/20 samples" in p.stdout and "cost:" in p.stdout
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
     assert state["status"] == "done" and state["samples"] == 20

@@ -196,12 +196,16 @@ def test_rate_limits_detected_from_headers_and_paced_without_429(tmp_path):
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(latency=st.floats(0.0, 0.03), jitter=st.floats(0.0, 0.02), concurrency=st.integers(1, 8),
        price_in=st.floats(0.1, 50.0), price_out=st.floats(1.0, 2000.0), max_tokens=st.integers(4, 64),
-       budget=st.floats(0.0005, 0.05), p_drop=st.sampled_from([0.0, 0.1]), p500=st.sampled_from([0.0, 0.1]),
+       budget=st.floats(0.0005, 0.05), p_drop=st.sampled_from([0.0, 0.1]), p500=st.sampled_from([0.0, 0.1, 0.3]),
+       p500_billed=st.sampled_from([0.0, 0.5, 1.0]), status_5xx=st.sampled_from([500, 502, 504]),
        seed=st.integers(0, 1000))
 def test_concurrency_never_crosses_the_budget(tmp_path_factory, latency, jitter, concurrency, price_in, price_out,
-                                              max_tokens, budget, p_drop, p500, seed):
+                                              max_tokens, budget, p_drop, p500, p500_billed, status_5xx, seed):
+    # The teacher bills some of its 5xx (a gateway's 502/504 after the upstream generated): an unknown
+    # outcome, so spend must still cover what was billed.
     tmp = tmp_path_factory.mktemp("prop")
-    cfg = FaultConfig(api_key=KEY, latency=latency, jitter=jitter, p_drop=p_drop, p500=p500, seed=seed)
+    cfg = FaultConfig(api_key=KEY, latency=latency, jitter=jitter, p_drop=p_drop, p500=p500, p500_billed=p500_billed,
+                      status_5xx=status_5xx, seed=seed)
     with FaultServer(cfg) as srv:
         result, _, err = gen_in_process(tmp, srv.url, total=25, concurrency=concurrency, max_tokens=max_tokens,
                                         price_input=price_in, price_output=price_out, budget_limit=budget,

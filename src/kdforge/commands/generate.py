@@ -16,20 +16,17 @@ data_app = typer.Typer(help="Datasets: quality report, samples.", no_args_is_hel
 
 
 def _generate_config(configs: list[str], flags: dict):
-    """The generate section: config files merged left to right, then flags that were given."""
-    from pydantic import ValidationError
-
-    from kdforge.config import Config, _pydantic_problems, merge_configs
+    """The generate section: config files merged left to right, then flags that were given.
+    A problem with a value given as a flag is named by that flag (`--budget-limit`)."""
+    from kdforge.config import load_section
     from kdforge.errors import ConfigError
 
-    data = merge_configs(configs)
-    section = dict(data.get("generate") or {})
-    section.update({k: v for k, v in flags.items() if v is not None})
-    data["generate"] = section
     try:
-        return Config.model_validate(data).generate
-    except ValidationError as e:
-        raise ConfigError(_pydantic_problems(e), ", ".join(configs) or "flags") from None
+        return load_section(configs, "generate", flags)
+    except ConfigError as e:
+        given = {f"generate.{k}" for k, v in flags.items() if v is not None}
+        named = [(f"--{f.split('.', 1)[1].replace('_', '-')} ({f})" if f in given else f, m) for f, m in e.problems]
+        raise ConfigError(named, e.source) from None
 
 
 def generate(

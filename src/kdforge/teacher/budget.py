@@ -8,8 +8,12 @@ tokens bounded from above, completion tokens capped by max_tokens).
   make spent + reserved pass the limit waits for in-flight requests to settle, and if it still
   does not fit with nothing in flight, raises BudgetExceededError: that request is never sent.
 - After the attempt, the reservation is settled at the real usage: the answer's `usage`, 0 for
-  an error answer without usage, and the full worst case when the outcome is unknown (timeout,
-  dropped connection, cancelled), since the provider may have billed it.
+  an error answer without usage that was surely not billed (429, 4xx), and the full worst case
+  when the outcome is unknown (timeout, dropped connection, 5xx, cancelled), since the provider
+  may have billed it.
+- The teacher's numbers are not trusted (`settle_reported`): usage that is missing, not a whole
+  number, negative, or more than the request allowed is charged at the worst case reserved, so
+  spend never goes down and never passes the limit, whatever a teacher reports.
 - Money is counted in integer nano-dollars computed exactly (Fraction), so no float rounding
   can carry spend over the limit.
 - The ledger persists as an append-only JSONL file in the checkpoint directory (`budget.jsonl`):
@@ -27,13 +31,12 @@ import threading
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 from kdforge.atomic import atomic_write_text
 from kdforge.errors import BudgetExceededError, DataError
 from kdforge.teacher.journal import AppendFile
-from kdforge.teacher.pricing import Prices
-
-NANO = 10**9  # nano-dollars per dollar
+from kdforge.teacher.pricing import NANO, Prices
 
 
 @dataclass
@@ -48,6 +51,21 @@ def _to_nano_floor(usd: float) -> int:
     return math.floor(Fraction(usd) * NANO)
 
 
+def usage_problem(usage: tuple[Any, Any] | None, res: Reservation) -> str | None:
+    """Why reported usage (prompt, completion) cannot be what the request cost, or None if it can."""
+    if usage is None or usage[0] is None or usage[1] is None:
+        return "no usage reported"
+    for name, v in zip(("prompt_tokens", "completion_tokens"), usage):
+        if type(v) is not int:  # bool is an int to Python, not to a bill
+            return f"{name}={v!r} is not a whole number"
+        if v < 0:
+            return f"{name}={v} is negative"
+    if usage[0] > res.prompt_tokens or usage[1] > res.completion_tokens:
+        return (f"{usage[0]}+{usage[1]} tokens is more than the request allowed "
+                f"({res.prompt_tokens}+{res.completion_tokens})")
+    return None
+
+
 class BudgetLedger:
     """Spend accounting with reservations (see the module docstring). State changes happen under a
     lock; `reserve` waits on an asyncio event, so its waiters live in one event loop."""
@@ -60,8 +78,6 @@ class BudgetLedger:
         self.prices = prices
         self.limit = limit
         self.limit_nano = _to_nano_floor(limit) if limit is not None else None
-        self._in = Fraction(prices.input) if prices else Fraction(0)  # USD per million tokens, exact
-        self._out = Fraction(prices.output) if prices else Fraction(0)
         self.spent_nano = 0  # settled, this run and earlier runs
         self.reserved_nano = 0  # held by requests in flight
         self.prompt_tokens = 0
@@ -80,8 +96,8 @@ class BudgetLedger:
 
     # ------------------------------------------------------------------ money
     def cost_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
-        """Exact cost, rounded up to a whole nano-dollar."""
-        return math.ceil((prompt_tokens * self._in + completion_tokens * self._out) * NANO / 10**6)
+        """Exact cost, rounded up to a whole nano-dollar ($0 without prices)."""
+        return self.prices.cost_nano(prompt_tokens, completion_tokens) if self.prices else 0
 
     @property
     def spent(self) -> float:
@@ -154,6 +170,14 @@ class BudgetLedger:
             event.set()
         return nano / NANO
 
+    def settle_reported(self, res: Reservation, usage: tuple[Any, Any] | None,
+                        outcome: str) -> tuple[float, int, int, str | None]:
+        """Settle at the usage the teacher reported if it can be true, else at the worst case
+        reserved. Returns (USD, prompt tokens, completion tokens charged, why usage was not trusted)."""
+        problem = usage_problem(usage, res)
+        pt, ct = (res.prompt_tokens, res.completion_tokens) if problem else usage
+        return self.settle(res, pt, ct, outcome), pt, ct, problem
+
     def settle_worst(self, res: Reservation, outcome: str) -> float:
         """Settle at the full reservation: the outcome is unknown, the provider may have billed."""
         return self.settle(res, res.prompt_tokens, res.completion_tokens, outcome)
@@ -184,6 +208,8 @@ class BudgetLedger:
                                     "Restore it or delete the checkpoint directory to start the count over",
                                     str(self.path), i) from None
                 op = row.get("op")
+                if op in ("carry", "settle") and row["nano"] < 0:  # written before usage was checked
+                    row["nano"] = open_res.get(row.get("rid"), 0)  # its worst case if known: never less
                 if op == "carry":
                     self.spent_nano += row["nano"]
                     self.prompt_tokens += row.get("prompt_tokens", 0)

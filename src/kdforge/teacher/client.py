@@ -9,15 +9,22 @@ every attempt must pass the rate limiter and the budget. `TeacherClient.complete
 - `RateLimited`: 429; carries the server's `retry-after-ms`/`retry-after`.
 - `Transient`: 5xx, 408/409, timeouts, dropped connections, unreadable answers. `billed` says
   whether the provider may have charged for it (the request reached it and the outcome is
-  unknown): the ledger then counts the worst case.
+  unknown): the ledger then counts the worst case. Every 5xx is such an unknown outcome: a
+  gateway's 502/504 often comes after the upstream generated (and billed) the completion. Only
+  an answer that reports its usage proves otherwise.
 - `Rejected`: any other 4xx (bad request, context too long): this sample fails, the run goes on.
 
 Every failure carries the answer's headers when there was an answer, for tier detection.
+
+Nothing here trusts the teacher's numbers: `usage` is passed on as the server sent it (it may be
+missing, negative, a string) for the ledger to check (`budget.usage_problem`). Every error text
+has the API key masked in full before it is cut to `REASON_CHARS` (`mask_secret`).
 """
 
 from __future__ import annotations
 
 import email.utils
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,14 +32,17 @@ from typing import Any, Mapping
 
 from kdforge.errors import TeacherRefusedError
 
+REASON_CHARS = 300  # error text kept per failure (failures.jsonl, messages)
+MIN_FRAGMENT = 4  # a trailing piece of the key this long or longer is masked too
+
 
 @dataclass
 class Answer:
     text: str
     finish_reason: str | None
-    prompt_tokens: int | None  # from `usage`; None if the server sent none
-    completion_tokens: int | None
-    logprobs: list[dict] | None  # [{token, logprob, top: [{token, logprob}]}]
+    prompt_tokens: Any  # from `usage`, as sent (None if absent); the ledger decides what is charged
+    completion_tokens: Any
+    logprobs: list[dict] | None  # [{token, logprob, bytes?, top: [{token, logprob, bytes?}]}]
     model: str | None
     headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -57,7 +67,7 @@ class AttemptFailed(Exception):
         self.reason = reason
         self.headers = headers or {}
         self.retry_after = retry_after  # seconds the server asked us to wait
-        self.usage = usage  # (prompt, completion) tokens if the error answer reported them
+        self.usage = usage  # (prompt, completion) tokens as the error answer reported them, unchecked
 
 
 class RateLimited(AttemptFailed):
@@ -104,20 +114,45 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return d / 2 + rng.uniform(0, d / 2)
 
 
+def mask_secret(text: str, secret: str | None, limit: int = REASON_CHARS) -> str:
+    """`text` with every copy of `secret` replaced by ***, then cut to `limit` characters.
+
+    Masking comes first, so a cut can never leave part of a key that was there whole; a piece of
+    the key left at the end (a server that cut its own message mid-key) is masked as well.
+    """
+    if secret:
+        text = text.replace(secret, "***")
+    cut = text[:limit]
+    if secret:
+        for n in range(min(len(secret) - 1, len(cut)), MIN_FRAGMENT - 1, -1):
+            if cut.endswith(secret[:n]):
+                return cut[:-n] + "***"
+    return cut
+
+
 def _error_detail(body: Any) -> tuple[str, str | None]:
+    """The error message (whole: the caller masks, then cuts) and its code."""
     if isinstance(body, dict):
         err = body.get("error", body)
         if isinstance(err, dict):
-            return str(err.get("message") or err)[:300], err.get("code") or err.get("type")
-        return str(err)[:300], None
-    return (str(body)[:300] if body else ""), None
+            return str(err.get("message") or err), err.get("code") or err.get("type")
+        return str(err), None
+    return (str(body) if body else ""), None
 
 
-def _usage(body: Any) -> tuple[int, int] | None:
+def _usage(body: Any) -> tuple[Any, Any] | None:
+    """(prompt_tokens, completion_tokens) as an error answer reported them, unchecked."""
     u = body.get("usage") if isinstance(body, dict) else None
-    if isinstance(u, dict) and "prompt_tokens" in u:
-        return int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0)
+    if isinstance(u, dict) and ("prompt_tokens" in u or "completion_tokens" in u):
+        return u.get("prompt_tokens"), u.get("completion_tokens")
     return None
+
+
+def _json_or_none(response) -> Any:
+    try:
+        return response.json() if response is not None else None
+    except Exception:  # noqa: BLE001 - not JSON: no usage to read
+        return None
 
 
 def _connect_failed(e: BaseException) -> bool:
@@ -140,7 +175,7 @@ class TeacherClient:
         self.base_url = base_url
         self.api_key_env = api_key_env
         self._has_key = bool(api_key)
-        self._secret = api_key if api_key and len(api_key) >= 6 else None  # redacted from error text
+        self._secret = api_key or None  # masked in every error text, however short
         # Local servers (vLLM, llama.cpp, transformers serve) accept any key; openai needs a string.
         self._client = AsyncOpenAI(base_url=base_url, api_key=api_key or "no-key", max_retries=0, timeout=timeout)
 
@@ -155,32 +190,42 @@ class TeacherClient:
             raise Transient("timed out", "timeout", billed=True) from None
         except openai.APIConnectionError as e:
             never = _connect_failed(e)
-            raise Transient(f"connection {'refused' if never else 'dropped'} ({e.__cause__ or e})",
+            raise Transient(self.mask(f"connection {'refused' if never else 'dropped'} ({e.__cause__ or e})"),
                             "connect" if never else "dropped", billed=not never) from None
         headers = dict(raw.headers)
         try:
             resp = raw.parse()
             choice = resp.choices[0]
+            text = choice.message.content or ""
+            if not isinstance(text, str):
+                raise TypeError(f"message content is {type(text).__name__}, not text")
         except Exception as e:  # noqa: BLE001 - any unreadable 200 is a transient fault
-            raise Transient(f"unreadable answer ({type(e).__name__}: {e})", "bad-answer", billed=True,
+            raise Transient(self.mask(f"unreadable answer ({type(e).__name__}: {e})"), "bad-answer", billed=True,
                             headers=headers) from None
-        usage = resp.usage
+        usage = getattr(resp, "usage", None)
         return Answer(
-            text=choice.message.content or "",
+            text=text,
             finish_reason=choice.finish_reason,
-            prompt_tokens=usage.prompt_tokens if usage else None,
-            completion_tokens=usage.completion_tokens if usage else None,
+            prompt_tokens=getattr(usage, "prompt_tokens", None),
+            completion_tokens=getattr(usage, "completion_tokens", None),
             logprobs=_logprobs(choice),
             model=resp.model,
             headers=headers,
         )
 
+    def mask(self, text: str) -> str:
+        """Error text fit to keep: the key masked (some servers echo it back), then cut."""
+        return mask_secret(text, self._secret)
+
+    def leaks_key(self, ans: Answer) -> bool:
+        """True if the answer quotes the API key (a prompt-injected or careless teacher)."""
+        return bool(self._secret) and self._secret in json.dumps(ans.to_cache(), ensure_ascii=False)
+
     def _classify_status(self, e, body: dict) -> Exception:
         status = e.status_code
         headers = dict(e.response.headers) if e.response is not None else {}
         msg, code = _error_detail(e.body)
-        if self._secret:
-            msg = msg.replace(self._secret, "***")  # some servers echo the key back
+        msg = self.mask(msg)
         where = f"{self.base_url}"
         if status == 401:
             hint = (f"the environment variable {self.api_key_env} is not set" if not self._has_key
@@ -198,11 +243,11 @@ class TeacherClient:
             return TeacherRefusedError(f"the teacher at {where} says the account is out of quota (429: {msg}); "
                                        "check the account's billing, then re-run to resume")
         retry = retry_after_seconds(headers)
-        usage = _usage(e.body)
+        usage = _usage(_json_or_none(e.response))  # e.body holds only the "error" object
         if status == 429:
             return RateLimited(f"429 {msg}", headers=headers, retry_after=retry, usage=usage)
-        if status >= 500 or status in (408, 409, 425):
-            return Transient(f"{status} {msg}", str(status) if status < 500 else "5xx", billed=False,
+        if status >= 500 or status in (408, 409, 425):  # a 5xx may come after the upstream billed
+            return Transient(f"{status} {msg}", str(status) if status < 500 else "5xx", billed=status >= 500,
                              headers=headers, retry_after=retry, usage=usage)
         return Rejected(f"{status} {msg}", status, headers=headers, usage=usage)
 
@@ -215,6 +260,14 @@ def _logprobs(choice) -> list[dict] | None:
     content = getattr(lp, "content", None) if lp is not None else None
     if not content:
         return None
-    return [{"token": t.token, "logprob": t.logprob,
-             "top": [{"token": a.token, "logprob": a.logprob} for a in (t.top_logprobs or [])]}
-            for t in content]
+    return [dict(_token(t), top=[_token(a) for a in (getattr(t, "top_logprobs", None) or [])]) for t in content]
+
+
+def _token(t) -> dict:
+    """{token, logprob}, plus OpenAI's `bytes` when sent: the token's exact UTF-8 bytes, which its
+    text cannot carry for a token that ends inside a character (it decodes to U+FFFD)."""
+    out = {"token": t.token, "logprob": t.logprob}
+    raw = getattr(t, "bytes", None)
+    if raw is not None:
+        out["bytes"] = list(raw)
+    return out

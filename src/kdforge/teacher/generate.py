@@ -17,14 +17,18 @@ not yet in the file and:
 
 Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused -> in-flight
 requests cancelled at once, exit 4. SIGINT/SIGTERM -> no new dispatch, in-flight requests finish
-(a second signal cancels them), exit 130. Teacher down (3 samples in a row out of retries) ->
-no new dispatch, exit 1. Every path saves `state.json` and prints the summary; all resume.
+(a second signal cancels them), exit 130. Teacher down (3 samples in a row out of retries) or
+rejecting everything (10 requests in a row, or every request of a run) -> no new dispatch, exit 1
+with the teacher's own (masked) message; rejections in such a streak are not held against their
+prompts, so a re-run sends them again. Every path saves `state.json` and prints the summary; all
+resume.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import math
 import os
 import random
 import signal
@@ -52,6 +56,9 @@ from kdforge.teacher.tokens import TokenEstimator
 RATE_LIMIT_RETRIES_PER_RETRY = 4  # a sample may see 4x max_retries 429s: being throttled is not failing
 STATE_EVERY = 5.0  # seconds between state.json writes
 UNAVAILABLE_AFTER = 3  # samples in a row giving up on transient errors: the teacher is down, stop (exit 1)
+REJECTING_AFTER = 10  # samples in a row rejected (4xx): the endpoint or the request is wrong, not the prompts
+FINITE_FIELDS = ("budget_limit", "price_input", "price_output", "rpm", "tpm", "delay", "temperature", "timeout",
+                 "retry_base", "retry_max")  # float settings where inf/nan would poison money or pacing
 
 
 # ----------------------------------------------------------------------------- setup
@@ -75,6 +82,10 @@ def _check(cfg: GenerateSection) -> None:
         problems.append("--out is required: the JSONL file to write (resumed if it exists)")
     if not cfg.total:
         problems.append("--total is required: how many samples the file should hold")
+    for name in FINITE_FIELDS:
+        v = getattr(cfg, name)
+        if v is not None and not math.isfinite(v):
+            problems.append(f"--{name.replace('_', '-')} (generate.{name}) must be a finite number, got {v}")
     if problems:
         raise UsageError("\n  ".join(["cannot generate:"] + problems))
 
@@ -118,6 +129,9 @@ class Generator:
         self._warned: set[str] = set()
         self._interrupts = 0
         self._gave_up = 0  # samples in a row that failed for transient reasons
+        self.rejected_in_row: list[Job] = []  # samples in a row the teacher rejected (4xx)
+        self.last_failure = ""  # the latest failure's reason (masked), for the stop message
+        self.transient_kinds: set[str] = set()  # failure kinds a re-run retries
 
     # ---------------------------------------------------------------- main loop
     async def main(self) -> None:
@@ -208,7 +222,10 @@ class Generator:
             self._state[me] = "waiting"
             cost += self._settle_ok(job, res, ans)
             self.limiter.observe(ans.headers)
-            if not ans.text.strip():
+            if self.client.leaks_key(ans):  # never into the dataset, the cache or a log
+                self._fail(job, f"the teacher's answer quotes the API key from {self.cfg.api_key_env}; not stored",
+                           "key-in-answer", tries["attempts"], permanent=True)
+            elif not ans.text.strip():
                 self._fail(job, "the teacher's answer is empty", "empty", tries["attempts"], permanent=True)
             elif ans.finish_reason == "content_filter":
                 self._fail(job, "the teacher's content filter stopped the answer", "content_filter",
@@ -217,6 +234,7 @@ class Generator:
                 self.cache.put(job.cache_key, ans.to_cache())
                 self._write(job, ans, cost, cached=False)
                 self._gave_up = 0
+                self.rejected_in_row.clear()
             return
 
     async def _admit(self, job: Job):
@@ -257,28 +275,37 @@ class Generator:
         return True
 
     def _settle_failed(self, res, e: AttemptFailed) -> float:
-        if getattr(e, "billed", False):  # timeout / dropped: unknown outcome, may be billed in full
+        if e.usage is not None:  # the answer says what it cost: checked like any usage
+            return self._settle_reported(res, e.usage, e.kind)[0]
+        if getattr(e, "billed", False):  # timeout / dropped / 5xx: unknown outcome, may be billed in full
             pt, ct = res.prompt_tokens, res.completion_tokens
-        else:
-            pt, ct = e.usage or (0, 0)
+        else:  # 429, 4xx: refused before any work
+            pt, ct = 0, 0
         c = self.ledger.settle(res, pt, ct, e.kind)
         self._charge(c, pt, ct)
         return c
 
     def _settle_ok(self, job: Job, res, ans: Answer) -> float:
-        pt, ct = ans.prompt_tokens, ans.completion_tokens
-        if pt is None or ct is None:
-            self._warn("usage", "the teacher's answers carry no `usage`: each is charged at its worst case "
-                                "(prompt bound + max_tokens)")
-            pt, ct = res.prompt_tokens, res.completion_tokens
-            ans.prompt_tokens, ans.completion_tokens = pt, ct
-        c = self.ledger.settle(res, pt, ct, "ok")
-        self._charge(c, pt, ct)
-        if ct > res.completion_tokens or self.tokens.learn(job.messages, pt):
-            self._warn("overshoot", f"the teacher billed more than reserved ({pt}+{ct} tokens, reserved "
-                                    f"{res.prompt_tokens}+{res.completion_tokens}); the prompt bound now adds "
-                                    f"{self.tokens.extra} tokens")
+        reported = ans.prompt_tokens
+        c, ans.prompt_tokens, ans.completion_tokens = self._settle_reported(  # the record shows what was charged
+            res, (ans.prompt_tokens, ans.completion_tokens), "ok")
+        # A teacher counting more prompt tokens than our bound (a hidden system prompt, say) raises the
+        # bound for later requests; an absurd count (over twice the bound) is a lie, not a template.
+        if type(reported) is int and res.prompt_tokens < reported <= 2 * res.prompt_tokens \
+                and self.tokens.learn(job.messages, reported):
+            self._warn("overshoot", f"the teacher counted more prompt tokens than reserved ({reported}, reserved "
+                                    f"{res.prompt_tokens}); the prompt bound now adds {self.tokens.extra} tokens")
         return c
+
+    def _settle_reported(self, res, usage, outcome: str) -> tuple[float, int, int]:
+        """Settle at checked usage (see budget.settle_reported); returns (USD, tokens charged)."""
+        c, pt, ct, problem = self.ledger.settle_reported(res, usage, outcome)
+        if problem:
+            self._warn(f"usage:{problem.split()[0]}",
+                       f"the teacher's usage cannot be trusted ({problem}): such answers are charged at their worst "
+                       "case (prompt bound + max_tokens)")
+        self._charge(c, pt, ct)
+        return c, pt, ct
 
     def _charge(self, cost: float, pt: int, ct: int) -> None:
         self.stats.on_usage(pt, ct, cost)
@@ -305,7 +332,15 @@ class Generator:
     def _fail(self, job: Job, reason: str, kind: str, attempts: int, permanent: bool) -> None:
         self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
         self.stats.failed[kind] += 1
+        self.last_failure = reason
+        if permanent and kind.isdigit():  # the teacher rejected the request (4xx)
+            self.rejected_in_row.append(job)
+            if len(self.rejected_in_row) >= REJECTING_AFTER:
+                self._stop("rejecting", KdforgeError(
+                    f"the teacher at {self.cfg.teacher} rejected {len(self.rejected_in_row)} requests in a row "
+                    f"(last: {reason})"))
         if not permanent:
+            self.transient_kinds.add(kind)
             self._gave_up += 1
             if self._gave_up >= UNAVAILABLE_AFTER:  # the teacher is down, not this prompt
                 self._stop("unavailable", KdforgeError(
@@ -358,7 +393,8 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
         raise UsageError(f"--budget-limit needs prices, and model {cfg.model!r} is not in the shipped price table: "
                          "pass --price-input and --price-output (USD per million tokens)")
     out, ckpt, cache_dir = _paths(cfg)
-    jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed))
+    jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed,
+                                        warn=lambda m: print(f"warning: {m}", file=err_stream, flush=True)))
     if dry_run:
         print(dry_run_report(cfg, jobs, prices, out, ckpt, cache_dir), file=out_stream, flush=True)
         return None
@@ -389,8 +425,10 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             if need > 0:
                 with view:
                     asyncio.run(gen.main())
+            if gen.stop_reason == "rejecting" or (stats.written == 0 and gen.rejected_in_row):
+                failures.release([j.id for j in gen.rejected_in_row])  # the teacher's fault, not theirs
             status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted",
-                      "unavailable": "teacher_unavailable"}.get(
+                      "unavailable": "teacher_unavailable", "rejecting": "teacher_rejecting"}.get(
                 gen.stop_reason, "done" if journal.count >= cfg.total else "out_of_prompts")
         finally:
             journal.close()
@@ -402,11 +440,24 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
                                cfg.budget_limit, cache.corrupted, status.replace("_", " ")), file=out_stream, flush=True)
     _raise_for(gen, out, ckpt)
     if journal.count < cfg.total:
-        raise UsageError(f"{out} holds {journal.count} of --total {cfg.total} samples: the prompts ran out "
-                         f"({len(jobs)} unique, {sum(stats.failed.values())} failed this run, see "
-                         f"{ckpt / 'failures.jsonl'}); add prompts with --prompts and re-run to continue, "
-                         "or lower --total")
+        raise _short_of_total(gen, stats, len(jobs), out, ckpt)
     return stats
+
+
+def _short_of_total(gen: Generator, stats: Stats, unique: int, out: Path, ckpt: Path) -> KdforgeError:
+    """Why the file holds fewer than --total samples: the teacher (exit 1) or the prompts (exit 2)."""
+    failed = sum(stats.failed.values())
+    where = f"{gen.journal.count} of --total {gen.cfg.total} samples in {out}; see {ckpt / 'failures.jsonl'}"
+    if failed and stats.written == 0:  # not one answer this run: the teacher, not the prompts
+        return KdforgeError(f"the teacher at {gen.cfg.teacher} answered none of the {failed} samples tried this run "
+                            f"(last: {gen.last_failure}). {where}; fix the cause, then re-run the same command: "
+                            "the failed prompts are sent again")
+    transient = sum(n for k, n in stats.failed.items() if k in gen.transient_kinds)
+    if transient:
+        return KdforgeError(f"{transient} samples ran out of retries (last: {gen.last_failure}). {where}; re-run "
+                            "the same command to retry them")
+    return UsageError(f"{where}: the prompts ran out ({unique} unique, {failed} failed this run); add prompts with "
+                      "--prompts and re-run to continue, or lower --total")
 
 
 def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
@@ -417,6 +468,10 @@ def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
         raise BudgetExceededError(
             f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; spend is saved in "
             f"{ckpt / 'budget.jsonl'} and counts across runs. Re-run with a larger --budget-limit to continue.")
+    if gen.stop_reason == "rejecting":
+        raise KdforgeError(f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}: a streak like "
+                           "this is the endpoint or the request (--model, --max-tokens, --top-logprobs), not the "
+                           "prompts; fix it and re-run the same command: those prompts are sent again")
     if gen.stop_reason == "unavailable":
         raise KdforgeError(f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; check that the "
                            "teacher is up, then re-run the same command to resume")

@@ -3,9 +3,11 @@
 - Each line is written with a single `write()` of the whole line, newline included, on an
   O_APPEND descriptor, so it reaches the kernel as it is written and survives a SIGKILL.
   `fsync` runs every `FSYNC_EVERY` seconds and on close (power loss may cost the last second).
-- On open, a torn last line (a run killed mid-write: no trailing newline) is cut off, and the
-  ids and prompt keys of the complete lines are loaded, so a re-run skips them.
-- A complete line that is not a sample is not ours to fix: DataError naming file:line.
+- On open, the file is checked first and repaired second: the ids and prompt keys of the complete
+  lines are loaded (a re-run skips them), then a torn last line (a run killed mid-write: no
+  trailing newline, starting as our lines do) is cut off.
+- A line that is not a sample (or a torn tail that is not ours) means the file is not ours to
+  fix: DataError naming file:line, and the file is left byte for byte as it was.
 - Failed samples go to a separate `failures.jsonl` in the checkpoint directory, never into
   the dataset; permanent failures (4xx) are skipped by later runs, transient ones retried.
 """
@@ -21,6 +23,7 @@ from kdforge.errors import DataError
 from kdforge.teacher.prompts import prompt_key
 
 FSYNC_EVERY = 2.0  # seconds
+TORN_PREFIX = '{"id": '  # how every sample line starts (json.dumps of a record whose first key is id)
 
 
 class AppendFile:
@@ -82,27 +85,39 @@ class Journal:
 
     def __init__(self, path: str | Path, readonly: bool = False):
         self.path = Path(path)
-        self.repaired_bytes = 0 if readonly else repair_torn_tail(self.path)
         self.ids: set[str] = set()
         self.keys: set[str] = set()  # prompt keys (see prompts.prompt_key)
         self.count = 0
         self.completion_tokens = 0  # of the lines already there, for the dry-run estimate
         if self.path.exists():
-            self._load()
+            self._load()  # first: a file that is not ours is refused untouched
+        self.repaired_bytes = 0 if readonly else repair_torn_tail(self.path)
         self._file = None if readonly else AppendFile(self.path)
 
+    def _foreign(self, line: int) -> DataError:
+        return DataError("this file is not a kdforge dataset (the line is not a kdforge sample) and was left as "
+                         "it is: pass a new --out, or remove the line to resume", str(self.path), line)
+
     def _load(self) -> None:
-        with open(self.path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip() or not line.endswith("\n"):
-                    continue  # blank, or a torn last line (read-only open: left for the real run to cut)
+        with open(self.path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise self._foreign(i) from None
+                if not line.endswith("\n"):
+                    # A torn last line is ours only if it starts as every line we write does.
+                    if line.strip() and not line.startswith(TORN_PREFIX):
+                        raise self._foreign(i)
+                    continue  # cut by the repair (a read-only open leaves it for the real run)
+                if not line.strip():
+                    continue
                 try:
                     obj = json.loads(line)
                     msgs = obj.get("messages") or [{"role": "user", "content": obj["prompt"]}]
                     key = prompt_key(msgs)
                 except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise DataError("the output file holds a line that is not a kdforge sample; "
-                                    "pass a new --out, or remove the line to resume", str(self.path), i) from None
+                    raise self._foreign(i) from None
                 if obj.get("id") in self.ids or key in self.keys:
                     continue  # a duplicate written by hand; counted once
                 self.ids.add(obj.get("id"))
@@ -140,6 +155,8 @@ class FailureLog:
                     continue
                 if row.get("permanent"):
                     self.permanent.add(row.get("id"))
+                else:  # the latest line of an id wins: a released rejection is sent again
+                    self.permanent.discard(row.get("id"))
         self._file = AppendFile(self.path)
 
     def append(self, sample_id: str, prompt: str, source: str, reason: str, kind: str, attempts: int,
@@ -149,6 +166,14 @@ class FailureLog:
                            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         if permanent:
             self.permanent.add(sample_id)
+
+    def release(self, sample_ids: list[str]) -> None:
+        """Send these again on the next run: their rejection was the endpoint's fault, not theirs."""
+        for sid in sample_ids:
+            self._file.append({"id": sid, "kind": "released", "permanent": False,
+                               "reason": "rejected in a streak of rejections: sent again on the next run",
+                               "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            self.permanent.discard(sid)
 
     def close(self) -> None:
         self._file.close()

@@ -4,15 +4,15 @@ and the dry-run projection of what the plan may cost."""
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
-
 from pathlib import Path
 
 from kdforge.config import GenerateSection
 from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache, canonical, request_key
 from kdforge.teacher.journal import Journal
-from kdforge.teacher.pricing import Prices
+from kdforge.teacher.pricing import NANO, Prices
 from kdforge.teacher.prompts import Prompt, prompt_key
 from kdforge.teacher.tokens import TokenEstimator
 
@@ -63,9 +63,9 @@ def projection(jobs: list[Job], cfg: GenerateSection, prices: Prices | None, tok
     exp_out = min(cfg.max_tokens, completion) * len(jobs)
     out = {"worst_tokens": (worst_in, worst_out), "expected_tokens": (exp_in, int(exp_out)),
            "expected_completion": min(cfg.max_tokens, completion), "from_file": bool(mean_completion)}
-    if prices:
-        out["worst_usd"] = prices.cost(worst_in, worst_out)
-        out["expected_usd"] = prices.cost(exp_in, exp_out)
+    if prices:  # whole nano-dollars, exactly as the ledger will count them
+        out["worst_nano"] = prices.cost_nano(worst_in, worst_out)
+        out["expected_nano"] = prices.cost_nano(exp_in, math.ceil(exp_out))
     return out
 
 
@@ -98,9 +98,9 @@ def dry_run_report(cfg: GenerateSection, jobs: list[Job], prices: Prices | None,
         f"  requests:   {len(todo) - cached} to send ({cached} answered by the cache), model {cfg.model} at "
         f"{cfg.teacher}, max_tokens {cfg.max_tokens}, temperature {cfg.temperature}",
         f"  worst case: {wi:,} prompt + {wo:,} completion tokens"
-        + (f" = ${p['worst_usd']:.4f}" if prices else ""),
+        + (f" = ${p['worst_nano'] / NANO:.4f}" if prices else ""),
         f"  expected:   {ei:,} prompt + {eo:,} completion tokens"
-        + (f" = ${p['expected_usd']:.4f}" if prices else "")
+        + (f" = ${p['expected_nano'] / NANO:.4f}" if prices else "")
         + f" (completions of ~{p['expected_completion']:.0f} tokens, "
         + ("the mean of the file's samples)" if p["from_file"] else "half of max_tokens)"),
     ]
@@ -111,9 +111,10 @@ def dry_run_report(cfg: GenerateSection, jobs: list[Job], prices: Prices | None,
         lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected "
                      "(pass --price-input/--price-output)")
     if cfg.budget_limit is not None:
-        left = cfg.budget_limit - ledger.spent
-        verdict = "the worst case fits" if p["worst_usd"] <= left else "the run may stop at the budget (exit 3)"
-        lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left:.4f} left: {verdict}")
+        left = ledger.limit_nano - ledger.spent_nano
+        verdict = "the worst case fits" if p["worst_nano"] <= left else "the run may stop at the budget (exit 3)"
+        lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left / NANO:.4f} left: "
+                     f"{verdict}")
     if len(todo) < need:
         lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
     return "\n".join(lines)

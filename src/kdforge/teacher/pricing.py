@@ -7,12 +7,16 @@ prices gives None, and the caller turns a budget with no price into a usage erro
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from functools import lru_cache
 from importlib import resources
 
 from kdforge.errors import UsageError
+
+NANO = 10**9  # nano-dollars per dollar: money is counted in whole nano-dollars
 
 # A dated snapshot suffix, as in gpt-4o-2024-08-06, claude-sonnet-4-20250514, kimi-k2-0905.
 _DATE_SUFFIX = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8}|\d{4})$")
@@ -24,9 +28,11 @@ class Prices:
     output: float  # USD per million completion tokens
     source: str  # where they came from, for the log line
 
-    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
-        """USD for this many tokens."""
-        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+    def cost_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
+        """Nano-dollars for this many tokens, computed exactly (Fraction) and rounded up: the one
+        place cost is computed, for the ledger and the dry run alike."""
+        usd = (prompt_tokens * Fraction(self.input) + completion_tokens * Fraction(self.output)) / 10**6
+        return math.ceil(usd * NANO)
 
 
 @lru_cache(maxsize=1)

@@ -2,8 +2,9 @@
 
 - Files: JSONL lines with `prompt` (string) or `messages` (chat list; trailing assistant turns
   are dropped, the teacher answers the last user turn) or Alpaca `instruction`/`input`, each
-  with an optional `source`; any other file is text, one prompt per non-empty line. A file's
-  source defaults to its name without extension.
+  with an optional `source`; any other file is text, one prompt per non-empty line (a text line
+  that parses as a JSON prompt object is still sent as text, with a warning naming the line: the
+  file probably wants a .jsonl name). A file's source defaults to its name without extension.
 - Built-in: `kdforge/teacher/prompts/{code,math,reasoning,writing,knowledge}.jsonl`, 60
   hand-written prompts each, used when no file is given.
 - Mix: `generate.mix: {source: weight}` picks exactly those sources (built-in categories
@@ -24,6 +25,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Callable
 
 from kdforge.errors import DataError, UsageError
 
@@ -83,8 +85,19 @@ def _from_object(obj, path: str, line: int, default_source: str) -> Prompt:
     return Prompt((("user", text),), source)
 
 
-def read_prompt_file(path: str | Path) -> list[Prompt]:
-    """Every prompt of one file, in file order. Raises DataError naming file:line."""
+def _looks_like_json_prompt(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(obj, dict) and bool({"prompt", "messages", "instruction"} & obj.keys())
+
+
+def read_prompt_file(path: str | Path, warn: Callable[[str], None] | None = None) -> list[Prompt]:
+    """Every prompt of one file, in file order. Raises DataError naming file:line; `warn` hears
+    about text lines that look like JSONL (sent as they are, braces and all)."""
     p = Path(path)
     if not p.is_file():
         raise DataError("prompts file not found", str(p))
@@ -93,7 +106,7 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(p)) from None
     is_jsonl = p.suffix.lower() in (".jsonl", ".json", ".ndjson")
-    out = []
+    out, json_lines = [], []
     for i, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -104,7 +117,13 @@ def read_prompt_file(path: str | Path) -> list[Prompt]:
                 raise DataError(f"invalid JSON ({e.msg}); fix or remove the line", str(p), i) from None
             out.append(_from_object(obj, str(p), i, p.stem))
         else:
+            if warn and not json_lines and _looks_like_json_prompt(line):
+                json_lines.append(i)
             out.append(Prompt((("user", line.strip()),), p.stem))
+    if json_lines:
+        warn(f"{p}:{json_lines[0]}: this line of a text prompts file is a JSON prompt object, and is sent as "
+             f"raw JSON text like every line of a {p.suffix or 'suffix-less'} file; rename the file to .jsonl to "
+             "read its lines as JSON")
     return out
 
 
@@ -119,11 +138,12 @@ def builtin_prompts() -> list[Prompt]:
     return out
 
 
-def plan_prompts(files: list[str], mix: dict[str, float], seed: int) -> list[Prompt]:
+def plan_prompts(files: list[str], mix: dict[str, float], seed: int,
+                 warn: Callable[[str], None] | None = None) -> list[Prompt]:
     """All usable prompts, de-duplicated, in the deterministic order described above."""
     pool: list[Prompt] = []
     for f in files:
-        pool += read_prompt_file(f)
+        pool += read_prompt_file(f, warn)
     wanted_builtin = [s for s in mix if s in BUILTIN_SOURCES] if files else list(BUILTIN_SOURCES)
     if wanted_builtin:
         pool += [p for p in builtin_prompts() if p.source in wanted_builtin]
