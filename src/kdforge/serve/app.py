@@ -99,30 +99,30 @@ def _server_error(e: BaseException) -> APIError:
 
 async def _merged(engine: Engine, jobs: list[Job], stream: bool) -> AsyncIterator[tuple[int, Delta]]:
     """(choice index, delta) from all jobs, in the order the engine releases them (one delta per
-    job unless `stream`)."""
+    job unless `stream`). The jobs are submitted in one call, so a request's prompts (and its n
+    choices) are prefilled together in one forward pass when the batch has room."""
+    loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i: int, ids: list[int], p: SamplingParams) -> None:
-        try:
-            async for d in engine.stream(ids, p, incremental=stream):
-                q.put_nowait((i, d))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            q.put_nowait((i, e))
-        q.put_nowait((i, None))
+    def emitter(i: int):
+        def emit(ev: object) -> None:  # called on the engine thread
+            try:
+                loop.call_soon_threadsafe(q.put_nowait, (i, ev))
+            except RuntimeError:  # event loop already closed: nobody is listening
+                pass
+        return emit
 
-    tasks = [asyncio.create_task(pump(i, ids, p)) for i, (ids, p) in enumerate(jobs)]
+    tickets = engine.submit([(ids, p, emitter(i)) for i, (ids, p) in enumerate(jobs)], incremental=stream)
     try:
         left = len(jobs)
         while left:
-            i, d = await q.get()
-            if d is None:
-                left -= 1
-            elif isinstance(d, Exception):
-                raise d
-            else:
-                yield i, d
+            i, ev = await q.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield i, ev
+            left -= ev.finish_reason is not None
     finally:
-        for t in tasks:  # client gone or error: cancel the rest (the engine drops their rows)
+        for t in tickets:  # client gone or error: cancel the rest (the engine drops their rows)
             t.cancel()
 
 

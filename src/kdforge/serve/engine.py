@@ -12,13 +12,12 @@ that hides the padding and position ids that count only real tokens.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import inspect
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import torch
 from transformers import DynamicCache
@@ -95,7 +94,7 @@ def eos_token_ids(model, tokenizer) -> frozenset[int]:
 
 
 class Engine:
-    """Owns the model; `submit`/`stream`/`generate` may be called from any thread."""
+    """Owns the model; `submit`/`generate`/`stats` may be called from any thread."""
 
     def __init__(self, model, tokenizer, max_batch_size: int = 32):
         self.model = model.eval()
@@ -141,31 +140,6 @@ class Engine:
             self._stats.requests += len(tickets)
             self._cv.notify()
         return tickets
-
-    async def stream(self, prompt_ids: list[int], params: SamplingParams,
-                     incremental: bool = True) -> AsyncIterator[Delta]:
-        """Deltas of one request as they are released (one only, unless `incremental`); the last
-        has `finish_reason` set."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-
-        def emit(ev: object) -> None:
-            try:
-                loop.call_soon_threadsafe(q.put_nowait, ev)
-            except RuntimeError:  # event loop already closed: nobody is listening
-                pass
-
-        (ticket,) = self.submit([(prompt_ids, params, emit)], incremental)
-        try:
-            while True:
-                ev = await q.get()
-                if isinstance(ev, BaseException):
-                    raise ev
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-        finally:
-            ticket.cancel()
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  timeout: float | None = None) -> list[Delta]:

@@ -84,9 +84,14 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
+    prompt_logprobs: int | None = None  # declared only to refuse it (not silently ignore it)
 
     def check(self) -> None:
         """Rules across fields; raises APIError(400) naming the field."""
+        if self.prompt_logprobs is not None:
+            raise invalid("prompt_logprobs", "prompt_logprobs is served on /v1/completions: send the "
+                                             "conversation's token ids as `prompt` there (return_token_ids "
+                                             "gives them as prompt_token_ids)")
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs", "top_logprobs requires logprobs: true")
 
