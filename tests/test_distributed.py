@@ -6,9 +6,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import cli_env, free_port
+from conftest import cli_env
 from kdforge.train import checkpoint as ckpt
 from train_helpers import metrics, train_config
+
+# --standalone: torchrun picks a free port for its own rendezvous and holds it, where a port
+# probed by the test (bind, close, pass on) can be taken by another process in between.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir, data_file):
@@ -20,8 +24,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir, data_file)
     r1 = subprocess.run([sys.executable, "-m", "kdforge", "train", "--config", str(one)],
                         env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                         f"--master_port={free_port()}", "-m", "kdforge", "train", "--config", str(two)],
+    r2 = subprocess.run([*TORCHRUN, "-m", "kdforge", "train", "--config", str(two)],
                         env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, r2.stdout + r2.stderr
     assert "global batch 2x1x2" in r2.stdout
@@ -54,8 +57,7 @@ def test_fsdp_on_cpu_matches_one_process_saves_full_weights_and_resumes(tmp_path
     run = lambda *a: subprocess.run(a, env=cli_env(), capture_output=True, text=True, timeout=300)  # noqa: E731
     r1 = run(sys.executable, "-m", "kdforge", "train", "--config", str(one))
     assert r1.returncode == 0, r1.stdout + r1.stderr
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
-    r2 = run(*torchrun, f"--master_port={free_port()}", "-m", "kdforge", "train", "--config", str(fs))
+    r2 = run(*TORCHRUN, "-m", "kdforge", "train", "--config", str(fs))
     assert r2.returncode == 0, r2.stdout + r2.stderr
     m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
     for s in range(1, steps + 1):
@@ -66,7 +68,7 @@ def test_fsdp_on_cpu_matches_one_process_saves_full_weights_and_resumes(tmp_path
     for k in w_fs:
         assert (w_fs[k] - w_one[k]).abs().max() < 1e-4, k
     AutoModelForCausalLM.from_pretrained(str(ck))  # plain transformers loads the gathered weights
-    r3 = run(*torchrun, f"--master_port={free_port()}", "-m", "kdforge", "train", "--config", str(fs),
+    r3 = run(*TORCHRUN, "-m", "kdforge", "train", "--config", str(fs),
              "--resume", "auto", f"train.max_steps={steps + 2}")
     assert r3.returncode == 0, r3.stdout + r3.stderr
     assert f"Resuming from checkpoint: checkpoint-{steps}" in r3.stdout

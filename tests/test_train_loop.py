@@ -218,7 +218,9 @@ def test_packed_stream_fills_at_most_micro_batch_rows_and_takes_every_example_on
     taken, batches = 0, 0
     while (got := stream.next_micro_batch(64)) is not None:
         batch, n = got
-        assert batch["input_ids"].shape == (batch["input_ids"].shape[0], 64) and batch["input_ids"].shape[0] <= 2
+        rows, width = batch["input_ids"].shape
+        assert width == 64 and 1 <= rows <= 2  # rows of seq_len tokens, at most micro_batch_size
+        assert bool((batch["seq_ids"] >= 0).any(dim=1).all()), "no row is all padding"
         # every example's tokens are in the batch: rows hold exactly the taken examples' lengths
         assert int((batch["seq_ids"] >= 0).sum()) == sum(len(ds[i]["input_ids"]) for i in
                                                          stream._perm[stream.index - n:stream.index])

@@ -51,7 +51,12 @@ def kill9(p: subprocess.Popen) -> None:
 
 
 def metrics(out: Path) -> dict[int, dict]:
+    """step -> training record of metrics.jsonl. A step logged twice (a resume that kept the
+    records past its checkpoint) fails here: a dict would silently keep only the last one."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert not repeated, f"{out / 'metrics.jsonl'}: steps logged more than once: {repeated}"
     return {r["step"]: r for r in rows if "loss" in r}
 
 

@@ -61,15 +61,14 @@ def train(
     overrides: List[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.lr=1e-4"),
 ):
     """Train a student by knowledge distillation (torchrun-aware)."""
-    from kdforge.config import load_config, merge_configs
+    from kdforge.config import load_config
     from kdforge.train.runner import run_training
 
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"io.output_dir={output_dir}")
     cfg = load_config(config, overrides)
-    raw = merge_configs(config, overrides)
-    run_training(cfg, resume=resume, raw_config=raw, log=lambda m: print(m, flush=True))
+    run_training(cfg, resume=resume, log=lambda m: print(m, flush=True))
 
 
 def smoke(workdir: Optional[Path] = typer.Option(None, "--workdir", help="default: a new temp dir")):

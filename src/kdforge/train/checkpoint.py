@@ -6,6 +6,10 @@
 names are Hugging Face Trainer's. A checkpoint is written into a hidden temp folder beside it, each
 file fsynced, then renamed into place: a crash mid-save leaves only a `.tmp-*` folder, which
 `latest_checkpoint` ignores and the next save removes (unlike Trainer, transformers #35782).
+Re-saving a step moves the old folder aside as `.replaced-checkpoint-N-*`, which still counts as
+step N until the new one is in place; a crash between the two renames is undone on the next start.
+Every file name in an output dir is spelt here, and only here. `OutputDirLock` keeps a second run
+off a dir a first one is writing.
 """
 
 from __future__ import annotations
@@ -25,8 +29,13 @@ import torch
 from kdforge.atomic import fsync_dir
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
-REQUIRED = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+REPLACED_RE = re.compile(r"^\.replaced-checkpoint-(\d+)-")  # the previous save of a step being re-saved
+MODEL_WEIGHTS, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"
+WEIGHT_FILES = (MODEL_WEIGHTS, ADAPTER_WEIGHTS)
+OPTIMIZER, SCHEDULER, RNG, STATE = "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"
+CONFIG = "kdforge.yaml"  # the resolved config: every default filled in
+LOCK = ".kdforge-train.lock"
+REQUIRED = (OPTIMIZER, SCHEDULER, STATE)
 
 
 @dataclass
@@ -39,6 +48,8 @@ class TrainState:
     tokens_seen: int = 0  # target (label) tokens trained on
     data_position: dict[str, Any] = field(default_factory=dict)  # the data source's resume point
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    # [{file, size, sha256}] of the training data; empty in checkpoints made before it existed
+    data_fingerprint: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # owner-defined (the daemon's batch info)
 
     def to_json(self) -> dict:
@@ -63,13 +74,27 @@ def is_complete(path: Path) -> bool:
             and any((path / f).is_file() for f in WEIGHT_FILES))
 
 
+def _replaced_step(path: Path) -> int | None:
+    m = REPLACED_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by global step)."""
+    """Complete checkpoints, oldest first (by global step). A step being re-saved counts through
+    its moved-aside folder while `checkpoint-N` is absent, so no reader ever sees it missing."""
     d = Path(output_dir)
     if not d.is_dir():
         return []
-    found = [(checkpoint_step(p), p) for p in d.iterdir() if checkpoint_step(p) is not None]
-    return [p for s, p in sorted(found) if is_complete(p)]
+    found = {}
+    for p in sorted(d.iterdir()):
+        step = checkpoint_step(p)
+        if step is not None and is_complete(p):
+            found[step] = p
+    for p in sorted(d.iterdir()):
+        step = _replaced_step(p)
+        if step is not None and step not in found and is_complete(p):
+            found[step] = p
+    return [found[s] for s in sorted(found)]
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -116,8 +141,9 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
                     model_state_dict: dict | None = None, optimizer_state_dict: dict | None = None) -> Path:
     """Write checkpoint-{global_step} atomically, then keep the newest `total_limit`.
 
-    `model_state_dict` / `optimizer_state_dict` (full, on CPU) replace the modules' own where the
-    caller gathered them from shards (FSDP). Returns the final folder.
+    `config` is written as kdforge.yaml (pass the resolved config). `model_state_dict` /
+    `optimizer_state_dict` (full, on CPU) replace the modules' own where the caller gathered
+    them from shards (FSDP, `gather_full_state`). Returns the final folder.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,23 +156,24 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
             m.save_pretrained(str(tmp), safe_serialization=True)
         else:
             m.save_pretrained(str(tmp), safe_serialization=True, state_dict=model_state_dict)
-            if getattr(m.config, "architectures", None) in (None, ["StudentLM"]):
-                m.config.architectures = ["LlamaForCausalLM"]
-                m.config.save_pretrained(str(tmp))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        torch.save(optimizer_state_dict or optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(rng_state(), tmp / "rng_state.pth")
+        torch.save(optimizer_state_dict or optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+        torch.save(rng_state(), tmp / RNG)
         if config is not None:
             import yaml
-            (tmp / "kdforge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / "trainer_state.json").write_text(json.dumps(state.to_json(), indent=2, default=str))
+            (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / STATE).write_text(json.dumps(state.to_json(), indent=2, default=str))
         _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. after a resume): swap atomically
-            old = out / f".old-{final.name}-{os.getpid()}"
+        if final.exists():
+            # Re-saving a step (a resume, a daemon consolidation). The old folder moves to a name
+            # that list_checkpoints still counts as step N, and cleanup_partial puts it back if we
+            # die before the new one is in place: there is never a moment without checkpoint N.
+            old = out / f".replaced-{final.name}-{os.getpid()}-{int(time.time() * 1000)}"
             os.replace(final, old)
             os.replace(tmp, final)
+            fsync_dir(out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
@@ -161,12 +188,22 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
 
 
 def cleanup_partial(output_dir: Path, keep_pid: int | None = None) -> None:
-    """Remove temp folders left by a crash mid-save (never a complete checkpoint)."""
-    for p in Path(output_dir).glob(".tmp-checkpoint-*"):
+    """Remove temp folders left by a crash mid-save (never a complete checkpoint), and put back a
+    re-saved step's previous folder whose replacement never arrived. Call it holding the dir
+    (OutputDirLock, the daemon's lock): another writer's `.tmp-*` is in progress, not torn."""
+    out = Path(output_dir)
+    for p in out.glob(".tmp-checkpoint-*"):
         if keep_pid is not None and f"-{keep_pid}-" in p.name:
             continue
         shutil.rmtree(p, ignore_errors=True)
-    for p in Path(output_dir).glob(".old-checkpoint-*"):
+    for p in sorted(out.glob(".replaced-checkpoint-*")):
+        final = out / f"checkpoint-{_replaced_step(p)}"
+        if _replaced_step(p) is not None and not final.exists() and is_complete(p):
+            os.replace(p, final)  # died between the renames of a re-save: the old one stands
+            fsync_dir(out)
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+    for p in list(out.glob(".old-checkpoint-*")) + list(out.glob(".trash-checkpoint-*")):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -175,14 +212,15 @@ def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     ckpts = list_checkpoints(output_dir)
     doomed = ckpts[:-keep] if keep > 0 else []
     for p in doomed:
-        trash = p.with_name(f".old-{p.name}-{os.getpid()}")
+        step = checkpoint_step(p) if checkpoint_step(p) is not None else _replaced_step(p)
+        trash = p.with_name(f".trash-checkpoint-{step}-{os.getpid()}")
         os.replace(p, trash)  # rename first: a crash mid-delete never leaves a half checkpoint
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
 
 
 def read_state(path: str | Path) -> TrainState:
-    return TrainState.from_json(json.loads((Path(path) / "trainer_state.json").read_text()))
+    return TrainState.from_json(json.loads((Path(path) / STATE).read_text()))
 
 
 def load_weights(path: str | Path, model) -> None:
@@ -194,14 +232,14 @@ def load_weights(path: str | Path, model) -> None:
     if is_peft(m):
         from peft import set_peft_model_state_dict
 
-        sd = load_file(str(path / "adapter_model.safetensors"))
+        sd = load_file(str(path / ADAPTER_WEIGHTS))
         res = set_peft_model_state_dict(m, sd)
         if getattr(res, "unexpected_keys", None):
             raise RuntimeError(f"{path}: adapter keys do not match the model: {res.unexpected_keys[:5]}")
         return
-    if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path} has no model.safetensors (a LoRA checkpoint needs model.lora set)")
-    sd = load_file(str(path / "model.safetensors"))
+    if not (path / MODEL_WEIGHTS).is_file():
+        raise FileNotFoundError(f"{path} has no {MODEL_WEIGHTS} (a LoRA checkpoint needs model.lora set)")
+    sd = load_file(str(path / MODEL_WEIGHTS))
     missing, unexpected = m.load_state_dict(sd, strict=False)
     # Tied embeddings are saved once; anything else missing is an error.
     missing = [k for k in missing if not (k == "lm_head.weight" and m.config.tie_word_embeddings)]
@@ -210,15 +248,88 @@ def load_weights(path: str | Path, model) -> None:
                            f"unexpected {unexpected[:5]})")
 
 
+def _torch_load(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_checkpoint(path: str | Path, model, optimizer=None, scheduler=None,
-                    restore_rng: bool = True) -> TrainState:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its TrainState."""
+                    restore_rng: bool = True, sharded=None) -> TrainState:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint; return its TrainState.
+
+    `sharded`: the FSDP-wrapped module that holds `model` as `.lm`; every rank then reads the
+    full files and keeps its own shards (what `gather_full_state` wrote)."""
     path = Path(path)
-    load_weights(path, model)
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if sharded is not None:
+        _load_into_shards(path, sharded, optimizer)
+    else:
+        load_weights(path, model)
+        if optimizer is not None:
+            optimizer.load_state_dict(_torch_load(path / OPTIMIZER))
     if scheduler is not None:
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
-    if restore_rng and (path / "rng_state.pth").is_file():
-        set_rng_state(torch.load(path / "rng_state.pth", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(_torch_load(path / SCHEDULER))
+    if restore_rng and (path / RNG).is_file():
+        set_rng_state(_torch_load(path / RNG))
     return read_state(path)
+
+
+# ============================================================================ FSDP
+# The objective module holds the student as `.lm`; checkpoints hold the student's own keys.
+
+def gather_full_state(sharded, optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts gathered from FSDP shards, on CPU, for
+    `save_checkpoint`. A collective: every rank calls it (only rank 0 needs the result)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    sd = get_model_state_dict(sharded, options=opts)
+    osd = get_optimizer_state_dict(sharded, optimizer, options=opts)
+    return {k.removeprefix("lm."): v for k, v in sd.items()}, osd
+
+
+def _load_into_shards(path: Path, sharded, optimizer) -> None:
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    sd = {f"lm.{k}": v for k, v in load_file(str(path / MODEL_WEIGHTS)).items()}
+    set_model_state_dict(sharded, sd, options=opts)
+    if optimizer is not None:
+        set_optimizer_state_dict(sharded, optimizer, _torch_load(path / OPTIMIZER), options=opts)
+
+
+# ============================================================================ one writer per dir
+
+class OutputDirLock:
+    """An exclusive flock on OUTPUT_DIR/.kdforge-train.lock for the life of the run. A second run
+    on the same dir would take the first's in-progress `.tmp-*` save for a torn one and delete
+    it. The kernel drops the lock when its holder dies (even by SIGKILL): no stale locks."""
+
+    def __init__(self, output_dir: str | Path):
+        self.dir = Path(output_dir)
+        self.fd: int | None = None
+
+    def acquire(self) -> "OutputDirLock":
+        import fcntl
+
+        from kdforge.errors import UsageError
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UsageError(f"{self.dir} is in use by another kdforge train (pid {holder}): wait for it "
+                             "to finish or stop it (it saves on SIGTERM), or give another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the only descriptor drops the flock
+            self.fd = None

@@ -9,7 +9,9 @@ whatever the world size.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -105,3 +107,33 @@ def curriculum(seq_lengths: list[int], total_steps: int | None) -> Callable[[int
             return seq_lengths[-1]
         return seq_lengths[min(len(seq_lengths) - 1, step * len(seq_lengths) // total_steps)]
     return at
+
+
+def data_fingerprint(paths: list[str | Path]) -> list[dict]:
+    """What the training data was: [{file, size, sha256}] per file, in order. Saved in every
+    checkpoint; a resume on edited data would silently continue on other examples."""
+    out = []
+    for p in paths:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append({"file": str(p), "size": Path(p).stat().st_size, "sha256": h.hexdigest()})
+    return out
+
+
+def check_fingerprint(saved: list[dict], now: list[dict], checkpoint: str | Path) -> None:
+    """Raise UsageError naming the first data file that differs from the checkpoint's. `saved`
+    empty (a checkpoint from before fingerprints): nothing to compare, the size check remains."""
+    if not saved:
+        return
+    if len(saved) != len(now):
+        raise UsageError(f"the data changed since the checkpoint {checkpoint}: {len(saved)} training file(s) "
+                         f"then ({', '.join(s['file'] for s in saved)}), {len(now)} now; resume with the same "
+                         "io.train_shards or start a new --output-dir")
+    for then, cur in zip(saved, now):
+        if (then["size"], then["sha256"]) != (cur["size"], cur["sha256"]):
+            raise UsageError(f"{cur['file']}: the data changed since the checkpoint {checkpoint} "
+                             f"({then['size']} bytes, sha256 {then['sha256'][:12]}... then; {cur['size']} bytes, "
+                             f"sha256 {cur['sha256'][:12]}... now): put the original file back to resume, "
+                             "or start a new --output-dir to train on the new data")

@@ -6,6 +6,7 @@ resumed scheduler continues exactly where it stopped.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -45,3 +46,23 @@ def make_scheduler(optimizer, kind: str, warmup_steps: int, total_steps: int | N
                    min_ratio: float = 0.1, decay_fraction: float = 0.2):
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, LRMultiplier(kind, warmup_steps, total_steps, min_ratio, decay_fraction))
+
+
+def train_schedule(train, total_steps: int | None) -> LRMultiplier:
+    """The multiplier the `train:` section describes, over `total_steps` optimizer steps."""
+    return LRMultiplier(train.schedule, train.warmup_steps, total_steps, train.min_lr_ratio, train.decay_fraction)
+
+
+def apply_schedule(scheduler, multiplier: LRMultiplier) -> None:
+    """Give every param group (matrices, and norms/biases without weight decay) the shape
+    `multiplier`, keeping the scheduler's step count. A resumed scheduler's state holds the
+    shape it was saved with; this replaces it with today's config (a raised train.max_steps
+    extends the cosine instead of idling at its floor), and sets each group's lr for the very
+    next step as LambdaLR itself would (bitwise: the same product), so no step runs on the old one."""
+    # One copy per group: LambdaLR.load_state_dict updates its multipliers' attributes in place,
+    # and must never reach back into the caller's object.
+    scheduler.lr_lambdas = [copy.copy(multiplier) for _ in scheduler.optimizer.param_groups]
+    lrs = [base * multiplier(scheduler.last_epoch) for base in scheduler.base_lrs]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports (LambdaLR keeps it here)

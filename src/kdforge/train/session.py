@@ -1,0 +1,314 @@
+"""One training session: where a run is assembled, for `kdforge train` and the daemon alike.
+
+`build_session(cfg)` turns a config into what the loop needs: device (and the process group under
+`torchrun`), tokenizer, student (LoRA if configured), frozen teacher, the objective around them
+(DDP- or FSDP-wrapped), AdamW, the LR schedule, bf16 autocast, the loop's settings and a stop
+flag for SIGINT/SIGTERM. `Session.resume(path)` loads a checkpoint into it (plain, LoRA and FSDP
+alike) and `Session.save(out, state, keep)` writes one; data is not part of a session, so the
+daemon builds one before any batch exists and feeds it file after file.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kdforge.config import Config
+from kdforge.errors import UsageError
+from kdforge.train import checkpoint as ckpt
+from kdforge.train.checkpoint import TrainState
+from kdforge.train.loop import LoopConfig
+from kdforge.train.objective import DistillObjective
+from kdforge.train.schedule import LRMultiplier, apply_schedule, train_schedule
+
+
+# ============================================================================ devices
+
+def setup_distributed(device_name: str = "auto") -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, initialised_here). Starts the process group (gloo on CPU, NCCL on
+    GPU) when launched by torchrun; one process takes `train.device`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    started = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        started = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if world == 1:
+        return rank, world, pick_device(device_name), started
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local), started
+    return rank, world, torch.device("cpu"), started
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def amp_dtype_for(cfg: Config, device: torch.device):
+    """bf16 autocast on a GPU that supports it (train.bf16: auto|true|false); none on CPU."""
+    want = cfg.train.bf16
+    if device.type != "cuda" or want is False:
+        return None
+    if want == "auto" and not torch.cuda.is_bf16_supported():
+        return None
+    return torch.bfloat16
+
+
+# ============================================================================ models
+
+def load_student(cfg: Config, tokenizer, seed: int):
+    """The student: `model.path` (any local causal LM) or the preset/numbers; LoRA if configured."""
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.model.student import build_student
+
+    if cfg.model.path:
+        dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[cfg.model.dtype]
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+    else:
+        mc = cfg.model.model_cfg()
+        model = build_student(mc, len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
+                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if cfg.model.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lora = cfg.model.lora
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_teacher(cfg: Config, device):
+    """The frozen local teacher for dense KD, or None (CE, or top-k logprobs from the data)."""
+    if not cfg.teacher.path or cfg.loss.kind == "ce":
+        return None
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=torch.float32).to(device)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def make_optimizer(model, cfg: Config):
+    """AdamW over the trainable parameters: matrices decay, norms and biases (group 1) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    # fused: one kernel for all parameters (CPU and CUDA); the per-tensor loop costs more than the
+    # whole forward pass of a small student. Not with DTensor (FSDP) parameters.
+    fused = not cfg.train.fsdp
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused)
+
+
+def _wrap_distributed(objective, cfg: Config, device):
+    if cfg.train.fsdp:  # FSDP2: shard each decoder layer, then the root (embeddings, head, loss)
+        from torch.distributed.fsdp import fully_shard
+
+        from kdforge.train.objective import base_lm
+
+        for layer in base_lm(objective.lm).get_decoder().layers:
+            fully_shard(layer)
+        fully_shard(objective)
+        return objective
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(objective, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+# ============================================================================ signals
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM: the loop finishes its step and saves; its owner decides the exit
+    (`kdforge train`: 130, the daemon: 0). A second signal stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signum = None
+        self._old: dict = {}
+
+    def install(self):
+        def handler(signum, frame):
+            if self.signum is not None:  # a second signal: stop now
+                raise KeyboardInterrupt
+            self.signum = signum
+        for s in (signal.SIGINT, signal.SIGTERM):
+            self._old.setdefault(s, signal.getsignal(s))
+            signal.signal(s, handler)
+        return self
+
+    def uninstall(self) -> None:
+        """Give the handlers back (an in-process caller, e.g. a test or the demo, goes on)."""
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+
+# ============================================================================ the session
+
+@dataclass
+class Session:
+    """Everything a run trains with. `model` is the student itself (PEFT-wrapped under LoRA),
+    `objective` what the loop calls (DDP/FSDP-wrapped under torchrun)."""
+
+    cfg: Config
+    tokenizer: Any
+    model: Any
+    teacher: Any
+    objective: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    schedule: LRMultiplier
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    loop: LoopConfig
+    base_model: str | None = None  # the folder the student was loaded from (model.path), if any
+    rank: int = 0
+    world: int = 1
+    stop: StopFlag = field(default_factory=StopFlag)
+    _owns_group: bool = False
+
+    @property
+    def fsdp(self) -> bool:
+        return self.world > 1 and self.cfg.train.fsdp
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(all parameters, trainable ones) of the student."""
+        params = list(self.model.parameters())
+        return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+    def set_schedule(self, schedule: LRMultiplier) -> None:
+        """Reshape the LR schedule of every param group, keeping the step count."""
+        self.schedule = schedule
+        apply_schedule(self.scheduler, schedule)
+
+    def resume(self, path: str | Path) -> TrainState:
+        """Load weights (or adapter), optimizer, scheduler position and RNG from checkpoint
+        `path`; the schedule's shape stays this session's. Returns the checkpoint's state."""
+        path = Path(path)
+        try:
+            state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                         sharded=self.objective if self.fsdp else None)
+        except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
+            raise UsageError(f"{path} does not fit this config ({e}); a LoRA checkpoint needs model.lora set "
+                             "as when it was trained, a full one needs no model.lora") from e
+        apply_schedule(self.scheduler, self.schedule)
+        return state
+
+    def save(self, out: str | Path, state: TrainState, keep: int | None) -> Path | None:
+        """Write checkpoint-{global_step} into `out` with the resolved config, keeping the newest
+        `keep`. Every rank calls it (FSDP gathers shards); rank 0 writes and gets the path."""
+        sd, osd = ckpt.gather_full_state(self.objective, self.optimizer) if self.fsdp else (None, None)
+        path = None
+        if self.rank == 0:
+            path = ckpt.save_checkpoint(out, state, self.model, self.optimizer, self.scheduler, self.tokenizer,
+                                        self.cfg.model_dump(mode="json"), keep,
+                                        model_state_dict=sd, optimizer_state_dict=osd)
+        self.barrier()
+        return path
+
+    def rebuild(self, base_model: str | None = None) -> None:
+        """A fresh optimizer (and, given `base_model`, a new student on that folder, with a new
+        adapter under LoRA): the daemon's consolidation. The schedule goes on at the same step."""
+        if self.world > 1:
+            raise RuntimeError("rebuild is for one process (the daemon), not a torchrun job")
+        position = self.scheduler.state_dict()
+        if base_model is not None:
+            self.model = None  # free the old student before loading the new one
+            self.model = load_student(_on_base(self.cfg, base_model), self.tokenizer, self.cfg.train.seed).to(self.device)
+            self.base_model = base_model
+            self.objective = _objective(self.cfg, self.model, self.teacher)
+        self.optimizer, self.scheduler = _optimizer(self.cfg, self.model, self.schedule)
+        self.scheduler.load_state_dict(position)
+        apply_schedule(self.scheduler, self.schedule)
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        """Give back the signal handlers and tear down the process group this session started
+        (without it a torchrun rank can abort at exit: "terminate called without an active
+        exception"). Safe to call twice."""
+        self.stop.uninstall()
+        if self._owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+            self._owns_group = False
+
+
+def _on_base(cfg: Config, base_model: str) -> Config:
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": base_model})})
+
+
+def _objective(cfg: Config, model, teacher) -> DistillObjective:
+    loss = cfg.loss
+    return DistillObjective(model, loss.kind, loss.temperature, loss.beta, loss.chunk_size, teacher)
+
+
+def _optimizer(cfg: Config, model, schedule: LRMultiplier):
+    optimizer = make_optimizer(model, cfg)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def loop_config(cfg: Config, save_steps: int | None = None) -> LoopConfig:
+    """The loop's settings from the train and loss sections (the daemon passes its own save_steps)."""
+    t = cfg.train
+    return LoopConfig(grad_accum=t.grad_accum, grad_clip=t.grad_clip, kd_weight=cfg.loss.kd_weight,
+                      kind=cfg.loss.kind, save_steps=save_steps or t.save_steps, eval_steps=t.eval_steps,
+                      log_steps=t.log_steps)
+
+
+def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
+                  schedule: LRMultiplier | None = None, save_steps: int | None = None,
+                  install_signals: bool = True) -> Session:
+    """Assemble a run from `cfg` (checked already: `config.check_config`).
+
+    `model_path` loads the student from that folder instead of `model.path` (the daemon's
+    `daemon.base_model`, or a consolidated base); `tokenizer` replaces loading one from
+    `io.tokenizer_path` / the model folder; `schedule` replaces the train section's (built with
+    `train.max_steps`, or open-ended when the run counts epochs: set it with `set_schedule` once
+    the data is known). No data is needed: the caller makes the DataStream."""
+    from transformers.utils import logging as hf_logging
+
+    from kdforge.data.dataset import load_tokenizer
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between our log lines
+    t = cfg.train
+    rank, world, device, owns_group = setup_distributed(t.device)
+    torch.manual_seed(t.seed)
+    cfg_model = _on_base(cfg, model_path) if model_path is not None else cfg
+    tokenizer = tokenizer or load_tokenizer(cfg.io.tokenizer_path or cfg_model.model.path)
+    model = load_student(cfg_model, tokenizer, t.seed).to(device)
+    teacher = load_teacher(cfg, device)
+    objective = _objective(cfg, model, teacher)
+    if world > 1:  # wrap before the optimizer exists: FSDP replaces parameters with sharded ones
+        objective = _wrap_distributed(objective, cfg, device)
+    schedule = schedule or train_schedule(t, t.max_steps)
+    optimizer, scheduler = _optimizer(cfg, model, schedule)
+    session = Session(cfg=cfg, tokenizer=tokenizer, model=model, teacher=teacher, objective=objective,
+                      optimizer=optimizer, scheduler=scheduler, schedule=schedule, device=device,
+                      amp_dtype=amp_dtype_for(cfg, device),
+                      loop=loop_config(cfg, save_steps),
+                      base_model=cfg_model.model.path, rank=rank, world=world, _owns_group=owns_group)
+    if install_signals:
+        session.stop.install()
+    return session
