@@ -416,6 +416,8 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             p.append(("daemon.base_model", f"no Hugging Face model folder (config.json) at {bm} "
                       "(make one: kdforge init-model --preset toy --tokenizer DIR --out DIR)"))
     if job == "train":
+        if cfg.model.lora and not cfg.model.path:
+            p.append(("model.lora", "LoRA needs a pretrained base: set model.path (or drop model.lora)"))
         if not io.tokenizer_path and not cfg.model.path:
             p.append(("io.tokenizer_path", "set a tokenizer folder (make one: kdforge tokenizer train ...)"))
         elif io.tokenizer_path:
