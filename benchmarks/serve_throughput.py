@@ -10,6 +10,10 @@ prompt different) from `concurrency` clients that send their next request as soo
 returns; tokens/s = completion tokens (from `usage`) / wall time. Each server runs in its own
 process with OMP_NUM_THREADS=--threads, offline (HF_HUB_OFFLINE=1). Goal: kdforge at
 concurrency 16 >= 3x its concurrency-1 rate, and ahead of `transformers serve`.
+
+Scoring cells (kdforge serve only): the same levels for `/v1/completions` with `echo: true`,
+`logprobs: 5`, `max_tokens: 0` (each prompt a short chat-like text); tokens/s = prompt tokens
+scored (from `usage`) / wall time. `--skip-scoring` leaves them out.
 """
 
 from __future__ import annotations
@@ -120,21 +124,33 @@ def prompt(i: int) -> list[dict]:
     return [{"role": "user", "content": f"What is {rng.randint(0, 999)} plus {rng.randint(0, 999)}?"}]
 
 
+def generation(model: str, i: int, max_tokens: int) -> tuple[str, dict, str]:
+    return "chat/completions", {"model": model, "messages": prompt(i), "max_tokens": max_tokens,
+                                "temperature": 0}, "completion_tokens"
+
+
+def scoring(model: str, i: int, max_tokens: int) -> tuple[str, dict, str]:
+    text = " ".join(m["content"] for m in prompt(i)) + " " + synthetic_texts(1, seed=i)[0]
+    return "completions", {"model": model, "prompt": text, "echo": True, "logprobs": 5, "max_tokens": 0}, \
+        "prompt_tokens"
+
+
 async def run_level(base_url: str, model: str, concurrency: int, n_requests: int, max_tokens: int,
-                    first: int = 0) -> tuple[int, float, str | None]:
-    """(completion tokens, wall seconds, first error) for `n_requests` over `concurrency` clients."""
+                    first: int = 0, request=generation) -> tuple[int, float, str | None]:
+    """(tokens, wall seconds, first error) for `n_requests` over `concurrency` clients; which
+    tokens (completion or prompt) `request` says."""
     nxt, tokens, err = first, 0, None
 
     async def worker(client: httpx.AsyncClient) -> None:
         nonlocal nxt, tokens, err
         while nxt < first + n_requests and err is None:
             i, nxt = nxt, nxt + 1
-            r = await client.post(f"{base_url}/chat/completions", json={
-                "model": model, "messages": prompt(i), "max_tokens": max_tokens, "temperature": 0})
+            route, body, counted = request(model, i, max_tokens)
+            r = await client.post(f"{base_url}/{route}", json=body)
             if r.status_code != 200:
                 err = f"HTTP {r.status_code}: {r.text[:200]}"
                 return
-            tokens += r.json()["usage"]["completion_tokens"]
+            tokens += r.json()["usage"][counted]
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
@@ -143,12 +159,12 @@ async def run_level(base_url: str, model: str, concurrency: int, n_requests: int
         return tokens, time.perf_counter() - t0, err
 
 
-def measure(name: str, base_url: str, model: str, args) -> list[tuple]:
-    asyncio.run(run_level(base_url, model, 2, 2, args.max_tokens, first=10_000))  # warm-up
+def measure(name: str, base_url: str, model: str, args, request=generation) -> list[tuple]:
+    asyncio.run(run_level(base_url, model, 2, 2, args.max_tokens, first=10_000, request=request))  # warm-up
     rows = []
     for c in LEVELS:
         n = max(args.min_requests, args.requests_per_client * c)
-        tokens, wall, err = asyncio.run(run_level(base_url, model, c, n, args.max_tokens))
+        tokens, wall, err = asyncio.run(run_level(base_url, model, c, n, args.max_tokens, request=request))
         rows.append((name, c, n, tokens, wall, tokens / wall if wall else 0.0, err))
         print(f"  {name:<34} c={c:<3} {tokens:>6} tokens {wall:7.2f}s {tokens / wall:8.1f} tok/s"
               + (f"  ERROR {err}" if err else ""), flush=True)
@@ -163,6 +179,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=4)
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--skip-transformers", action="store_true")
+    ap.add_argument("--skip-scoring", action="store_true", help="leave out the prompt-scoring cells")
     args = ap.parse_args()
 
     sys.path.insert(0, str(REPO / "src"))
@@ -184,6 +201,9 @@ def main() -> None:
     notes: list[str] = []
     with launch(model_dir, env=env, log_path=tmp / "kdforge-serve.log") as server:
         rows += measure("kdforge serve", server.base_url, server.model, args)
+        if not args.skip_scoring:
+            rows += measure("kdforge serve, scoring (prompt tok/s)", server.base_url, server.model, args,
+                            request=scoring)
     if args.skip_transformers:
         notes.append("transformers serve: skipped (--skip-transformers)")
     else:
@@ -199,7 +219,7 @@ def main() -> None:
                 ts.stop()
 
     print()
-    print("| server | concurrency | requests | completion tokens | wall s | tokens/s | x vs c=1 |")
+    print("| server | concurrency | requests | tokens (completion; prompt for scoring) | wall s | tokens/s | x vs c=1 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     base = {}
     for name, c, n, tokens, wall, rate, err in rows:
@@ -214,7 +234,7 @@ def main() -> None:
     if ours.get(1):
         print(f"kdforge serve: c=16 is {ours[16] / ours[1]:.2f}x its c=1 rate (goal >= 3x)")
     for name, c, _n, _t, _w, rate, err in rows:
-        if name != "kdforge serve" and c == 16 and rate and not err:
+        if not name.startswith("kdforge serve") and c == 16 and rate and not err:
             print(f"kdforge serve vs {name} at c=16: {ours[16] / rate:.2f}x")
     shutil.rmtree(tmp, ignore_errors=True)
 
