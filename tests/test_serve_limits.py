@@ -92,9 +92,9 @@ def test_health_answers_while_a_big_prompt_is_tokenised(server):  # noqa: F811
 
     t = threading.Thread(target=big)
     t.start()
-    before = stats(server)["tokenise_jobs"]
+    before = stats(server)["tokenize_jobs"]
     deadline = time.monotonic() + 60
-    while stats(server)["tokenise_jobs"] == before and not done:  # wait until the server is in it
+    while stats(server)["tokenize_jobs"] == before and not done:  # wait until the server is in it
         assert time.monotonic() < deadline
     r = httpx.get(root(server) + "/health", timeout=60)
     done.append(f"health {r.status_code}")

@@ -9,6 +9,9 @@ says only that something failed, the exception itself goes to the server's log.
 Limits: bodies over `max_body_bytes` get 413 before they are read; prompts and rows per request
 are capped in `schemas.py`; a non-streamed request whose client disconnects is cancelled (its
 rows leave the engine at the next step), as a streamed one already was.
+
+`GET /stats` (behind the key, like /v1) gives the engine's counters (`EngineStats`): what tests
+and operators read instead of guessing from timings.
 """
 
 from __future__ import annotations
@@ -231,11 +234,11 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
     # One worker: tokenizers are not meant to be shared across threads, and one long prompt at a
     # time is what the engine could use anyway. The engine decodes with its own copy.
     tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kdforge-tokenize")
-    tokenise_jobs = 0
+    tokenize_jobs = 0
 
     async def off_loop(fn, *args):
-        nonlocal tokenise_jobs
-        tokenise_jobs += 1
+        nonlocal tokenize_jobs
+        tokenize_jobs += 1
         return await asyncio.get_running_loop().run_in_executor(tokenize_pool, fn, *args)
 
     def jobs_for(req, prompt_ids: list[int], param: str, logprobs: bool, top: int,
@@ -312,7 +315,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
 
     @app.get("/stats", dependencies=[Depends(authorized)])
     async def stats():
-        return engine.stats() | {"tokenise_jobs": tokenise_jobs}
+        return engine.stats() | {"tokenize_jobs": tokenize_jobs}
 
     def model_card() -> dict:
         return {"id": served.name, "object": "model", "created": started, "owned_by": "kdforge",

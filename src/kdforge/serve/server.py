@@ -7,6 +7,9 @@ callers wait for:
     kdforge serve: listening on http://127.0.0.1:PORT/v1 (model NAME)
 
 `port=0` binds a free port; the line names the real one.
+
+Authentication fails closed: `--api-key-env VAR` with VAR unset or empty is a usage error (exit 2),
+never a server without a key; a non-loopback `--host` without any key gets a loud warning.
 """
 
 from __future__ import annotations
