@@ -35,14 +35,17 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def daemon_config(path: Path, base_model: Path, *, lora: bool = True, **daemon) -> Path:
+def daemon_config(path: Path, base_model: Path, *, lora: bool = True, loss: dict | None = None,
+                  io: dict | None = None, **daemon) -> Path:
     cfg = {
         "daemon": {"base_model": str(base_model), "save_steps": 5, "save_total_limit": 3,
                    "poll_interval": 0.2, "settle_seconds": 0.5, "snapshot_time": "23:59", **daemon},
         "model": {"lora": LORA} if lora else {},
-        "loss": {"kind": "ce"},
+        "loss": loss or {"kind": "ce"},
         "train": {"micro_batch_size": 4, "grad_accum": 1, "seq_lengths": [64], "lr": 3e-3, "seed": 0},
     }
+    if io:
+        cfg["io"] = io
     path.write_text(yaml.safe_dump(cfg))
     return path
 
@@ -97,8 +100,16 @@ def wait_idle_at(base: Path, step: int, proc: subprocess.Popen, name: str) -> No
     def done():
         s = status(base)
         return (s.get("status") == "idle" and s.get("current_step") == step
-                and not (base / "inbox" / name).exists() and not (base / "inbox" / ".claimed" / name).exists())
+                and not (base / "inbox" / name).exists() and not claimed_files(base, name))
     wait_until(done, proc, base, f"{name} trained to step {step}")
+
+
+def claimed_files(base: Path, name: str) -> list[Path]:
+    """`name`'s claims in inbox/.claimed/ (each is `CLAIMID--name`)."""
+    from kdforge.daemon.inbox import claim_parts
+
+    folder = base / "inbox" / ".claimed"
+    return sorted(p for p in folder.glob("*") if claim_parts(p)[1] == name) if folder.is_dir() else []
 
 
 def stop(proc: subprocess.Popen, base: Path, timeout: float = 60) -> int:
@@ -119,7 +130,18 @@ def newest_state(base: Path) -> dict:
 
 
 def losses(state: dict) -> dict[int, float]:
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    """step -> loss. Fails if a step was logged twice: a dict would silently keep the last one,
+    and "no step trained twice" could never fail."""
+    pairs = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+    steps = [s for s, _ in pairs]
+    repeated = sorted({s for s in steps if steps.count(s) > 1})
+    assert not repeated, f"steps logged more than once (trained twice?): {repeated}"
+    return dict(pairs)
+
+
+def batch_state(state: dict) -> dict:
+    """The daemon's per-batch record in a trainer_state.json dict."""
+    return state["extra"]["daemon"]
 
 
 class FakeClock:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from daemon_helpers import (RECORDS_PER_BATCH, STEPS_PER_BATCH, batch, daemon_config, daemon_log, drop,
-                            losses, newest_state, start_daemon, status, stop, wait_idle_at, wait_until)
+from daemon_helpers import (RECORDS_PER_BATCH, STEPS_PER_BATCH, batch, batch_state, claimed_files, daemon_config,
+                            daemon_log, drop, losses, newest_state, start_daemon, status, stop, wait_idle_at, wait_until)
 from kdforge.daemon.verify import jump_checks
 from kdforge.train import checkpoint as ckpt
 
@@ -80,6 +80,9 @@ def option_a(tmp_path_factory, tiny_model_dir):
             proc.kill()
     obs["status"] = status(base)
     obs["log"] = daemon_log(base)
+    obs["part_left"] = (base / "inbox" / "notes.jsonl.part").is_file()
+    obs["verify_with_part"] = run_cli("verify", "--base-dir", base, timeout=120)
+    (base / "inbox" / "notes.jsonl.part").unlink()  # the user finishes with it: now the inbox is empty
     obs["verify"] = run_cli("verify", "--base-dir", base, timeout=120)
     obs["status_text"] = run_cli("status", "--base-dir", base, timeout=60)
     obs["status_json"] = run_cli("status", "--base-dir", base, "--json", timeout=60)
@@ -109,7 +112,7 @@ def test_option_a_trains_every_new_example_and_the_loss_carries_over(option_a):
     state = option_a["after"][3]["state"]
     # The Trainer pitfall would fast-forward 12 steps into each new file; ours trains all of it.
     assert state["samples_seen"] == 3 * RECORDS_PER_BATCH
-    assert [b["start_step"] for b in state["extra"]["batches"]] == [0, 12, 24]
+    assert [b["start_step"] for b in batch_state(state)["batches"]] == [0, 12, 24]
     loss = losses(state)
     assert sorted(loss) == list(range(1, 37))
     initial = loss[1]
@@ -138,7 +141,10 @@ def test_unusable_file_is_rejected_and_bad_lines_are_reported(option_a):
 def test_a_file_still_being_written_is_not_taken(option_a):
     assert option_a["taken_early"] == []
     assert option_a["after"][3]["state"]["samples_seen"] == 3 * RECORDS_PER_BATCH  # all of it, once
-    assert (option_a["base"] / "inbox" / "notes.jsonl.part").is_file()
+    assert option_a["part_left"]  # a temp name waits for its rename, named in the log once
+    assert option_a["log"].count("notes.jsonl.part in inbox/ is no batch (a temp-file name)") == 1
+    p = option_a["verify_with_part"]  # and verify does not call an inbox empty that holds it
+    assert p.returncode == 1 and "[FAIL] inbox empty" in p.stdout and "notes.jsonl.part (temp-file name)" in p.stdout
 
 
 def test_a_second_daemon_on_the_same_base_dir_is_refused(option_a):
@@ -237,7 +243,7 @@ def test_stop_file_saves_a_checkpoint_and_exits_zero(option_b):
     step = state["global_step"]
     assert 4 * STEPS_PER_BATCH < step < 4 * STEPS_PER_BATCH + 100  # mid-batch
     assert st["current_step"] == step and st["last_checkpoint"] == f"checkpoint-{step}"
-    assert state["extra"]["batch_file"] == "long.jsonl" and state["extra"]["batch_done"] is False
+    assert batch_state(state)["batch_file"] == "long.jsonl" and batch_state(state)["batch_done"] is False
     assert "stop requested (.stop file)" in option_b["log"]
     # the unfinished batch stays claimed in inbox/.claimed/ for the next start
-    assert (option_b["base"] / "inbox" / ".claimed" / "long.jsonl").is_file()
+    assert [p.is_file() for p in claimed_files(option_b["base"], "long.jsonl")] == [True]

@@ -8,10 +8,11 @@ import shutil
 from datetime import datetime
 
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import batch, daemon_config, daemon_log, drop, newest_state, run_in_process
+from daemon_helpers import batch, batch_state, daemon_config, daemon_log, drop, newest_state, run_in_process
+from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon import verify as verify_mod
 from kdforge.daemon.dailylog import DailyLog
-from kdforge.daemon.inbox import claim, is_batch_name, next_ready
+from kdforge.daemon.inbox import claim, claim_parts, is_batch_name, next_ready
 from kdforge.train import checkpoint as ckpt
 
 FORMATS = [
@@ -40,26 +41,49 @@ def test_every_record_format_trains_and_the_file_can_be_archived(tmp_path, tiny_
 def test_recovery_of_a_claimed_batch(tmp_path, tiny_model_dir):
     """Killed after claiming a file but before its first checkpoint: the batch restarts from its
     first example on top of the previous batch. Killed after its final save but before the file
-    left: the file leaves, nothing is trained again."""
+    left: that same claim (its claim id, not its name) leaves, nothing is trained again."""
     cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
     base = tmp_path / "training"
     drop(base, "b1.jsonl", batch(seed=1))
     run_in_process(base, cfg)
 
-    claimed = base / "inbox" / ".claimed" / "b2.jsonl"
-    shutil.copy(drop(tmp_path / "elsewhere", "b2.jsonl", batch(seed=2)), claimed)
+    claimed = claim(drop(base, "b2.jsonl", batch(seed=2)), base / "inbox" / ".claimed")
+    kept = tmp_path / "b2.copy"
+    shutil.copy(claimed, kept)
     run_in_process(base, cfg)
     state = newest_state(base)
-    assert (state["global_step"], state["samples_seen"], state["extra"]["batch_number"]) == (24, 96, 2)
+    assert (state["global_step"], state["samples_seen"], batch_state(state)["batch_number"]) == (24, 96, 2)
     log = daemon_log(base)
     assert "Resuming from checkpoint: checkpoint-12" in log and "global steps 12 -> 24" in log
     assert not claimed.exists()
 
-    shutil.copy(tmp_path / "elsewhere" / "inbox" / "b2.jsonl", claimed)  # as if the unlink never happened
+    claim_id, name = claim_parts(claimed)
+    assert batch_state(state)["claim_id"] == claim_id and name == "b2.jsonl"
+    shutil.copy(kept, claimed)  # as if the unlink never happened
     run_in_process(base, cfg)
     assert newest_state(base)["global_step"] == 24
     assert "b2.jsonl was already trained (checkpoint-24); file deleted" in daemon_log(base)
     assert not claimed.exists()
+
+
+def test_an_old_checkpoint_with_string_keys_still_loads(tmp_path, tiny_model_dir):
+    """trainer_state.json written before BatchState kept the daemon's facts as flat keys in extra."""
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(seed=1))
+    run_in_process(base, cfg)
+    last = ckpt.latest_checkpoint(base / "current_model")
+    state = json.loads((last / "trainer_state.json").read_text())
+    flat = {k: v for k, v in state["extra"].pop("daemon").items() if k not in ("claim_id", "batch_bytes")}
+    state["extra"].update(flat)
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    assert BatchState.from_extra(state["extra"]).batch_number == 1
+    drop(base, "b2.jsonl", batch(seed=2))
+    run_in_process(base, cfg)
+    state = newest_state(base)
+    assert (state["global_step"], batch_state(state)["batch_number"]) == (24, 2)
+    assert "batch_number" not in state["extra"]  # the typed record replaced the flat keys
+    assert [b["start_step"] for b in batch_state(state)["batches"]] == [0, 12]
 
 
 def test_claiming_names_and_settling(tmp_path):
@@ -72,21 +96,43 @@ def test_claiming_names_and_settling(tmp_path):
     assert next_ready(inbox, 60)[0] is None and 59 < next_ready(inbox, 60)[1] <= 60  # just written: settling
     assert next_ready(inbox, 0)[0] == f
     first, second = claim(f, claimed), claim(f, claimed)  # two daemons racing for one file
-    assert first == claimed / "b.jsonl" and second is None
+    assert first is not None and second is None
+    assert claim_parts(first)[1] == "b.jsonl" and first.parent == claimed
+    f.write_text("{}\n")  # dropped again under the same name: a claim of its own
+    again = claim(f, claimed)
+    assert claim_parts(again)[1] == "b.jsonl" and claim_parts(again)[0] != claim_parts(first)[0]
 
 
 def test_errors_are_logged_with_their_traceback(tmp_path):
     log = DailyLog(tmp_path, now=lambda: datetime(2025, 5, 6, 7, 8, 9))
     try:
-        raise ValueError("bad thing")
+        raise ValueError("bad thing\n2025-05-06 07:08:09 ERROR   forged by a message")
     except ValueError as e:
         log.error("batch failed", e)
     text = (tmp_path / "daemon_20250506.log").read_text()
-    assert text.startswith("2025-05-06 07:08:09 ERROR   batch failed\nTraceback (most recent call last):")
+    assert text.startswith("2025-05-06 07:08:09 ERROR   batch failed\n  Traceback (most recent call last):")
     assert "ValueError: bad thing" in text
-    assert verify_mod.ERROR_LINE.match(text)
+    assert [line for line in text.splitlines() if verify_mod.ERROR_LINE.match(line)] == [text.splitlines()[0]]
 
 
-def test_verify_knows_the_checkpoint_file_names():
-    assert verify_mod.WEIGHT_FILES == ckpt.WEIGHT_FILES and verify_mod.REQUIRED == ckpt.REQUIRED
-    assert verify_mod.CKPT_RE.pattern == ckpt.CKPT_RE.pattern
+def test_verify_and_the_checkpoint_writer_agree_on_a_complete_checkpoint(tmp_path, tiny_model_dir):
+    """verify keeps its own copy of the checkpoint file names (it runs without torch): check it
+    against a real checkpoint, file by file: each file the writer counts as required, verify
+    requires too."""
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(seed=1))
+    run_in_process(base, cfg)
+    assert verify_mod.verify(base).ok
+    last = ckpt.latest_checkpoint(base / "current_model")
+    for f in sorted(last.iterdir()):
+        if not f.is_file():
+            continue
+        copy = tmp_path / "probe" / "current_model" / last.name
+        shutil.rmtree(tmp_path / "probe", ignore_errors=True)
+        shutil.copytree(last, copy)
+        (copy / f.name).unlink()
+        writer_needs = not ckpt.is_complete(copy)
+        checks = {c.name: c.ok for c in verify_mod.verify(tmp_path / "probe").checks}
+        verify_needs = not checks["each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json"]
+        assert writer_needs == verify_needs, f.name

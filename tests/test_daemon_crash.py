@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import (batch, daemon_config, daemon_log, drop, losses, newest_state, run_in_process,
-                            start_daemon, status, stop, wait_idle_at, wait_until)
+from daemon_helpers import (batch, batch_state, claimed_files, daemon_config, daemon_log, drop, losses, newest_state,
+                            run_in_process, start_daemon, status, stop, wait_idle_at, wait_until)
 from kdforge.train import checkpoint as ckpt
 from train_helpers import kill9
 
@@ -37,7 +37,7 @@ def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tin
         kill9(proc)
     killed_at = ckpt.read_state(ckpt.latest_checkpoint(base / "current_model")).global_step
     assert 8 <= killed_at < N_STEPS, killed_at  # a checkpoint of this batch, and the batch unfinished
-    assert (base / "inbox" / ".claimed" / "stream.jsonl").is_file() and not (base / "inbox" / "stream.jsonl").exists()
+    assert len(claimed_files(base, "stream.jsonl")) == 1 and not (base / "inbox" / "stream.jsonl").exists()
 
     # ---- restart: the batch resumes at its data position
     proc = start_daemon(base, cfg, "second.out")
@@ -55,7 +55,7 @@ def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tin
     state = newest_state(base)
     assert state["global_step"] == ref.global_step == N_STEPS
     assert state["samples_seen"] == ref.samples_seen == N_RECORDS  # nothing twice, nothing skipped
-    assert state["extra"]["batch_number"] == 1 and len(state["extra"]["batches"]) == 1
+    assert batch_state(state)["batch_number"] == 1 and len(batch_state(state)["batches"]) == 1
     got, want = losses(state), losses({"log_history": ref.log_history})
     assert sorted(got) == list(range(1, N_STEPS + 1))
     for step in want:
@@ -67,4 +67,4 @@ def test_sigkill_mid_batch_then_restart_finishes_the_batch_exactly(tmp_path, tin
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
     # the file left once: not in the inbox, not claimed, not rejected
-    assert [p.name for d in ("inbox", "inbox/.claimed", "rejected") for p in (base / d).glob("*.jsonl")] == []
+    assert [p.name for d in ("inbox", "inbox/.claimed", "rejected") for p in (base / d).glob("*")] == [".claimed"]

@@ -10,7 +10,7 @@ from datetime import datetime
 import torch
 
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import (FakeClock, batch, daemon_config, daemon_log, drop, losses, newest_state,
+from daemon_helpers import (FakeClock, batch, batch_state, daemon_config, daemon_log, drop, losses, newest_state,
                             run_in_process)
 from kdforge.daemon import consolidate
 from kdforge.daemon.verify import verify
@@ -55,7 +55,7 @@ def test_consolidation_keeps_outputs_and_the_loss_curve(tmp_path, tiny_model_dir
     # The day's snapshot was taken at batch 1's end, before its adapter was merged.
     snap = base / "snapshots" / "20250301"
     pre = ckpt.read_state(snap)
-    assert pre.global_step == 12 and pre.extra["generation"] == 0
+    assert pre.global_step == 12 and pre.extra["daemon"]["generation"] == 0
     gen1, gen2 = base / "bases" / "gen-0001", base / "bases" / "gen-0002"
     assert (gen1 / "config.json").is_file() and (gen2 / "config.json").is_file()
 
@@ -69,8 +69,8 @@ def test_consolidation_keeps_outputs_and_the_loss_curve(tmp_path, tiny_model_dir
     assert (want - AutoModelForCausalLM.from_pretrained(tiny_model_dir)(input_ids=ids).logits).abs().max() > 1e-2
 
     state = newest_state(base)
-    assert state["global_step"] == 24 and state["extra"]["generation"] == 2
-    assert state["extra"]["base_model"] == str(gen2.resolve())
+    assert state["global_step"] == 24 and batch_state(state)["generation"] == 2
+    assert batch_state(state)["base_model"] == str(gen2.resolve())
     loss = losses(state)
     assert sorted(loss) == list(range(1, 25))
     assert loss[13] < loss[1] - 0.5 * (loss[1] - loss[12])  # no jump after the merge at step 12
@@ -84,7 +84,7 @@ def test_consolidation_keeps_outputs_and_the_loss_curve(tmp_path, tiny_model_dir
                          settle_seconds=0)
     run_in_process(base, cfg3, clock)
     state = newest_state(base)
-    assert state["global_step"] == 36 and state["extra"]["base_model"] == str(gen2.resolve())
+    assert state["global_step"] == 36 and batch_state(state)["base_model"] == str(gen2.resolve())
     loss = losses(state)
     assert loss[25] < loss[1] - 0.5 * (loss[1] - loss[24])
     result = verify(base)
@@ -101,8 +101,8 @@ def test_a_consolidation_that_does_not_verify_keeps_the_previous_base(tmp_path, 
     drop(base, "b2.jsonl", batch(seed=2))
     run_in_process(base, cfg)
     state = newest_state(base)
-    assert state["global_step"] == 24 and state["extra"]["generation"] == 0
-    assert state["extra"]["base_model"] == str(tiny_model_dir.resolve())
+    assert state["global_step"] == 24 and batch_state(state)["generation"] == 0
+    assert batch_state(state)["base_model"] == str(tiny_model_dir.resolve())
     assert not list((base / "bases").glob("gen-*"))
     assert "consolidation failed" in daemon_log(base)
     loss = losses(state)

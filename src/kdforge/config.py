@@ -153,6 +153,8 @@ class DaemonSection(Section):
     schedule: Literal["constant", "wsd"] = "constant"
     poll_interval: float = Field(2.0, gt=0)  # seconds between inbox scans
     settle_seconds: float = Field(2.0, ge=0)  # a file must be unchanged this long to be taken
+    # a bigger inbox file is rejected unread (1 GiB): one file must not exhaust memory or disk time
+    max_batch_bytes: int = Field(1073741824, gt=0)
 
     @field_validator("snapshot_time")
     @classmethod

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from kdforge.atomic import fsync_dir
+from kdforge.daemon.batch_state import BatchState
 from kdforge.train.checkpoint import _fsync_tree, read_state
 
 REL_TOL = 1e-4  # max |logit difference| allowed, relative to the largest |logit| (at least 1)
@@ -70,7 +71,7 @@ def prune_bases(bases: Path, keep: set[str], holders: list[Path]) -> list[Path]:
     used = set(keep)
     for folder in holders:
         try:
-            used.add(str(read_state(folder).extra.get("base_model")))
+            used.add(str(BatchState.from_extra(read_state(folder).extra).base_model))
         except (OSError, ValueError):
             continue
     gone = []

@@ -1,7 +1,9 @@
 """The daemon's log: `logs/daemon_YYYYMMDD.log`, a new file each day (by the daemon's clock).
 
 One line per event, `YYYY-MM-DD HH:MM:SS LEVEL message`; errors carry their traceback on the
-following lines. Each write opens, appends and closes, so the day's file switches at midnight
+following lines. Only the daemon starts a line: every continuation line (of a message or a
+traceback) is indented and control characters are escaped, so text that came from data (a file
+name, a record's key, an exception's message) can never forge an event line `verify` would read. Each write opens, appends and closes, so the day's file switches at midnight
 without a restart and a kill never loses more than the line being written.
 """
 
@@ -11,6 +13,12 @@ import traceback
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
+
+
+def _clean(text: str) -> str:
+    """Control characters escaped, newlines kept but followed by an indent."""
+    out = "".join(c if c == "\n" or c.isprintable() else ascii(c)[1:-1] for c in text)
+    return out.replace("\n", "\n  ")
 
 
 class DailyLog:
@@ -28,6 +36,7 @@ class DailyLog:
         text = f"{when:%Y-%m-%d %H:%M:%S} {level:<7} {message}"
         if exc is not None:
             text += "\n" + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).rstrip()
+        text = _clean(text)
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.path_for(when), "a", encoding="utf-8") as f:
             f.write(text + "\n")
@@ -37,8 +46,8 @@ class DailyLog:
     def info(self, message: str) -> None:
         self.write("INFO", message)
 
-    def warning(self, message: str) -> None:
-        self.write("WARNING", message)
+    def warning(self, message: str, exc: BaseException | None = None) -> None:
+        self.write("WARNING", message, exc)
 
     def error(self, message: str, exc: BaseException | None = None) -> None:
         self.write("ERROR", message, exc)

@@ -2,8 +2,8 @@
 
     BASE/
       inbox/                       drop *.jsonl here (write elsewhere, then move in)
-      inbox/.claimed/              the batch being trained (claimed by a rename; it leaves inbox/
-                                   only once its training is saved)
+      inbox/.claimed/ID--NAME      the batch being trained (claimed by a rename under a new claim
+                                   id; it leaves inbox/ only once its training is saved)
       current_model/checkpoint-N/  checkpoints, save_total_limit kept
       bases/gen-K/                 consolidated base models (LoRA merged into the previous base)
       status/training_status.json  written atomically after every step and state change
@@ -13,6 +13,7 @@
       processed/                   trained batches, when daemon.delete_processed is false
       .stop                        create it: the daemon saves and exits; removed on start
       .daemon.lock                 held (flock) by the running daemon
+      .batch_start/checkpoint-N/   hard links to the checkpoint the current batch started from
 """
 
 from __future__ import annotations
@@ -30,8 +31,14 @@ class Layout:
         return self.base / "inbox"
 
     @property
-    def processing(self) -> Path:
+    def claimed(self) -> Path:
         return self.inbox / ".claimed"
+
+    @property
+    def batch_start(self) -> Path:
+        """A hard-linked copy of the checkpoint the current batch started from: the rollback
+        point if the batch fails, kept even when save_total_limit rotates it out of current_model/."""
+        return self.base / ".batch_start"
 
     @property
     def checkpoints(self) -> Path:
@@ -78,6 +85,6 @@ class Layout:
         return self.base / "loss.png"
 
     def make(self) -> None:
-        for d in (self.inbox, self.processing, self.checkpoints, self.status_file.parent, self.logs,
+        for d in (self.inbox, self.claimed, self.checkpoints, self.status_file.parent, self.logs,
                   self.snapshots, self.rejected):
             d.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,11 @@ from typing import Callable
 import torch
 
 from kdforge.config import Config, check_config
-from kdforge.daemon import consolidate as merge
+from kdforge.daemon import consolidate
+from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.dailylog import DailyLog
-from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, move_to, next_ready, reject, sha256_file
+from kdforge.daemon.inbox import (BaseDirLock, Fingerprint, batch_files, claim, claim_parts, fingerprint, move_to,
+                                  next_ready, read_batch, reject, scan, shown)
 from kdforge.daemon.layout import Layout
 from kdforge.daemon.snapshot import list_snapshots, snapshot_due, take_snapshot, time_reached
 from kdforge.daemon.status import StatusFile
@@ -42,6 +44,17 @@ from kdforge.train.runner import (StopFlag, amp_dtype_for, load_student, load_te
 from kdforge.train.schedule import LRMultiplier
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
+
+
+def _data_faults() -> tuple[type[BaseException], ...]:
+    """Failures a batch's data causes without a bug of ours: a non-finite loss, a chat template
+    that refuses the messages (Llama/Mistral `raise_exception`), one example too big for memory."""
+    from jinja2 import TemplateError
+
+    return (FloatingPointError, TemplateError, MemoryError, torch.OutOfMemoryError)
+
+
+DATA_FAULTS = _data_faults()
 
 
 def batch_steps(n_examples: int, epochs: float, micro_batch: int, grad_accum: int) -> int:
@@ -70,8 +83,9 @@ class Daemon:
         self.model = self.objective = self.optimizer = self.scheduler = self.tokenizer = self.teacher = None
         self.base_model: str | None = None  # the base folder the loaded model was built on
         self.state = TrainState()
+        self.batch = BatchState()  # the daemon's bookkeeping, saved in every checkpoint's trainer_state.json
         self.in_memory: tuple[str, int] | None = None  # (checkpoint name, step) the loaded state equals
-        self._recovered: set[str] = set()
+        self._named: set[str] = set()  # inbox entries already named in the log as no batch
         self._stop_logged = False
         self._told_full = False
         self._queue_checked = 0.0
@@ -165,20 +179,19 @@ class Daemon:
                           f"{configured} at step 0")
         else:
             self._load_checkpoint(newest)
-            base = self.state.extra.get("base_model")
-            if self.state.extra.get("generation", 0) == 0 and base != configured:
+            base = self.batch.base_model
+            if self.batch.generation == 0 and base != configured:
                 self.log.warning(f"daemon.base_model is {configured} but {newest.name} was trained on {base}: "
                                  f"continuing on {base} (move current_model/ away to start over)")
             self.log.info(f"loaded {newest.name} (global_step {self.state.global_step}, "
-                          f"batch {self.state.extra.get('batch_number', 0)}, base {base})")
+                          f"batch {self.batch.batch_number}, base {base})")
         self._warm_up()
-        self._recovered = {p.name for p in batch_files(self.paths.processing)}
-        if self._recovered:
-            self.log.info(f"unfinished batch(es) in inbox/.claimed/: {', '.join(sorted(self._recovered))}")
+        left = batch_files(self.paths.claimed)
+        if left:
+            self.log.info(f"unfinished batch(es) in inbox/.claimed/: {', '.join(shown(p.name) for p in left)}")
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         self.status.update(status="idle", current_step=self.state.global_step, base_model=self.base_model,
-                           generation=self.state.extra.get("generation", 0),
-                           batch_number=self.state.extra.get("batch_number", 0),
+                           generation=self.batch.generation, batch_number=self.batch.batch_number,
                            last_checkpoint=newest.name if newest else None)
         self.log.info(f"model ready: {'LoRA' if self.cfg.model.lora else 'full'} training, "
                       f"{n_train:,} trainable parameters, save_steps {self.dc.save_steps}, "
@@ -223,12 +236,13 @@ class Daemon:
     def _load_fresh(self, base: str) -> None:
         self._build_model(base)
         self._new_optimizer()
-        self.state = TrainState(extra={"base_model": base, "generation": 0, "batch_number": 0, "batches": []})
+        self.state = TrainState()
+        self.batch = BatchState(base_model=base)
         self.in_memory = None
 
     def _load_checkpoint(self, path: Path) -> None:
         """Weights, optimizer, scheduler, RNG and state from `path` (the base it names, too)."""
-        base = ckpt.read_state(path).extra.get("base_model") or self._configured_base()
+        base = BatchState.from_extra(ckpt.read_state(path).extra).base_model or self._configured_base()
         if self.model is None or base != self.base_model:
             self._build_model(base)
         self._new_optimizer()
@@ -238,20 +252,43 @@ class Daemon:
         except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
             raise UsageError(f"{path} does not fit this config ({e}); a LoRA checkpoint needs model.lora set "
                              "as when it was trained, a full one needs no model.lora") from e
+        self.batch = BatchState.from_extra(self.state.extra)
         self.in_memory = (path.name, self.state.global_step)
 
     # ============================================================================ the inbox
 
     def _next_batch(self) -> tuple[Path | None, float | None]:
         """A batch left claimed by a crash, else the oldest settled inbox file, claimed."""
-        left = batch_files(self.paths.processing)
+        left = batch_files(self.paths.claimed)
         if left:
             return left[0], None
+        self._tidy_inbox()
         path, wait = next_ready(self.paths.inbox, self.dc.settle_seconds)
         if path is None:
             return None, wait
-        claimed = claim(path, self.paths.processing)
+        claimed = claim(path, self.paths.claimed)
         return (claimed, None) if claimed else (None, 0.05)  # lost a race for it: look again soon
+
+    def _tidy_inbox(self) -> None:
+        """SPEC "Inbox hygiene": every inbox entry that is no batch is named in the log (once per
+        start); what can be moved goes to rejected/ with its reason; temp-file names wait."""
+        for p, why in scan(self.paths.inbox).others:
+            name = shown(p.name)
+            if why == "temp-file name":
+                self._name_once(p, f"{name} in inbox/ is no batch (a temp-file name): left alone until "
+                                   "it is renamed to NAME.jsonl")
+                continue
+            try:
+                self._reject(p, f"{name}: a {why}, not a batch: only regular files named *.jsonl (lower "
+                                "case) directly in inbox/ are trained; drop the data as such a file")
+            except OSError as e:
+                self._name_once(p, f"{name} in inbox/ ({why}) cannot be moved to rejected/ "
+                                   f"({e.strerror}); skipped: remove it")
+
+    def _name_once(self, path: Path, message: str) -> None:
+        if path.name not in self._named:
+            self._named.add(path.name)
+            self.log.warning(message)
 
     def _queue_size(self, force: bool = False) -> int:
         if force or time.monotonic() - self._queue_checked > QUEUE_RESCAN_S:
@@ -259,81 +296,167 @@ class Daemon:
             self.status.data["batch_queue_size"] = len(batch_files(self.paths.inbox))
         return self.status.data["batch_queue_size"]
 
-    def _reject(self, path: Path, reason: str) -> None:
-        dest = reject(path, self.paths.rejected, reason)
-        self._recovered.discard(path.name)
-        self.log.warning(f"rejected {path.name} -> {dest} (reason in {dest.name}.reason): {reason.splitlines()[0]}")
+    def _reject(self, path: Path, reason: str, name: str | None = None) -> None:
+        dest = reject(path, self.paths.rejected, reason, name)
+        first = reason.splitlines()[0] if reason.strip() else ""
+        self.log.warning(f"rejected {shown(name or path.name)} -> {shown(str(dest))} "
+                         f"(reason in {shown(dest.name)}.reason): {first}")
 
-    def _finish_file(self, path: Path) -> str:
-        """The batch is saved: the file leaves the inbox (deleted, or archived)."""
-        self._recovered.discard(path.name)
+    def _finish_file(self, path: Path, name: str) -> str:
+        """The batch is saved: the file leaves the inbox (deleted, or archived), unless it is not
+        the file that was trained (a writer went on after the claim): then nothing is deleted."""
+        now, b = fingerprint(path), self.batch
+        if (now.size, now.sha256) != (b.batch_bytes, b.batch_sha256):
+            raise DataError(f"changed after it was claimed (a writer went on writing): {b.batch_bytes:,} bytes "
+                            f"were trained, it now holds {now.size:,}; the batch was rolled back and the file "
+                            "kept whole: write it elsewhere, then move it into inbox/ when complete", shown(name))
         if self.dc.delete_processed:
             path.unlink()
             return "deleted"
-        dest = move_to(path, Path(self.dc.archive_dir) if self.dc.archive_dir else self.paths.processed)
-        return f"archived to {dest}"
+        dest = move_to(path, Path(self.dc.archive_dir) if self.dc.archive_dir else self.paths.processed, name)
+        return f"archived to {shown(str(dest))}"
 
     # ============================================================================ one batch
 
     def _train_batch(self, path: Path) -> None:
+        """Train one claimed file. Whatever goes wrong with it (its data, or a bug its data
+        triggers), the batch is rolled back to the checkpoint it started from and rejected with
+        the reason: one file never stops the queue."""
+        claim_id, name = claim_parts(path)
+        try:
+            self._train_claimed(path, claim_id, name)
+        except KdforgeError as e:
+            if not isinstance(e, DataError):
+                raise  # the config or the base dir, not this file: the daemon cannot go on
+            self._fail(path, claim_id, name, str(e), None)
+        except Exception as e:  # noqa: BLE001 - see the docstring; a bug of ours still logs its traceback
+            self._fail(path, claim_id, name, f"{type(e).__name__}: {e}", e)
+
+    def _fail(self, path: Path, claim_id: str | None, name: str, reason: str, exc: Exception | None) -> None:
+        if exc is not None:
+            ours = not isinstance(exc, DATA_FAULTS)  # e.g. an AttributeError: a bug the data triggered
+            (self.log.error if ours else self.log.warning)(f"batch {shown(name)} failed in training: {reason}", exc)
+        rolled = claim_id is not None and self.batch.claim_id == claim_id
+        if rolled:
+            self._roll_back()
+        self._reject(path, reason + ("\nRolled back: the model, optimizer, scheduler and RNG are as before this "
+                                     f"batch (global_step {self.state.global_step})." if rolled else ""), name)
+        self.status.update(status="idle", current_file=None, current_step=self.state.global_step)
+
+    def _roll_back(self) -> None:
+        """Undo the current batch: its checkpoints go, the one it started from is loaded again
+        (from the hard-linked copy in .batch_start/ if save_total_limit rotated it out)."""
+        start = self.batch.batch_start_step
+        for p in ckpt.list_checkpoints(self.paths.checkpoints):
+            if (ckpt.checkpoint_step(p) or 0) > start:
+                shutil.rmtree(p)
+        target = self.paths.checkpoints / f"checkpoint-{start}"
+        kept = self.paths.batch_start / target.name
+        if not ckpt.is_complete(target) and ckpt.is_complete(kept):
+            tmp = self.paths.checkpoints / f".tmp-checkpoint-{start}-restore"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(kept, tmp, copy_function=os.link)
+            os.rename(tmp, target)
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        if newest is not None:
+            self._load_checkpoint(newest)
+        else:  # the batch began on the fresh base: rebuild it as the start did
+            torch.manual_seed(self.tc.seed)
+            self.model = None
+            self._load_fresh(self._configured_base())
+        self.log.info(f"rolled back to {newest.name if newest else 'the fresh base'} "
+                      f"(global_step {self.state.global_step})")
+
+    def _keep_start(self) -> None:
+        """Hard-link the checkpoint this batch starts from into .batch_start/ (its rollback point)."""
+        shutil.rmtree(self.paths.batch_start, ignore_errors=True)
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        if newest is not None and ckpt.checkpoint_step(newest) == self.state.global_step:
+            self.paths.batch_start.mkdir(parents=True)
+            shutil.copytree(newest, self.paths.batch_start / newest.name, copy_function=os.link)
+
+    def _load_batch(self, path: Path, name: str):
+        """The claimed file as a dataset, read once through a checked descriptor."""
         from kdforge.data.dataset import KDDataset
 
-        t0 = time.perf_counter()
-        recovered = path.name in self._recovered
-        sha = sha256_file(path)
-        with_topk = self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
-        try:
-            ds = KDDataset(path, tokenizer=self.tokenizer, max_seq_length=self.seq_len, with_topk=with_topk,
-                           strict=False)
-        except DataError as e:  # unreadable, or records this loss cannot use: keep it, say why
-            self._reject(path, str(e))
-            return
-        for problem in ds.problems:
+        records, problems, fp = read_batch(path, shown(name), self.dc.max_batch_bytes)
+        for problem in problems:
             self.log.warning(f"skipped bad line {problem}")
-        if len(ds) == 0:
-            reasons = "\n".join(str(p) for p in ds.problems) or f"{path.name}: no records"
-            self._reject(path, f"no usable line in {path.name} ({len(ds.problems)} bad):\n{reasons}")
-            return
+        if not records:
+            reasons = "\n".join(str(p) for p in problems) or f"{shown(name)}: no records"
+            raise DataError(f"no usable line in {shown(name)} ({len(problems)} bad):\n{reasons}")
+        with_topk = self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
+        ds = KDDataset(path, tokenizer=self.tokenizer, max_seq_length=self.seq_len, with_topk=with_topk,
+                       strict=False, records=records)
+        ds.problems = problems
+        return ds, fp
 
-        # ---------------------------------------------------------------- resume point
+    def _resume_point(self, claim_id: str | None, name: str, fp: Fingerprint) -> dict | None | bool:
+        """Load the newest checkpoint if memory differs. True: this very claim was trained and saved
+        already; a dict: its data position (it was cut short); None: a new batch."""
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        position = None
-        if newest is not None:
-            saved = ckpt.read_state(newest)
-            same = (recovered and saved.extra.get("batch_file") == path.name
-                    and saved.extra.get("batch_sha256") == sha)
-            if same and saved.extra.get("batch_done"):  # died after the final save, before the file left
-                how = self._finish_file(path)
-                self.log.info(f"{path.name} was already trained ({newest.name}); file {how}")
-                self._after_batch()
-                return
-            if self.in_memory != (newest.name, saved.global_step):
-                self._load_checkpoint(newest)
-            self.log.info(f"Resuming from checkpoint: {newest.name}")
-            if same:
-                position = self.state.data_position
-        st, ex = self.state, self.state.extra
+        if newest is None:
+            return None
+        saved_state = ckpt.read_state(newest)
+        saved = BatchState.from_extra(saved_state.extra)
+        same = (saved.claim_id == claim_id if claim_id is not None  # no id: claimed by an older daemon
+                else saved.claim_id is None and (saved.batch_file, saved.batch_sha256) == (name, fp.sha256))
+        if self.in_memory != (newest.name, saved_state.global_step):
+            self._load_checkpoint(newest)
+        if same and (saved.batch_sha256, saved.batch_bytes) not in ((fp.sha256, fp.size), (fp.sha256, None)):
+            raise DataError(f"changed since it was claimed (now {fp.size:,} bytes, {saved.batch_bytes} when "
+                            "training began); the batch was rolled back and the file kept whole: drop it "
+                            "again when it is complete", shown(name))
+        if same and saved.batch_done:
+            return True
+        self.log.info(f"Resuming from checkpoint: {newest.name}")
+        return self.state.data_position if same else None
+
+    def _train_claimed(self, path: Path, claim_id: str | None, name: str) -> None:
+        t0 = time.perf_counter()
+        ds, fp = self._load_batch(path, name)
+        position = self._resume_point(claim_id, name, fp)
+        st, b = self.state, self.batch
+        if position is True:  # died after the final save, before the file left
+            how = self._finish_file(path, name)
+            self.log.info(f"{shown(name)} was already trained (checkpoint-{st.global_step}); file {how}")
+            self._after_batch()
+            return
         if position is None:
-            ex["batch_number"] = ex.get("batch_number", 0) + 1
-            ex.update(batch_file=path.name, batch_sha256=sha, batch_done=False, batch_start_step=st.global_step)
-            ex.setdefault("batches", []).append({"number": ex["batch_number"], "file": path.name,
-                                                 "start_step": st.global_step})
-        stream = DataStream(ds, self.tc.micro_batch_size, self.tc.seed + ex["batch_number"],
-                            max_epochs=self.dc.epochs_per_batch, name=path.name)
-        if position is not None:
+            self._keep_start()
+            b.batch_number += 1
+            b.batch_file, b.claim_id, b.batch_sha256, b.batch_bytes = name, claim_id, fp.sha256, fp.size
+            b.batch_done, b.batch_start_step = False, st.global_step
+            b.batches.append({"number": b.batch_number, "file": name, "start_step": st.global_step})
+        stream = DataStream(ds, self.tc.micro_batch_size, self.tc.seed + b.batch_number,
+                            max_epochs=self.dc.epochs_per_batch, name=shown(name))
+        if position:
             stream.restore(position)
         n_steps = batch_steps(len(ds), self.dc.epochs_per_batch, self.tc.micro_batch_size, self.tc.grad_accum)
-        start, end = ex["batch_start_step"], ex["batch_start_step"] + n_steps
+        start, end = b.batch_start_step, b.batch_start_step + n_steps
         where = (f"continuing at step {st.global_step} (example {position['consumed']} of the batch)"
                  if position else f"global steps {start} -> {end}")
-        self.log.info(f"Batch {ex['batch_number']} start: {path.name} ({len(ds)} examples, "
+        self.log.info(f"Batch {b.batch_number} start: {shown(name)} ({len(ds)} examples, "
                       f"{len(ds.problems)} bad lines skipped), {n_steps} steps, {where}")
-        self.status.update(status="training", current_file=path.name, batch_number=ex["batch_number"],
+        self.status.update(status="training", current_file=shown(name), batch_number=b.batch_number,
                            current_step=st.global_step, total_steps=end, batch_step=st.global_step - start,
                            batch_steps=n_steps, batch_queue_size=self._queue_size(force=True))
+        first_loss = self._run_steps(stream, start)
+        if not stream.exhausted():
+            self.log.info(f"Batch {b.batch_number} interrupted at step {st.global_step}: {shown(name)} stays in "
+                          "inbox/.claimed/ and continues from its saved data position on the next start")
+            return
+        how = self._finish_file(path, name)
+        last = st.log_history[-1]["loss"] if st.log_history else float("nan")
+        self.log.info(f"Batch {b.batch_number} done: {shown(name)}, global_step {st.global_step}, "
+                      f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
+                      f"{time.perf_counter() - t0:.1f}s; file {how}")
+        self._after_batch()
+
+    def _run_steps(self, stream: DataStream, start: int) -> float | None:
+        """Train the stream to its end (or a stop request), saving as configured; the first loss."""
         first_loss = None
 
-        # ---------------------------------------------------------------- hooks
         def on_log(rec: dict) -> None:
             nonlocal first_loss
             first_loss = rec["loss"] if first_loss is None else first_loss
@@ -347,31 +470,20 @@ class Daemon:
                                batch_queue_size=self._queue_size())
 
         def save(state: TrainState) -> None:
-            state.extra["batch_done"] = stream.exhausted()
+            self.batch.batch_done = stream.exhausted()
             self._save(state)
 
-        def should_stop() -> bool:
-            return self._stop_requested()
-
-        # ---------------------------------------------------------------- train
-        lc = LoopConfig(grad_accum=self.tc.grad_accum, grad_clip=self.tc.grad_clip, kd_weight=self.cfg.loss.kd_weight,
-                        kind=self.cfg.loss.kind, save_steps=self.dc.save_steps, log_steps=self.tc.log_steps)
-        train_steps(self.objective, self.optimizer, self.scheduler, stream, st, lc, until_step=None,
+        loop = LoopConfig(grad_accum=self.tc.grad_accum, grad_clip=self.tc.grad_clip,
+                          kd_weight=self.cfg.loss.kd_weight, kind=self.cfg.loss.kind, save_steps=self.dc.save_steps,
+                          log_steps=self.tc.log_steps)
+        train_steps(self.objective, self.optimizer, self.scheduler, stream, self.state, loop, until_step=None,
                     seq_len_at=lambda step: self.seq_len, device=self.device, amp_dtype=self.amp_dtype,
-                    hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=should_stop))
-        if not stream.exhausted():
-            self.log.info(f"Batch {ex['batch_number']} interrupted at step {st.global_step}: {path.name} stays in "
-                          "inbox/.claimed/ and continues from its saved data position on the next start")
-            return
-        how = self._finish_file(path)
-        last = st.log_history[-1]["loss"] if st.log_history else float("nan")
-        self.log.info(f"Batch {ex['batch_number']} done: {path.name}, global_step {st.global_step}, "
-                      f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
-                      f"{time.perf_counter() - t0:.1f}s; file {how}")
-        self._after_batch()
+                    hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=self._stop_requested))
+        return first_loss
 
     def _save(self, state: TrainState) -> None:
         t0 = time.perf_counter()
+        state.extra = self.batch.into_extra(state.extra)
         path = ckpt.save_checkpoint(self.paths.checkpoints, state, self.model, self.optimizer, self.scheduler,
                                     self.tokenizer, self.resolved, self.dc.save_total_limit)
         self.in_memory = (path.name, state.global_step)
@@ -382,7 +494,7 @@ class Daemon:
     def _after_batch(self) -> None:
         self.status.update(status="idle", current_file=None, batch_queue_size=self._queue_size(force=True))
         every = self.dc.consolidate_every_batches
-        if every and self.state.extra.get("batch_number", 0) % every == 0:
+        if every and self.batch.batch_number % every == 0:
             self._consolidate(f"every {every} batch(es)")
 
     # ============================================================================ snapshots, consolidation
@@ -391,7 +503,7 @@ class Daemon:
         self._snapshot_if_due()
         now = self.now()
         if (self.dc.consolidate_daily and time_reached(now, self.dc.snapshot_time)
-                and self.state.extra.get("consolidated_on") != f"{now:%Y%m%d}"):
+                and self.batch.consolidated_on != f"{now:%Y%m%d}"):
             self._consolidate("daily")
 
     def _snapshot_if_due(self) -> None:
@@ -407,29 +519,29 @@ class Daemon:
     def _consolidate(self, why: str) -> None:
         """Merge the adapter into a new base (bases/gen-K), continue with a fresh adapter on it;
         global_step, the scheduler position and the loss curve go on unbroken."""
-        ex, step = self.state.extra, self.state.global_step
+        b, step = self.batch, self.state.global_step
         if not ckpt.is_peft(self.model):
             if not self._told_full:
                 self.log.info("consolidation skipped: full training has no adapter to merge")
                 self._told_full = True
             return
-        if ex.get("consolidated_step") == step or step == 0:
-            ex["consolidated_on"] = f"{self.now():%Y%m%d}"
+        if b.consolidated_step == step or step == 0:
+            b.consolidated_on = f"{self.now():%Y%m%d}"
             return  # nothing trained since the last merge
         self.status.update(status="consolidating")
-        gen = ex.get("generation", 0) + 1
+        gen = b.generation + 1
         out = self.paths.bases / f"gen-{gen:04d}"
         self.paths.bases.mkdir(parents=True, exist_ok=True)
-        probe = merge.probe_ids(self.model.get_input_embeddings().num_embeddings, self.device)
-        ref = merge.logits(self.model, probe)
+        probe = consolidate.probe_ids(self.model.get_input_embeddings().num_embeddings, self.device)
+        ref = consolidate.logits(self.model, probe)
         old_base, sched_state = self.base_model, self.scheduler.state_dict()
         t0 = time.perf_counter()
         try:
-            merge.merge_into_folder(self.model, out, self.tokenizer)
+            consolidate.merge_into_folder(self.model, out, self.tokenizer)
             self.model = None  # the PEFT wrapper is spent; rebuild on the new base, fresh adapter
             torch.manual_seed(self.tc.seed + gen)
             self._build_model(str(out))
-            ok, diff = merge.same_outputs(ref, merge.logits(self.model, probe))
+            ok, diff = consolidate.same_outputs(ref, consolidate.logits(self.model, probe))
             if not ok:
                 raise RuntimeError(f"merged model's logits differ by {diff:.3g} from base + adapter")
         except Exception as e:  # noqa: BLE001 - fall back to the previous base, which is untouched
@@ -443,12 +555,12 @@ class Daemon:
         self.scheduler.load_state_dict(sched_state)
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
-        ex.update(base_model=str(out), generation=gen, consolidated_step=step,
-                  consolidated_on=f"{self.now():%Y%m%d}")
-        ex.setdefault("consolidations", []).append({"generation": gen, "step": step, "base_model": str(out)})
+        b.base_model, b.generation, b.consolidated_step = str(out), gen, step
+        b.consolidated_on = f"{self.now():%Y%m%d}"
+        b.consolidations.append({"generation": gen, "step": step, "base_model": str(out)})
         self._save(self.state)  # replaces checkpoint-{step}: same step, new base, fresh adapter
         holders = ckpt.list_checkpoints(self.paths.checkpoints) + list_snapshots(self.paths.snapshots)
-        gone = merge.prune_bases(self.paths.bases, {str(out)}, holders)
+        gone = consolidate.prune_bases(self.paths.bases, {str(out)}, holders)
         self.log.info(f"Consolidated ({why}): adapter merged into {out} at global_step {step} "
                       f"(max |logit diff| {diff:.2e}, {time.perf_counter() - t0:.1f}s); previous base {old_base} "
                       f"kept while checkpoints name it" + (f"; removed {', '.join(g.name for g in gone)}" if gone else ""))

@@ -3,7 +3,8 @@
 Checks: checkpoints present and no more than `save_total_limit`; each with its weights (adapter
 or full model), `optimizer.pt`, `scheduler.pt`, `trainer_state.json`; `global_step` strictly
 increasing across them (and equal to the folder's number); no ERROR lines in the daemon's logs;
-the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in inbox/.claimed/); the
+the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in inbox/.claimed/, no
+other entry); the
 loss curve with no jump back toward the initial loss at a batch boundary or a consolidation.
 Writes `BASE/verification_report.txt` and `BASE/loss.png` (loss vs global step, boundaries marked).
 """
@@ -18,7 +19,8 @@ from datetime import datetime
 from pathlib import Path
 
 from kdforge.atomic import atomic_write_text
-from kdforge.daemon.inbox import batch_files
+from kdforge.daemon.batch_state import BatchState
+from kdforge.daemon.inbox import claim_parts, scan, shown
 from kdforge.daemon.layout import Layout
 from kdforge.errors import UsageError
 
@@ -77,9 +79,9 @@ def _save_limit(folder: Path | None) -> int:
 
 def boundaries(state: dict) -> list[tuple[int, str]]:
     """(global step where it starts, label) for every batch after the first and every consolidation."""
-    extra = state.get("extra") or {}
-    out = [(b["start_step"], f"batch {b['number']}") for b in extra.get("batches", [])[1:]]
-    out += [(c["step"], f"consolidation {c['generation']}") for c in extra.get("consolidations", [])]
+    b = BatchState.from_extra(state.get("extra") or {})
+    out = [(x["start_step"], f"batch {x['number']}") for x in b.batches[1:]]
+    out += [(c["step"], f"consolidation {c['generation']}") for c in b.consolidations]
     return sorted(out)
 
 
@@ -130,6 +132,18 @@ def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> P
     plt.close(fig)
     os.replace(tmp, out)
     return out
+
+
+def inbox_check(paths: Layout) -> Check:
+    """Empty means empty: no batch waiting, none half-trained, and no other entry either (a temp
+    file, a link, a directory the daemon could not move): each is named with what it is."""
+    inbox, claimed = scan(paths.inbox), scan(paths.claimed)
+    found = ([f"{shown(p.name)} (batch, waiting)" for p, _ in inbox.batches]
+             + [f"{shown(claim_parts(p)[1])} (unfinished, in inbox/.claimed/)" for p, _ in claimed.batches]
+             + [f"{shown(p.name)} ({why})" for p, why in inbox.others + claimed.others])
+    detail = (f"{len(found)} entr{'y' if len(found) == 1 else 'ies'} in inbox/: " + ", ".join(found[:8])
+              + (f" (+{len(found) - 8} more)" if len(found) > 8 else "")) if found else "empty"
+    return Check("inbox empty (all batches trained and removed)", not found, detail)
 
 
 def verify(base_dir: str | Path) -> Verification:
@@ -202,12 +216,7 @@ def verify(base_dir: str | Path) -> Verification:
     state_word = (status or {}).get("status", "no status file")
     checks.append(Check("daemon status is not error", state_word not in ("error", "unreadable"),
                         f"{state_word}" + (f": {status.get('last_error')}" if status and status.get("last_error") else "")))
-    waiting = batch_files(paths.inbox) if paths.inbox.is_dir() else []
-    half = batch_files(paths.processing) if paths.processing.is_dir() else []
-    checks.append(Check("inbox empty (all batches trained and removed)", not waiting and not half,
-                        f"{len(waiting)} waiting in inbox/ ({', '.join(p.name for p in waiting[:5])}), "
-                        f"{len(half)} unfinished in inbox/.claimed/ ({', '.join(p.name for p in half[:5])})"
-                        if waiting or half else "empty"))
+    checks.append(inbox_check(paths))
 
     # ---------------------------------------------------------------- the loss curve
     newest_state = _state(newest) if newest else None
@@ -221,9 +230,9 @@ def verify(base_dir: str | Path) -> Verification:
 
     if newest is not None:
         lines += ["", f"Latest checkpoint: {newest.name}"]
-        extra = (newest_state or {}).get("extra", {})
-        lines.append(f"  batch {extra.get('batch_number')} ({extra.get('batch_file')}), base model "
-                     f"{extra.get('base_model')} (generation {extra.get('generation', 0)}), "
+        b = BatchState.from_extra((newest_state or {}).get("extra") or {})
+        lines.append(f"  batch {b.batch_number} ({shown(b.batch_file or '')}), base model "
+                     f"{b.base_model} (generation {b.generation}), "
                      f"samples_seen {(newest_state or {}).get('samples_seen')}")
     if jumps:
         lines += ["", "Loss at boundaries:"] + [f"  {'ok ' if ok else 'JUMP'} {d}" for ok, d in jumps]
