@@ -119,6 +119,13 @@ def test_streamed_echo_assembles_to_the_non_streamed_answer(client, server):  # 
     assert [o for ch in chunks for o in ch.logprobs.text_offset] == whole.logprobs.text_offset
 
 
+def test_echo_without_logprobs_and_with_n_choices(client, server):  # noqa: F811
+    kw = dict(model=server.model, prompt=TEXTS[0], max_tokens=4, temperature=0)
+    plain = client.completions.create(**kw).choices[0].text
+    r = client.completions.create(**kw, echo=True, n=2)
+    assert [c.text for c in r.choices] == [TEXTS[0] + plain] * 2 and all(c.logprobs is None for c in r.choices)
+
+
 # ---- vLLM's prompt_logprobs ----------------------------------------------------------------------
 
 def test_vllm_prompt_logprobs_give_ids_ranks_and_the_top_k(client, server, hf):  # noqa: F811
@@ -142,6 +149,19 @@ def test_vllm_prompt_logprobs_give_ids_ranks_and_the_top_k(client, server, hf): 
             assert plp[j][str(i)]["logprob"] == pytest.approx(v, abs=1e-4)
             assert plp[j][str(i)]["rank"] in (rank, own["rank"])
         assert len(plp[j]) <= 5
+
+
+def test_echo_and_prompt_logprobs_together_keep_their_own_k(client, server):  # noqa: F811
+    """One pass scores the prompt for the larger K; each format shows only its own."""
+    r = client.completions.create(model=server.model, prompt=TEXTS[2], echo=True, logprobs=1, max_tokens=0,
+                                  extra_body={"prompt_logprobs": 6})
+    c = r.choices[0]
+    assert all(len(t) <= 2 for t in c.logprobs.top_logprobs[1:])
+    plp = c.model_extra["prompt_logprobs"]
+    assert all(6 <= len(d) <= 7 for d in plp[1:])
+    for j, d in enumerate(plp[1:], 1):  # the same numbers in both formats
+        own = next(v for v in d.values() if v["decoded_token"] == c.logprobs.tokens[j])
+        assert own["logprob"] == pytest.approx(c.logprobs.token_logprobs[j], abs=1e-6)
 
 
 # ---- batching --------------------------------------------------------------------------------------
