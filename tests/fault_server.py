@@ -355,6 +355,23 @@ class FaultServer:
             return max(0.0, c.latency + (self.rng.uniform(-c.jitter, c.jitter) if c.jitter else 0.0))
 
 
+def acts(key_offsets: int = 400):
+    """A hypothesis strategy for one scripted answer: honest or lying usage, error statuses with the
+    upstream's bill or without, the key echoed at any offset, garbage, truncated or dripping bodies.
+    Drips of 0.6 s between chunks outlast a 0.5 s read timeout (an unknown outcome)."""
+    from hypothesis import strategies as st
+
+    return st.builds(
+        Act,
+        status=st.sampled_from([200, 200, 200, 400, 500, 502, 503, 504]),
+        usage=st.sampled_from(USAGE_LIES),
+        billed=st.booleans(),
+        echo_key_at=st.none() | st.integers(0, key_offsets),
+        body=st.sampled_from(["json", "json", "garbage", "truncated"]),
+        drip=st.sampled_from([0.0, 0.0, 0.0, 0.01, 0.6]),
+    )
+
+
 def _make_handler(srv: FaultServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
