@@ -108,3 +108,45 @@ def test_without_bytes_a_fragment_never_takes_another_tokens_id(tmp_path, teache
             assert x["topk_logprobs"][p, k].item() == model_lp[row[k].item()]
         chosen = x["input_ids"][p].item()
         assert chosen in row.tolist()
+
+
+def test_generate_from_kdforge_serve_on_non_ascii_text_gives_the_models_own_rows(tmp_path, teacher):
+    """The real path: `kdforge serve` scores with the tiny teacher, `kdforge generate --top-logprobs`
+    writes the lines (bytes included), and the dataset's rows equal the model's own log-softmax.
+    A random teacher happily emits byte fragments that are no valid UTF-8 text on their own: the
+    bytes still give the exact tokens."""
+    import json
+    import os
+
+    from conftest import run_cli
+    from kdforge.serve import launch
+
+    tok_dir, tok, model = teacher
+    model_dir = tmp_path / "teacher"
+    model.save_pretrained(str(model_dir))
+    tok.save_pretrained(str(model_dir))
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in TEXTS])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "T_KEY": "k-1"}
+    with launch(model_dir, env=env, api_key_env="T_KEY") as server:
+        r = run_cli("generate", "--out", tmp_path / "kd.jsonl", "--teacher", server.base_url, "--model",
+                    server.model, "--total", len(TEXTS), "--prompts", prompts, "--budget-limit", 1,
+                    "--price-input", 1, "--price-output", 2, "--top-logprobs", K, "--max-tokens", 12,
+                    "--temperature", 0, "--api-key-env", "T_KEY", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "kd.jsonl").read_text().splitlines()]
+    assert all("bytes" in e for x in rows for e in x["teacher_logprobs"])
+    ds = KDDataset(tmp_path / "kd.jsonl", model_dir, 128, with_topk=True)
+    assert not ds.misaligned and ds.ce_only == 0
+    fragments = 0
+    for i in range(len(ds)):
+        x = ds[i]
+        pos = (x["labels"] != IGNORE).nonzero().flatten()[:-1]  # response tokens (EOS has no row)
+        assert len(pos) == len(rows[i]["teacher_logprobs"])
+        assert torch.equal(x["topk_ids"][pos, 0], x["input_ids"][pos])  # greedy: top-1 = the token
+        with torch.no_grad():
+            lp = model(x["input_ids"][None]).logits[0].float().log_softmax(-1)
+        top_lp, top_ids = lp[pos - 1].topk(K)  # row t is the model's output at t - 1
+        assert torch.equal(x["topk_ids"][pos], top_ids)
+        torch.testing.assert_close(x["topk_logprobs"][pos], top_lp, atol=2e-4, rtol=0)
+        fragments += sum("\ufffd" in tok.decode([j]) for j in x["input_ids"][pos].tolist())
+    assert fragments > 0

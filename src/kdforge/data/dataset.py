@@ -11,6 +11,8 @@ tokens when the teacher used the same tokenizer; otherwise a clear error names t
 matched by their raw bytes (OpenAI's `bytes`, on every token and alternative), so a token holding
 part of a UTF-8 character maps to its own id; a teacher that sends no bytes is matched by text,
 where every partial character reads "\ufffd" and such alternatives are dropped, never guessed.
+When every token has bytes naming a student token and they spell the response, the response IS the
+teacher's own token ids (exact even where the text is lossy or the split non-canonical).
 Records without teacher rows (text lines...) train with CE only and are counted (`ce_only`).
 """
 
@@ -212,6 +214,9 @@ class KDDataset(torch.utils.data.Dataset):
             self.ce_only_lines.append((rec.metadata.get("_path"), rec.line))
         else:
             try:
+                teacher_ids = self._teacher_ids(rec)
+                if teacher_ids is not None:  # the teacher's own tokens: exact even where text is lossy
+                    ex.response_ids = teacher_ids + [self.eos_id]
                 ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, ex.response_ids[:-1])
                 return ex
             except DataError as e:
@@ -219,11 +224,23 @@ class KDDataset(torch.utils.data.Dataset):
         ex.topk_ids = ex.topk_logprobs = [[] for _ in ex.response_ids]
         return ex
 
+    def _teacher_ids(self, rec: Record) -> list[int] | None:
+        """The response as the teacher's own token ids, when every entry has bytes naming one student
+        token and they spell the response. Re-tokenising the text cannot recover them where the
+        teacher's tokens hold bytes of no valid character (its text then reads "\ufffd") or where
+        it sampled a non-canonical split; the bytes do."""
+        if self._token_map is None:
+            self._token_map = TokenMap(self.tokenizer)
+        lp = rec.teacher_logprobs
+        if not lp or any(e.get("bytes") is None for e in lp):
+            return None
+        ids = [self._token_map(e) for e in lp]
+        spelled = b"".join(bytes(e["bytes"]) for e in lp).decode("utf-8", errors="replace")
+        return ids if None not in ids and spelled == rec.response else None
+
     def _align_topk(self, rec: Record, resp_ids: list[int]):
         where = (rec.metadata.get("_path"), rec.line)
         lp = rec.teacher_logprobs
-        if self._token_map is None:
-            self._token_map = TokenMap(self.tokenizer)
         tm = self._token_map
         if len(lp) != len(resp_ids) or not all(tm.matches(e, i) for e, i in zip(lp, resp_ids)):
             raise DataError(
