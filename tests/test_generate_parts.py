@@ -10,9 +10,9 @@ import random
 import pytest
 
 from kdforge.errors import BudgetExceededError, DataError, UsageError
-from kdforge.teacher.budget import BudgetLedger
+from kdforge.teacher.budget import BudgetLedger, Reservation, usage_problem
 from kdforge.teacher.cache import request_key
-from kdforge.teacher.client import backoff_delay, retry_after_seconds
+from kdforge.teacher.client import backoff_delay, mask_secret, retry_after_seconds
 from kdforge.teacher.journal import Journal, repair_torn_tail
 from kdforge.teacher.pricing import Prices, lookup, resolve_prices
 from kdforge.teacher.prompts import BUILTIN_SOURCES, builtin_prompts, plan_prompts, prompt_key, read_prompt_file
@@ -261,3 +261,23 @@ def test_journal_repairs_a_torn_tail_and_refuses_foreign_lines(tmp_path):
     out.write_text("not json\n")
     with pytest.raises(DataError, match=r"kd\.jsonl:1"):
         Journal(out)
+
+
+def test_mask_secret_masks_the_whole_text_before_cutting_and_trailing_key_pieces():
+    key = "sk-SECRETKEY-0123456789abcdef"
+    for at in range(280, 301):  # wherever the key starts around the cut
+        text = mask_secret("x" * at + key + " and more", key)
+        assert len(text) <= 300 and "SECRET" not in text and not text.endswith(("sk-S", "sk-SE"))
+    assert mask_secret("echo " + key[:10], key) == "echo ***"  # a server that cut its own message mid-key
+    assert mask_secret("short k3y! here", "k3y!") == "short *** here"  # short keys are masked too
+    assert mask_secret("nothing to hide", None) == "nothing to hide"
+
+
+@pytest.mark.parametrize("usage,problem", [((3, 4), None), (None, "no usage"), ((None, 4), "no usage"),
+                                           ((-1, 4), "negative"), ((3, "lots"), "whole number"),
+                                           ((True, 4), "whole number"), ((3.0, 4), "whole number"),
+                                           ((3, 11), "more than the request"), ((10**12, 1), "more than the request")])
+def test_usage_problem_trusts_only_whole_numbers_within_the_request(usage, problem):
+    res = Reservation(1, 100, prompt_tokens=50, completion_tokens=10)
+    got = usage_problem(usage, res)
+    assert (got is None) if problem is None else (problem in got)
