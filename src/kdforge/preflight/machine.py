@@ -14,8 +14,9 @@ from kdforge.model.memory import GB, MB, Estimate, LoraSetup, Setup, alternative
 from kdforge.preflight.report import Item, failed, passed, warned
 
 FIT_SHARE = 0.9  # of free memory a training run may plan to use (allocator slack, the OS, the loader)
-SHRUNK_MAX_PARAMS = 20_000_000  # a shrunk student only proves the pipeline: keep its 5 steps quick
-SHRUNK_MAX_SEQ, SHRUNK_MAX_BATCH = 512, 4
+# A shrunk student only proves the pipeline: its three short runs must take seconds, even on CPU.
+SHRUNK_MAX_PARAMS = 5_000_000
+SHRUNK_MAX_SEQ, SHRUNK_MAX_BATCH = 128, 2
 
 
 # ----------------------------------------------------------------------------- config
@@ -118,13 +119,13 @@ def check_memory(cfg: Config, tokenizer_vocab: int | None) -> tuple[Item, Studen
     fix = ("train it on a machine with at least " + _size(int(est.total / FIT_SHARE)) + " free"
            + ("; or here: " + "; ".join(f"{label} ({_size(e.total)})" for label, e in fitting[:3]) if fitting else "")
            + " (kdforge estimate-memory --config ... shows every option)")
-    small, small_setup, small_est = shrink(mc, setup, vocab, room)
+    small, small_setup, small_est = shrink(mc, setup, vocab, room, on_gpu)
     note = (f"the configured student ({est.params:,} params, {_size(est.total)}) cannot fit this machine "
             f"({_size(free)} {where}); training runs the same architecture shrunk to {small.n_layers} layers, "
             f"d_model {small.d_model}, {small.n_heads} heads ({small.n_kv_heads} kv) x {small.d_head}, ffn "
             f"{small.ffn_dim} ({small_est.params:,} params, {_size(small_est.total)}) at batch "
             f"{small_setup.micro_batch} x {small_setup.seq_len}: it proves the pipeline, not the real run's memory")
-    numbers = dict(preset=None, path=None, lora=None, d_model=small.d_model, n_layers=small.n_layers,
+    numbers = dict(dtype=cfg.model.dtype if on_gpu else "float32", preset=None, path=None, lora=None, d_model=small.d_model, n_layers=small.n_layers,
                    n_heads=small.n_heads, n_kv_heads=small.n_kv_heads, d_head=small.d_head,
                    vocab_size=small.vocab_size, ffn_dim=small.ffn_dim,
                    max_seq_len=max(small.max_seq_len, small_setup.seq_len), rope_theta=small.rope_theta,
@@ -133,12 +134,12 @@ def check_memory(cfg: Config, tokenizer_vocab: int | None) -> tuple[Item, Studen
         Student(numbers, small_setup, note)
 
 
-def shrink(mc, setup: Setup, vocab: int, room: int):
+def shrink(mc, setup: Setup, vocab: int, room: int, on_gpu: bool):
     """The same architecture (GQA ratio, head size, vocab) with fewer layers and a smaller width,
     halved until it fits `room` bytes and is small enough to train 5 steps quickly."""
     c = mc.resolved(vocab)
     st = replace(setup, micro_batch=min(setup.micro_batch, SHRUNK_MAX_BATCH), seq_len=min(setup.seq_len, SHRUNK_MAX_SEQ),
-                 lora=None)
+                 lora=None, dtype=setup.dtype if on_gpu else "float32")
     while True:
         e: Estimate = estimate(c, st, vocab)
         if (e.total <= room and e.params <= SHRUNK_MAX_PARAMS) or (c.n_layers == 1 and c.d_model <= 64):

@@ -43,7 +43,8 @@ def scratch_training_config(merged: dict, samples: Path, out_dir: Path, student:
     if student.numbers is not None:
         seq = [min(s, student.setup.seq_len) for s in seq]
         t["micro_batch_size"] = student.setup.micro_batch
-        data["model"] = {**{k: v for k, v in (data.get("model") or {}).items() if k == "dtype"}, **student.numbers}
+        t["fsdp"] = False  # shrunk to fit one device of this machine
+        data["model"] = dict(student.numbers)
     t.update(max_steps=STEPS, epochs=None, seq_lengths=seq, save_steps=save_steps, eval_steps=None,
              warmup_steps=min(int(t.get("warmup_steps") or 0), 1))
     if "report_to" in t:
