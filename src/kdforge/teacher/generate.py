@@ -301,7 +301,8 @@ class Generator:
         """Settle at checked usage (see budget.settle_reported); returns (USD, tokens charged)."""
         c, pt, ct, problem = self.ledger.settle_reported(res, usage, outcome)
         if problem:
-            self._warn(f"usage:{problem.split()[0]}",
+            kind = "missing" if problem.startswith("no usage") else "over" if "more than" in problem else "invalid"
+            self._warn(f"usage:{kind}",  # once per kind of lie, not once per answer
                        f"the teacher's usage cannot be trusted ({problem}): such answers are charged at their worst "
                        "case (prompt bound + max_tokens)")
         self._charge(c, pt, ct)
@@ -451,7 +452,7 @@ def _short_of_total(gen: Generator, stats: Stats, unique: int, out: Path, ckpt: 
     if failed and stats.written == 0:  # not one answer this run: the teacher, not the prompts
         return KdforgeError(f"the teacher at {gen.cfg.teacher} answered none of the {failed} samples tried this run "
                             f"(last: {gen.last_failure}). {where}; fix the cause, then re-run the same command: "
-                            "the failed prompts are sent again")
+                            "rejected and timed-out prompts are sent again")
     transient = sum(n for k, n in stats.failed.items() if k in gen.transient_kinds)
     if transient:
         return KdforgeError(f"{transient} samples ran out of retries (last: {gen.last_failure}). {where}; re-run "
