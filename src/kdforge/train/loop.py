@@ -130,10 +130,12 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             ctx = contextlib.nullcontext() if sync else model.no_sync()
             amp = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                    else contextlib.nullcontext())
-            with ctx, amp:
-                sums = model(batch)
-                loss = sums.loss(lc.kd_weight, lc.kind, n_global, n_kd_global) * world  # DDP averages ranks
+            # One `with` for forward and backward: DDP's no_sync() is a one-shot context manager
+            # (entering it twice raised AttributeError under torchrun with grad_accum > 1).
             with ctx:
+                with amp:
+                    sums = model(batch)
+                    loss = sums.loss(lc.kd_weight, lc.kind, n_global, n_kd_global) * world  # DDP averages ranks
                 loss.backward()
             ce_sum += float(sums.ce.detach())
             kd_sum += float(sums.kd.detach())
