@@ -5,8 +5,10 @@ the model kept loaded. The loop owns its data position (the stream's), so a new 
 at its first example whatever the global step (the Hugging Face Trainer fast-forward pitfall).
 
 One optimizer step = `grad_accum` micro-batches per rank. Losses are summed per token and divided
-by the number of target tokens in the whole global batch (all micro-batches, all ranks), so
-grad_accum 4 x micro 1 equals micro 4 and N ranks equal one.
+by token counts of the whole global batch (all micro-batches, all ranks): CE by the target tokens,
+KD by the target tokens that have teacher data (`DistillObjective.token_counts`), so grad_accum 4 x
+micro 1 equals micro 4 and N ranks equal one. The logged loss applies the same rule
+(`LossSums.loss`) to the step's all-reduced sums.
 """
 
 from __future__ import annotations
