@@ -68,3 +68,28 @@ def test_tokenizer_train_cli(tmp_path):
     assert tok.decode(tok("naïve — ünïcode ✓")["input_ids"]) == "naïve — ünïcode ✓"
     r = run_cli("tokenizer", "train", "--data", tmp_path / "missing.jsonl", "--vocab-size", 400, "--out", tmp_path / "t2")
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "not found" in r.stderr
+
+
+def test_student_output_is_the_seeds_logits_and_a_plain_model_output(tmp_path):
+    """Seed section 6 treats `model(input_ids)` as the logits: shape, numel, element_size answer
+    for them; `.logits`, `.loss`, indexing and the saved folder stay plain transformers."""
+    from transformers import AutoModelForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    model = StudentLM(ModelCfg(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300, ffn_dim=64,
+                               max_seq_len=64))
+    x = torch.randint(0, 300, (2, 10))
+    with torch.no_grad():
+        out = model(x)
+    assert isinstance(out, CausalLMOutputWithPast)
+    assert out.shape == out.logits.shape == (2, 10, 300) and out.size(-1) == 300 and out.dim() == 3
+    assert out.numel() * out.element_size() == 2 * 10 * 300 * 4 and out.dtype == torch.float32
+    assert out[0] is out.logits and "logits" in out.keys()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert isinstance(model(x, return_dict=False), tuple)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert type(loaded).__name__ == "LlamaForCausalLM" and type(loaded(x)).__name__ == "CausalLMOutputWithPast"
+    assert type(build_student(ModelCfg(vocab_size=300, max_seq_len=64))(x)).__name__ == "CausalLMOutputWithPast"

@@ -16,7 +16,7 @@ from kdforge.preflight.report import Item, failed, passed, warned
 FIT_SHARE = 0.9  # of free memory a training run may plan to use (allocator slack, the OS, the loader)
 # A shrunk student only proves the pipeline: its three short runs must take seconds, even on CPU.
 SHRUNK_MAX_PARAMS = 5_000_000
-SHRUNK_MAX_SEQ, SHRUNK_MAX_BATCH = 128, 2
+SHRUNK_MAX_SEQ, SHRUNK_MAX_BATCH, SHRUNK_MAX_ACCUM = 128, 2, 2
 
 
 # ----------------------------------------------------------------------------- config
@@ -124,7 +124,7 @@ def check_memory(cfg: Config, tokenizer_vocab: int | None) -> tuple[Item, Studen
             f"({_size(free)} {where}); training runs the same architecture shrunk to {small.n_layers} layers, "
             f"d_model {small.d_model}, {small.n_heads} heads ({small.n_kv_heads} kv) x {small.d_head}, ffn "
             f"{small.ffn_dim} ({small_est.params:,} params, {_size(small_est.total)}) at batch "
-            f"{small_setup.micro_batch} x {small_setup.seq_len}: it proves the pipeline, not the real run's memory")
+            f"{small_setup.micro_batch} x {small_setup.seq_len} (grad_accum at most {SHRUNK_MAX_ACCUM}): it proves the pipeline, not the real run's memory")
     numbers = dict(dtype=cfg.model.dtype if on_gpu else "float32", preset=None, path=None, lora=None, d_model=small.d_model, n_layers=small.n_layers,
                    n_heads=small.n_heads, n_kv_heads=small.n_kv_heads, d_head=small.d_head,
                    vocab_size=small.vocab_size, ffn_dim=small.ffn_dim,

@@ -22,7 +22,7 @@ import yaml
 
 from kdforge.config import from_dict
 from kdforge.errors import KdforgeError
-from kdforge.preflight.machine import Student
+from kdforge.preflight.machine import SHRUNK_MAX_ACCUM, Student
 from kdforge.preflight.report import Item, failed, passed, warned
 from kdforge.train import checkpoint as ckpt
 
@@ -44,6 +44,7 @@ def scratch_training_config(merged: dict, samples: Path, out_dir: Path, student:
         seq = [min(s, student.setup.seq_len) for s in seq]
         t["micro_batch_size"] = student.setup.micro_batch
         t["fsdp"] = False  # shrunk to fit one device of this machine
+        t["grad_accum"] = min(int(t.get("grad_accum") or 1), SHRUNK_MAX_ACCUM)
         data["model"] = dict(student.numbers)
     t.update(max_steps=STEPS, epochs=None, seq_lengths=seq, save_steps=save_steps, eval_steps=None,
              warmup_steps=min(int(t.get("warmup_steps") or 0), 1))
