@@ -112,6 +112,11 @@ class LossSums:
         return out
 
 
+# A pytree node, as the tuple it replaced was: DDP and FSDP find forward's output tensors by pytree
+# flattening to hang their backward hooks on them.
+torch.export.register_dataclass(LossSums, serialized_type_name="kdforge.train.losses.LossSums")
+
+
 def loss_sums(student_logits, targets, *, kind="ce", temperature=1.0, beta=0.5,
               teacher_logits=None, topk_ids=None, topk_logprobs=None, topk_mask=None) -> LossSums:
     """Plain form: CE and KD sums over N selected tokens.
