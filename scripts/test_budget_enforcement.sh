@@ -11,4 +11,5 @@
 # generate section (or the flags). Prints the checklist and writes preflight_report.md there.
 # Exit 0: nothing failed; 2: a check failed (the report says the fix); 4: the teacher refused us.
 set -euo pipefail
-exec "${KDFORGE:-kdforge}" preflight --only budget "$@"
+# KDFORGE may name another entry point, e.g. KDFORGE="python -m kdforge" (split into words on purpose).
+exec ${KDFORGE:-kdforge} preflight --only budget "$@"

@@ -10,8 +10,9 @@
 # the seed's checklist in order, in a scratch dir, for at most --budget-limit (default $1.00).
 # Exit 0: nothing failed; 2: a check failed (the report says the fix); 4: the teacher refused us.
 set -euo pipefail
+# KDFORGE may name another entry point, e.g. KDFORGE="python -m kdforge" (split into words on purpose).
 KDFORGE="${KDFORGE:-kdforge}"
 if [ "$#" -eq 0 ]; then
-    exec "$KDFORGE" demo
+    exec $KDFORGE demo
 fi
-exec "$KDFORGE" preflight --only pipeline "$@"
+exec $KDFORGE preflight --only pipeline "$@"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,3 +199,19 @@ def test_pipeline_against_transformers_serve(tmp_path, tokenizer_dir, tiny_model
 
 
 from test_generate_serve import transformers_serve  # noqa: E402,F401  (the fixture, shared)
+
+
+def test_the_seeds_scripts_wrap_preflight(tmp_path, tokenizer_dir):
+    """scripts/test_budget_enforcement.sh is `kdforge preflight --only budget "$@"`; the others parse."""
+    for name in ("dataset_generation", "training_execution", "budget_enforcement", "full_pipeline"):
+        script = REPO / "scripts" / f"test_{name}.sh"
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0 and "kdforge" in script.read_text()
+    assert "demo" in (REPO / "scripts" / "test_full_pipeline.sh").read_text()
+    env = cli_env(OPENAI_API_KEY=KEY, KDFORGE=f"{sys.executable} -m kdforge")
+    with FaultServer(FaultConfig(api_key=KEY)) as srv:
+        cfg = user_config(tmp_path, tokenizer_dir, srv.url)
+        p = subprocess.run(["bash", str(REPO / "scripts" / "test_budget_enforcement.sh"), "--config", str(cfg),
+                            "--workdir", str(tmp_path / "scratch")], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert re.search(r"\[PASS\] Budget enforcement stops at limit", p.stdout), p.stdout

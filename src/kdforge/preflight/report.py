@@ -115,7 +115,7 @@ class Report:
                           for i in self.ordered()]}
 
 
-def _lines(item: Item, width: int) -> list[str]:
+def _lines(item: Item) -> list[str]:
     out = [f"  [{MARKS[item.status]}] {item.title}", f"         {item.evidence}"]
     if item.fix:
         out.append(f"         fix: {item.fix}")
@@ -129,10 +129,10 @@ def render_text(r: Report) -> str:
             f"scratch dir: {r.workdir} (nothing written elsewhere)", "", "Setup:"]
     body = []
     for key, _ in SETUP_ITEMS:
-        body += _lines(r.items.get(key) or skipped(key, "not run"), 0)
+        body += _lines(r.items.get(key) or skipped(key, "not run"))
     body += ["", "Summary Checklist (seed 000, before generating the full dataset):"]
     for key, _ in CHECKLIST:
-        body += _lines(r.items.get(key) or skipped(key, "not run"), 0)
+        body += _lines(r.items.get(key) or skipped(key, "not run"))
     return "\n".join(head + body + ["", r.spend_line(), r.verdict()])
 
 
