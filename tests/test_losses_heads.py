@@ -1,5 +1,6 @@
-"""Logits rebuilt from hidden states equal the model's own: lm_head bias (Phi) and final logit
-soft-capping (Gemma 2), on the plain and the chunked path, student and dense teacher alike.
+"""Logits rebuilt from hidden states equal the model's own: lm_head bias (Phi), final logit
+soft-capping (Gemma 2) and logit scaling (Cohere, Granite), on the plain and the chunked path,
+student and dense teacher alike.
 
 Tiny real models from transformers configs, random init, no download. The reference is the
 model's own forward (`model(...).logits`) fed to `loss_sums`.
@@ -40,7 +41,25 @@ def gemma2():
     return m.eval()
 
 
-MODELS = {"phi": phi, "gemma2": gemma2}
+def cohere():
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(3)
+    return CohereForCausalLM(CohereConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1,
+                                          max_position_embeddings=64, logit_scale=0.25)).eval()
+
+
+def granite():
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(4)
+    return GraniteForCausalLM(GraniteConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=2, num_key_value_heads=1,
+                                            max_position_embeddings=64, logits_scaling=8.0)).eval()
+
+
+MODELS = {"phi": phi, "gemma2": gemma2, "cohere": cohere, "granite": granite}
 
 
 def _batch():
@@ -61,7 +80,8 @@ def _reference(student, teacher, batch, kind, T):
 
 
 @pytest.mark.parametrize("chunk", [None, 4])
-@pytest.mark.parametrize("student_name,teacher_name", [("phi", "gemma2"), ("gemma2", "phi")])
+@pytest.mark.parametrize("student_name,teacher_name", [("phi", "gemma2"), ("gemma2", "phi"), ("cohere", "granite"),
+                                                       ("granite", "cohere")])
 def test_objective_logits_equal_the_models_own(student_name, teacher_name, chunk):
     torch.set_num_threads(1)
     student, teacher = MODELS[student_name](), MODELS[teacher_name]()
