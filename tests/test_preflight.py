@@ -55,7 +55,8 @@ def statuses(report) -> dict[str, str]:
 def seed_checklist() -> list[str]:
     """The seed's Summary Checklist items, as written there (marks stripped)."""
     text = SEED.read_text(encoding="utf-8").split("## Summary Checklist", 1)[1].split("**Estimated", 1)[0]
-    return [re.sub(r"^- \[ \] (✅|⚠️)\s*", "", line).strip() for line in text.splitlines() if line.startswith("- [ ]")]
+    marks = re.compile(r"^- \[ \] (✅|⚠️)\s*")
+    return [marks.sub("", line).strip() for line in text.splitlines() if line.startswith("- [ ]")]
 
 
 @pytest.fixture
@@ -215,3 +216,13 @@ def test_the_seeds_scripts_wrap_preflight(tmp_path, tokenizer_dir):
                            timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     assert re.search(r"\[PASS\] Budget enforcement stops at limit", p.stdout), p.stdout
+
+
+def test_an_unreachable_teacher_fails_api_in_seconds(tmp_path, tokenizer_dir):
+    from conftest import free_port
+
+    cfg = user_config(tmp_path, tokenizer_dir, f"http://127.0.0.1:{free_port()}/v1", retry_base=0.05)
+    report = preflight(cfg, tmp_path, only="api")
+    assert report.exit_code == 2 and report.seconds < 30
+    api = report.items["api"]
+    assert api.status == "fail" and "did not answer" in api.evidence and "--teacher" in api.fix

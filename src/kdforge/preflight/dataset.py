@@ -16,7 +16,8 @@ def check_dataset(samples: Path, tokenizer: str | None, max_seq_length: int) -> 
     if not tokenizer:
         return failed("dataset", "no tokenizer in the config", "set io.tokenizer_path")
     if not Path(tokenizer).exists():
-        return failed("dataset", f"io.tokenizer_path not found: {tokenizer}", "fix io.tokenizer_path (see the config item)")
+        return failed("dataset", f"io.tokenizer_path not found: {tokenizer}",
+                      "fix io.tokenizer_path (see the config item)")
     from kdforge.data import KDDataset
 
     try:
@@ -29,8 +30,9 @@ def check_dataset(samples: Path, tokenizer: str | None, max_seq_length: int) -> 
     inputs = [len(x["input_ids"]) for x in items]
     targets = [int((x["labels"] != -100).sum()) for x in items]
     shown = ", ".join(f"{a}/{b}" for a, b in list(zip(inputs, targets))[:3])
+    mean = sum(inputs) / max(1, len(inputs))
     evidence = (f"KDDataset({samples.name}, {tokenizer}, max_seq_length={max_seq_length}): {len(ds)} of {lines} "
-                f"samples; input/label tokens of the first 3: {shown}; mean input {sum(inputs) / max(1, len(inputs)):.0f}"
+                f"samples; input/label tokens of the first 3: {shown}; mean input {mean:.0f}"
                 f" tokens, longest {max(inputs, default=0)}")
     nums = dict(samples=len(ds), lines=lines, input_lens=inputs, label_tokens=targets)
     empty = sum(1 for t in targets if t == 0)

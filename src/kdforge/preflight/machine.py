@@ -124,12 +124,12 @@ def check_memory(cfg: Config, tokenizer_vocab: int | None) -> tuple[Item, Studen
             f"({_size(free)} {where}); training runs the same architecture shrunk to {small.n_layers} layers, "
             f"d_model {small.d_model}, {small.n_heads} heads ({small.n_kv_heads} kv) x {small.d_head}, ffn "
             f"{small.ffn_dim} ({small_est.params:,} params, {_size(small_est.total)}) at batch "
-            f"{small_setup.micro_batch} x {small_setup.seq_len} (grad_accum at most {SHRUNK_MAX_ACCUM}): it proves the pipeline, not the real run's memory")
-    numbers = dict(dtype=cfg.model.dtype if on_gpu else "float32", preset=None, path=None, lora=None, d_model=small.d_model, n_layers=small.n_layers,
-                   n_heads=small.n_heads, n_kv_heads=small.n_kv_heads, d_head=small.d_head,
-                   vocab_size=small.vocab_size, ffn_dim=small.ffn_dim,
-                   max_seq_len=max(small.max_seq_len, small_setup.seq_len), rope_theta=small.rope_theta,
-                   tie_embeddings=small.tie_embeddings)
+            f"{small_setup.micro_batch} x {small_setup.seq_len} (grad_accum at most {SHRUNK_MAX_ACCUM}): it proves "
+            "the pipeline, not the real run's memory")
+    numbers = dict(dtype=cfg.model.dtype if on_gpu else "float32", preset=None, path=None, lora=None,
+                   **{f: getattr(small, f) for f in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head",
+                                                     "vocab_size", "ffn_dim", "rope_theta", "tie_embeddings")},
+                   max_seq_len=max(small.max_seq_len, small_setup.seq_len))
     return warned("memory", evidence + ": does not fit", fix, **nums, shrunk=numbers), \
         Student(numbers, small_setup, note)
 
@@ -138,8 +138,8 @@ def shrink(mc, setup: Setup, vocab: int, room: int, on_gpu: bool):
     """The same architecture (GQA ratio, head size, vocab) with fewer layers and a smaller width,
     halved until it fits `room` bytes and is small enough to train 5 steps quickly."""
     c = mc.resolved(vocab)
-    st = replace(setup, micro_batch=min(setup.micro_batch, SHRUNK_MAX_BATCH), seq_len=min(setup.seq_len, SHRUNK_MAX_SEQ),
-                 lora=None, dtype=setup.dtype if on_gpu else "float32")
+    st = replace(setup, micro_batch=min(setup.micro_batch, SHRUNK_MAX_BATCH),
+                 seq_len=min(setup.seq_len, SHRUNK_MAX_SEQ), lora=None, dtype=setup.dtype if on_gpu else "float32")
     while True:
         e: Estimate = estimate(c, st, vocab)
         if (e.total <= room and e.params <= SHRUNK_MAX_PARAMS) or (c.n_layers == 1 and c.d_model <= 64):

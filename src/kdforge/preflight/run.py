@@ -148,8 +148,10 @@ class Preflight:
             for key in ("dataset", "quality"):
                 self.items[key] = skipped(key, "not run: no samples were generated (see the generation item)")
             return
-        tok = self.cfg.io.tokenizer_path or self.cfg.model.path if self.cfg else None
-        seq = max(self.cfg.train.seq_lengths) if self.cfg else 4096
+        if self.cfg is not None:
+            tok, seq = self.cfg.io.tokenizer_path or self.cfg.model.path, max(self.cfg.train.seq_lengths)
+        else:  # a config that does not validate may still name its tokenizer
+            tok, seq = (self.merged.get("io") or {}).get("tokenizer_path"), 4096
         self.items["dataset"] = check_dataset(self.samples.path, tok, seq)
         self.items["quality"] = check_quality(self.samples.path, tok)
 

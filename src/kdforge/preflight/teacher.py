@@ -25,6 +25,7 @@ from kdforge.teacher.tokens import TokenEstimator
 
 PROBE_PROMPT = "Reply with the single word: ready"
 PROBE_MAX_TOKENS = 8  # the probe proves the endpoint answers; its text is not a sample
+PROBE_RETRIES = 2  # a down teacher is named in seconds, not after generate's minutes of backoff
 TIER_RE = re.compile(r"teacher rate limits detected \(x-ratelimit-\* headers\): (.*?); pacing")
 
 
@@ -123,7 +124,8 @@ def check_api(cfg: GenerateSection, work: Path, purse: Purse, api_key: str | Non
     prompts = work / "probe.txt"
     prompts.write_text(PROBE_PROMPT + "\n")
     probe = scratch_section(cfg, work, 1, purse.left, prompts=[str(prompts)], mix={},
-                            max_tokens=min(cfg.max_tokens, PROBE_MAX_TOKENS), top_logprobs=0)
+                            max_tokens=min(cfg.max_tokens, PROBE_MAX_TOKENS), top_logprobs=0,
+                            max_retries=min(cfg.max_retries, PROBE_RETRIES))
     run = generate(probe, purse, api_key)
     e = run.error
     if isinstance(e, TeacherRefusedError):
@@ -260,7 +262,8 @@ def check_budget(cfg: GenerateSection, work: Path, purse: Purse, api_key: str | 
     evidence = (f"limit ${limit:.6f} (one request's worst case ${worst:.6f}): stopped with exit "
                 f"{getattr(run.error, 'exit_code', 0)} after {run.requests} request(s), {run.samples} sample(s), "
                 f"spent ${spent or 0:.6f}; state.json says {run.state.get('status')!r}; the same command again: "
-                f"exit {getattr(again.error, 'exit_code', 0)}, {again.requests} request(s), spent ${spent_again or 0:.6f}")
+                f"exit {getattr(again.error, 'exit_code', 0)}, {again.requests} request(s), "
+                f"spent ${spent_again or 0:.6f}")
     ok = (isinstance(run.error, BudgetExceededError) and isinstance(again.error, BudgetExceededError)
           and spent is not None and spent <= limit and spent_again == spent and again.requests == 0
           and run.state.get("status") == "budget_exhausted" and (run.ckpt / "budget.jsonl").is_file())
