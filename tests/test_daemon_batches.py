@@ -7,10 +7,12 @@ import json
 import shutil
 from datetime import datetime
 
+import pytest
+
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import batch, batch_state, daemon_config, daemon_log, drop, newest_state, run_in_process
-from kdforge.daemon.batch_state import BatchState
+from daemon_helpers import batch, batch_state, daemon_config, daemon_log, drop, losses, newest_state, run_in_process
 from kdforge.daemon import verify as verify_mod
+from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.dailylog import DailyLog
 from kdforge.daemon.inbox import claim, claim_parts, is_batch_name, next_ready
 from kdforge.train import checkpoint as ckpt
@@ -136,3 +138,12 @@ def test_verify_and_the_checkpoint_writer_agree_on_a_complete_checkpoint(tmp_pat
         checks = {c.name: c.ok for c in verify_mod.verify(tmp_path / "probe").checks}
         verify_needs = not checks["each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json"]
         assert writer_needs == verify_needs, f.name
+
+
+def test_the_losses_helper_sees_a_step_logged_twice():
+    """A dict of step -> loss would keep the last of two entries for one step: "no step trained
+    twice" could never fail. The helper refuses repeated steps instead."""
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}, {"step": 2, "loss": 1.4}]
+    with pytest.raises(AssertionError, match=r"more than once.*\[2\]"):
+        losses({"log_history": history})
+    assert losses({"log_history": history[:2]}) == {1: 2.0, 2: 1.5}

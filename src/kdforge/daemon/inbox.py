@@ -41,7 +41,7 @@ def shown(name: str) -> str:
     """A file name as it may go into a log line or a reason: unchanged when printable (accents,
     CJK and emoji are), else escaped like a Python literal, so a newline in a name can never
     start a forged log line and undecodable bytes never break the log's UTF-8."""
-    return name if name.isprintable() else ascii(name)[1:-1]
+    return name if name.isprintable() else repr(name)[1:-1]
 
 
 def is_batch_name(name: str) -> bool:

@@ -7,8 +7,15 @@ oldest settled file; each batch resumes from the newest checkpoint (`Resuming fr
 checkpoint-N`: global_step, optimizer and scheduler carry over) and trains its own file from its
 first example (or, after a crash, from the data position the checkpoint saved: nothing twice,
 nothing skipped); checkpoints every `save_steps` and at its end, rotation to `save_total_limit`;
-only then does the file leave. Between steps and batches: the daily snapshot, consolidation.
-`.stop`, SIGTERM or SIGINT: finish the step, save, status `stopped`, return 0.
+only then does the file leave, and only if it still holds the bytes that were trained. Between
+steps and batches: the daily snapshot, consolidation. `.stop`, SIGTERM or SIGINT: finish the step,
+save, status `stopped`, return 0.
+
+One file never stops the queue (SPEC "Inbox hygiene"): entries that are no batch are rejected or
+named in the log (inbox.py); a batch that fails while loading or training, whatever the exception,
+is rolled back to the checkpoint it started from (weights, optimizer, scheduler, RNG, global_step
+and the BatchState) and moved to rejected/ with its reason. The daemon's bookkeeping is a
+`BatchState` (batch_state.py) saved in every checkpoint.
 """
 
 from __future__ import annotations

@@ -134,6 +134,36 @@ def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> P
     return out
 
 
+def step_check(folders: list[tuple[int, Path]], lines: list[str]) -> Check:
+    """global_step strictly increasing across the checkpoints, each equal to its folder's number."""
+    lines += ["", "Global step progression:"]
+    steps, step_problems = [], []
+    for n, p in folders:
+        st = _state(p)
+        gs = st.get("global_step") if st else None
+        lines.append(f"  {p.name}: global_step={gs}")
+        if gs is None:
+            step_problems.append(f"{p.name}: unreadable trainer_state.json")
+            continue
+        if gs != n:
+            step_problems.append(f"{p.name} holds global_step {gs}")
+        if steps and gs <= steps[-1]:
+            step_problems.append(f"{p.name}: global_step {gs} does not increase past {steps[-1]}")
+        steps.append(gs)
+    return Check("global_step strictly increasing across checkpoints", bool(steps) and not step_problems,
+                 "; ".join(step_problems) or " -> ".join(map(str, steps)) or "no steps")
+
+
+def log_check(paths: Layout) -> Check:
+    errors = []
+    for log in sorted(paths.logs.glob("daemon_*.log")) if paths.logs.is_dir() else []:
+        with open(log, encoding="utf-8", errors="replace") as f:
+            errors += [f"{log.name}:{i}: {line.strip()[:160]}" for i, line in enumerate(f, 1) if ERROR_LINE.match(line)]
+    return Check("no ERROR lines in the daemon logs", not errors,
+                 "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
+                 if errors else "none")
+
+
 def inbox_check(paths: Layout) -> Check:
     """Empty means empty: no batch waiting, none half-trained, and no other entry either (a temp
     file, a link, a directory the daemon could not move): each is named with what it is."""
@@ -181,32 +211,10 @@ def verify(base_dir: str | Path) -> Verification:
     checks.append(Check("each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json",
                         bool(folders) and not missing_files, "; ".join(missing_files) or "all complete"))
 
-    lines += ["", "Global step progression:"]
-    steps, step_problems = [], []
-    for n, p in folders:
-        st = _state(p)
-        gs = st.get("global_step") if st else None
-        lines.append(f"  {p.name}: global_step={gs}")
-        if gs is None:
-            step_problems.append(f"{p.name}: unreadable trainer_state.json")
-            continue
-        if gs != n:
-            step_problems.append(f"{p.name} holds global_step {gs}")
-        if steps and gs <= steps[-1]:
-            step_problems.append(f"{p.name}: global_step {gs} does not increase past {steps[-1]}")
-        steps.append(gs)
-    checks.append(Check("global_step strictly increasing across checkpoints",
-                        bool(steps) and not step_problems,
-                        "; ".join(step_problems) or " -> ".join(map(str, steps)) or "no steps"))
+    checks.append(step_check(folders, lines))
 
     # ---------------------------------------------------------------- logs, status, inbox
-    errors = []
-    for log in sorted(paths.logs.glob("daemon_*.log")) if paths.logs.is_dir() else []:
-        with open(log, encoding="utf-8", errors="replace") as f:
-            errors += [f"{log.name}:{i}: {line.strip()[:160]}" for i, line in enumerate(f, 1) if ERROR_LINE.match(line)]
-    checks.append(Check("no ERROR lines in the daemon logs", not errors,
-                        "; ".join(errors[:5]) + (f" (+{len(errors) - 5} more)" if len(errors) > 5 else "")
-                        if errors else "none"))
+    checks.append(log_check(paths))
     status = None
     if paths.status_file.is_file():
         try:
