@@ -111,22 +111,23 @@ class Preflight:
         item, self.student = machine.check_memory(self.cfg, _tokenizer_vocab(self.cfg))
         self.items["memory"] = item
 
-    def _teacher_problem(self) -> str | None:
+    def _teacher_problem(self) -> tuple[str, str] | None:
+        """(what is missing, the fix) when no teacher part can run."""
         if not self.gen.teacher or not self.gen.model:
-            return ("no teacher: set generate.teacher and generate.model in the config, or pass --teacher URL "
-                    "--model NAME")
+            return ("no teacher configured",
+                    "set generate.teacher and generate.model in the config, or pass --teacher URL --model NAME")
         if self.price_error is not None:
-            return str(self.price_error)
+            return str(self.price_error), "give both generate.price_input and generate.price_output, or neither"
         if self.prices is None:
             return (f"no prices for model {self.gen.model!r} (not in the shipped table): the preflight budget cannot "
-                    "be enforced; set generate.price_input and generate.price_output (USD per million tokens), "
-                    "0 for a local server")
+                    "be enforced", "set generate.price_input and generate.price_output (USD per million tokens; "
+                    "0 for a local server), or --price-input/--price-output")
         return None
 
     def _needs_teacher(self, key: str) -> bool:
         problem = self._teacher_problem()
         if problem:
-            self.items[key] = failed(key, f"cannot run: {problem}", problem.split(": ", 1)[-1])
+            self.items[key] = failed(key, f"cannot run: {problem[0]}", problem[1])
         return problem is None
 
     def api(self) -> None:
