@@ -112,7 +112,7 @@ def check_training(merged: dict, samples: Path, work: Path, student: Student) ->
         return failed("training", f"loss is not finite: {[v for _, v in losses]}",
                       "lower train.lr, or check the data (kdforge data validate)", **nums), {}
     missing = _missing_files(last) if last else ["the whole checkpoint"]
-    evidence = (f"{which}: {len(res.state.log_history and losses)} logged steps to step {res.state.global_step} "
+    evidence = (f"{which}: {len(losses)} logged steps to step {res.state.global_step} "
                 f"in {seconds:.1f}s, loss {first:.4f} -> {final:.4f}; {last.name if last else 'no checkpoint'}"
                 + (" has every file" if not missing else f" lacks {', '.join(missing)}"))
     if missing:
