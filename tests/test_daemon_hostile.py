@@ -250,3 +250,15 @@ def test_a_chat_template_that_raises_rejects_the_batch(tmp_path, tiny_model_dir)
     # ERROR with its traceback, so a bug of ours stays visible (verify flags it)
     assert "WARNING batch a_sys.jsonl failed in training: TemplateError" in log.replace("  ", " ")
     assert "ERROR   batch b_bug.jsonl failed in training: ZeroDivisionError" in log and "Traceback" in log
+
+
+def test_a_file_of_many_bad_lines_is_named_in_bounded_space(tmp_path, tiny_model_dir):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "noisy.jsonl", lines=[json.dumps(batch(1)[0])] + ["not json"] * 30)
+    drop(base, "allbad.jsonl", lines=["not json"] * 30)
+    run_in_process(base, cfg)
+    log = daemon_log(base)
+    assert log.count("skipped bad line noisy.jsonl:") == 20 and "and 10 more bad lines" in log
+    reason = reason_of(base, "allbad.jsonl")
+    assert reason.count("allbad.jsonl:") == 20 and "and 10 more bad lines" in reason

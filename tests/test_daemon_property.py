@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from daemon_helpers import daemon_config, daemon_log, newest_state, start_daemon, status, wait_until
@@ -75,6 +75,18 @@ def entry(draw) -> Entry:
 
 
 COUNTER = itertools.count()
+_RECORDS = [{"prompt": "Grüße 中文 😀", "teacher_text": "ja"}, {"text": "naïve 日本語 🚀"},
+            {"messages": [{"role": "user", "content": "¿qué?"}, {"role": "assistant", "content": "sí 🧪"}]},
+            {"instruction": "Ordne", "input": "b a", "output": "a b"}, {"prompt": "p", "completion": "ç"}]
+# The explicit first example: one entry of every kind, so each is met whatever the draws are.
+EVERY_KIND = [Entry(k, f"é\n中😀{k[:2]}", good=list(_RECORDS) if k in ("good", "half_written", "upper", "temp_part",
+                                                                        "temp_hidden") else [],
+                    bad=BAD_LINES[:2] if k in ("good", "all_bad", "half_written") else [])
+              for k in ("good", "all_bad", "empty", "binary", "huge", "half_written", "directory", "fifo",
+                        "symlink_in", "symlink_out", "symlink_out_fifo", "dangling", "upper", "temp_part",
+                        "temp_hidden")]
+for _e in EVERY_KIND:
+    _e.order = list(range(len(_e.good))) + [-1 - i for i in range(len(_e.bad))]
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +163,10 @@ def settled(world, names: dict[str, str]) -> bool:
 
 # One daemon serves every example (its start costs more than all of them), so examples build on
 # each other's totals: shrinking a failure would replay them against a changed world, hence none.
-@settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
+@settings(max_examples=10, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate],
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(entries=st.lists(entry(), min_size=3, max_size=7))
+@given(entries=st.lists(entry(), min_size=3, max_size=8))
+@example(entries=EVERY_KIND)
 def test_any_sequence_of_inbox_entries(daemon, entries):
     world, base = daemon, daemon["base"]
     names = dict(place(world, e) for e in entries)

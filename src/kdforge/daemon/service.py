@@ -51,6 +51,7 @@ from kdforge.train.runner import (StopFlag, amp_dtype_for, load_student, load_te
 from kdforge.train.schedule import LRMultiplier
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
+MAX_LINES_NAMED = 20  # bad lines of one file named in the log and its reason; a million would drown both
 
 
 def _data_faults() -> tuple[type[BaseException], ...]:
@@ -387,10 +388,14 @@ class Daemon:
         from kdforge.data.dataset import KDDataset
 
         records, problems, fp = read_batch(path, shown(name), self.dc.max_batch_bytes)
-        for problem in problems:
+        for problem in problems[:MAX_LINES_NAMED]:
             self.log.warning(f"skipped bad line {problem}")
+        more = (f"\n... and {len(problems) - MAX_LINES_NAMED} more bad lines (kdforge data validate lists them all)"
+                if len(problems) > MAX_LINES_NAMED else "")
+        if more:
+            self.log.warning(more.strip())
         if not records:
-            reasons = "\n".join(str(p) for p in problems) or f"{shown(name)}: no records"
+            reasons = "\n".join(str(p) for p in problems[:MAX_LINES_NAMED]) + more or f"{shown(name)}: no records"
             raise DataError(f"no usable line in {shown(name)} ({len(problems)} bad):\n{reasons}")
         with_topk = self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
         ds = KDDataset(path, tokenizer=self.tokenizer, max_seq_length=self.seq_len, with_topk=with_topk,
