@@ -355,16 +355,18 @@ class Daemon:
         """Undo the current batch: its checkpoints go, the one it started from is loaded again
         (from the hard-linked copy in .batch_start/ if save_total_limit rotated it out)."""
         start = self.batch.batch_start_step
-        for p in ckpt.list_checkpoints(self.paths.checkpoints):
-            if (ckpt.checkpoint_step(p) or 0) > start:
-                shutil.rmtree(p)
         target = self.paths.checkpoints / f"checkpoint-{start}"
         kept = self.paths.batch_start / target.name
+        # The start checkpoint comes back before the batch's own go: a kill in between leaves a
+        # checkpoint of this claim as the newest, so the next start meets the failure and rolls back again.
         if not ckpt.is_complete(target) and ckpt.is_complete(kept):
             tmp = self.paths.checkpoints / f".tmp-checkpoint-{start}-restore"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(kept, tmp, copy_function=os.link)
             os.rename(tmp, target)
+        for p in ckpt.list_checkpoints(self.paths.checkpoints):
+            if (ckpt.checkpoint_step(p) or 0) > start:
+                shutil.rmtree(p)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         if newest is not None:
             self._load_checkpoint(newest)
