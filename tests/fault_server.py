@@ -19,16 +19,27 @@ billed is always the honest count, whatever it reports.
         assert srv.count(status=200) == 20
 
 Responses are deterministic per prompt (a digest of it leads the text), so duplicates show.
+
+The Batch API too (`/v1/files`, `/v1/batches`, OpenAI's shapes): a batch completes
+`batch_latency` seconds after creation, its rows answered as online requests would be (same
+text) and billed at `batch_discount` of the price. Faults: batches that fail validation, expire
+with part of their rows done, put rows in the error file (500s; 400 for the bad marker), vanish
+from the list, answer 5xx while polled; and uploads or creations that are done but answered
+late (`hold_*`, so a test can kill the client in that window). `batch_rows` counts the rows
+submitted per custom_id (a row in two created batches was submitted twice).
 """
 
 from __future__ import annotations
 
+import email.parser
 import hashlib
 import json
 import random
 import socket
 import threading
 import time
+import urllib.parse
+import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,6 +87,15 @@ class FaultConfig:
     answer: str | None = None  # fixed answer text, sent as 3-byte tokens (splits non-ASCII characters)
     script: tuple[Act, ...] | None = None  # per-request behaviour, cycled; None: the random faults above
     seed: int = 0
+    # Batch API
+    batch_latency: float = 0.2  # seconds from creation until a batch ends
+    batch_fail_validation: int = 0  # the first N batches fail validation (no row runs)
+    batch_expire: int = 0  # the first N batches (after those) expire with half their rows done
+    batch_row_errors: int = 0  # every k-th row of a batch lands in the error file with a 500 (0: none)
+    batch_vanish: bool = False  # batches never show in GET /v1/batches (retrievable by id all the same)
+    batch_poll_5xx: float = 0.0  # probability a GET /v1/batches/{id} answers 503
+    hold_upload: float = 0.0  # seconds a POST /v1/files waits, file stored, before it answers
+    hold_create: float = 0.0  # seconds a POST /v1/batches waits, batch created, before it answers
 
 
 @dataclass
@@ -86,7 +106,7 @@ class Hit:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     billed: bool = False
-    kind: str = ""  # "ok", "auth", "model", "limit", "inj429", "inj500", "drop", "bad", "scripted"
+    kind: str = ""  # "ok", "auth", "model", "limit", "inj429", "inj500", "drop", "bad", "scripted", "batch"
     body: dict = field(default_factory=dict)
     act: Act | None = None  # the scripted behaviour it got, if any
 
@@ -141,6 +161,10 @@ class FaultServer:
         self.max_in_flight = 0
         self._req_bucket = _Bucket(self.cfg.rpm, self.cfg.burst_seconds) if self.cfg.rpm else None
         self._tok_bucket = _Bucket(self.cfg.tpm, self.cfg.burst_seconds, 4096) if self.cfg.tpm else None
+        self.files: dict[str, dict] = {}  # Batch API: id -> {meta, data}
+        self.batches: dict[str, dict] = {}  # id -> batch object (+ private "_t0", "_n")
+        self.batch_rows: Counter = Counter()  # custom_id -> times submitted in a created batch
+        self.batch_api = _BatchAPI(self)
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -190,11 +214,12 @@ class FaultServer:
         with self.lock:
             return [h.prompt for h in self.hits if h.kind in ("ok", "slow")]
 
-    def billed_usd(self, price_input: float, price_output: float) -> float:
-        """What a provider charging these prices (USD per million tokens) would bill."""
+    def billed_usd(self, price_input: float, price_output: float, batch_discount: float = 0.5) -> float:
+        """What a provider charging these prices (USD per million tokens) would bill; batch rows at
+        `batch_discount` of them."""
         with self.lock:
-            return sum(h.prompt_tokens * price_input + h.completion_tokens * price_output
-                       for h in self.hits if h.billed) / 1e6
+            return sum((h.prompt_tokens * price_input + h.completion_tokens * price_output)
+                       * (batch_discount if h.kind == "batch" else 1) for h in self.hits if h.billed) / 1e6
 
     def reset_counts(self) -> None:
         with self.lock:
@@ -355,6 +380,157 @@ class FaultServer:
             return max(0.0, c.latency + (self.rng.uniform(-c.jitter, c.jitter) if c.jitter else 0.0))
 
 
+class _BatchAPI:
+    """The Batch API half of FaultServer (see the module docstring). Methods return
+    (status, JSON body or bytes, headers); the caller holds no lock."""
+
+    def __init__(self, srv: FaultServer):
+        self.srv = srv
+
+    def _now_id(self, prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex[:16]}"
+
+    def upload(self, content_type: str, raw: bytes):
+        msg = email.parser.BytesParser().parsebytes(b"content-type: " + content_type.encode() + b"\r\n\r\n" + raw)
+        parts = {p.get_param("name", header="content-disposition"): p for p in msg.get_payload()} \
+            if msg.is_multipart() else {}
+        if "file" not in parts:
+            return 400, _error("multipart field 'file' is missing"), {}
+        purpose = (parts.get("purpose").get_payload(decode=True) or b"").decode() if "purpose" in parts else ""
+        data = parts["file"].get_payload(decode=True) or b""
+        fid = self._now_id("file")
+        meta = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+                "filename": parts["file"].get_filename() or "upload.jsonl", "purpose": purpose, "status": "processed"}
+        with self.srv.lock:
+            self.srv.files[fid] = {"meta": meta, "data": data}
+        if self.srv.cfg.hold_upload:
+            time.sleep(self.srv.cfg.hold_upload)
+        return 200, meta, {}
+
+    def create(self, body: dict):
+        srv, c = self.srv, self.srv.cfg
+        with srv.lock:
+            f = srv.files.get(body.get("input_file_id"))
+            if f is None:
+                return 400, _error(f"No file with id {body.get('input_file_id')!r}"), {}
+            rows = [json.loads(x) for x in f["data"].decode().splitlines() if x.strip()]
+            n = len(srv.batches)
+            bid = self._now_id("batch")
+            b = {"id": bid, "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+                 "input_file_id": f["meta"]["id"], "completion_window": body.get("completion_window", "24h"),
+                 "status": "validating", "output_file_id": None, "error_file_id": None,
+                 "created_at": int(time.time()), "metadata": body.get("metadata"),
+                 "request_counts": {"total": len(rows), "completed": 0, "failed": 0},
+                 "_t0": time.monotonic(), "_n": n, "_rows": rows}
+            srv.batches[bid] = b
+            for r in rows:
+                srv.batch_rows[r.get("custom_id")] += 1
+        if c.hold_create:
+            time.sleep(c.hold_create)
+        return 200, self.public(b), {}
+
+    @staticmethod
+    def public(b: dict) -> dict:
+        return {k: v for k, v in b.items() if not k.startswith("_")}
+
+    def _advance(self, b: dict, cancel: bool = False) -> None:
+        """Run a batch whose time has come (or that is cancelled), under the server lock."""
+        srv, c = self.srv, self.srv.cfg
+        if b["status"] in ("completed", "failed", "expired", "cancelled"):
+            return
+        if not cancel and time.monotonic() - b["_t0"] < c.batch_latency:
+            b["status"] = "in_progress" if time.monotonic() - b["_t0"] > c.batch_latency / 2 else "validating"
+            return
+        rows, n = b["_rows"], b["_n"]
+        if cancel:
+            b["status"] = "cancelled"
+            return
+        if n < c.batch_fail_validation:
+            b["status"] = "failed"
+            b["errors"] = {"object": "list", "data": [{"code": "invalid_request", "line": 1, "param": "body",
+                                                       "message": "validation failed (injected)"}]}
+            return
+        expire = n < c.batch_fail_validation + c.batch_expire
+        out, err = [], []
+        for i, r in enumerate(rows):
+            sid, body = r.get("custom_id"), r.get("body") or {}
+            if expire and i >= len(rows) // 2:
+                err.append({"id": f"batch_req_{i}", "custom_id": sid, "response": None,
+                            "error": {"code": "batch_expired", "message": "This request could not be executed "
+                                      "before the completion window expired."}})
+                continue
+            msgs = body.get("messages") or []
+            prompt = next((str(m.get("content", "")) for m in reversed(msgs) if m.get("role") == "user"), "")
+            if c.batch_row_errors and i % c.batch_row_errors == c.batch_row_errors - 1:
+                status, obj = 500, _error("The server had an error (injected batch row).")
+            elif c.bad_marker and c.bad_marker in prompt:
+                status, obj = 400, _error("This model's maximum context length was exceeded (injected).")
+            else:
+                ptoks = count_prompt_tokens(msgs)
+                max_tokens = int(body.get("max_tokens") or 16)
+                ctoks = srv._completion_len(prompt, max_tokens)
+                srv.hits.append(Hit(time.time(), 200, prompt, ptoks, ctoks, True, "batch", body))
+                status, obj = 200, srv._completion(body, prompt, ptoks, ctoks, max_tokens)
+            row = {"id": f"batch_req_{i}", "custom_id": sid,
+                   "response": {"status_code": status, "request_id": f"req_{i}", "body": obj}, "error": None}
+            (out if status == 200 else err).append(row)
+        for name, lines in (("output_file_id", out), ("error_file_id", err)):
+            if lines:
+                fid = self._now_id("file")
+                data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                srv.files[fid] = {"meta": {"id": fid, "object": "file", "bytes": len(data), "purpose": "batch_output",
+                                           "created_at": int(time.time()), "filename": f"{b['id']}_{name}.jsonl",
+                                           "status": "processed"}, "data": data}
+                b[name] = fid
+        b["request_counts"] = {"total": len(rows), "completed": len(out), "failed": len(err)}
+        b["status"] = "expired" if expire else "completed"
+
+    def retrieve(self, bid: str):
+        srv = self.srv
+        with srv.lock:
+            if srv.cfg.batch_poll_5xx and srv.rng.random() < srv.cfg.batch_poll_5xx:
+                return 503, _error("The server is overloaded (injected)."), {}
+            b = srv.batches.get(bid)
+            if b is None:
+                return 404, _error(f"No batch with id {bid!r}"), {}
+            self._advance(b)
+            return 200, self.public(b), {}
+
+    def cancel(self, bid: str):
+        with self.srv.lock:
+            b = self.srv.batches.get(bid)
+            if b is None:
+                return 404, _error(f"No batch with id {bid!r}"), {}
+            self._advance(b, cancel=True)
+            return 200, self.public(b), {}
+
+    def list(self, query: dict):
+        srv = self.srv
+        limit = int(query.get("limit", ["20"])[0])
+        after = query.get("after", [None])[0]
+        with srv.lock:
+            items = [] if srv.cfg.batch_vanish else sorted(srv.batches.values(), key=lambda b: -b["_n"])
+            for b in items:
+                self._advance(b)
+            if after is not None:
+                ids = [b["id"] for b in items]
+                items = items[ids.index(after) + 1:] if after in ids else []
+            page = [self.public(b) for b in items[:limit]]
+        return 200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                     "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}, {}
+
+    def file(self, fid: str, content: bool):
+        with self.srv.lock:
+            f = self.srv.files.get(fid)
+        if f is None:
+            return 404, _error(f"No file with id {fid!r}"), {}
+        return 200, (f["data"] if content else f["meta"]), {}
+
+
+def _error(msg: str) -> dict:
+    return {"error": {"message": msg, "type": "invalid_request_error", "param": None, "code": None}}
+
+
 def acts(key_offsets: int = 400):
     """A hypothesis strategy for one scripted answer: honest or lying usage, error statuses with the
     upstream's bill or without, the key echoed at any offset, garbage, truncated or dripping bodies.
@@ -403,7 +579,53 @@ def _make_handler(srv: FaultServer):
                 self.wfile.write(data[i:i + step])
                 self.wfile.flush()
 
+        def _authorized(self) -> bool:
+            if srv.cfg.api_key is not None and self.headers.get("authorization") != f"Bearer {srv.cfg.api_key}":
+                self._send(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                           "code": "invalid_api_key"}})
+                return False
+            return True
+
+        def _batch_route(self, method: str, raw: bytes = b"") -> bool:
+            """Serve a Batch API route; False if the path is not one."""
+            url = urllib.parse.urlparse(self.path)
+            parts = url.path.strip("/").split("/")
+            if len(parts) < 2 or parts[0] != "v1" or parts[1] not in ("files", "batches"):
+                return False
+            if not self._authorized():
+                return True
+            api, rest = srv.batch_api, parts[2:]
+            if parts[1] == "files":
+                if method == "POST" and not rest:
+                    out = api.upload(self.headers.get("content-type", ""), raw)
+                elif method == "GET" and len(rest) in (1, 2):
+                    out = api.file(rest[0], content=rest[1:] == ["content"])
+                else:
+                    out = 404, _error(f"no route {self.path}"), {}
+            elif method == "POST" and not rest:
+                out = api.create(json.loads(raw or b"{}"))
+            elif method == "GET" and not rest:
+                out = api.list(urllib.parse.parse_qs(url.query))
+            elif method == "GET" and len(rest) == 1:
+                out = api.retrieve(rest[0])
+            elif method == "POST" and len(rest) == 2 and rest[1] == "cancel":
+                out = api.cancel(rest[0])
+            else:
+                out = 404, _error(f"no route {self.path}"), {}
+            status, obj, headers = out
+            if isinstance(obj, bytes):
+                self.send_response(status)
+                self.send_header("content-type", "application/octet-stream")
+                self.send_header("content-length", str(len(obj)))
+                self.end_headers()
+                self.wfile.write(obj)
+            else:
+                self._send(status, obj, headers)
+            return True
+
         def do_GET(self) -> None:
+            if self._batch_route("GET"):
+                return
             if self.path.rstrip("/").endswith("/models"):
                 names = srv.cfg.models or ("fault-teacher",)
                 return self._send(200, {"object": "list", "data": [{"id": n, "object": "model"} for n in names]})
@@ -412,6 +634,8 @@ def _make_handler(srv: FaultServer):
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length)
+            if self._batch_route("POST", raw):
+                return
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 return self._send(404, {"error": {"message": f"no route {self.path}", "type": "invalid_request_error",
                                                   "code": None}})

@@ -194,6 +194,13 @@ class GenerateSection(Section):
     retry_max: float = Field(60.0, gt=0)  # seconds: longest backoff
     seed: int = 0
     system_prompt: str | None = None
+    # Batch API (--batch): files of batch_size rows at batch_discount x the online price (unless the
+    # price table has a batch price); failed or expired rows retried online or in the next file.
+    batch: bool = False
+    batch_size: int = Field(1000, gt=0, le=50000)  # OpenAI's cap: 50,000 requests a file
+    batch_discount: float = Field(0.5, gt=0, le=1)
+    batch_fallback: Literal["online", "batch"] = "online"
+    batch_poll: float = Field(10.0, gt=0)  # seconds before the first status poll; backs off to 60 s
 
     @field_validator("prompts", mode="before")
     @classmethod

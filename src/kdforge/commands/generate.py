@@ -52,17 +52,37 @@ def generate(
                                                                            "(default OPENAI_API_KEY)"),
     config: Optional[List[str]] = typer.Option(None, "--config", help="YAML with a generate: section; repeatable"),
     dry_run: bool = typer.Option(False, "--dry-run", help="print the plan and projected cost; send nothing"),
+    batch: Optional[bool] = typer.Option(None, "--batch", help="use the provider's Batch API (half price at "
+                                                               "OpenAI; results within 24 h)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="rows per batch file (default 1000)"),
+    batch_discount: Optional[float] = typer.Option(None, "--batch-discount", help="batch price as a fraction of "
+                                                   "the online price, where the price table has none (default 0.5)"),
+    batch_fallback: Optional[str] = typer.Option(None, "--batch-fallback", help="retry failed or expired rows "
+                                                 "'online' (default) or in the next 'batch' file"),
+    batch_poll: Optional[float] = typer.Option(None, "--batch-poll", help="seconds before the first status poll "
+                                                                          "(default 10; backs off to 60)"),
+    cancel: bool = typer.Option(False, "--cancel", help="with --batch: cancel this run's open batches, keep what "
+                                                        "they completed, release the rest of the budget held"),
+    status: bool = typer.Option(False, "--status", help="with --batch: print the batch run's state; touch nothing"),
 ):
     """Call a teacher through any OpenAI-compatible API and write a KD dataset (JSONL)."""
     flags = dict(out=out, teacher=teacher, model=model, total=total, budget_limit=budget_limit,
                  checkpoint_dir=checkpoint_dir, cache_dir=cache_dir, prompts=prompts or None,
                  concurrency=concurrency, rpm=rpm, tpm=tpm, delay=delay, max_tokens=max_tokens,
                  temperature=temperature, top_logprobs=top_logprobs, price_input=price_input,
-                 price_output=price_output, seed=seed, api_key_env=api_key_env)
+                 price_output=price_output, seed=seed, api_key_env=api_key_env, batch=batch,
+                 batch_size=batch_size, batch_discount=batch_discount, batch_fallback=batch_fallback,
+                 batch_poll=batch_poll)
     cfg = _generate_config(list(config or []), flags)
+    from kdforge.errors import UsageError
     from kdforge.teacher.generate import run_generate
 
-    run_generate(cfg, dry_run=dry_run)
+    if (cancel or status) and not cfg.batch:
+        raise UsageError(f"{'--cancel' if cancel else '--status'} works on a batch run: add --batch "
+                         "(with the same --out/--checkpoint-dir as the run)")
+    if cancel and status:
+        raise UsageError("--cancel and --status: pick one (--status first shows what --cancel would cancel)")
+    run_generate(cfg, dry_run=dry_run, batch_action="cancel" if cancel else "status" if status else None)
 
 
 @data_app.command("validate")

@@ -20,6 +20,11 @@ tokens bounded from above, completion tokens capped by max_tokens).
   a `reserve` line before each send and a `settle` line after. A run killed with requests in
   flight leaves reserves without settles; the next start counts those at their worst case.
   On start the file is compacted to one `carry` line (atomic rename).
+- A reservation may carry a `key` and its own prices: a row of a Batch API file, held at the batch
+  price while the provider works on it, possibly for hours and across runs. A keyed reservation a
+  run leaves open is not counted as spent on the next start but held again (`held(key)`): the batch
+  is still running and its results, polled by the next run, settle it. Settling twice is
+  impossible: a key's settle line closes it for good.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Reservation:
     nano: int  # worst-case cost held, nano-dollars
     prompt_tokens: int  # the worst-case token counts it was computed from
     completion_tokens: int
+    prices: Prices | None = None  # the prices it is held at, if not the ledger's (a batch row)
+    key: str | None = None  # a hold that outlives the run (see the module docstring)
 
 
 def _to_nano_floor(usd: float) -> int:
@@ -85,6 +92,8 @@ class BudgetLedger:
         self.attempts = 0  # settled attempts, all runs
         self.recovered = 0  # reservations of a killed run counted at worst case on load
         self._open: dict[int, Reservation] = {}
+        self._keyed: dict[str, Reservation] = {}  # open keyed holds, by key
+        self._carried: dict[str, dict] = {}  # keyed holds a previous run left open (replayed lines)
         self._next = 0
         self._lock = threading.Lock()
         self._event: asyncio.Event | None = None
@@ -112,21 +121,43 @@ class BudgetLedger:
         return self.limit_nano is None or self.spent_nano + self.reserved_nano + nano <= self.limit_nano
 
     # ------------------------------------------------------------------ reserve / settle
-    def try_reserve(self, prompt_tokens: int, completion_tokens: int) -> Reservation | None:
-        """Hold the worst case for one attempt, or None if it would pass the limit."""
+    def try_reserve(self, prompt_tokens: int, completion_tokens: int, prices: Prices | None = None,
+                    key: str | None = None) -> Reservation | None:
+        """Hold the worst case for one attempt (at `prices` if given), or None if it would pass the
+        limit. A `key` makes it a hold that outlives the run (see the module docstring)."""
+        p = prices or self.prices
+        nano = p.cost_nano(prompt_tokens, completion_tokens) if p else 0
         with self._lock:
-            return self._try_reserve_locked(self.cost_nano(prompt_tokens, completion_tokens),
-                                            prompt_tokens, completion_tokens)
+            if key is not None and key in self._keyed:
+                raise ValueError(f"reservation {key!r} is held already")
+            return self._try_reserve_locked(nano, prompt_tokens, completion_tokens, prices, key)
 
-    def _try_reserve_locked(self, nano: int, prompt_tokens: int, completion_tokens: int) -> Reservation | None:
-        if not self.fits(nano):
+    def _try_reserve_locked(self, nano: int, prompt_tokens: int, completion_tokens: int,
+                            prices: Prices | None = None, key: str | None = None,
+                            force: bool = False) -> Reservation | None:
+        if not force and not self.fits(nano):
             return None
         self._next += 1
-        res = Reservation(self._next, nano, prompt_tokens, completion_tokens)
+        res = Reservation(self._next, nano, prompt_tokens, completion_tokens, prices, key)
         self._open[res.rid] = res
         self.reserved_nano += nano
-        self._append({"op": "reserve", "rid": res.rid, "nano": nano})
+        line = {"op": "reserve", "rid": res.rid, "nano": nano}
+        if key is not None:
+            self._keyed[key] = res
+            line |= {"key": key, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens}
+            if prices is not None:
+                line["prices"] = [prices.input, prices.output]
+        self._append(line)
         return res
+
+    def held(self, key: str) -> Reservation | None:
+        """The open keyed hold `key` (of this run or carried from an earlier one), else None."""
+        with self._lock:
+            return self._keyed.get(key)
+
+    def held_keys(self) -> list[str]:
+        with self._lock:
+            return list(self._keyed)
 
     async def reserve(self, prompt_tokens: int, completion_tokens: int) -> Reservation:
         """Like try_reserve, but waits while in-flight reservations may free room.
@@ -154,17 +185,21 @@ class BudgetLedger:
         Usage above the reservation is still counted as spent (it is what we owe); the caller
         should then raise its worst-case estimate (see `kdforge.teacher.tokens`).
         """
-        nano = self.cost_nano(prompt_tokens, completion_tokens)
+        p = res.prices or self.prices
+        nano = p.cost_nano(prompt_tokens, completion_tokens) if p else 0
         with self._lock:
             if self._open.pop(res.rid, None) is None:
                 return 0.0  # already settled
+            if res.key is not None:
+                self._keyed.pop(res.key, None)
             self.reserved_nano -= res.nano
             self.spent_nano += nano
             self.prompt_tokens += prompt_tokens
             self.completion_tokens += completion_tokens
             self.attempts += 1
             self._append({"op": "settle", "rid": res.rid, "nano": nano, "prompt_tokens": prompt_tokens,
-                          "completion_tokens": completion_tokens, "outcome": outcome})
+                          "completion_tokens": completion_tokens, "outcome": outcome}
+                         | ({"key": res.key} if res.key is not None else {}))
             event, self._event = self._event, None
         if event is not None:
             event.set()
@@ -193,6 +228,7 @@ class BudgetLedger:
 
     def _replay(self) -> None:
         open_res: dict[int, int] = {}
+        keyed: dict[int, dict] = {}  # rid -> reserve line of an open keyed hold
         if self.path.exists():
             lines = self.path.read_text(encoding="utf-8").splitlines()
             for i, line in enumerate(lines, 1):
@@ -216,9 +252,13 @@ class BudgetLedger:
                     self.completion_tokens += row.get("completion_tokens", 0)
                     self.attempts += row.get("attempts", 0)
                 elif op == "reserve":
-                    open_res[row["rid"]] = row["nano"]
+                    if row.get("key") is not None:
+                        keyed[row["rid"]] = row
+                    else:
+                        open_res[row["rid"]] = row["nano"]
                 elif op == "settle":
                     open_res.pop(row["rid"], None)
+                    keyed.pop(row["rid"], None)
                     self.spent_nano += row["nano"]
                     self.prompt_tokens += row.get("prompt_tokens", 0)
                     self.completion_tokens += row.get("completion_tokens", 0)
@@ -226,12 +266,21 @@ class BudgetLedger:
         # Requests in flight when a previous run died: the provider may have billed them in full.
         self.recovered = len(open_res)
         self.spent_nano += sum(open_res.values())
+        # Keyed holds (batch rows still at the provider) stay reserved, not spent: held again below.
+        self._carried = {row["key"]: row for row in keyed.values()}
+        self.reserved_nano += sum(row["nano"] for row in self._carried.values())
 
     def _compact(self) -> None:
         carry = {"op": "carry", "nano": self.spent_nano, "usd": self.spent, "prompt_tokens": self.prompt_tokens,
                  "completion_tokens": self.completion_tokens, "attempts": self.attempts}
         atomic_write_text(self.path, json.dumps(carry) + "\n")
         self._file = AppendFile(self.path)
+        carried, self._carried = self._carried, {}
+        for key, row in carried.items():  # re-held under new ids, after the carry line
+            self.reserved_nano -= row["nano"]
+            prices = Prices(*row["prices"], source="batch hold") if row.get("prices") else None
+            self._try_reserve_locked(row["nano"], row["prompt_tokens"], row["completion_tokens"], prices, key,
+                                     force=True)
 
     def close(self) -> None:
         if self._file is not None:

@@ -192,9 +192,14 @@ class TeacherClient:
             never = _connect_failed(e)
             raise Transient(self.mask(f"connection {'refused' if never else 'dropped'} ({e.__cause__ or e})"),
                             "connect" if never else "dropped", billed=not never) from None
-        headers = dict(raw.headers)
+        return self.answer(raw.parse, dict(raw.headers))
+
+    def answer(self, parse, headers: Mapping[str, str] | None = None) -> Answer:
+        """The Answer in a chat completion (`parse()` returns it, as the openai types have it):
+        an online answer or a Batch API result row alike. Unreadable: Transient("bad-answer")."""
+        headers = headers or {}
         try:
-            resp = raw.parse()
+            resp = parse()
             choice = resp.choices[0]
             text = choice.message.content or ""
             if not isinstance(text, str):
@@ -212,6 +217,29 @@ class TeacherClient:
             model=resp.model,
             headers=headers,
         )
+
+    async def call(self, what: str, fn, *args, **kw):
+        """One Batch API call (`fn` a method of `self.openai`, e.g. `files.create`), its failures
+        classified as `complete`'s are; `what` names it in messages. A 404 here means the server
+        has no Batch API (or forgot the object): Rejected(404), for the caller to decide."""
+        import openai
+
+        try:
+            return await fn(*args, **kw)
+        except openai.NotFoundError as e:
+            raise Rejected(self.mask(f"404 on {what}: {_error_detail(e.body)[0]}"), 404) from None
+        except openai.APIStatusError as e:
+            raise self._classify_status(e, {}) from None
+        except openai.APITimeoutError:
+            raise Transient(f"{what} timed out", "timeout", billed=False) from None
+        except openai.APIConnectionError as e:
+            raise Transient(self.mask(f"{what}: connection failed ({e.__cause__ or e})"), "connect",
+                            billed=False) from None
+
+    @property
+    def openai(self):
+        """The underlying `openai.AsyncOpenAI` client (retries off)."""
+        return self._client
 
     def mask(self, text: str) -> str:
         """Error text fit to keep: the key masked (some servers echo it back), then cut."""

@@ -132,24 +132,35 @@ class Generator:
         self.rejected_in_row: list[Job] = []  # samples in a row the teacher rejected (4xx)
         self.last_failure = ""  # the latest failure's reason (masked), for the stop message
         self.transient_kinds: set[str] = set()  # failure kinds a re-run retries
+        self.held_elsewhere = 0  # samples at the Batch API meanwhile (batch mode): not claimed online
 
     # ---------------------------------------------------------------- main loop
-    async def main(self) -> None:
+    async def main(self, batch=None) -> None:
+        """Run the workers over the jobs; with `batch` (a kdforge.teacher.batch.BatchRun), run that
+        instead: it sends through the Batch API and calls `run_workers` for rows retried online."""
         cfg = self.cfg
         self.client = TeacherClient(cfg.teacher, self.api_key, cfg.timeout, cfg.api_key_env)
         self.limiter = RateLimiter(cfg.rpm, cfg.tpm, cfg.delay, log=self.view.log)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self.interrupt)
-        workers = [asyncio.create_task(self._worker()) for _ in range(cfg.concurrency)]
         ticker = asyncio.create_task(self._tick())
         try:
-            results = await asyncio.gather(*workers, return_exceptions=True)
+            await (self.run_workers() if batch is None else batch.run(self))
         finally:
             ticker.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
             await self.client.aclose()
+
+    async def run_workers(self, jobs: list[Job] | None = None) -> None:
+        """`concurrency` workers over the jobs (these `jobs`, if given) until done or stopping."""
+        if jobs is not None:
+            self._jobs = iter(jobs)
+        workers = [asyncio.create_task(self._worker()) for _ in range(self.cfg.concurrency)]
+        results = await asyncio.gather(*workers, return_exceptions=True)
+        for w in workers:
+            self._state.pop(w, None)
         for r in results:
             if isinstance(r, BaseException) and not isinstance(r, asyncio.CancelledError):
                 raise r
@@ -177,7 +188,7 @@ class Generator:
                 self._state[me] = "waiting"
 
     def _claim(self) -> Job | None:
-        while self.stop_reason is None and self.journal.count + self._claimed < self.cfg.total:
+        while self.stop_reason is None and self.journal.count + self._claimed + self.held_elsewhere < self.cfg.total:
             job = next(self._jobs, None)
             if job is None:
                 return None
@@ -188,10 +199,16 @@ class Generator:
         return None
 
     # ---------------------------------------------------------------- one sample
-    async def _process(self, job: Job) -> None:
+    def answer_from_cache(self, job: Job) -> bool:
+        """Write the sample from the cache if the exact request is there; True if it was."""
         hit = self.cache.get(job.cache_key)
-        if hit is not None:
-            self._write(job, Answer.from_cache(hit), 0.0, cached=True)
+        if hit is None:
+            return False
+        self._write(job, Answer.from_cache(hit), 0.0, cached=True)
+        return True
+
+    async def _process(self, job: Job) -> None:
+        if self.answer_from_cache(job):
             return
         me, tries, cost = asyncio.current_task(), Counter(), 0.0
         while True:
@@ -220,22 +237,34 @@ class Generator:
                     continue
                 return
             self._state[me] = "waiting"
-            cost += self._settle_ok(job, res, ans)
             self.limiter.observe(ans.headers)
-            if self.client.leaks_key(ans):  # never into the dataset, the cache or a log
-                self._fail(job, f"the teacher's answer quotes the API key from {self.cfg.api_key_env}; not stored",
-                           "key-in-answer", tries["attempts"], permanent=True)
-            elif not ans.text.strip():
-                self._fail(job, "the teacher's answer is empty", "empty", tries["attempts"], permanent=True)
-            elif ans.finish_reason == "content_filter":
-                self._fail(job, "the teacher's content filter stopped the answer", "content_filter",
-                           tries["attempts"], permanent=True)
-            else:
-                self.cache.put(job.cache_key, ans.to_cache())
-                self._write(job, ans, cost, cached=False)
-                self._gave_up = 0
-                self.rejected_in_row.clear()
+            self.deliver(job, res, ans, tries["attempts"], cost)
             return
+
+    def deliver(self, job: Job, res, ans: Answer, attempts: int, cost: float = 0.0) -> None:
+        """An answer came back (online, or a Batch API result row): settle its reservation at the
+        checked usage, then cache it and write the sample, or record why it cannot be kept.
+        `cost`: what earlier attempts of this sample cost."""
+        cost += self._settle_ok(job, res, ans)
+        if self.client.leaks_key(ans):  # never into the dataset, the cache or a log
+            self._fail(job, f"the teacher's answer quotes the API key from {self.cfg.api_key_env}; not stored",
+                       "key-in-answer", attempts, permanent=True)
+        elif not ans.text.strip():
+            self._fail(job, "the teacher's answer is empty", "empty", attempts, permanent=True)
+        elif ans.finish_reason == "content_filter":
+            self._fail(job, "the teacher's content filter stopped the answer", "content_filter",
+                       attempts, permanent=True)
+        else:
+            self.cache.put(job.cache_key, ans.to_cache())
+            self._write(job, ans, cost, cached=False)
+            self._gave_up = 0
+            self.rejected_in_row.clear()
+
+    def reject(self, job: Job, res, e: AttemptFailed, attempts: int) -> None:
+        """The teacher refused this request (a 4xx, online or in a batch's error file): settle as
+        `_settle_failed` does and record the sample as failed for good."""
+        self._settle_failed(res, e)
+        self._fail(job, e.reason, e.kind, attempts, permanent=True)
 
     async def _admit(self, job: Job):
         """Wait for the rate limiter, then reserve the worst case. None: the run is stopping."""
@@ -383,9 +412,11 @@ class Generator:
 # ----------------------------------------------------------------------------- entry point
 
 def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: bool = False,
-                 out_stream=None, err_stream=None) -> Stats | None:
+                 out_stream=None, err_stream=None, batch_action: str | None = None) -> Stats | None:
     """Generate until the output file holds `cfg.total` samples (or stop, raising the error
-    whose exit code tells why). `api_key` defaults to the variable named by `cfg.api_key_env`."""
+    whose exit code tells why). `api_key` defaults to the variable named by `cfg.api_key_env`.
+    With `cfg.batch`, through the Batch API (kdforge.teacher.batch); `batch_action` "cancel"
+    cancels this run's open batches instead, "status" prints their state and touches nothing."""
     out_stream = out_stream or sys.stdout
     err_stream = err_stream or sys.stderr
     _check(cfg)
@@ -399,6 +430,13 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
     if dry_run:
         print(dry_run_report(cfg, jobs, prices, out, ckpt, cache_dir), file=out_stream, flush=True)
         return None
+    if batch_action == "status":
+        from kdforge.teacher.batch import status_report
+
+        ledger = BudgetLedger(ckpt / "budget.jsonl" if (ckpt / "budget.jsonl").exists() else None, prices,
+                              cfg.budget_limit, readonly=True)
+        print(status_report(ckpt, ledger, Journal(out, readonly=True).count, cfg.total), file=out_stream, flush=True)
+        return None
     if api_key is None:
         api_key = os.environ.get(cfg.api_key_env) or None
     with _locked(ckpt):
@@ -411,26 +449,31 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
         view = ProgressView(stats, (lambda: ledger.spent) if prices else (lambda: None), cfg.budget_limit, err_stream)
         cache = ResponseCache(cache_dir / "responses.sqlite", log=view.log)
         gen = Generator(cfg, todo, journal, failures, ledger, cache, stats, view, api_key, prices, ckpt / "state.json")
+        batch = None
+        if cfg.batch or batch_action == "cancel":
+            from kdforge.teacher.batch import BatchRun
+
+            batch = BatchRun(cfg, todo, ckpt, prices, cancel=batch_action == "cancel")
         status = "error"
         try:
             if journal.repaired_bytes:
                 view.log(f"repaired {out}: cut a torn last line ({journal.repaired_bytes} bytes) left by a killed run")
             if ledger.recovered:
                 view.log(f"budget: {ledger.recovered} request(s) of a killed run counted at their worst case")
-            if prices:
-                view.log(f"prices: ${prices.input:g} input / ${prices.output:g} output per million tokens "
-                         f"({prices.source})")
+            for p in ([batch.prices] if batch and batch.prices else [prices] if prices else []):
+                view.log(f"prices: ${p.input:g} input / ${p.output:g} output per million tokens ({p.source})")
             if 0 < len(todo) < need:
                 view.log(f"warning: {out} needs {need} more samples but only {len(todo)} unused unique prompts are "
                          "left; the run will stop short (add prompts with --prompts, or lower --total)")
-            if need > 0:
+            if need > 0 or batch_action == "cancel":
                 with view:
-                    asyncio.run(gen.main())
+                    asyncio.run(gen.main(batch))
             if gen.stop_reason == "rejecting" or (stats.written == 0 and gen.rejected_in_row):
                 failures.release([j.id for j in gen.rejected_in_row])  # the teacher's fault, not theirs
             status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted",
                       "unavailable": "teacher_unavailable", "rejecting": "teacher_rejecting"}.get(
-                gen.stop_reason, "done" if journal.count >= cfg.total else "out_of_prompts")
+                gen.stop_reason, "cancelled" if batch_action == "cancel" else
+                "done" if journal.count >= cfg.total else "out_of_prompts")
         finally:
             journal.close()
             failures.close()
@@ -440,6 +483,8 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             print(summary_text(stats, str(out), str(ckpt / "failures.jsonl"), ledger.spent if prices else None,
                                cfg.budget_limit, cache.corrupted, status.replace("_", " ")), file=out_stream, flush=True)
     _raise_for(gen, out, ckpt)
+    if batch_action == "cancel":
+        return stats
     if journal.count < cfg.total:
         raise _short_of_total(gen, stats, len(jobs), out, ckpt)
     return stats

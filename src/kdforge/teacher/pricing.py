@@ -27,6 +27,14 @@ class Prices:
     input: float  # USD per million prompt tokens
     output: float  # USD per million completion tokens
     source: str  # where they came from, for the log line
+    batch: tuple[float, float] | None = None  # the provider's published Batch API prices, if any
+
+    def for_batch(self, discount: float) -> "Prices":
+        """The Batch API prices: the published ones where known, else `discount` x these."""
+        if self.batch is not None:
+            return Prices(*self.batch, source=f"{self.source}, its batch price")
+        return Prices(self.input * discount, self.output * discount,
+                      source=f"{self.source}, x{discount:g} batch discount (--batch-discount)")
 
     def cost_nano(self, prompt_tokens: int, completion_tokens: int) -> int:
         """Nano-dollars for this many tokens, computed exactly (Fraction) and rounded up: the one
@@ -49,7 +57,9 @@ def lookup(model: str) -> Prices | None:
     for name in (model, _DATE_SUFFIX.sub("", model)):
         if name in models:
             row = models[name]
-            return Prices(row["input"], row["output"], f"shipped price table (as of {table['as_of']}) for {name}")
+            batch = (row["batch"]["input"], row["batch"]["output"]) if "batch" in row else None
+            return Prices(row["input"], row["output"], f"shipped price table (as of {table['as_of']}) for {name}",
+                          batch)
     return None
 
 

@@ -1,0 +1,531 @@
+"""`kdforge generate --batch`: the same samples through the provider's Batch API, at its price.
+
+    BatchRun(cfg, jobs, ckpt, prices).run(gen)   # inside Generator.main (generate.py)
+
+The pending samples go up in files of `batch_size` rows (`custom_id` = the sample's stable id,
+each row the exact body an online request would send). Per file, in this order:
+
+1. cache hits are answered first and never submitted;
+2. every row's worst case (prompt bound + max_tokens, at the batch price) is held in the ledger
+   as a keyed reservation that outlives the run; rows that would pass the limit are cut off;
+3. the intent (file number, rows) is written to `batch.json` in the checkpoint dir (atomically);
+4. upload (`POST /v1/files`, purpose=batch), then the file id is written;
+5. submit (`POST /v1/batches`, metadata = our run id and file number), then the batch id is written;
+6. poll (`GET /v1/batches/{id}`) with backoff, honouring Retry-After, until it ends;
+7. download the output and error files; each row goes through `Generator.deliver` / `reject`: the
+   same ledger settle, cache and journal write as an online answer. The result files are the bill:
+   a row that did not complete (in the error file, expired, cancelled, or in neither file) was not
+   charged, and is retried in the next file or online (`batch_fallback`), at most MAX_BATCH_TRIES
+   times in batches.
+
+Crash safety: a re-run reads `batch.json` and the ledger's keyed holds. A file with an intent but
+no file id is uploaded again (an orphan upload costs nothing); one with a file id but no batch id
+is first looked for among the provider's batches (`GET /v1/batches`, matched by our metadata),
+and submitted only if not found, so no file is submitted twice; a submitted one is polled. Holds
+whose file never got an intent (killed between reserving and writing it) are released.
+`--cancel` cancels this run's open batches, waits for the provider to confirm, keeps what they
+completed and releases the rest; `--status` prints all this without touching anything.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kdforge.atomic import atomic_write_json
+from kdforge.config import GenerateSection
+from kdforge.errors import BudgetExceededError, DataError, KdforgeError, TeacherRefusedError, UsageError
+from kdforge.teacher.budget import BudgetLedger, Reservation
+from kdforge.teacher.client import AttemptFailed, RateLimited, Rejected, Transient, _usage, backoff_delay
+from kdforge.teacher.plan import Job
+from kdforge.teacher.pricing import NANO, Prices
+from kdforge.teacher.tokens import TokenEstimator
+
+STATE_FILE = "batch.json"
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+MAX_BATCH_TRIES = 3  # batches a row may fail in before it counts as a failed sample (a re-run retries it)
+POLL_MAX = 60.0  # seconds: the longest wait between two polls of one batch
+API_RETRIES = 12  # attempts of one control-plane call (upload, create, poll, download) on 429/5xx
+LIST_SLACK = 600  # seconds: batches created this long before our intent cannot be ours (list is newest first)
+
+
+@dataclass
+class BatchFile:
+    """One input file and its batch, as `batch.json` records it."""
+
+    n: int  # file number within the run (1, 2, ...)
+    rows: list[str]  # custom_ids = sample ids
+    status: str = "intent"  # intent | uploaded | submitted | done | released
+    created: float = field(default_factory=time.time)  # when the intent was written (for list matching)
+    file_id: str | None = None
+    batch_id: str | None = None
+    provider_status: str | None = None  # validating | in_progress | finalizing | completed | expired ...
+    counts: dict = field(default_factory=dict)  # the provider's request_counts
+    cancel: bool = False  # --cancel asked for it
+
+    @property
+    def open(self) -> bool:
+        return self.status in ("intent", "uploaded", "submitted")
+
+
+@dataclass
+class BatchState:
+    run_id: str
+    files: list[BatchFile] = field(default_factory=list)
+    tries: dict[str, int] = field(default_factory=dict)  # sample id -> batches it went up in
+
+    @classmethod
+    def load(cls, path: Path) -> "BatchState | None":
+        if not path.exists():
+            return None
+        try:
+            obj = json.loads(path.read_text(encoding="utf-8"))
+            return cls(obj["run_id"], [BatchFile(**f) for f in obj["files"]], dict(obj.get("tries", {})))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"not a kdforge batch state ({e}); it records which batches were submitted, so it "
+                            "was not replaced: restore it, or delete the checkpoint directory to start over "
+                            "(batches it named may still run at the provider)", str(path)) from None
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, {"run_id": self.run_id, "files": [asdict(f) for f in self.files],
+                                 "tries": self.tries})
+
+
+def hold_key(run_id: str, n: int, sid: str) -> str:
+    return f"batch:{run_id}:{n}:{sid}"
+
+
+def _file_of(key: str) -> tuple[str, int] | None:
+    parts = key.split(":")
+    if len(parts) != 4 or parts[0] != "batch" or not parts[2].isdigit():
+        return None
+    return parts[1], int(parts[2])
+
+
+class BatchRun:
+    """Drives a generate run through the Batch API; see the module docstring."""
+
+    def __init__(self, cfg: GenerateSection, jobs: list[Job], ckpt: Path, prices: Prices | None,
+                 cancel: bool = False):
+        self.cfg, self.ckpt, self.cancel = cfg, ckpt, cancel
+        self.prices = prices.for_batch(cfg.batch_discount) if prices else None
+        self.path = ckpt / STATE_FILE
+        self.state = BatchState.load(self.path) or BatchState(uuid.uuid4().hex[:16])
+        self.jobs = {j.id: j for j in jobs}
+        self._todo = list(jobs)  # not yet in any file, in plan order
+        self.tokens = TokenEstimator()
+        self.online: list[Job] = []  # rows to retry online (batch_fallback: online)
+        self.retry: list[Job] = []  # rows for the next file (batch_fallback: batch)
+        self._online_jobs: list[Job] = []  # rows the online workers are on now
+        self._next_poll: dict[int, float] = {}
+        self._interval: dict[int, float] = {}
+        self.budget_short: BudgetExceededError | None = None
+
+    # ---------------------------------------------------------------- the loop
+    async def run(self, gen) -> None:
+        self.gen, self.api = gen, gen.client
+        self._recover()
+        online: asyncio.Task | None = None
+        try:
+            while gen.stop_reason is None:
+                # Rows retried online go first, so new files never take the room they need.
+                if self.online and (online is None or online.done()):
+                    if online is not None:
+                        online.result()
+                    self._online_jobs, self.online = self.online, []
+                    online = asyncio.create_task(gen.run_workers(self._online_jobs))
+                busy = online is not None and not online.done()
+                if not busy:
+                    self._online_jobs = []
+                if not self.cancel:
+                    while gen.stop_reason is None and await self._send_next_file():
+                        pass
+                for f in self.open_files():
+                    if f.status in ("intent", "uploaded") and gen.stop_reason is None:
+                        await self._submit(f)
+                if not self.open_files() and not busy and not self.online and not self.retry:
+                    if self.budget_short is not None and self._need() > 0 and not self.cancel:
+                        gen._stop("budget", self.budget_short)
+                    break
+                await self._poll_due()
+                self._update_held()
+                await asyncio.sleep(self._sleep_for())
+        finally:
+            self.save()
+            if online is not None:
+                await asyncio.gather(online, return_exceptions=True)
+
+    def _need(self) -> int:
+        """Samples still to send: neither written, nor in an open file, nor being retried online."""
+        j = self.gen.journal
+        online = sum(1 for job in self._online_jobs + self.online if not j.done(job.id, job.key))
+        return self.cfg.total - j.count - self._held_rows() - online
+
+    def open_files(self) -> list[BatchFile]:
+        return [f for f in self.state.files if f.open]
+
+    def _held_rows(self) -> int:
+        j = self.gen.journal
+        return sum(1 for f in self.open_files() for sid in f.rows if sid not in j.ids)
+
+    def _update_held(self) -> None:
+        self.gen.held_elsewhere = self._held_rows()
+
+    def _sleep_for(self) -> float:
+        if not self._next_poll:
+            return 0.05
+        return max(0.01, min(0.5, min(self._next_poll.values()) - time.monotonic()))
+
+    def save(self) -> None:
+        self.state.save(self.path)
+
+    def log(self, msg: str) -> None:
+        self.gen.view.log(msg)
+
+    # ---------------------------------------------------------------- resume
+    def _recover(self) -> None:
+        """Match the ledger's keyed holds with batch.json: release what no open file holds."""
+        files = {f.n: f for f in self.state.files}
+        for key in self.gen.ledger.held_keys():
+            owner = _file_of(key)
+            if owner is None:
+                continue
+            f = files.get(owner[1]) if owner[0] == self.state.run_id else None
+            if f is None or not f.open:  # reserved, but the intent never written: nothing was sent
+                self.gen.ledger.settle(self.gen.ledger.held(key), 0, 0, "released")
+        in_files = {sid for f in self.open_files() for sid in f.rows}
+        strangers = sorted(in_files - self.jobs.keys() - self.gen.journal.ids)
+        if strangers and not self.cancel:
+            raise UsageError(
+                f"{self.path} holds open batches with {len(strangers)} rows this command would not send (e.g. "
+                f"{strangers[0]}): a flag that shapes the requests changed (--model, --max-tokens, --temperature, "
+                "--prompts, --seed ...). Re-run the command that submitted them, or cancel them with "
+                "kdforge generate --batch --cancel and the same --out/--checkpoint-dir")
+        self._todo = [job for job in self._todo if job.id not in in_files]
+        for f in self.open_files():
+            self._next_poll[f.n] = time.monotonic()
+            self._interval[f.n] = self.cfg.batch_poll
+            if self.cancel and f.status != "submitted":  # never sent: nothing to cancel at the provider
+                self._release(f, "cancelled before submission")
+        if self.open_files():
+            self.log(f"batch: resuming {len(self.open_files())} open file(s) of run {self.state.run_id} "
+                     f"({self._held_rows()} rows; {sum(1 for f in self.state.files if not f.open)} files done)")
+
+    # ---------------------------------------------------------------- a new file
+    async def _send_next_file(self) -> bool:
+        """Build, hold, record, upload and submit the next file. False: nothing (more) to send now."""
+        gen, need = self.gen, self._need()
+        if need <= 0:
+            return False
+        rows: list[Job] = []
+        pool = self.retry + self._todo
+        taken = 0
+        cut = None
+        for job in pool:
+            if len(rows) >= min(need, self.cfg.batch_size):
+                break
+            taken += 1
+            if gen.journal.done(job.id, job.key) or job.id in gen.failures.permanent:
+                continue
+            if gen.answer_from_cache(job):  # a hit is never submitted
+                need -= 1
+                continue
+            rows.append(job)
+        if not rows:
+            self.retry, self._todo = [], pool[taken:]
+            return False
+        n = max((f.n for f in self.state.files), default=0) + 1
+        held = []
+        for job in rows:
+            res = gen.ledger.try_reserve(self.tokens.prompt_bound(job.messages), self.cfg.max_tokens,
+                                         self.prices, hold_key(self.state.run_id, n, job.id))
+            if res is None:
+                cut = job
+                break
+            held.append(job)
+        back = rows[len(held):]  # cut off by the budget: they stay pending
+        self.retry, self._todo = [], back + pool[taken:]
+        if cut is not None:
+            worst = self.prices.cost_nano(self.tokens.prompt_bound(cut.messages), self.cfg.max_tokens)
+            self.budget_short = BudgetExceededError(
+                f"budget exhausted: spent ${gen.ledger.spent:.4f} of ${gen.ledger.limit:.4f} with "
+                f"${gen.ledger.reserved:.4f} held by batches; the next row may cost up to ${worst / NANO:.4f} "
+                "(prompt + max_tokens at the batch price)")
+        if not held:
+            return False
+        f = BatchFile(n, [j.id for j in held])
+        self.state.files.append(f)
+        for job in held:
+            self.state.tries[job.id] = self.state.tries.get(job.id, 0) + 1
+        self.save()  # the intent, before anything goes out
+        self._interval[n] = self.cfg.batch_poll
+        self._update_held()
+        await self._submit(f)
+        return cut is None and f.status == "submitted"
+
+    async def _submit(self, f: BatchFile) -> None:
+        """Upload (if no file id is recorded) and create the batch (unless it exists already)."""
+        if f.status == "intent":
+            lines = [json.dumps({"custom_id": sid, "method": "POST", "url": "/v1/chat/completions",
+                                 "body": self.jobs[sid].body}, ensure_ascii=False) for sid in f.rows]
+            data = ("\n".join(lines) + "\n").encode("utf-8")
+            up = await self._call("upload (POST /v1/files)", self.api.openai.files.create,
+                                  file=(f"kdforge-{self.state.run_id}-{f.n}.jsonl", data), purpose="batch")
+            if up is None:
+                return
+            f.file_id, f.status = up.id, "uploaded"
+            self.save()
+        if f.status == "uploaded":
+            found = await self._find(f)
+            if found is None and self.gen.stop_reason is None:
+                found = await self._create(f)
+            if found is None:
+                return
+            f.batch_id, f.status, f.provider_status = found.id, "submitted", found.status
+            self.save()
+            self.gen.stats.requests += len(f.rows)  # attempts sent: one per row, as online
+            self._next_poll[f.n] = time.monotonic() + self.cfg.batch_poll
+            self.log(f"batch file {f.n}: submitted as {found.id} ({len(f.rows)} rows, "
+                     f"${self._held_usd(f):.4f} held at the batch price)")
+
+    def _held_usd(self, f: BatchFile) -> float:
+        led = self.gen.ledger
+        return sum(r.nano for sid in f.rows if (r := led.held(hold_key(self.state.run_id, f.n, sid)))) / NANO
+
+    async def _create(self, f: BatchFile):
+        """POST /v1/batches once. A failure of unknown outcome is checked against the list before
+        any retry: the provider may have created it."""
+        meta = {"kdforge_run": self.state.run_id, "kdforge_file": str(f.n)}
+        for attempt in range(1, API_RETRIES + 1):
+            try:
+                return await self.api.call("submit (POST /v1/batches)", self.api.openai.batches.create,
+                                           input_file_id=f.file_id, endpoint="/v1/chat/completions",
+                                           completion_window="24h", metadata=meta)
+            except AttemptFailed as e:
+                if not await self._wait_after(e, attempt, "submit (POST /v1/batches)"):
+                    return None
+            found = await self._find(f)
+            if found is not None:
+                return found
+        return None
+
+    async def _find(self, f: BatchFile):
+        """Our batch for this file among the provider's (newest first), or None."""
+        after = None
+        while True:
+            kw = {"limit": 100} | ({"after": after} if after else {})
+            page = await self._call("list (GET /v1/batches)", self.api.openai.batches.list, **kw)
+            if page is None:
+                return None
+            for b in page.data:
+                meta = b.metadata or {}
+                if meta.get("kdforge_run") == self.state.run_id and meta.get("kdforge_file") == str(f.n):
+                    return b
+            if not page.data or not page.has_more or page.data[-1].created_at < f.created - LIST_SLACK:
+                return None
+            after = page.data[-1].id
+
+    async def _call(self, what: str, fn, *args, **kw):
+        """A control-plane call with retries on 429/5xx/timeouts (Retry-After honoured). None: the
+        run is stopping or the provider stayed unavailable (the run then stops, resumable)."""
+        for attempt in range(1, API_RETRIES + 1):
+            if self.gen.stop_reason is not None and self.gen.stop_reason != "budget":
+                return None
+            try:
+                return await self.api.call(what, fn, *args, **kw)
+            except AttemptFailed as e:
+                if not await self._wait_after(e, attempt, what):
+                    return None
+        return None
+
+    async def _wait_after(self, e: AttemptFailed, attempt: int, what: str) -> bool:
+        gen = self.gen
+        if isinstance(e, Rejected):
+            hint = (f"the teacher at {self.cfg.teacher} has no Batch API (or lost the object); drop --batch"
+                    if e.status == 404 else "the request was refused")
+            gen._stop("refused", TeacherRefusedError(f"{what}: {e.reason}; {hint}"))
+            return False
+        if attempt >= API_RETRIES:
+            gen._stop("unavailable", KdforgeError(f"{what} at {self.cfg.teacher} kept failing ({attempt} attempts, "
+                                                  f"last: {e.reason})"))
+            return False
+        wait = e.retry_after if e.retry_after is not None else \
+            backoff_delay(attempt, self.cfg.retry_base, self.cfg.retry_max, gen.rng)
+        if isinstance(e, RateLimited):
+            gen.limiter.on_429(wait, e.headers)
+        gen.stats.retries[e.kind] += 1
+        await asyncio.sleep(wait)
+        return True
+
+    # ---------------------------------------------------------------- polling
+    async def _poll_due(self) -> None:
+        now = time.monotonic()
+        for f in self.open_files():
+            if f.status != "submitted" or self._next_poll.get(f.n, 0) > now or self.gen.stop_reason:
+                continue
+            if self.cancel and not f.cancel:
+                b = await self._call("cancel (POST /v1/batches/{id}/cancel)", self.api.openai.batches.cancel,
+                                     f.batch_id)
+                if b is None:
+                    return
+                f.cancel = True
+                self.save()
+                self.log(f"batch file {f.n}: cancel requested for {f.batch_id} (now {b.status})")
+            b = await self._call(f"poll (GET /v1/batches/{f.batch_id})", self.api.openai.batches.retrieve,
+                                 f.batch_id)
+            if b is None:
+                return
+            counts = b.request_counts.model_dump() if b.request_counts is not None else {}
+            if b.status != f.provider_status or counts != f.counts:
+                f.provider_status, f.counts = b.status, counts
+                self.save()
+                self.log(f"batch file {f.n}: {b.status}, {counts.get('completed', 0)}/{len(f.rows)} rows done "
+                         f"({counts.get('failed', 0)} failed) · ${self.gen.ledger.spent:.4f} spent, "
+                         f"${self.gen.ledger.reserved:.4f} held")
+            if b.status in TERMINAL:
+                await self._collect(f, b)
+                self._next_poll.pop(f.n, None)
+            else:
+                self._interval[f.n] = min(POLL_MAX, self._interval.get(f.n, self.cfg.batch_poll) * 1.5)
+                self._next_poll[f.n] = time.monotonic() + self._interval[f.n]
+
+    async def _download(self, file_id: str | None) -> list[dict] | None:
+        if not file_id:
+            return []
+        body = await self._call(f"download (GET /v1/files/{file_id}/content)", self.api.openai.files.content,
+                                file_id)
+        if body is None:
+            return None
+        rows = []
+        for line in body.content.decode("utf-8", "replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a torn or foreign line: its row counts as not run, and is retried
+            if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
+                rows.append(row)
+        return rows
+
+    async def _collect(self, f: BatchFile, b) -> None:
+        """A batch ended: settle and write each row as an online answer; retry what did not complete."""
+        out = await self._download(getattr(b, "output_file_id", None))
+        err = await self._download(getattr(b, "error_file_id", None)) if out is not None else None
+        if out is None or err is None:
+            return  # stopping: polled again by the next run
+        gen, mine = self.gen, set(f.rows)
+        seen: set[str] = set()
+        for row in out + err:
+            sid = row["custom_id"]
+            if sid not in mine or sid in seen:
+                continue  # not ours, or a provider that listed a row twice: it is paid and written once
+            seen.add(sid)
+            if sid in self.jobs:
+                self._settle_row(f, self.jobs[sid], row)
+            else:  # a row of another command's plan (--cancel with other flags): paid, cannot be written
+                self._settle_stranger(f, sid, row)
+        for sid in f.rows:
+            if sid not in seen:  # in neither file: the provider never ran it (failed or cancelled batch)
+                res = gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+                if res is not None:
+                    gen.ledger.settle(res, 0, 0, "not-run")
+                if sid in self.jobs:
+                    self._again(self.jobs[sid], f"not run by batch {f.batch_id} ({b.status})")
+        if b.status == "failed":
+            errs = getattr(getattr(b, "errors", None), "data", None) or []
+            why = "; ".join(str(getattr(e, "message", e)) for e in errs[:3]) or "no reason given"
+            self.log(f"batch file {f.n}: the provider failed batch {f.batch_id} ({why}); its rows are retried "
+                     + ("online" if self.cfg.batch_fallback == "online" else "in the next file"))
+        f.status = "done"
+        self.save()
+        self._update_held()
+
+    def _settle_row(self, f: BatchFile, job: Job, row: dict) -> None:
+        gen = self.gen
+        res = gen.ledger.held(hold_key(self.state.run_id, f.n, job.id))
+        if res is None:  # settled by a run killed before it wrote the sample: never charged twice
+            res = Reservation(-1, 0, self.tokens.prompt_bound(job.messages), self.cfg.max_tokens, self.prices)
+        tries = self.state.tries.get(job.id, 1)
+        resp = row.get("response") or {}
+        status, body = resp.get("status_code"), resp.get("body")
+        if status == 200 and isinstance(body, dict):
+            from openai.types.chat import ChatCompletion
+
+            try:
+                ans = self.api.answer(lambda: ChatCompletion.model_validate(body))
+            except Transient as e:  # billed (it completed) but unreadable: charged in full, retried
+                gen._charge(gen.ledger.settle_worst(res, e.kind), res.prompt_tokens, res.completion_tokens)
+                self._again(job, e.reason)
+                return
+            if gen.journal.done(job.id, job.key):
+                gen._settle_ok(job, res, ans)  # written already (the same prompt twice): paid, not written
+            else:
+                gen.deliver(job, res, ans, tries)
+            return
+        usage = _usage(body)
+        reason = self.api.mask(json.dumps((body or {}).get("error") if isinstance(body, dict) else None)
+                               if status else json.dumps(row.get("error")))
+        if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 425, 429):
+            gen.reject(job, res, Rejected(f"{status} {reason}", status, usage=usage), tries)
+            return
+        # 429, 5xx, expired, or a row error: the provider did not complete it; the error file is the bill
+        if usage is not None:
+            gen._settle_reported(res, usage, "batch-error")
+        else:
+            gen.ledger.settle(res, 0, 0, "batch-error")
+        self._again(job, reason)
+
+    def _settle_stranger(self, f: BatchFile, sid: str, row: dict) -> None:
+        res = self.gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+        if res is None:
+            return
+        resp = row.get("response") or {}
+        if resp.get("status_code") == 200:
+            self.gen._settle_reported(res, _usage(resp.get("body")), "batch-other-plan")
+        else:
+            self.gen.ledger.settle(res, 0, 0, "batch-error")
+
+    def _again(self, job: Job, reason: str) -> None:
+        """Retry a row that did not complete: online or in the next file, or give up for this run."""
+        gen = self.gen
+        if gen.journal.done(job.id, job.key) or self.cancel:  # cancelled: a re-run sends it again
+            return
+        if self.cfg.batch_fallback == "online":
+            self.online.append(job)
+        elif self.state.tries.get(job.id, 0) < MAX_BATCH_TRIES:
+            self.retry.append(job)
+        else:
+            gen._fail(job, f"failed in {MAX_BATCH_TRIES} batches (last: {reason})", "batch",
+                      self.state.tries.get(job.id, 0), permanent=False)
+
+    def _release(self, f: BatchFile, why: str) -> None:
+        for sid in f.rows:
+            res = self.gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+            if res is not None:
+                self.gen.ledger.settle(res, 0, 0, "released")
+        f.status = "released"
+        self.save()
+        self.log(f"batch file {f.n}: {why}; its {len(f.rows)} holds released")
+
+
+def status_report(ckpt: Path, ledger: BudgetLedger, done: int, total: int | None) -> str:
+    """What `--batch --status` prints: files and their provider status, rows, $ spent and held."""
+    state = BatchState.load(ckpt / STATE_FILE)
+    if state is None:
+        return f"no batch run in {ckpt} (no {STATE_FILE}); start one with kdforge generate --batch"
+    by = {}
+    for f in state.files:
+        by[f.status] = by.get(f.status, 0) + 1
+    lines = [f"batch run {state.run_id} in {ckpt}: {len(state.files)} files ("
+             + ", ".join(f"{n} {s}" for s, n in sorted(by.items())) + f"); {done}/{total or '?'} samples written",
+             f"  money: ${ledger.spent:.4f} spent, ${ledger.reserved:.4f} held"
+             + (f", budget ${ledger.limit:.2f}" if ledger.limit is not None else "")]
+    for f in state.files:
+        c = f.counts or {}
+        lines.append(f"  file {f.n}: {f.status:<9} {len(f.rows):>6} rows  provider {f.provider_status or '-'}"
+                     f" ({c.get('completed', 0)} done, {c.get('failed', 0)} failed)  batch {f.batch_id or '-'}"
+                     f"  file {f.file_id or '-'}")
+    return "\n".join(lines)
