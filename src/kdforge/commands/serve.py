@@ -25,12 +25,13 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
         max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", help="Largest request body accepted (413 above)."),
+        batch_dir: Optional[str] = typer.Option(None, "--batch-dir", help="Folder for Batch API files and batches (default: a new temp dir); a restart on it resumes them."),
     ) -> None:
         """Serve a local model with the OpenAI API (chat, completions, streaming, logprobs)."""
         from kdforge.serve.server import ServeOptions, run_server
 
         run_server(ServeOptions(model_dir, adapter, host, port, api_key_env, model_name, max_batch_size,
-                                device, dtype, max_body_bytes))
+                                device, dtype, max_body_bytes, batch_dir))
         # Stopped cleanly and nothing is left to save: skip the interpreter's teardown of torch and
         # friends, which takes seconds on a busy machine and delays whoever waits for our exit.
         sys.stdout.flush()

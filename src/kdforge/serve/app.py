@@ -100,7 +100,7 @@ def _server_error(e: BaseException) -> APIError:
                     "in the server's log).", status=500, type="server_error")
 
 
-async def _merged(engine: Engine, jobs: list[Job], stream: bool) -> AsyncIterator[tuple[int, Delta]]:
+async def _merged(engine: Engine, jobs: list[Job], stream: bool, low: bool = False) -> AsyncIterator[tuple[int, Delta]]:
     """(choice index, delta) from all jobs, in the order the engine releases them (one delta per
     job unless `stream`). The jobs are submitted in one call, so a request's prompts (and its n
     choices) are prefilled together in one forward pass when the batch has room."""
@@ -115,7 +115,7 @@ async def _merged(engine: Engine, jobs: list[Job], stream: bool) -> AsyncIterato
                 pass
         return emit
 
-    tickets = engine.submit([(ids, p, emitter(i)) for i, (ids, p) in enumerate(jobs)], incremental=stream)
+    tickets = engine.submit([(ids, p, emitter(i)) for i, (ids, p) in enumerate(jobs)], incremental=stream, low=low)
     try:
         left = len(jobs)
         while left:
@@ -184,9 +184,10 @@ class _TextFormat:
 
 
 def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
-              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+              max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, batch_dir: str | None = None):
     """The ASGI app serving `served` through `engine`. With `api_key`, every /v1 route (and
-    /stats) needs `Authorization: Bearer <api_key>` (401 otherwise)."""
+    /stats) needs `Authorization: Bearer <api_key>` (401 otherwise). The Batch API's files live
+    under `batch_dir` (default: a new temp dir); see `batches.py`."""
     app = FastAPI(title="kdforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
     vocab = Vocab(tok)
@@ -259,16 +260,22 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
         # n choices of one prompt: distinct but reproducible seeds
         return [(prompt_ids, p if req.seed is None else replace(p, seed=req.seed + j)) for j in range(req.n)]
 
-    async def respond(request: Request, req, fmt, jobs: list[Job], prompt_tokens: int, extra: dict):
+    async def respond(request: Request | None, req, fmt, jobs: list[Job], prompt_tokens: int, extra: dict):
+        """The answer to one request. `request` None: a Batch API row (no client to watch, low
+        priority in the engine, never streamed)."""
         rid, created = fmt.prefix + uuid.uuid4().hex, int(time.time())
         head = {"id": rid, "created": created, "model": served.name, "system_fingerprint": None}
-        if req.stream:
+        if req.stream and request is not None:
             return StreamingResponse(_sse(req, fmt, jobs, prompt_tokens, head), media_type="text/event-stream")
         deltas: list[list[Delta]] = [[] for _ in jobs]
 
         async def collect() -> None:
-            async for i, d in _merged(engine, jobs, stream=False):
+            async for i, d in _merged(engine, jobs, stream=False, low=request is None):
                 deltas[i].append(d)
+
+        if request is None:
+            await collect()
+            return body(head, fmt, deltas, prompt_tokens, extra)
 
         # Nothing is sent until the end, so nothing else notices a client that left: watch for it,
         # and cancel the generation (its rows leave the engine) instead of finishing it for nobody.
@@ -282,6 +289,9 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
         if work.cancelled():  # the client left: nobody reads this answer
             return Response(status_code=499)
         work.result()  # an engine error propagates as the route's own
+        return body(head, fmt, deltas, prompt_tokens, extra)
+
+    def body(head: dict, fmt, deltas: list[list[Delta]], prompt_tokens: int, extra: dict) -> dict:
         comps = [Delta.join(ds) for ds in deltas]
         return {**head, "object": fmt.object, "choices": [fmt.choice(i, c) for i, c in enumerate(comps)],
                 "usage": usage(prompt_tokens, sum(c.completion_tokens for c in comps)), **extra}
@@ -339,6 +349,10 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(req: ChatCompletionRequest, request: Request):
+        return await chat_answer(req, request)
+
+    async def chat_answer(req: ChatCompletionRequest, request: Request | None):
+        """Online (`request`: the HTTP request) or a Batch API row (`request` None): one code path."""
         req.check()
         served_model(req.model)
         if not tok.chat_template:
@@ -370,4 +384,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
         return await respond(request, req, _TextFormat(req, vocab, job_prompts), jobs,
                              sum(map(len, prompt_ids)), extra)
 
+    from kdforge.serve.batches import BatchService, add_batch_routes
+
+    add_batch_routes(app, BatchService(batch_dir, chat_answer), Depends(authorized))
     return _BodyCap(app, max_body_bytes)

@@ -6,6 +6,9 @@ Each row finishes at its own eos / stop string / max_tokens and leaves the batch
 arrive meanwhile are prefilled and join the running batch before the next step (continuous
 batching). One forward pass serves every active row, so throughput grows with concurrency.
 
+Batch API rows (`submit(..., low=True)`) wait in a second queue that is served only when no
+online request waits: they fill the batch's spare rows and never delay an online request's start.
+
 Padding never changes a row's tokens: prompts are padded on the left with an attention mask
 that hides the padding and position ids that count only real tokens.
 """
@@ -109,6 +112,7 @@ class Engine:
         self._keep = ({"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters
                       else {})
         self._waiting: deque[Ticket] = deque()
+        self._low: deque[Ticket] = deque()  # Batch API rows: taken only when _waiting is empty
         self._stats = EngineStats()
         self._active = 0
         self._cv = threading.Condition()
@@ -121,22 +125,22 @@ class Engine:
     def stats(self) -> dict:
         """A snapshot of the counters (safe from any thread)."""
         with self._cv:
-            self._stats.waiting = len(self._waiting)
+            self._stats.waiting = len(self._waiting) + len(self._low)
         self._stats.active_rows = self._active
         d = dict(vars(self._stats))
         d["rows_per_step"] = dict(d["rows_per_step"])
         return d
 
     def submit(self, requests: list[tuple[list[int], SamplingParams, Emit]],
-               incremental: bool = True) -> list[Ticket]:
+               incremental: bool = True, low: bool = False) -> list[Ticket]:
         """Queue requests together (they start in the same batch when there is room). Each
         `emit` gets Deltas as text is released (or, not `incremental`, one at the end), or an
-        Exception."""
+        Exception. `low`: background work (Batch API rows), started only when nothing else waits."""
         tickets = [Ticket(ids, p, emit, incremental) for ids, p, emit in requests]
         with self._cv:
             if self._closed:
                 raise RuntimeError("engine is closed")
-            self._waiting.extend(tickets)
+            (self._low if low else self._waiting).extend(tickets)
             self._stats.requests += len(tickets)
             self._cv.notify()
         return tickets
@@ -173,15 +177,16 @@ class Engine:
 
     def _take(self, room: int, block: bool) -> list[Ticket]:
         with self._cv:
-            if block and not self._waiting and not self._closed:
+            if block and not self._waiting and not self._low and not self._closed:
                 self._cv.wait(timeout=0.5)
             out = []
-            while self._waiting and len(out) < room:
-                t = self._waiting.popleft()
-                if not t.cancelled:
-                    out.append(t)
-                else:
-                    self._stats.rows_cancelled += 1
+            for queue in (self._waiting, self._low):  # online first
+                while queue and len(out) < room:
+                    t = queue.popleft()
+                    if not t.cancelled:
+                        out.append(t)
+                    else:
+                        self._stats.rows_cancelled += 1
             return out
 
     def _loop(self) -> None:
@@ -208,7 +213,8 @@ class Engine:
                 self._fail([r.ticket for r in rows], e)
                 batch, rows = None, []
             self._active = len(rows)
-        self._fail([r.ticket for r in rows] + list(self._waiting), RuntimeError("server shutting down"))
+        self._fail([r.ticket for r in rows] + list(self._waiting) + list(self._low),
+                   RuntimeError("server shutting down"))
 
     @staticmethod
     def _fail(tickets: list[Ticket], err: Exception) -> None:

@@ -38,6 +38,7 @@ class ServeOptions:
     device: str = "auto"
     dtype: str = "auto"
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies above this get 413
+    batch_dir: str | None = None  # Batch API files and batches (default: a new temp dir)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -115,7 +116,7 @@ def run_server(opts: ServeOptions) -> None:
     served = load_served_model(opts.model_dir, opts.adapter, model_name=opts.model_name,
                                device=opts.device, dtype=opts.dtype)
     engine = Engine(served.model, served.tokenizer, max_batch_size=opts.max_batch_size)
-    app = build_app(engine, served, api_key=api_key, max_body_bytes=opts.max_body_bytes)
+    app = build_app(engine, served, api_key=api_key, max_body_bytes=opts.max_body_bytes, batch_dir=opts.batch_dir)
     port = sock.getsockname()[1]
     ready = f"kdforge serve: listening on http://{_url_host(opts.host)}:{port}/v1 (model {served.name})"
 
