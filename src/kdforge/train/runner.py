@@ -76,8 +76,9 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     out, t = Path(cfg.io.output_dir), cfg.train
     # One writer per output dir (rank 0 writes for all ranks); taken before any model loads.
     lock = ckpt.OutputDirLock(out).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
-    session = build_session(cfg)
+    session, in_step = None, False
     try:
+        session = build_session(cfg)
         rank = session.rank
         if rank == 0:
             ckpt.cleanup_partial(out)  # torn saves, an interrupted re-save: before anyone lists
@@ -106,11 +107,13 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
             reason = train_steps(session.objective, session.optimizer, session.scheduler, data.stream, state,
                                  session.loop, until_step=until, seq_len_at=curriculum(t.seq_lengths, data.total),
                                  hooks=hooks, device=session.device, amp_dtype=session.amp_dtype)
+            in_step = True  # every rank returns from the loop at the same step
         finally:
             if progress:
                 progress.close()
     finally:
-        session.close()  # every rank leaves the process group, finished or not
+        if session is not None:
+            session.close(in_step)  # every rank leaves the process group, finished or not
         if lock:
             lock.release()
 

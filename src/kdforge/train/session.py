@@ -10,6 +10,7 @@ daemon builds one before any batch exists and feeds it file after file.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 from dataclasses import dataclass, field
@@ -245,14 +246,23 @@ class Session:
         if self.world > 1:
             dist.barrier()
 
-    def close(self) -> None:
-        """Give back the signal handlers and tear down the process group this session started
-        (without it a torchrun rank can abort at exit: "terminate called without an active
-        exception"). Safe to call twice."""
+    def close(self, in_step: bool = True) -> None:
+        """Give back the signal handlers and tear down the process group this session started.
+        Left to the interpreter's exit, gloo's threads and DDP's reducer die in any order and a
+        rank aborts ("terminate called without an active exception") or hangs freeing them.
+        `in_step`: every rank got here together (the run ended, or stopped, in step); then they
+        meet once more and free the wrapped objective while the group still lives. After a
+        failure on one rank no peer may come: skip the meeting, just leave. Safe to call twice."""
         self.stop.uninstall()
-        if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
-            self._owns_group = False
+        if not (self._owns_group and dist.is_initialized()):
+            return
+        if in_step:
+            dist.barrier()  # no rank tears down while another still talks
+            self.objective = self.optimizer = self.scheduler = None  # DDP's reducer holds the group
+            gc.collect()
+            dist.barrier()
+        dist.destroy_process_group()
+        self._owns_group = False
 
 
 def _on_base(cfg: Config, base_model: str) -> Config:
