@@ -24,7 +24,8 @@ def _cells(d: dict) -> list[tuple[str, str, str]]:
     notes = {"ce": f"{d['tokens']} tokens, {d['n_scored']} records with a teacher text",
              "kl": (f"{d['kl_tokens']} tokens, teacher: {d['kl_teacher']}" if d["kl"] is not None
                     else "no teacher: no top-k in the data and no --teacher"),
-             "exact_match": f"{d['n_greedy']} greedy answers, max {d['max_new_tokens']} new tokens",
+             "exact_match": (f"{d['n_greedy']} greedy answers, at most {d['max_new_tokens']} new tokens"
+                             if d["max_new_tokens"] else "no greedy answers (--no-greedy, or no prompts)"),
              "accuracy": f"{d['n_answer']} records with an answer" if d["n_answer"] else "no 'answer' field"}
     rows = []
     for key, label, fmt in _ROWS:

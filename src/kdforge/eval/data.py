@@ -92,6 +92,7 @@ class EvalData:
     asked: object | None  # KDDataset of the prompt-only records
     items: list[tuple[str, int]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    scored_by: dict = field(default_factory=dict, repr=False)  # (url, model, K) -> `scored` with a server's top-K
 
     def __len__(self) -> int:
         return len(self.records)

@@ -188,7 +188,12 @@ def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max
     if data.scored is not None:
         ds, dense = data.scored, teacher
         if isinstance(teacher, TokenScorer):
-            ds, dense = _with_scored_topk(ds, teacher), None
+            # The teacher's rows do not change between calls (the daemon scores after every batch):
+            # ask the server once per (url, model, K).
+            key = (teacher.url, teacher.resolved_model(), teacher.top_k)
+            if key not in data.scored_by:
+                data.scored_by[key] = _with_scored_topk(ds, teacher)
+            ds, dense = data.scored_by[key], None
         sums, kind = _loss_sums(model, ds, dense, batch_size, device)
         n_tok, n_kl = sums.n_tokens, sums.kd_count
         if n_tok:

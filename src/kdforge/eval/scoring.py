@@ -29,7 +29,7 @@ class TokenScorer:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._http = httpx.Client(timeout=TIMEOUT_S, headers=headers)
 
-    def _model(self) -> str:
+    def resolved_model(self) -> str:
         """The model to ask for: given, or the server's only one (GET /models)."""
         if self.model is None:
             r = self._http.get(f"{self.url}/models")
@@ -50,7 +50,7 @@ class TokenScorer:
     def __call__(self, ids: list[int]) -> list[dict[int, float] | None]:
         import httpx
 
-        body = {"model": self._model(), "prompt": list(ids), "max_tokens": 0, "echo": True,
+        body = {"model": self.resolved_model(), "prompt": list(ids), "max_tokens": 0, "echo": True,
                 "logprobs": self.top_k, "prompt_logprobs": self.top_k, "temperature": 0}
         try:
             r = self._http.post(f"{self.url}/completions", json=body)
