@@ -145,6 +145,7 @@ def test_in_process_keeps_training_mode_and_cached_data(student, tmp_path):
     ('{"prompt": "x", "answer": ["a"]}', "'answer' must be a string"),
     ('{"messages": [{"role": "wizard", "content": "x"}], "answer": "a"}', "role"),
     ('{"question": "x"}', "unknown record format"),
+    ('{"text": "x", "answer": "a"}', "no prompt to answer"),
 ])
 def test_bad_lines_name_file_and_line(student, tmp_path, line, needle):
     _, tok = student

@@ -7,6 +7,7 @@ text otherwise; `--json` prints exactly one JSON object on stdout and nothing el
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -54,6 +55,32 @@ def _render(d: dict) -> None:
         print(f"{a:<{w0}}  {b:>{w1}}  {c}".rstrip())
 
 
+class _Bar:
+    """A rich progress bar on stderr when it is a terminal and not CI: one task per phase."""
+
+    LABELS = {"teacher": "teacher scores", "score": "ce / kl", "answer": "greedy answers"}
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.tasks: dict[str, int] = {}
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.bar.add_task(self.LABELS.get(phase, phase), total=total)
+        self.bar.update(self.tasks[phase], completed=done)
+
+    def __enter__(self):
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -74,9 +101,14 @@ def register(app: typer.Typer) -> None:
         """How close a student is to its teacher on held-out KD data: ce, perplexity, kl, exact match, token F1, accuracy."""
         from kdforge.eval import evaluate_model
 
-        res = evaluate_model(model_dir, data, teacher, base=base, device=device, max_records=max_records,
-                             batch_size=batch_size, max_new_tokens=max_new_tokens, greedy=not no_greedy,
-                             teacher_model=teacher_model, top_k=top_k, api_key_env=api_key_env)
+        kw = dict(base=base, device=device, max_records=max_records, batch_size=batch_size,
+                  max_new_tokens=max_new_tokens, greedy=not no_greedy, teacher_model=teacher_model, top_k=top_k,
+                  api_key_env=api_key_env)
+        if sys.stderr.isatty() and not os.environ.get("CI"):
+            with _Bar() as bar:
+                res = evaluate_model(model_dir, data, teacher, progress=bar, **kw)
+        else:
+            res = evaluate_model(model_dir, data, teacher, **kw)
         d = res.to_json()
         if as_json:
             sys.stdout.write(json.dumps(d) + "\n")

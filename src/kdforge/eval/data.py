@@ -74,6 +74,9 @@ def _eval_record(path: str, line: int, text: str) -> EvalRecord:
         except ValueError as e2:
             raise DataError(f"{e2}; fix or remove the line", path, line) from None
         return EvalRecord(path, line, None, asked.prompt_messages, answer)
+    if answer is not None and rec.is_text:
+        raise DataError("'answer' on a text record: there is no prompt to answer; give 'prompt' or 'messages'",
+                        path, line)
     rec.line = line
     rec.metadata = {**rec.metadata, "_path": path}  # KDDataset names file:line in its errors
     return EvalRecord(path, line, rec, rec.prompt_messages, answer)

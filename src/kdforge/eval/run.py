@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from kdforge.errors import UsageError
 from kdforge.eval import metrics
@@ -31,6 +31,8 @@ from kdforge.eval.model_dir import load_model, load_tokenizer, resolve_model_dir
 
 MAX_NEW_TOKENS_CAP = 512  # default greedy length: the longest teacher answer + a few, at most this
 EXTRA_NEW_TOKENS = 4  # room past the longest reference, so a student that runs on shows it
+# progress(phase, done, total) after each batch; phase: "teacher" (server scoring), "score", "answer"
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass
@@ -72,7 +74,7 @@ def _batches(order: list[int], size: int):
         yield order[i:i + size]
 
 
-def _loss_sums(model, ds, teacher, batch_size: int, device):
+def _loss_sums(model, ds, teacher, batch_size: int, device, progress: Progress | None = None):
     """Summed `LossSums` over the dataset: CE always, forward KL at T = 1 when there is a teacher
     (dense `teacher` model, or top-k rows in `ds`)."""
     import torch
@@ -86,7 +88,7 @@ def _loss_sums(model, ds, teacher, batch_size: int, device):
     # Similar lengths together: less padding; padding never changes a sum (right-padded, masked).
     order = sorted(range(len(ds)), key=lambda i: len(ds.examples[i]))
     total = LossSums(torch.zeros(()), torch.zeros(()), 0, 0)
-    for idx in _batches(order, batch_size):
+    for done, idx in enumerate(_batches(order, batch_size)):
         batch = {k: v.to(device) for k, v in collate([ds.item(i) for i in idx], ds.tokenizer.pad_token_id).items()}
         try:
             s = objective(batch)
@@ -94,10 +96,12 @@ def _loss_sums(model, ds, teacher, batch_size: int, device):
             raise UsageError(f"the teacher cannot score the student's tokens: {e}; logit KL needs the same "
                              "tokenizer on both sides") from None
         total = total + LossSums(s.ce.detach().float().cpu(), s.kd.detach().float().cpu(), s.n_tokens, s.kd_count)
+        if progress:
+            progress("score", min(len(order), (done + 1) * batch_size), len(order))
     return total, kind
 
 
-def _with_scored_topk(ds, scorer):
+def _with_scored_topk(ds, scorer, progress: Progress | None = None):
     """A copy of `ds` whose response rows are the top-K `scorer` returns for each record's tokens."""
     from kdforge.data.dataset import truncate
 
@@ -110,13 +114,15 @@ def _with_scored_topk(ds, scorer):
         ids = [sorted(row) if row else [] for row in rows]
         lps = [[row[i] for i in sorted(row)] if row else [] for row in rows]
         out.examples.append(replace(ex, prompt_ids=p, response_ids=r, topk_ids=ids, topk_logprobs=lps))
+        if progress:
+            progress("teacher", len(out.examples), len(ds.examples))
     return out
 
 
 # ----------------------------------------------------------------------------- greedy answers
 
 def greedy_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 32,
-               device=None) -> list[list[int]]:
+               device=None, progress: Progress | None = None) -> list[list[int]]:
     """The model's greedy continuation of each prompt (token ids, up to and without EOS), batched
     with left padding and the KV cache. Prompts longer than the model's context keep their tail."""
     import torch
@@ -136,6 +142,8 @@ def greedy_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, 
                              eos_token_id=eos, pad_token_id=pad, use_cache=True)
         for i, row in zip(idx, gen[:, width:].tolist()):
             out[i] = row[:row.index(eos)] if eos in row else row
+        if progress:
+            progress("answer", sum(x is not None for x in out), len(prompts))
     return out  # type: ignore[return-value]
 
 
@@ -152,13 +160,14 @@ def _tokens(tokenizer, text: str) -> list[int]:
 def evaluate_loaded(model, tokenizer, data: EvalData | str | Path | Sequence[str | Path], teacher=None, *,
                     max_records: int | None = None, device=None, batch_size: int = 16,
                     max_new_tokens: int | None = None, greedy: bool = True, model_name: str | None = None,
-                    max_seq_length: int = 4096) -> EvalResult:
+                    max_seq_length: int = 4096, progress: Progress | None = None) -> EvalResult:
     """Score a loaded student (any HF causal LM, PEFT-wrapped or not; training mode is restored).
 
     `data`: `EvalData` from `load_eval_data` (tokenise once, score after every batch) or eval files.
     `teacher`: None (KL against the top-k stored in the data, if any), a loaded HF model (dense KL;
     same tokenizer) or a `TokenScorer` (top-K over HTTP). `device`: the model's own by default.
     `greedy=False` skips generation (no exact_match, token_f1, accuracy): the cheap numbers only.
+    `progress(phase, done, total)` is called after each batch (a progress bar; None: quiet).
     Raises DataError / UsageError with the file:line or the fix."""
     import torch
 
@@ -172,14 +181,15 @@ def evaluate_loaded(model, tokenizer, data: EvalData | str | Path | Sequence[str
     model.eval()
     try:
         with torch.no_grad():
-            res = _evaluate(model, tokenizer, data, teacher, device, batch_size, max_new_tokens, greedy)
+            res = _evaluate(model, tokenizer, data, teacher, device, batch_size, max_new_tokens, greedy, progress)
     finally:
         model.train(was_training)
     res.model, res.data, res.seconds = model_name, list(data.files), round(time.perf_counter() - t0, 3)
     return res
 
 
-def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max_new_tokens, greedy) -> EvalResult:
+def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max_new_tokens, greedy,
+              progress: Progress | None) -> EvalResult:
     from kdforge.eval.scoring import TokenScorer
 
     ce = kl = None
@@ -192,9 +202,9 @@ def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max
             # ask the server once per (url, model, K).
             key = (teacher.url, teacher.resolved_model(), teacher.top_k)
             if key not in data.scored_by:
-                data.scored_by[key] = _with_scored_topk(ds, teacher)
+                data.scored_by[key] = _with_scored_topk(ds, teacher, progress)
             ds, dense = data.scored_by[key], None
-        sums, kind = _loss_sums(model, ds, dense, batch_size, device)
+        sums, kind = _loss_sums(model, ds, dense, batch_size, device, progress)
         n_tok, n_kl = sums.n_tokens, sums.kd_count
         if n_tok:
             ce = float(sums.ce) / n_tok
@@ -211,7 +221,7 @@ def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max
             longest = max(len(data.example(i).response_ids) for i in asked)
             max_new_tokens = min(longest + EXTRA_NEW_TOKENS, MAX_NEW_TOKENS_CAP)
         gen = greedy_ids(model, tokenizer, [data.example(i).prompt_ids for i in asked], max_new_tokens,
-                         batch_size, device)
+                         batch_size, device, progress)
         for i, ids in zip(asked, gen):
             text = answers[i] = _answer_text(tokenizer, ids)
             rec = data.records[i]
@@ -254,7 +264,7 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
                    *, base: str | None = None, device: str = "auto", max_records: int | None = None,
                    batch_size: int = 16, max_new_tokens: int | None = None, greedy: bool = True,
                    teacher_model: str | None = None, top_k: int = 20,
-                   api_key_env: str = "OPENAI_API_KEY") -> EvalResult:
+                   api_key_env: str = "OPENAI_API_KEY", progress: Progress | None = None) -> EvalResult:
     """Load MODEL_DIR (full model, LoRA checkpoint, daemon checkpoint; `base` overrides a LoRA
     base) and score it on `data_files`. `teacher`: a model folder (dense KL), an OpenAI-compatible
     URL that scores tokens (sparse top-`top_k` KL; `teacher_model` names the model, default the
@@ -278,7 +288,8 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
         teacher_obj = None
     try:
         return evaluate_loaded(model, tokenizer, data, teacher_obj, device=dev, batch_size=batch_size,
-                               max_new_tokens=max_new_tokens, greedy=greedy, model_name=src.describe())
+                               max_new_tokens=max_new_tokens, greedy=greedy, model_name=src.describe(),
+                               progress=progress)
     finally:
         if scorer is not None:
             scorer.close()
