@@ -70,6 +70,16 @@ def test_a_cache_hit_is_never_submitted(tmp_path):
         assert len(srv.batch_rows) == 2 and r.cached == 4
 
 
+def test_top_logprobs_survive_the_batch(tmp_path):
+    with FaultServer(FaultConfig(api_key=KEY, batch_latency=0.05)) as srv:
+        r, _, err = gen_in_process(tmp_path, srv.url, total=3, top_logprobs=3, **BATCH)
+        assert not isinstance(r, Exception), err
+    for row in lines(tmp_path / "kd.jsonl"):
+        lps = row["teacher_logprobs"]
+        assert lps and all(len(t["top"]) == 3 and "bytes" in t for t in lps)
+        assert "".join(bytes(t["bytes"]).decode() for t in lps) == row["teacher_text"]
+
+
 def _popen(tmp: Path, url: str, *extra):
     cmd = [sys.executable, "-m", "kdforge", *map(str, gen_args(tmp, url, "--batch", "--batch-size", 3,
                                                                "--batch-poll", 0.05, "--temperature", 0,

@@ -124,6 +124,7 @@ class BatchRun:
         self._next_poll: dict[int, float] = {}
         self._interval: dict[int, float] = {}
         self.budget_short: BudgetExceededError | None = None
+        self.api_calls = 0  # control-plane HTTP calls this run (upload, submit, list, poll, cancel, download)
 
     # ---------------------------------------------------------------- the loop
     async def run(self, gen) -> None:
@@ -158,6 +159,9 @@ class BatchRun:
             self.save()
             if online is not None:
                 await asyncio.gather(online, return_exceptions=True)
+            done = sum(1 for f in self.state.files if f.status == "done")
+            self.log(f"batch: {len(self.state.files)} files ({done} done, {len(self.open_files())} open), "
+                     f"{self.api_calls} Batch API calls this run")
 
     def _need(self) -> int:
         """Samples still to send: neither written, nor in an open file, nor being retried online."""
@@ -249,7 +253,9 @@ class BatchRun:
             held.append(job)
         back = rows[len(held):]  # cut off by the budget: they stay pending
         self.retry, self._todo = [], back + pool[taken:]
-        if cut is not None:
+        if cut is None:
+            self.budget_short = None  # this file fit whole: any earlier shortfall has passed
+        else:
             worst = self.prices.cost_nano(self.tokens.prompt_bound(cut.messages), self.cfg.max_tokens)
             self.budget_short = BudgetExceededError(
                 f"budget exhausted: spent ${gen.ledger.spent:.4f} of ${gen.ledger.limit:.4f} with "
@@ -302,6 +308,7 @@ class BatchRun:
         meta = {"kdforge_run": self.state.run_id, "kdforge_file": str(f.n)}
         for attempt in range(1, API_RETRIES + 1):
             try:
+                self.api_calls += 1
                 return await self.api.call("submit (POST /v1/batches)", self.api.openai.batches.create,
                                            input_file_id=f.file_id, endpoint="/v1/chat/completions",
                                            completion_window="24h", metadata=meta)
@@ -336,6 +343,7 @@ class BatchRun:
             if self.gen.stop_reason is not None and self.gen.stop_reason != "budget":
                 return None
             try:
+                self.api_calls += 1
                 return await self.api.call(what, fn, *args, **kw)
             except AttemptFailed as e:
                 if not await self._wait_after(e, attempt, what):
