@@ -201,3 +201,21 @@ def test_a_batch_run_never_passes_the_budget(tmp_path_factory, batch_size, row_e
     assert abs(led.spent_nano - billed * NANO) <= 16  # what the provider billed, to a nano-dollar a row
     if not isinstance(r, Exception):
         _unique_total(tmp / "kd.jsonl", 8)
+
+
+def test_cancel_finds_a_batch_whose_id_was_never_saved(tmp_path):
+    """Killed right after the provider created the batch: --cancel finds it by its metadata and
+    cancels it, rather than releasing the money held for a batch that is running."""
+    with FaultServer(FaultConfig(api_key=KEY, batch_latency=600, hold_create=30)) as srv:
+        money = ["--price-input", 3, "--price-output", 15]
+        proc = _popen(tmp_path, srv.url, *money)
+        _wait(lambda: srv.batches, proc, "a batch")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _state(tmp_path)["files"][0]["status"] == "uploaded"
+        srv.cfg.hold_create = 0
+        p = run_gen(tmp_path, srv.url, "--batch", "--cancel", "--batch-poll", 0.05, *money, total=6)
+        assert p.returncode == 0, p.stderr
+        assert [b["status"] for b in srv.batches.values()] == ["cancelled"]
+        assert _state(tmp_path)["files"][0]["batch_id"] == next(iter(srv.batches))
+        assert _spent_nano(tmp_path / "ckpt") == (0, 0)

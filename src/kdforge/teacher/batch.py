@@ -146,7 +146,11 @@ class BatchRun:
                     while gen.stop_reason is None and await self._send_next_file():
                         pass
                 for f in self.open_files():
-                    if f.status in ("intent", "uploaded") and gen.stop_reason is None:
+                    if gen.stop_reason is not None:
+                        break
+                    if self.cancel and f.status == "uploaded":
+                        await self._adopt_or_release(f)
+                    elif f.status in ("intent", "uploaded"):
                         await self._submit(f)
                 if not self.open_files() and not busy and not self.online and not self.retry:
                     if self.budget_short is not None and self._need() > 0 and not self.cancel:
@@ -213,8 +217,8 @@ class BatchRun:
         for f in self.open_files():
             self._next_poll[f.n] = time.monotonic()
             self._interval[f.n] = self.cfg.batch_poll
-            if self.cancel and f.status != "submitted":  # never sent: nothing to cancel at the provider
-                self._release(f, "cancelled before submission")
+            if self.cancel and f.status == "intent":  # no file id: no batch can exist for it
+                self._release(f, "cancelled before upload")
         if self.open_files():
             self.log(f"batch: resuming {len(self.open_files())} open file(s) of run {self.state.run_id} "
                      f"({self._held_rows()} rows; {sum(1 for f in self.state.files if not f.open)} files done)")
@@ -298,6 +302,18 @@ class BatchRun:
             self.log(f"batch file {f.n}: submitted as {found.id} ({len(f.rows)} rows, "
                      f"${self._held_usd(f):.4f} held at the batch price)")
 
+    async def _adopt_or_release(self, f: BatchFile) -> None:
+        """--cancel on a file uploaded but with no batch id saved: the batch may exist (killed right
+        after creating it): if the list has it, it is cancelled like the others; else released."""
+        found = await self._find(f)
+        if found is None:
+            if self.gen.stop_reason is None:
+                self._release(f, "cancelled before submission")
+            return
+        f.batch_id, f.status, f.provider_status = found.id, "submitted", found.status
+        self.save()
+        self._next_poll[f.n] = time.monotonic()
+
     def _held_usd(self, f: BatchFile) -> float:
         led = self.gen.ledger
         return sum(r.nano for sid in f.rows if (r := led.held(hold_key(self.state.run_id, f.n, sid)))) / NANO
@@ -366,8 +382,10 @@ class BatchRun:
         if isinstance(e, RateLimited):
             gen.limiter.on_429(wait, e.headers)
         gen.stats.retries[e.kind] += 1
-        await asyncio.sleep(wait)
-        return True
+        end = time.monotonic() + wait
+        while gen.stop_reason is None and time.monotonic() < end:  # an interrupt must not wait a backoff out
+            await asyncio.sleep(min(0.2, end - time.monotonic()))
+        return gen.stop_reason is None
 
     # ---------------------------------------------------------------- polling
     async def _poll_due(self) -> None:
