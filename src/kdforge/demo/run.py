@@ -49,7 +49,7 @@ def _student_config(s: DemoSettings, work: Path, data: Path, name: str, kind: st
     }
 
 
-def _generate(server, s: DemoSettings, work: Path, prompts: Path, log) -> dict:
+def _generate(server, s: DemoSettings, work: Path, prompts: Path, log, batch: bool = False) -> dict:
     data = work / "data" / "kd.jsonl"
     cmd = [sys.executable, "-m", "kdforge", "generate", "--out", str(data), "--teacher", server.base_url,
            "--model", server.model, "--total", str(s.n_samples), "--prompts", str(prompts),
@@ -57,6 +57,8 @@ def _generate(server, s: DemoSettings, work: Path, prompts: Path, log) -> dict:
            "--top-logprobs", str(s.top_k), "--max-tokens", str(s.max_new_tokens), "--temperature", "0",
            "--concurrency", "32", "--seed", str(s.seed), "--api-key-env", KEY_ENV,
            "--checkpoint-dir", str(work / "data" / "checkpoints"), "--cache-dir", str(work / "data" / "cache")]
+    if batch:  # through the server's Batch API, at half the price: files of 500, polled every 0.5 s or more
+        cmd += ["--batch", "--batch-size", "500", "--batch-poll", "0.5"]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
     if p.returncode != 0:
@@ -119,8 +121,9 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print) -> dict:
-    """Run the demo; returns the results table as a dict. Raises KdforgeError if a step fails."""
+def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, batch: bool = False) -> dict:
+    """Run the demo; returns the results table as a dict. Raises KdforgeError if a step fails.
+    `batch`: the teacher data comes through the Batch API (kdforge generate --batch)."""
     from kdforge.config import from_dict
     from kdforge.serve import launch
     from kdforge.train.runner import run_training
@@ -138,7 +141,7 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print) -
         raise KdforgeError(f"--workdir {work} is not empty: give a new folder (the demo starts from nothing)")
     work.mkdir(parents=True, exist_ok=True)
     info = teacher_info()
-    log(f"kdforge demo{' --fast' if fast else ''}: work dir {work}")
+    log(f"kdforge demo{' --fast' if fast else ''}{' --batch' if batch else ''}: work dir {work}")
     log(f"task: sort letters (e.g. 'Sort: q d m a x' -> 'a d m q x'); teacher {info.get('parameters', '?'):,} "
         f"params; {s.n_samples} teacher answers; 2 students x {s.steps} steps")
 
@@ -152,11 +155,12 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print) -
     log("[1/5] starting kdforge serve on the teacher (127.0.0.1, free port)")
     # One thread for the server: its batches of a 1M-parameter model gain nothing from a second,
     # and two threads spin against the generate client (and anything else) on a 2-core machine.
-    with launch(TEACHER_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, api_key_env=KEY_ENV) as server:
+    with launch(TEACHER_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, api_key_env=KEY_ENV,
+                extra_args=["--batch-dir", str(work / "batches")] if batch else None) as server:
         log(f"  {server.base_url} (model {server.model})")
         log(f"[2/5] kdforge generate: {s.n_samples} answers, top-{s.top_k} logprobs, "
             f"${PRICE_IN}/${PRICE_OUT} per M tokens (fictitious), budget ${BUDGET}")
-        gen = _generate(server, s, work, prompts, log)
+        gen = _generate(server, s, work, prompts, log, batch)
         times["generate"] = gen["seconds"]
     log(f"  {gen['samples']} samples, {gen['completion_tokens']:,} completion tokens, ${gen['cost_usd']:.4f}; "
         "server stopped")
