@@ -219,3 +219,25 @@ def test_cancel_finds_a_batch_whose_id_was_never_saved(tmp_path):
         assert [b["status"] for b in srv.batches.values()] == ["cancelled"]
         assert _state(tmp_path)["files"][0]["batch_id"] == next(iter(srv.batches))
         assert _spent_nano(tmp_path / "ckpt") == (0, 0)
+
+
+def test_keyed_holds_outlive_the_run_at_their_own_price(tmp_path):
+    """A batch row's hold is reserved, not spent, after a restart, keeps its batch price, and is
+    settled once; a plain reservation left open still counts at its worst case."""
+    online = Prices(2.0, 8.0, "t")
+    batch = online.for_batch(0.5)
+    led = BudgetLedger(tmp_path / "budget.jsonl", online, limit=1.0)
+    led.try_reserve(100, 50, batch, key="batch:r:1:a")
+    led.try_reserve(100, 50)  # online, killed in flight
+    led.close()
+    led = BudgetLedger(tmp_path / "budget.jsonl", online, limit=1.0)
+    assert led.held_keys() == ["batch:r:1:a"]
+    assert led.spent_nano == online.cost_nano(100, 50) and led.reserved_nano == batch.cost_nano(100, 50)
+    res = led.held("batch:r:1:a")
+    led.settle(res, 40, 10, "ok")
+    assert led.settle(res, 40, 10, "ok") == 0.0 and led.held("batch:r:1:a") is None  # settled once
+    led.close()
+    led = BudgetLedger(tmp_path / "budget.jsonl", online, limit=1.0)
+    assert led.held_keys() == [] and led.reserved_nano == 0
+    assert led.spent_nano == online.cost_nano(100, 50) + batch.cost_nano(40, 10) == \
+        online.cost_nano(100, 50) + -(-online.cost_nano(40, 10) // 2)

@@ -181,7 +181,14 @@ class BatchRun:
         return sum(1 for f in self.open_files() for sid in f.rows if sid not in j.ids)
 
     def _update_held(self) -> None:
+        """Tell the online workers how many samples the batches hold, and the progress line how
+        the files stand."""
         self.gen.held_elsewhere = self._held_rows()
+        files = self.state.files
+        running = sum(1 for f in files if f.status == "submitted" and f.provider_status not in (None, "validating"))
+        self.gen.stats.note = (f"batch files {sum(1 for f in files if f.batch_id)} submitted / {running} in progress "
+                               f"/ {sum(1 for f in files if f.status == 'done')} done · "
+                               f"${self.gen.ledger.reserved:.4f} held")
 
     def _sleep_for(self) -> float:
         if not self._next_poll:

@@ -428,7 +428,8 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
     jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed,
                                         warn=lambda m: print(f"warning: {m}", file=err_stream, flush=True)))
     if dry_run:
-        print(dry_run_report(cfg, jobs, prices, out, ckpt, cache_dir), file=out_stream, flush=True)
+        shown = prices.for_batch(cfg.batch_discount) if cfg.batch and prices else prices  # what a --batch run pays
+        print(dry_run_report(cfg, jobs, shown, out, ckpt, cache_dir), file=out_stream, flush=True)
         return None
     if batch_action == "status":
         from kdforge.teacher.batch import status_report

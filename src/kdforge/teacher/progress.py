@@ -24,6 +24,7 @@ class Stats:
     cost: float = 0.0  # USD this run
     failed: Counter = field(default_factory=Counter)  # reason kind -> samples
     retries: Counter = field(default_factory=Counter)  # error kind -> attempts retried
+    note: str = ""  # a mode's own progress (batch files submitted / in progress / done), shown in the line
     _starts: deque = field(default_factory=deque)  # monotonic times of recent request starts
     _tokens: deque = field(default_factory=deque)  # (time, tokens) of recent answers
 
@@ -70,7 +71,7 @@ class Stats:
         errs = sum(self.retries.values()) + sum(self.failed.values())
         eta = self.eta()
         return (f"{self.done}/{self.total} samples · {money} · {rpm:.0f} req/min · {tpm / 1000:.1f}k tok/min · "
-                f"ETA {_hms(eta) if eta is not None else '-'} · errors {errs}")
+                f"ETA {_hms(eta) if eta is not None else '-'} · errors {errs}" + (f" · {self.note}" if self.note else ""))
 
 
 def _hms(seconds: float) -> str:
