@@ -49,7 +49,6 @@ STATE_FILE = "batch.json"
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 MAX_BATCH_TRIES = 3  # batches a row may fail in before it counts as a failed sample (a re-run retries it)
 POLL_MAX = 60.0  # seconds: the longest wait between two polls of one batch
-API_RETRIES = 12  # attempts of one control-plane call (upload, create, poll, download) on 429/5xx
 LIST_SLACK = 600  # seconds: batches created this long before our intent cannot be ours (list is newest first)
 
 
@@ -329,7 +328,7 @@ class BatchRun:
         """POST /v1/batches once. A failure of unknown outcome is checked against the list before
         any retry: the provider may have created it."""
         meta = {"kdforge_run": self.state.run_id, "kdforge_file": str(f.n)}
-        for attempt in range(1, API_RETRIES + 1):
+        for attempt in range(1, self.cfg.max_retries + 2):
             try:
                 self.api_calls += 1
                 return await self.api.call("submit (POST /v1/batches)", self.api.openai.batches.create,
@@ -362,7 +361,7 @@ class BatchRun:
     async def _call(self, what: str, fn, *args, **kw):
         """A control-plane call with retries on 429/5xx/timeouts (Retry-After honoured). None: the
         run is stopping or the provider stayed unavailable (the run then stops, resumable)."""
-        for attempt in range(1, API_RETRIES + 1):
+        for attempt in range(1, self.cfg.max_retries + 2):  # as an online request: max_retries after the first
             if self.gen.stop_reason is not None and self.gen.stop_reason != "budget":
                 return None
             try:
@@ -380,7 +379,7 @@ class BatchRun:
                     if e.status == 404 else "the request was refused")
             gen._stop("refused", TeacherRefusedError(f"{what}: {e.reason}; {hint}"))
             return False
-        if attempt >= API_RETRIES:
+        if attempt > self.cfg.max_retries:
             gen._stop("unavailable", KdforgeError(f"{what} at {self.cfg.teacher} kept failing ({attempt} attempts, "
                                                   f"last: {e.reason})"))
             return False
