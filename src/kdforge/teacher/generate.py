@@ -15,6 +15,10 @@ not yet in the file and:
    5xx/timeout/drop: backoff with jitter, retry up to `max_retries`; on other 4xx: record the
    failure (reason kept) and move on to the next prompt; on 401/403/404: stop everything.
 
+With `--batch` (kdforge.teacher.batch) the samples go up as Batch API files instead; every result
+row comes back through `Generator.deliver` / `reject`, the same settle, cache and journal steps as
+an online answer, and rows retried online run through these workers.
+
 Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused -> in-flight
 requests cancelled at once, exit 4. SIGINT/SIGTERM -> no new dispatch, in-flight requests finish
 (a second signal cancels them), exit 130. Teacher down (3 samples in a row out of retries) or
