@@ -96,6 +96,9 @@ class FaultConfig:
     batch_poll_5xx: float = 0.0  # probability a GET /v1/batches/{id} answers 503
     hold_upload: float = 0.0  # seconds a POST /v1/files waits, file stored, before it answers
     hold_create: float = 0.0  # seconds a POST /v1/batches waits, batch created, before it answers
+    hold_content: float = 0.0  # seconds a GET /v1/files/{id}/content waits before it answers
+    batch_usage: str = "honest"  # one of USAGE_LIES: what batch result rows report (billing stays honest)
+    batch_garbage: bool = False  # result files also hold lines that are not JSON, and rows of unknown ids
 
 
 @dataclass
@@ -165,6 +168,7 @@ class FaultServer:
         self.batches: dict[str, dict] = {}  # id -> batch object (+ private "_t0", "_n")
         self.batch_rows: Counter = Counter()  # custom_id -> times submitted in a created batch
         self.batch_api = _BatchAPI(self)
+        self.content_gets = 0  # GET /v1/files/{id}/content requests
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -471,6 +475,11 @@ class _BatchAPI:
                 ctoks = srv._completion_len(prompt, max_tokens)
                 srv.hits.append(Hit(time.time(), 200, prompt, ptoks, ctoks, True, "batch", body))
                 status, obj = 200, srv._completion(body, prompt, ptoks, ctoks, max_tokens)
+                usage = srv._usage(c.batch_usage, ptoks, ctoks, max_tokens)
+                if usage is None:
+                    obj.pop("usage", None)
+                else:
+                    obj["usage"] = usage
             row = {"id": f"batch_req_{i}", "custom_id": sid,
                    "response": {"status_code": status, "request_id": f"req_{i}", "body": obj}, "error": None}
             (out if status == 200 else err).append(row)
@@ -478,6 +487,9 @@ class _BatchAPI:
             if lines:
                 fid = self._now_id("file")
                 data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                if c.batch_garbage:
+                    data = (b"<html>not json\n" + data + json.dumps({"custom_id": "not-ours", "response": {
+                        "status_code": 200, "body": {}}}).encode() + b"\n" + data[: len(data) // 3])
                 srv.files[fid] = {"meta": {"id": fid, "object": "file", "bytes": len(data), "purpose": "batch_output",
                                            "created_at": int(time.time()), "filename": f"{b['id']}_{name}.jsonl",
                                            "status": "processed"}, "data": data}
@@ -522,8 +534,12 @@ class _BatchAPI:
     def file(self, fid: str, content: bool):
         with self.srv.lock:
             f = self.srv.files.get(fid)
+            if content:
+                self.srv.content_gets += 1
         if f is None:
             return 404, _error(f"No file with id {fid!r}"), {}
+        if content and self.srv.cfg.hold_content:
+            time.sleep(self.srv.cfg.hold_content)
         return 200, (f["data"] if content else f["meta"]), {}
 
 
