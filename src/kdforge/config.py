@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdforge.errors import ConfigError
+from kdforge.errors import ConfigError, UsageError
 
 
 class Section(BaseModel):
@@ -72,6 +72,25 @@ class IOSection(Section):
 
 class TeacherSection(Section):
     path: str | None = None  # local teacher model for dense logit KD
+    url: str | None = None  # an OpenAI-compatible server that scores tokens (on-policy KD over HTTP)
+    model: str | None = None  # the model to ask `url` for; None: the server's only one
+    api_key_env: str = "OPENAI_API_KEY"
+    top_logprobs: int = Field(20, gt=0, le=20)  # teacher alternatives per scored token (K)
+
+
+class OnPolicySection(Section):
+    """On-policy distillation: the student answers, the teacher scores the student's own tokens."""
+
+    fraction: float = Field(0.0, ge=0, le=1)  # probability that an optimizer step is on-policy
+    max_new_tokens: int = Field(128, gt=0)  # tokens the student samples per prompt
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    prompts: list[str] = []  # prompt-only files (JSONL prompt/messages, or text); else the step's data
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, v):
+        return [v] if isinstance(v, str) else v
 
 
 class LossSection(Section):
@@ -155,6 +174,13 @@ class DaemonSection(Section):
     settle_seconds: float = Field(2.0, ge=0)  # a file must be unchanged this long to be taken
     # a bigger inbox file is rejected unread (1 GiB): one file must not exhaust memory or disk time
     max_batch_bytes: int = Field(1073741824, gt=0)
+    # held-out KD data (JSONL, as `kdforge eval --data`) scored after every batch and consolidation:
+    # ce, perplexity, kl (plus exact_match, token_f1, accuracy with eval_greedy, which generates: slower)
+    eval_file: str | None = None
+    eval_greedy: bool = False
+    # `kdforge verify` fails when the latest held-out ce is more than this share above the lowest it
+    # reached (0.10: 10% relative): the student is forgetting what earlier batches taught it
+    forgetting_threshold: float = Field(0.10, gt=0)
 
     @field_validator("snapshot_time")
     @classmethod
@@ -212,6 +238,7 @@ class Config(Section):
     model: ModelSection = ModelSection()
     io: IOSection = IOSection()
     teacher: TeacherSection = TeacherSection()
+    on_policy: OnPolicySection = OnPolicySection()
     loss: LossSection = LossSection()
     train: TrainSection = TrainSection()
     daemon: DaemonSection = DaemonSection()
@@ -381,7 +408,8 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
         p.append(("train.seq_lengths", f"{len(t.seq_lengths)} curriculum stages for {t.max_steps} steps"))
     if t.micro_batch_size * t.grad_accum > 65536:
         p.append(("train.grad_accum", f"global batch {t.micro_batch_size}x{t.grad_accum} is not sensible"))
-    if cfg.loss.kind != "ce" and cfg.loss.kd_weight == 0:
+    # kd_weight 0 with on-policy steps: dataset steps train CE alone, on-policy steps the divergence.
+    if cfg.loss.kind != "ce" and cfg.loss.kd_weight == 0 and cfg.on_policy.fraction == 0:
         p.append(("loss.kd_weight", f"loss.kind={cfg.loss.kind} with kd_weight 0 trains no KD; use kind: ce"))
     return p
 
@@ -474,6 +502,37 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             if student_vocab and tv != student_vocab:
                 p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}): "
                           "logit KD needs the same tokenizer on both sides"))
+    p += _on_policy_problems(cfg, for_run)
+    return p
+
+
+def _on_policy_problems(cfg: Config, for_run: bool) -> list[tuple[str, str]]:
+    """on_policy.fraction > 0 needs a teacher that scores tokens and a divergence to train on."""
+    op, p = cfg.on_policy, []
+    if op.fraction <= 0:
+        return p
+    if not cfg.teacher.path and not cfg.teacher.url:
+        p.append(("on_policy.fraction", f"{op.fraction} needs a teacher to score the student's answers: set "
+                  "teacher.path (a local model, dense) or teacher.url (kdforge serve, vLLM)"))
+    if cfg.loss.kind == "ce":
+        p.append(("loss.kind", "ce cannot train on the student's own answers (no teacher text there): "
+                  "use rkl (the usual for on-policy), fkl or jsd, or set on_policy.fraction=0"))
+    if cfg.teacher.url and not cfg.teacher.path and cfg.generate.budget_limit is not None:
+        from kdforge.teacher.pricing import resolve_prices
+
+        g = cfg.generate
+        try:
+            prices = resolve_prices(cfg.teacher.model or g.model, g.price_input, g.price_output)
+        except UsageError as e:  # one of the two prices given: its message names the fix
+            prices, why = None, str(e)
+        else:
+            why = (f"no price known for model {cfg.teacher.model or g.model!r}: set generate.price_input and "
+                   "generate.price_output (USD per million tokens)")
+        if prices is None:
+            p.append(("generate.budget_limit", f"a budget for scoring over teacher.url needs a price; {why}"))
+    for i, f in enumerate(op.prompts):
+        if for_run and not Path(f).is_file():
+            p.append((f"on_policy.prompts[{i}]", f"not found: {f}"))
     return p
 
 

@@ -22,9 +22,12 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from kdforge.errors import BudgetExceededError
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
 from kdforge.train.losses import LossSums
+from kdforge.train.on_policy import OnPolicy
+from kdforge.train.on_policy import prompts_of as on_policy_prompts
 
 
 MAX_LOG_HISTORY = 10_000  # trainer_state.json keeps the newest entries; metrics.jsonl keeps all
@@ -85,10 +88,14 @@ def _to(batch: dict, device) -> dict:
 def train_steps(objective, optimizer, scheduler, stream: DataStream, state: TrainState,
                 lc: LoopConfig, *, until_step: int | None, seq_len_at: Callable[[int], int],
                 hooks: Hooks | None = None, device: torch.device | str = "cpu",
-                amp_dtype: torch.dtype | None = None) -> str:
+                amp_dtype: torch.dtype | None = None, on_policy: OnPolicy | None = None) -> str:
     """Train until `state.global_step == until_step` ("done"), the stream runs out ("exhausted"),
     or `hooks.should_stop()` ("stopped"). Saves at every `save_steps` and before returning
-    (unless the last step was just saved). `objective` may be DDP-wrapped. Mutates `state`."""
+    (unless the last step was just saved). `objective` may be DDP-wrapped. Mutates `state`.
+
+    `on_policy` (train/on_policy.py) makes some steps train on the student's own answers, scored
+    by the teacher, instead of the dataset's micro-batches. A priced teacher's budget running out
+    raises BudgetExceededError after saving the last finished step."""
     hooks = hooks or Hooks()
     rank, world = _world()
     device = torch.device(device)
@@ -101,25 +108,42 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
     while until_step is None or state.global_step < until_step:
         # ---- gather this step's micro-batches (every rank walks the same global order)
         seq_len = seq_len_at(state.global_step)
-        mine, n_local, n_kd_local, samples = [], 0, 0, 0
-        for m in range(lc.grad_accum * world):
-            got = stream.next_micro_batch(seq_len)
-            if got is None:
-                break
-            batch, n_ex = got
-            samples += n_ex
-            if m % world == rank:
-                mine.append(batch)
-                n, n_kd = counts(batch)
-                n_local += n
-                n_kd_local += n_kd
+        op_step = on_policy is not None and on_policy.is_on_policy(state.global_step)
+        n_micro = lc.grad_accum * world
+        mine, samples = [], 0
+        if op_step and on_policy.uses_pool:  # prompts from on_policy.prompts: the dataset stays put
+            sets = on_policy.pool_prompts(state.global_step, n_micro)
+            mine = [sets[m] for m in range(n_micro) if m % world == rank]
+        else:
+            for m in range(n_micro):
+                got = stream.next_micro_batch(seq_len)
+                if got is None:
+                    break
+                batch, n_ex = got
+                samples += n_ex
+                if m % world == rank:
+                    mine.append(on_policy_prompts(batch) if op_step else batch)
         empty = float(not mine)
         if world > 1:  # every rank must agree, or the collectives below would hang
             empty = _all_sum([empty], device)[0]
         if empty:
             reason = "exhausted"
             break
+        if op_step:  # the student answers, the teacher scores; nothing trained yet if the budget ends here
+            try:
+                mine = on_policy.replace(state.global_step, mine, rank, world)
+            except BudgetExceededError:
+                if hooks.save and state.global_step != saved_at:
+                    hooks.save(state)  # the step before this one: a resume redoes this step whole
+                raise
+        n_local = n_kd_local = 0
+        for batch in mine:
+            n, n_kd = counts(batch)
+            n_local += n
+            n_kd_local += n_kd
         n_global, n_kd_global = (int(x) for x in _all_sum([float(n_local), float(n_kd_local)], device))
+        # An on-policy step trains the divergence alone: the student's answer has no teacher text.
+        kd_weight = 1.0 if op_step else lc.kd_weight
         if n_global == 0:  # a step of examples with no target tokens: skip, keep position
             continue
 
@@ -137,7 +161,7 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             with ctx:
                 with amp:
                     sums = model(batch)
-                    loss = sums.loss(lc.kd_weight, lc.kind, n_global, n_kd_global) * world  # DDP averages ranks
+                    loss = sums.loss(kd_weight, lc.kind, n_global, n_kd_global) * world  # DDP averages ranks
                 loss.backward()
             ce_sum += float(sums.ce.detach())
             kd_sum += float(sums.kd.detach())
@@ -161,7 +185,7 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
         state.epoch = round(stream.epoch_float, 6)
         state.data_position = stream.position()
         tokens_since += n_global
-        means = step_sums.metrics(lc.kd_weight, lc.kind)  # the backward's combine rule, on the step's totals
+        means = step_sums.metrics(kd_weight, lc.kind)  # the backward's combine rule, on the step's totals
         loss_m = means["loss"]
         if not math.isfinite(loss_m):
             raise FloatingPointError(f"loss is {loss_m} at step {state.global_step}: lower train.lr "
@@ -174,6 +198,8 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
+        if op_step:
+            rec.update(on_policy.step_metrics())
         if state.global_step % lc.log_steps == 0:
             rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
             t_last, tokens_since = now, 0

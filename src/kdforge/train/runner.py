@@ -22,6 +22,7 @@ from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream, check_fingerprint, curriculum, data_fingerprint
 from kdforge.train.loop import Hooks, evaluate_loss, train_steps
+from kdforge.train.on_policy import OnPolicy
 from kdforge.train.schedule import train_schedule
 # The daemon imported these from here before sessions existed; they live in session.py now.
 from kdforge.train.session import (Session, StopFlag, amp_dtype_for, build_session, load_student,  # noqa: F401
@@ -97,6 +98,7 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
         hooks = Hooks(on_log=_metrics_writer(metrics_path, progress, log) if rank == 0 else None,
                       save=lambda st: _save(session, out, st, log), evaluate=_evaluator(session, data),
                       should_stop=session.stop)
+        on_policy = OnPolicy.from_session(session, log)
         n_params, n_train = session.parameter_counts()
         if rank == 0:
             log(f"train: {len(data.train)} examples, {data.total} steps ({data.per_epoch}/epoch), global batch "
@@ -106,11 +108,14 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
             until = min(data.total, stop_after) if stop_after else data.total
             reason = train_steps(session.objective, session.optimizer, session.scheduler, data.stream, state,
                                  session.loop, until_step=until, seq_len_at=curriculum(t.seq_lengths, data.total),
-                                 hooks=hooks, device=session.device, amp_dtype=session.amp_dtype)
+                                 hooks=hooks, device=session.device, amp_dtype=session.amp_dtype,
+                                 on_policy=on_policy)
             in_step = True  # every rank returns from the loop at the same step
         finally:
             if progress:
                 progress.close()
+            if on_policy:
+                on_policy.close()
     finally:
         if session is not None:
             session.close(in_step)  # every rank leaves the process group, finished or not
@@ -132,7 +137,8 @@ def _load_data(cfg: Config, session: Session, log) -> _Data:
     from kdforge.data.dataset import KDDataset
 
     t = cfg.train
-    with_topk = cfg.loss.kind != "ce" and not cfg.teacher.path
+    # Every step on-policy: the data gives prompts only, its stored top-k (if any) is never used.
+    with_topk = cfg.loss.kind != "ce" and not cfg.teacher.path and cfg.on_policy.fraction < 1
     max_len = max(t.seq_lengths)
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
                          with_topk=with_topk)

@@ -1,0 +1,252 @@
+"""On-policy distillation: the student answers the step's prompts, the teacher scores those tokens.
+
+Each optimizer step is on-policy with probability `on_policy.fraction`, drawn from a generator
+seeded by (train.seed, global step) alone, so a resumed run makes the same draws (no state to
+save). On such a step `train_steps` hands its micro-batches to `OnPolicy.replace`:
+
+1. prompts: the prompt tokens of the step's dataset examples (the tokens before the first label);
+   or, with `on_policy.prompts`, prompts drawn (seeded by the step) from those prompt-only files,
+   and then the dataset is not consumed;
+2. the student samples answers (`model.generate`: batched, KV-cached, no gradient, left-padded),
+   at `temperature` / `top_p` for up to `max_new_tokens`, with the torch RNG seeded from the step
+   inside `fork_rng` (the training RNG is untouched); everything after the first EOS is dropped;
+3. the batch becomes prompt + answer with labels on the answer only (the EOS included), and the
+   teacher scores exactly those tokens: `teacher.path` in the objective (dense logits, as for any
+   batch); `teacher.url` over HTTP (`teacher.scoring.PricedScorer`: top-K logprobs by token id,
+   through the budget ledger, cache and rate limiter), stored as the batch's `topk_ids` /
+   `topk_logprobs` like a dataset's top-k;
+4. the loop trains the configured divergence alone on it (kd_weight 1: there is no teacher text).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdforge.data.dataset import IGNORE, collate
+
+# Stream salts: the step's draw, its prompts and its samples come from unrelated generators.
+_DRAW, _PROMPTS, _SAMPLE = 1, 2, 3
+
+
+def _seed(seed: int, step: int, salt: int, m: int = 0) -> int:
+    """A 63-bit seed from (train.seed, global step, purpose, micro-batch index)."""
+    return ((((seed * 1_000_003 + step) * 1_009 + salt) * 100_003 + m) * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+@dataclass
+class StepReport:
+    """What one on-policy step cost: for the step's metrics record."""
+
+    teacher_tokens: int = 0  # tokens the teacher scored (prompt + answer, every sequence)
+    answer_tokens: int = 0  # tokens the student sampled (EOS included)
+    usd: float = 0.0  # money this step's scoring charged (0 for a local teacher or a cache hit)
+    cached: int = 0  # scoring requests the cache answered
+
+    def metrics(self, spent_total: float | None) -> dict:
+        rec = {"on_policy": True, "teacher_tokens": self.teacher_tokens, "answer_tokens": self.answer_tokens,
+               "teacher_usd": round(self.usd, 9)}
+        if spent_total is not None:
+            rec["teacher_usd_total"] = round(spent_total, 9)
+            rec["teacher_cached"] = self.cached
+        return rec
+
+
+class OnPolicy:
+    """Decides which steps are on-policy and builds their micro-batches (see the module docstring).
+
+    `model`: the student itself (not a DDP wrapper); `scorer`: a PricedScorer when the teacher is
+    `teacher.url`, else None (the objective's dense teacher scores in-process)."""
+
+    def __init__(self, section, seed: int, model, tokenizer, *, micro_batch_size: int, scorer=None,
+                 prompt_pool: list[list[int]] | None = None):
+        self.fraction = section.fraction
+        self.max_new_tokens = section.max_new_tokens
+        self.temperature = section.temperature
+        self.top_p = section.top_p
+        self.seed = seed
+        self.model = model
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+        self.mbs = micro_batch_size
+        self.scorer = scorer
+        self.pool = prompt_pool or []
+        self.last = StepReport()
+
+    @classmethod
+    def from_session(cls, session, log=print) -> OnPolicy | None:
+        """From the session's config (on_policy, teacher, generate sections); None when fraction is 0."""
+        cfg = session.cfg
+        op = cfg.on_policy
+        if op.fraction <= 0:
+            return None
+        scorer = None
+        if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
+            scorer = _priced_scorer(cfg, session.world, log)
+        pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
+        return cls(op, cfg.train.seed, session.model, session.tokenizer,
+                   micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool)
+
+    # ------------------------------------------------------------------ the draw
+    def is_on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` (the global step before it runs) trains on-policy."""
+        if self.fraction >= 1:
+            return True
+        g = torch.Generator().manual_seed(_seed(self.seed, step, _DRAW))
+        return bool(torch.rand((), generator=g) < self.fraction)
+
+    @property
+    def uses_pool(self) -> bool:
+        """Prompts come from `on_policy.prompts`: an on-policy step leaves the dataset where it is."""
+        return bool(self.pool)
+
+    def pool_prompts(self, step: int, n_micro: int) -> list[list[list[int]]]:
+        """`n_micro` micro-batches of prompts drawn from the pool (with replacement), seeded by the step."""
+        g = torch.Generator().manual_seed(_seed(self.seed, step, _PROMPTS))
+        idx = torch.randint(len(self.pool), (n_micro, self.mbs), generator=g).tolist()
+        return [[self.pool[i] for i in row] for row in idx]
+
+    # ------------------------------------------------------------------ a step's batches
+    def replace(self, step: int, prompt_sets: list[list[list[int]]], rank: int = 0, world: int = 1) -> list[dict]:
+        """Micro-batches of the student's answers to each set of prompts, scored as configured.
+        Set m of this rank is micro-batch m * world + rank of the step: its seed says which."""
+        self.last = StepReport()
+        out = []
+        for m, prompts in enumerate(prompt_sets):
+            prompts = [p for p in prompts if p]  # a {"text"} record has no prompt to answer
+            if prompts:
+                out.append(self.answer(prompts, _seed(self.seed, step, _SAMPLE, m * world + rank)))
+        return out
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
+        """The student's answer to each prompt: sampled tokens up to and including the first EOS."""
+        from transformers import GenerationConfig
+
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+            ids[b, width - len(p):] = torch.tensor(p)
+            mask[b, width - len(p):] = 1
+        gc = GenerationConfig(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
+                              max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
+                              eos_token_id=self.eos_id, use_cache=True)
+        was_training = self.model.training
+        self.model.eval()  # no dropout while sampling
+        devices = [device] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(seed)
+                out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                          generation_config=gc)
+        finally:
+            self.model.train(was_training)
+        answers = []
+        for row in out[:, width:].tolist():
+            cut = row.index(self.eos_id) + 1 if self.eos_id in row else len(row)
+            answers.append(row[:cut])
+        return answers
+
+    def answer(self, prompts: list[list[int]], seed: int) -> dict:
+        """One micro-batch: prompt + sampled answer, labels on the answer, teacher rows if over HTTP."""
+        answers = self.sample(prompts, seed)
+        items = []
+        for p, a in zip(prompts, answers):
+            items.append({"input_ids": torch.tensor(p + a, dtype=torch.long),
+                          "labels": torch.tensor([IGNORE] * len(p) + a, dtype=torch.long)})
+            self.last.teacher_tokens += len(p) + len(a)
+            self.last.answer_tokens += len(a)
+        batch = collate(items, self.pad_id)
+        if self.scorer is not None:
+            self._attach_scores(batch, [p + a for p, a in zip(prompts, answers)])
+        return batch
+
+    def _attach_scores(self, batch: dict, seqs: list[list[int]]) -> None:
+        """The teacher's top-K for every token of each sequence, as a dataset's top-k tensors
+        (row t is the teacher's distribution for token t; id -1 marks no entry)."""
+        rows_all = []
+        for s in seqs:
+            rows, usd, cached = self.scorer.score(s)
+            self.last.usd += usd
+            self.last.cached += int(cached)
+            rows_all.append(rows)
+        B, L = batch["input_ids"].shape
+        K = max((len(r) for rows in rows_all for r in rows if r), default=1)
+        ids = torch.full((B, L, K), -1, dtype=torch.long)
+        lps = torch.zeros((B, L, K), dtype=torch.float32)
+        for b, rows in enumerate(rows_all):
+            for t, r in enumerate(rows):
+                if r and batch["labels"][b, t] != IGNORE:
+                    top = sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))
+                    ids[b, t, :len(top)] = torch.tensor([i for i, _ in top])
+                    lps[b, t, :len(top)] = torch.tensor([lp for _, lp in top])
+        batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+
+    def step_metrics(self) -> dict:
+        return self.last.metrics(self.scorer.spent if self.scorer is not None else None)
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+def prompts_of(batch: dict) -> list[list[int]]:
+    """The prompt tokens of every example of a padded or packed dataset micro-batch: the tokens
+    before its first label (empty for a {"text"} record, which is all response)."""
+    out = []
+    ids, labels = batch["input_ids"], batch["labels"]
+    segs = batch.get("seq_ids")
+    for b in range(ids.shape[0]):
+        if segs is None:
+            spans = [batch["attention_mask"][b].bool()]
+        else:
+            spans = [segs[b] == s for s in segs[b].unique().tolist() if s >= 0]
+        for span in spans:
+            x, y = ids[b][span].tolist(), labels[b][span].tolist()
+            first = next((i for i, v in enumerate(y) if v != IGNORE), len(y))
+            out.append(x[:first])
+    return out
+
+
+def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
+    """Prompt-only files (generate's --prompts formats) as token ids, rendered like dataset prompts."""
+    from kdforge.data.dataset import KDDataset
+    from kdforge.teacher.prompts import read_prompt_file
+
+    render = KDDataset([], tokenizer=tokenizer, records=[])._prompt_text  # the dataset's own rendering
+    pool = []
+    for f in files:
+        for p in read_prompt_file(f):
+            msgs = [{"role": r, "content": c} for r, c in p.messages]
+            pool.append(tokenizer(render(msgs), add_special_tokens=False)["input_ids"])
+    return pool
+
+
+def _priced_scorer(cfg, world: int, log):
+    from kdforge.errors import UsageError
+    from kdforge.teacher.pricing import resolve_prices
+    from kdforge.teacher.scoring import PricedScorer
+
+    if world > 1:
+        raise UsageError("on_policy with teacher.url under torchrun is not supported yet (one budget "
+                         "ledger per output dir): use teacher.path, or train in one process")
+    from kdforge.eval.scoring import TokenScorer
+
+    g, t = cfg.generate, cfg.teacher
+    model = t.model or g.model
+    if model is None:  # the server's only model names the price
+        probe = TokenScorer(t.url, None, t.top_logprobs, t.api_key_env)
+        try:
+            model = probe.resolved_model()
+        finally:
+            probe.close()
+    prices = resolve_prices(model, g.price_input, g.price_output)
+    if g.budget_limit is not None and prices is None:
+        raise UsageError(f"generate.budget_limit: no price known for the model {model!r} of {t.url}: set "
+                         "generate.price_input and generate.price_output (USD per million tokens)")
+    return PricedScorer(t.url, model, t.top_logprobs, t.api_key_env, Path(cfg.io.output_dir) / "on_policy",
+                        prices, g.budget_limit, g.rpm, g.tpm, g.delay, log=log)
