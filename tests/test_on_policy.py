@@ -1,0 +1,203 @@
+"""On-policy distillation: the student answers, the teacher scores its tokens (SPEC "On-policy
+distillation"). Real `kdforge train` processes, a real SIGKILL, a real `kdforge serve` teacher."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import yaml
+
+from conftest import cli_env, run_cli
+from kdforge.train import checkpoint as ckpt
+from train_helpers import kill9, metrics, popen_train, wait_for, weights
+
+KEY_ENV = "KDFORGE_ONPOLICY_KEY"
+
+
+def op_config(tmp, tokenizer_dir, data, *, out, teacher: dict, on_policy: dict, generate: dict | None = None,
+              **train) -> "os.PathLike":
+    cfg = {
+        "model": {"preset": "toy", "max_seq_len": 128},
+        "io": {"tokenizer_path": str(tokenizer_dir), "train_shards": [str(data)], "output_dir": str(tmp / out)},
+        "teacher": teacher,
+        "on_policy": {"max_new_tokens": 6, **on_policy},
+        "loss": {"kind": "rkl", "kd_weight": 0.5},
+        "train": {"micro_batch_size": 4, "grad_accum": 1, "seq_lengths": [64], "max_steps": 4, "lr": 3e-3,
+                  "warmup_steps": 1, "save_steps": 2, "seed": 0, **train},
+    }
+    if generate:
+        cfg["generate"] = generate
+    path = tmp / f"{out}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _sigkill_once_saved(cfg, out) -> int:
+    """Start `kdforge train`, SIGKILL it once a checkpoint exists; returns that checkpoint's step."""
+    p = popen_train(cfg)
+    assert wait_for(lambda: ckpt.latest_checkpoint(out) is not None), p.communicate()[0]
+    kill9(p)
+    return ckpt.read_state(ckpt.latest_checkpoint(out)).global_step
+
+
+def test_sigkill_resume_of_an_on_policy_run_is_bitwise_an_uninterrupted_one(tmp_path, tokenizer_dir,
+                                                                             tiny_model_dir, data_file):
+    """Half the steps on-policy (dense local teacher): SIGKILL after a checkpoint, resume, and every
+    loss, every on-policy draw and every weight equal the uninterrupted run's to the bit."""
+    steps = 14
+    kw = dict(teacher={"path": str(tiny_model_dir)}, on_policy={"fraction": 0.5}, max_steps=steps, save_steps=4)
+    ref = op_config(tmp_path, tokenizer_dir, data_file, out="ref", **kw)
+    assert (r := run_cli("train", "--config", ref)).returncode == 0, r.stdout + r.stderr
+    cfg = op_config(tmp_path, tokenizer_dir, data_file, out="crash", **kw)
+    out = tmp_path / "crash"
+    killed_at = _sigkill_once_saved(cfg, out)
+    assert killed_at < steps, "the run finished before the kill: the test proved nothing"
+    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Resuming from checkpoint: checkpoint-{killed_at}" in r.stdout
+
+    m_ref, m = metrics(tmp_path / "ref"), metrics(out)
+    assert sorted(m) == list(range(1, steps + 1))
+    flags = [bool(m_ref[s].get("on_policy")) for s in m_ref]
+    assert 0 < sum(flags) < steps, f"both kinds of step should occur: {flags}"
+    assert flags[killed_at:] == [bool(m[s].get("on_policy")) for s in range(killed_at + 1, steps + 1)]
+    for s in m:
+        assert (m[s]["loss"], m[s].get("teacher_tokens")) == (m_ref[s]["loss"], m_ref[s].get("teacher_tokens")), s
+    a, b = weights(tmp_path / "ref" / f"checkpoint-{steps}"), weights(out / f"checkpoint-{steps}")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_draw_depends_on_seed_and_step_only(tokenizer_dir):
+    from kdforge.config import OnPolicySection
+    from kdforge.data.dataset import load_tokenizer
+    from kdforge.train.on_policy import OnPolicy
+
+    tok = load_tokenizer(str(tokenizer_dir))
+    sec = OnPolicySection(fraction=0.3)
+    a = OnPolicy(sec, 0, None, tok, micro_batch_size=2, prompt_pool=[[1], [2], [3]])
+    b = OnPolicy(sec, 0, None, tok, micro_batch_size=2, prompt_pool=[[1], [2], [3]])
+    draws = [a.is_on_policy(s) for s in range(2000)]
+    assert draws == [b.is_on_policy(s) for s in range(2000)]  # a resumed run makes the same draws
+    assert 0.27 < sum(draws) / len(draws) < 0.33
+    assert draws[500:] == [a.is_on_policy(s) for s in range(500, 2000)]  # no hidden state: order free
+    assert a.pool_prompts(7, 3) == b.pool_prompts(7, 3) != a.pool_prompts(8, 3)
+    other = OnPolicy(sec, 1, None, tok, micro_batch_size=2)
+    assert draws != [other.is_on_policy(s) for s in range(2000)]
+
+
+@pytest.fixture(scope="module")
+def served_teacher(tiny_model_dir):
+    from kdforge.serve import launch
+
+    os.environ[KEY_ENV] = "onpolicy-test-key"
+    server = launch(tiny_model_dir, env=cli_env(), api_key_env=KEY_ENV)
+    with server:
+        yield server
+
+
+def _dense_topk_batch(batch, teacher, k):
+    """The batch with the teacher's top-k + the token itself per answer token, from the dense
+    in-process teacher: what a scoring server must return for the same tokens."""
+    from kdforge.data.dataset import IGNORE
+
+    with torch.no_grad():
+        lp = torch.log_softmax(teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                               .logits.float(), -1)
+    B, L = batch["input_ids"].shape
+    ids, lps = torch.full((B, L, k + 1), -1), torch.zeros((B, L, k + 1))
+    for b in range(B):
+        for t in range(1, L):
+            if batch["labels"][b, t] == IGNORE:
+                continue
+            row = lp[b, t - 1]
+            entries = {int(i): float(row[i]) for i in row.topk(k).indices}
+            entries[int(batch["input_ids"][b, t])] = float(row[batch["input_ids"][b, t]])
+            top = sorted(entries.items(), key=lambda kv: (-kv[1], kv[0]))
+            ids[b, t, :len(top)] = torch.tensor([i for i, _ in top])
+            lps[b, t, :len(top)] = torch.tensor([v for _, v in top])
+    return {**batch, "topk_ids": ids, "topk_logprobs": lps}
+
+
+def test_over_http_the_loss_is_the_served_teachers(tmp_path, tokenizer_dir, tiny_model_dir, data_file,
+                                                   served_teacher):
+    """Every step on-policy, teacher.url = kdforge serve: step 1's logged KD equals the KD of the same
+    sampled tokens against the dense in-process teacher's top-5, recomputed here."""
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.config import load_config
+    from kdforge.data.dataset import KDDataset
+    from kdforge.train.data_stream import DataStream
+    from kdforge.train.on_policy import OnPolicy, prompts_of
+    from kdforge.train.session import build_session
+
+    cfg_path = op_config(tmp_path, tokenizer_dir, data_file, out="http", max_steps=2,
+                         teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
+                         on_policy={"fraction": 1.0})
+    r = run_cli("train", "--config", cfg_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = metrics(tmp_path / "http")
+    assert all(m[s]["on_policy"] and m[s]["teacher_tokens"] > 0 for s in m)
+    assert (tmp_path / "http" / "on_policy" / "cache.sqlite").exists()
+
+    cfg = load_config([str(cfg_path)])
+    session = build_session(cfg, install_signals=False)
+    ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=64)
+    batch, _ = DataStream(ds, 4, 0).next_micro_batch(64)
+    op = OnPolicy(cfg.on_policy, 0, session.model, session.tokenizer, micro_batch_size=4)
+    (mb,) = op.replace(0, [prompts_of(batch)])
+    assert op.last.teacher_tokens == m[1]["teacher_tokens"]  # the same answers were sampled
+    teacher = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32).eval()
+    with torch.no_grad():
+        sums = session.objective(_dense_topk_batch(mb, teacher, 5))
+    assert sums.kd_count == m[1]["kd_tokens"]
+    assert abs(float(sums.kd) / sums.kd_count - m[1]["kd"]) < 1e-5, (float(sums.kd) / sums.kd_count, m[1]["kd"])
+    session.close()
+
+
+def test_a_priced_scoring_run_stops_at_its_budget_with_exit_3_and_resumes(tmp_path, tokenizer_dir, data_file,
+                                                                         served_teacher):
+    from kdforge.teacher.budget import BudgetLedger
+    from kdforge.teacher.pricing import Prices
+
+    price = {"price_input": 1000.0, "price_output": 1000.0}  # USD per million tokens: $0.001 a token
+    limit = 0.30  # two and a bit steps of 4 scored sequences of ~30 tokens
+    kw = dict(teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
+              on_policy={"fraction": 1.0}, max_steps=6, save_steps=100)
+    cfg = op_config(tmp_path, tokenizer_dir, data_file, out="priced", generate={**price, "budget_limit": limit}, **kw)
+    r = run_cli("train", "--config", cfg)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "budget exhausted" in r.stderr + r.stdout
+    out = tmp_path / "priced"
+    ledger = BudgetLedger(out / "on_policy" / "budget.jsonl", Prices(1000.0, 1000.0, "test"), readonly=True)
+    assert 0 < ledger.spent <= limit
+    last = ckpt.latest_checkpoint(out)
+    assert last is not None, "the run saves its last finished step before exiting 3"
+    stopped_at = ckpt.read_state(last).global_step
+    assert 1 <= stopped_at < 6 and sorted(metrics(out)) == list(range(1, stopped_at + 1))
+    assert all(m["teacher_usd_total"] <= limit for m in metrics(out).values())
+    # tokens paid for in the step the budget stopped (its first requests fitted, a later one not)
+    paid_in_stopped = ledger.prompt_tokens - sum(m["teacher_tokens"] for m in metrics(out).values())
+    assert paid_in_stopped > 0, "the limit should cut a step in the middle: the test proves less"
+
+    r = run_cli("train", "--config", cfg, "--resume", "auto", "generate.budget_limit=10")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"Resuming from checkpoint: checkpoint-{stopped_at}" in r.stdout
+    m = metrics(out)
+    assert sorted(m) == list(range(1, 7))
+    assert m[stopped_at + 1]["teacher_cached"] > 0, "what the stopped step paid for is not paid again"
+    spent = BudgetLedger(out / "on_policy" / "budget.jsonl", Prices(1000.0, 1000.0, "test"), readonly=True).spent
+    assert abs(spent - m[6]["teacher_usd_total"]) < 1e-9
+
+
+def test_config_rules_exit_2_naming_the_field(tmp_path, tokenizer_dir, data_file):
+    cfg = op_config(tmp_path, tokenizer_dir, data_file, out="nope", teacher={}, on_policy={"fraction": 0.5})
+    r = run_cli("train", "--config", cfg, "loss.kind=ce")
+    assert r.returncode == 2 and "on_policy.fraction" in r.stderr and "loss.kind" in r.stderr, r.stderr
+    r = run_cli("train", "--config", cfg, "on_policy.fraction=1.5")
+    assert r.returncode == 2 and "on_policy.fraction" in r.stderr, r.stderr
+    r = run_cli("train", "--config", cfg, "teacher.url=http://127.0.0.1:9/v1", "teacher.model=no-such-model",
+                "generate.budget_limit=1")
+    assert r.returncode == 2 and "generate.budget_limit" in r.stderr and "price" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
