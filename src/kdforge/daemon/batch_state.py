@@ -30,6 +30,9 @@ class BatchState:
     consolidated_step: int | None = None
     consolidated_on: str | None = None  # YYYYMMDD of the last daily merge
     consolidations: list[dict[str, Any]] = field(default_factory=list)  # {generation, step, base_model}
+    # ---- daemon.eval_file (heldout.py): the first held-out record, and the one of the lowest ce so far
+    heldout_first: dict[str, Any] | None = None
+    heldout_best: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,11 @@ named in the log (inbox.py); a batch that fails while loading or training, whate
 is rolled back to the checkpoint it started from (weights, optimizer, scheduler, RNG, global_step
 and the BatchState) and moved to rejected/ with its reason. The daemon's bookkeeping is a
 `BatchState` (batch_state.py) saved in every checkpoint.
+
+The run itself (tokenizer, student, teacher, objective, optimizer, open-ended schedule) is a
+`Session` (train/session.py), built as `kdforge train` builds its own: `resume` loads a checkpoint,
+`save` writes one, `rebuild` puts a new student on a consolidated base. With `daemon.eval_file`
+the student is scored on held-out data after every batch and consolidation (heldout.py).
 """
 
 from __future__ import annotations
@@ -35,20 +40,19 @@ from kdforge.config import Config, check_config
 from kdforge.daemon import consolidate
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.dailylog import DailyLog
+from kdforge.daemon.heldout import HeldOut, describe, lowest, status_fields
 from kdforge.daemon.inbox import (BaseDirLock, Fingerprint, batch_files, claim, claim_parts, fingerprint, move_to,
                                   next_ready, read_batch, reject, scan, shown)
 from kdforge.daemon.layout import Layout
 from kdforge.daemon.snapshot import list_snapshots, snapshot_due, take_snapshot, time_reached
 from kdforge.daemon.status import StatusFile
-from kdforge.errors import ConfigError, DataError, KdforgeError, UsageError
+from kdforge.errors import ConfigError, DataError, KdforgeError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
-from kdforge.train.loop import Hooks, LoopConfig, train_steps
-from kdforge.train.objective import DistillObjective
-from kdforge.train.runner import (StopFlag, amp_dtype_for, load_student, load_teacher, make_optimizer,
-                                  pick_device)
+from kdforge.train.loop import Hooks, train_steps
 from kdforge.train.schedule import LRMultiplier
+from kdforge.train.session import Session, StopFlag, build_session
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
 MAX_LINES_NAMED = 20  # bad lines of one file named in the log and its reason; a million would drown both
@@ -78,18 +82,15 @@ class Daemon:
     def __init__(self, base_dir: str | Path, cfg: Config, *, now: Callable[[], datetime] = datetime.now,
                  echo: Callable[[str], None] | None = None, handle_signals: bool = True):
         self.paths = Layout(Path(base_dir).resolve())
-        self.cfg, self.dc, self.tc = cfg, cfg.daemon, cfg.train
+        self.cfg, self.daemon_cfg, self.train_cfg = cfg, cfg.daemon, cfg.train
         self.now = now
         self.handle_signals = handle_signals
         self.log = DailyLog(self.paths.logs, now, echo)
         self.status = StatusFile(self.paths.status_file, now)
         self.stop_flag = StopFlag()
-        self.resolved = cfg.model_dump(mode="json")
-        self.seq_len = self.tc.seq_lengths[-1]
-        self.device = pick_device(self.tc.device)
-        self.amp_dtype = amp_dtype_for(cfg, self.device)
-        self.model = self.objective = self.optimizer = self.scheduler = self.tokenizer = self.teacher = None
-        self.base_model: str | None = None  # the base folder the loaded model was built on
+        self.seq_len = self.train_cfg.seq_lengths[-1]
+        self.session: Session | None = None  # the loaded run: model, optimizer, scheduler (built in _setup)
+        self.heldout: HeldOut | None = None  # daemon.eval_file, loaded once
         self.state = TrainState()
         self.batch = BatchState()  # the daemon's bookkeeping, saved in every checkpoint's trainer_state.json
         self.in_memory: tuple[str, int] | None = None  # (checkpoint name, step) the loaded state equals
@@ -107,9 +108,10 @@ class Daemon:
         lock = lock or BaseDirLock(self.paths.lock_file).acquire()  # a second daemon is refused here
         self.paths.make()
         self.paths.stop_file.unlink(missing_ok=True)
-        old_handlers = self._install_signals()
+        if self.handle_signals:
+            self.stop_flag.install()
         try:
-            self.log.info(f"daemon started: pid {os.getpid()}, base dir {self.paths.base}, device {self.device}")
+            self.log.info(f"daemon started: pid {os.getpid()}, base dir {self.paths.base}")
             self.status.update(status="starting")
             self._setup()
             while not self._stop_requested():
@@ -134,17 +136,9 @@ class Daemon:
             self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
             raise
         finally:
-            for s, h in old_handlers.items():
-                signal.signal(s, h)
+            self.stop_flag.uninstall()
             if own_lock:
                 lock.release()
-
-    def _install_signals(self) -> dict:
-        if not self.handle_signals:
-            return {}
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        self.stop_flag.install()
-        return old
 
     def _stop_requested(self) -> bool:
         why = (f"signal {signal.Signals(self.stop_flag.signum).name}" if self.stop_flag()
@@ -157,18 +151,14 @@ class Daemon:
 
     def _idle(self, wait: float | None) -> None:
         self.status.update(status="idle", current_file=None, batch_queue_size=len(batch_files(self.paths.inbox)))
-        deadline = time.monotonic() + min(self.dc.poll_interval, wait if wait is not None else math.inf)
+        deadline = time.monotonic() + min(self.daemon_cfg.poll_interval, wait if wait is not None else math.inf)
         while time.monotonic() < deadline and not self._stop_requested():
             time.sleep(0.05)
 
     # ============================================================================ setup
 
     def _setup(self) -> None:
-        from transformers.utils import logging as hf_logging
-
         from kdforge.data.dataset import load_tokenizer
-
-        hf_logging.disable_progress_bar()  # no "Loading weights" bars between log lines
 
         problems = check_config(self.cfg, for_run=True, job="daemon")
         if problems:
@@ -178,14 +168,15 @@ class Daemon:
         configured = self._configured_base()
         tok_from = self.cfg.io.tokenizer_path or (newest if newest and (newest / "tokenizer_config.json").is_file()
                                                   else configured)
-        self.tokenizer = load_tokenizer(str(tok_from))
-        self.teacher = load_teacher(self.cfg, self.device)
-        torch.manual_seed(self.tc.seed)
+        tokenizer = load_tokenizer(str(tok_from))
+        if self.daemon_cfg.eval_file:  # before any model: a bad file stops the start at once
+            self.heldout = HeldOut(self.daemon_cfg.eval_file, tokenizer, self.seq_len, self.daemon_cfg.eval_greedy)
         if newest is None:
-            self._load_fresh(configured)
+            self._open_session(configured, tokenizer)
             self.log.info(f"no checkpoint in {self.paths.checkpoints}: the first batch starts from "
                           f"{configured} at step 0")
         else:
+            self._open_session(self._saved_base(newest), tokenizer)
             self._load_checkpoint(newest)
             base = self.batch.base_model
             if self.batch.generation == 0 and base != configured:
@@ -197,71 +188,72 @@ class Daemon:
         left = batch_files(self.paths.claimed)
         if left:
             self.log.info(f"unfinished batch(es) in inbox/.claimed/: {', '.join(shown(p.name) for p in left)}")
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.status.update(status="idle", current_step=self.state.global_step, base_model=self.base_model,
+        self.status.update(status="idle", current_step=self.state.global_step, base_model=self.session.base_model,
                            generation=self.batch.generation, batch_number=self.batch.batch_number,
                            last_checkpoint=newest.name if newest else None)
-        self.log.info(f"model ready: {'LoRA' if self.cfg.model.lora else 'full'} training, "
-                      f"{n_train:,} trainable parameters, save_steps {self.dc.save_steps}, "
-                      f"save_total_limit {self.dc.save_total_limit}, lr {self.tc.lr} ({self.dc.schedule})")
+        self._log_ready()
+
+    def _log_ready(self) -> None:
+        s, dc = self.session, self.daemon_cfg
+        held = f", held-out eval on {len(self.heldout)} records of {self.heldout.path}" if self.heldout else ""
+        self.log.info(f"model ready on {s.device}: {'LoRA' if self.cfg.model.lora else 'full'} training, "
+                      f"{s.parameter_counts()[1]:,} trainable parameters, save_steps {dc.save_steps}, "
+                      f"save_total_limit {dc.save_total_limit}, lr {self.train_cfg.lr} ({dc.schedule}){held}")
 
     def _warm_up(self) -> None:
         """One forward/backward on a dummy example and one chat-template render, so that the
         first batch's first step does not also pay for first-call setup (allocator, kernels,
         template compile). Weights, optimizer and RNG are left exactly as they were."""
-        if getattr(self.tokenizer, "chat_template", None):
-            self.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}],
-                                               add_generation_prompt=True, tokenize=False)
-        ids = torch.tensor([self.tokenizer("warm up the model", add_special_tokens=False)["input_ids"] or [0]],
-                           device=self.device)
-        with torch.random.fork_rng(devices=[self.device.index or 0] if self.device.type == "cuda" else []):
-            self.model.train()
-            self.model(input_ids=ids, labels=ids).loss.backward()
-        self.model.zero_grad(set_to_none=True)
+        s = self.session
+        if getattr(s.tokenizer, "chat_template", None):
+            s.tokenizer.apply_chat_template([{"role": "user", "content": "warm up"}],
+                                            add_generation_prompt=True, tokenize=False)
+        ids = torch.tensor([s.tokenizer("warm up the model", add_special_tokens=False)["input_ids"] or [0]],
+                           device=s.device)
+        with self._rng_untouched():
+            s.model.train()
+            s.model(input_ids=ids, labels=ids).loss.backward()
+        s.model.zero_grad(set_to_none=True)
+
+    def _rng_untouched(self):
+        """A block whose random draws leave the training RNG as it was (resume stays bitwise)."""
+        device = self.session.device
+        return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
     def _configured_base(self) -> str:
-        base = self.dc.base_model or self.cfg.model.path
+        base = self.daemon_cfg.base_model or self.cfg.model.path
         if not base:
             raise ConfigError([("daemon.base_model", "set the base model folder the daemon trains")])
         return str(Path(base).resolve())
 
-    def _build_model(self, base: str) -> None:
-        """Load `base` (plus a new adapter when LoRA is configured) and the objective around it."""
-        cfg = self.cfg.model_copy(update={"model": self.cfg.model.model_copy(update={"path": base})})
-        self.model = load_student(cfg, self.tokenizer, self.tc.seed).to(self.device)
-        self.base_model = base
-        lc = self.cfg.loss
-        self.objective = DistillObjective(self.model, lc.kind, lc.temperature, lc.beta, lc.chunk_size, self.teacher)
+    def _saved_base(self, path: Path) -> str:
+        """The base folder checkpoint `path` was trained on."""
+        return BatchState.from_extra(ckpt.read_state(path).extra).base_model or self._configured_base()
 
     def _schedule(self) -> LRMultiplier:
         """Open-ended: total_steps None, so neither kind ever decays."""
-        return LRMultiplier(self.dc.schedule, self.tc.warmup_steps if self.dc.schedule == "wsd" else 0, None)
+        warmup = self.train_cfg.warmup_steps if self.daemon_cfg.schedule == "wsd" else 0
+        return LRMultiplier(self.daemon_cfg.schedule, warmup, None)
 
-    def _new_optimizer(self) -> None:
-        self.optimizer = make_optimizer(self.model, self.cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
-
-    def _load_fresh(self, base: str) -> None:
-        self._build_model(base)
-        self._new_optimizer()
+    def _open_session(self, base: str, tokenizer) -> None:
+        """A fresh run on `base` at step 0 (seeded as every start is): student, optimizer, schedule."""
+        self.session = None  # free the old student before the new one loads
+        self.session = build_session(self.cfg, model_path=base, tokenizer=tokenizer, schedule=self._schedule(),
+                                     save_steps=self.daemon_cfg.save_steps, install_signals=False)
         self.state = TrainState()
         self.batch = BatchState(base_model=base)
         self.in_memory = None
+        self._show_heldout()
 
-    def _load_checkpoint(self, path: Path) -> None:
-        """Weights, optimizer, scheduler, RNG and state from `path` (the base it names, too)."""
-        base = BatchState.from_extra(ckpt.read_state(path).extra).base_model or self._configured_base()
-        if self.model is None or base != self.base_model:
-            self._build_model(base)
-        self._new_optimizer()
-        try:
-            self.state = ckpt.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-            self.scheduler.lr_lambdas[0] = self._schedule()  # step count from the checkpoint, shape from the config
-        except (RuntimeError, FileNotFoundError, KeyError, ValueError) as e:
-            raise UsageError(f"{path} does not fit this config ({e}); a LoRA checkpoint needs model.lora set "
-                             "as when it was trained, a full one needs no model.lora") from e
+    def _load_checkpoint(self, path: Path, new_student: bool = False) -> None:
+        """Weights, optimizer, scheduler, RNG and state from `path`, on the base it names (a new
+        student if that differs from the loaded one, or if `new_student`: the loaded one is spent)."""
+        base = self._saved_base(path)
+        self.session.rebuild(base_model=base if new_student or base != self.session.base_model else None)
+        self.state = self.session.resume(path)  # step count from the checkpoint, shape from the config
         self.batch = BatchState.from_extra(self.state.extra)
         self.in_memory = (path.name, self.state.global_step)
+        self._show_heldout()
 
     # ============================================================================ the inbox
 
@@ -271,7 +263,7 @@ class Daemon:
         if left:
             return left[0], None
         self._tidy_inbox()
-        path, wait = next_ready(self.paths.inbox, self.dc.settle_seconds)
+        path, wait = next_ready(self.paths.inbox, self.daemon_cfg.settle_seconds)
         if path is None:
             return None, wait
         claimed = claim(path, self.paths.claimed)
@@ -318,10 +310,11 @@ class Daemon:
             raise DataError(f"changed after it was claimed (a writer went on writing): {b.batch_bytes:,} bytes "
                             f"were trained, it now holds {now.size:,}; the batch was rolled back and the file "
                             "kept whole: write it elsewhere, then move it into inbox/ when complete", shown(name))
-        if self.dc.delete_processed:
+        dc = self.daemon_cfg
+        if dc.delete_processed:
             path.unlink()
             return "deleted"
-        dest = move_to(path, Path(self.dc.archive_dir) if self.dc.archive_dir else self.paths.processed, name)
+        dest = move_to(path, Path(dc.archive_dir) if dc.archive_dir else self.paths.processed, name)
         return f"archived to {shown(str(dest))}"
 
     # ============================================================================ one batch
@@ -371,9 +364,7 @@ class Daemon:
         if newest is not None:
             self._load_checkpoint(newest)
         else:  # the batch began on the fresh base: rebuild it as the start did
-            torch.manual_seed(self.tc.seed)
-            self.model = None
-            self._load_fresh(self._configured_base())
+            self._open_session(self._configured_base(), self.session.tokenizer)
         self.log.info(f"rolled back to {newest.name if newest else 'the fresh base'} "
                       f"(global_step {self.state.global_step})")
 
@@ -389,7 +380,7 @@ class Daemon:
         """The claimed file as a dataset, read once through a checked descriptor."""
         from kdforge.data.dataset import KDDataset
 
-        records, problems, fp = read_batch(path, shown(name), self.dc.max_batch_bytes)
+        records, problems, fp = read_batch(path, shown(name), self.daemon_cfg.max_batch_bytes)
         for problem in problems[:MAX_LINES_NAMED]:
             self.log.warning(f"skipped bad line {problem}")
         more = (f"\n... and {len(problems) - MAX_LINES_NAMED} more bad lines (kdforge data validate lists them all)"
@@ -399,9 +390,8 @@ class Daemon:
         if not records:
             reasons = "\n".join(str(p) for p in problems[:MAX_LINES_NAMED]) + more or f"{shown(name)}: no records"
             raise DataError(f"no usable line in {shown(name)} ({len(problems)} bad):\n{reasons}")
-        with_topk = self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
-        ds = KDDataset(path, tokenizer=self.tokenizer, max_seq_length=self.seq_len, with_topk=with_topk,
-                       strict=False, records=records)
+        ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
+                       with_topk=self.session.with_topk, strict=False, records=records)
         ds.problems = problems
         return ds, fp
 
@@ -442,11 +432,11 @@ class Daemon:
             b.batch_file, b.claim_id, b.batch_sha256, b.batch_bytes = name, claim_id, fp.sha256, fp.size
             b.batch_done, b.batch_start_step = False, st.global_step
             b.batches.append({"number": b.batch_number, "file": name, "start_step": st.global_step})
-        stream = DataStream(ds, self.tc.micro_batch_size, self.tc.seed + b.batch_number,
-                            max_epochs=self.dc.epochs_per_batch, name=shown(name))
+        tc, epochs = self.train_cfg, self.daemon_cfg.epochs_per_batch
+        stream = DataStream(ds, tc.micro_batch_size, tc.seed + b.batch_number, max_epochs=epochs, name=shown(name))
         if position:
             stream.restore(position)
-        n_steps = batch_steps(len(ds), self.dc.epochs_per_batch, self.tc.micro_batch_size, self.tc.grad_accum)
+        n_steps = batch_steps(len(ds), epochs, tc.micro_batch_size, tc.grad_accum)
         start, end = b.batch_start_step, b.batch_start_step + n_steps
         where = (f"continuing at step {st.global_step} (example {position['consumed']} of the batch)"
                  if position else f"global steps {start} -> {end}")
@@ -461,7 +451,7 @@ class Daemon:
                           "inbox/.claimed/ and continues from its saved data position on the next start")
             return
         how = self._finish_file(path, name)
-        last = st.log_history[-1]["loss"] if st.log_history else float("nan")
+        last = next((h["loss"] for h in reversed(st.log_history) if "loss" in h), float("nan"))  # not an eval record
         self.log.info(f"Batch {b.batch_number} done: {shown(name)}, global_step {st.global_step}, "
                       f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
                       f"{time.perf_counter() - t0:.1f}s; file {how}")
@@ -485,29 +475,45 @@ class Daemon:
 
         def save(state: TrainState) -> None:
             self.batch.batch_done = stream.exhausted()
+            if self.batch.batch_done:  # scored into the batch's final checkpoint: rolled back with it
+                self._evaluate(f"batch {self.batch.batch_number}")
             self._save(state)
 
-        loop = LoopConfig(grad_accum=self.tc.grad_accum, grad_clip=self.tc.grad_clip,
-                          kd_weight=self.cfg.loss.kd_weight, kind=self.cfg.loss.kind, save_steps=self.dc.save_steps,
-                          log_steps=self.tc.log_steps)
-        train_steps(self.objective, self.optimizer, self.scheduler, stream, self.state, loop, until_step=None,
-                    seq_len_at=lambda step: self.seq_len, device=self.device, amp_dtype=self.amp_dtype,
+        s = self.session
+        train_steps(s.objective, s.optimizer, s.scheduler, stream, self.state, s.loop, until_step=None,
+                    seq_len_at=lambda step: self.seq_len, device=s.device, amp_dtype=s.amp_dtype,
                     hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=self._stop_requested))
         return first_loss
 
     def _save(self, state: TrainState) -> None:
         t0 = time.perf_counter()
         state.extra = self.batch.into_extra(state.extra)
-        path = ckpt.save_checkpoint(self.paths.checkpoints, state, self.model, self.optimizer, self.scheduler,
-                                    self.tokenizer, self.resolved, self.dc.save_total_limit)
+        path = self.session.save(self.paths.checkpoints, state, self.daemon_cfg.save_total_limit)
         self.in_memory = (path.name, state.global_step)
         self.log.info(f"Saved checkpoint: {path.name} ({time.perf_counter() - t0:.2f}s)")
         self.status.update(last_checkpoint=path.name)
         self._snapshot_if_due()
 
+    def _evaluate(self, after: str) -> None:
+        """Score the held-out data (daemon.eval_file) into log_history, the status and the log."""
+        if self.heldout is None:
+            return
+        s, b = self.session, self.batch
+        with self._rng_untouched():
+            rec = self.heldout.score(s.model, s.teacher, s.device, self.state.global_step, after)
+        self.state.log_history.append(rec)
+        b.heldout_first = b.heldout_first or rec
+        b.heldout_best = lowest(b.heldout_best, rec)
+        self.log.info(describe(rec, b.heldout_first) + f", {rec['eval_seconds']:.1f}s")
+        self._show_heldout()
+
+    def _show_heldout(self) -> None:
+        if self.heldout is not None:
+            self.status.update(**status_fields(self.state.log_history, self.batch.heldout_first))
+
     def _after_batch(self) -> None:
         self.status.update(status="idle", current_file=None, batch_queue_size=self._queue_size(force=True))
-        every = self.dc.consolidate_every_batches
+        every = self.daemon_cfg.consolidate_every_batches
         if every and self.batch.batch_number % every == 0:
             self._consolidate(f"every {every} batch(es)")
 
@@ -516,17 +522,17 @@ class Daemon:
     def _housekeeping(self) -> None:
         self._snapshot_if_due()
         now = self.now()
-        if (self.dc.consolidate_daily and time_reached(now, self.dc.snapshot_time)
+        if (self.daemon_cfg.consolidate_daily and time_reached(now, self.daemon_cfg.snapshot_time)
                 and self.batch.consolidated_on != f"{now:%Y%m%d}"):
             self._consolidate("daily")
 
     def _snapshot_if_due(self) -> None:
         now = self.now()
-        day = snapshot_due(now, self.dc.snapshot_time, self.paths.snapshots)
+        day = snapshot_due(now, self.daemon_cfg.snapshot_time, self.paths.snapshots)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         if day is None or newest is None:
             return
-        path = take_snapshot(newest, self.paths.snapshots, day, self.dc.snapshot_keep, now)
+        path = take_snapshot(newest, self.paths.snapshots, day, self.daemon_cfg.snapshot_keep, now)
         self.log.info(f"snapshot {path.name}: {newest.name} -> {path}")
         self.status.update(last_snapshot=path.name)
 
@@ -534,7 +540,7 @@ class Daemon:
         """Merge the adapter into a new base (bases/gen-K), continue with a fresh adapter on it;
         global_step, the scheduler position and the loss curve go on unbroken."""
         b, step = self.batch, self.state.global_step
-        if not ckpt.is_peft(self.model):
+        if not ckpt.is_peft(self.session.model):
             if not self._told_full:
                 self.log.info("consolidation skipped: full training has no adapter to merge")
                 self._told_full = True
@@ -545,33 +551,19 @@ class Daemon:
         self.status.update(status="consolidating")
         gen = b.generation + 1
         out = self.paths.bases / f"gen-{gen:04d}"
-        self.paths.bases.mkdir(parents=True, exist_ok=True)
-        probe = consolidate.probe_ids(self.model.get_input_embeddings().num_embeddings, self.device)
-        ref = consolidate.logits(self.model, probe)
-        old_base, sched_state = self.base_model, self.scheduler.state_dict()
-        t0 = time.perf_counter()
+        old_base, t0 = self.session.base_model, time.perf_counter()
         try:
-            consolidate.merge_into_folder(self.model, out, self.tokenizer)
-            self.model = None  # the PEFT wrapper is spent; rebuild on the new base, fresh adapter
-            torch.manual_seed(self.tc.seed + gen)
-            self._build_model(str(out))
-            ok, diff = consolidate.same_outputs(ref, consolidate.logits(self.model, probe))
-            if not ok:
-                raise RuntimeError(f"merged model's logits differ by {diff:.3g} from base + adapter")
+            diff = self._merge_into(out, gen)
         except Exception as e:  # noqa: BLE001 - fall back to the previous base, which is untouched
             self.log.error(f"consolidation failed ({e}); continuing on {old_base}", e)
             shutil.rmtree(out, ignore_errors=True)
-            self.model = None
-            self._load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints))
+            self._load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints), new_student=True)
             self.status.update(status="idle")
             return
-        self._new_optimizer()  # Adam moments belonged to the old adapter; the lr schedule goes on
-        self.scheduler.load_state_dict(sched_state)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
         b.base_model, b.generation, b.consolidated_step = str(out), gen, step
         b.consolidated_on = f"{self.now():%Y%m%d}"
         b.consolidations.append({"generation": gen, "step": step, "base_model": str(out)})
+        self._evaluate(f"consolidation {gen}")
         self._save(self.state)  # replaces checkpoint-{step}: same step, new base, fresh adapter
         holders = ckpt.list_checkpoints(self.paths.checkpoints) + list_snapshots(self.paths.snapshots)
         gone = consolidate.prune_bases(self.paths.bases, {str(out)}, holders)
@@ -579,3 +571,19 @@ class Daemon:
                       f"(max |logit diff| {diff:.2e}, {time.perf_counter() - t0:.1f}s); previous base {old_base} "
                       f"kept while checkpoints name it" + (f"; removed {', '.join(g.name for g in gone)}" if gone else ""))
         self.status.update(status="idle", base_model=str(out), generation=gen)
+
+    def _merge_into(self, out: Path, gen: int) -> float:
+        """Write base + adapter merged into `out`, load it with a fresh adapter and a fresh
+        optimizer (Adam moments belonged to the old adapter; the lr schedule goes on), and check
+        that it computes what base + adapter did. The max |logit diff|; raises if it differs."""
+        s = self.session
+        probe = consolidate.probe_ids(s.model.get_input_embeddings().num_embeddings, s.device)
+        ref = consolidate.logits(s.model, probe)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        consolidate.merge_into_folder(s.model, out, s.tokenizer)  # the PEFT wrapper is spent after this
+        torch.manual_seed(self.train_cfg.seed + gen)  # the new adapter's initialisation
+        s.rebuild(base_model=str(out))
+        ok, diff = consolidate.same_outputs(ref, consolidate.logits(s.model, probe))
+        if not ok:
+            raise RuntimeError(f"merged model's logits differ by {diff:.3g} from base + adapter")
+        return diff

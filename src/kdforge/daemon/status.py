@@ -4,7 +4,8 @@ Fields (SPEC "daemon", plus a few an operator wants): status (starting, idle, tr
 consolidating, stopping, stopped, error), current_step, total_steps (the global step the current
 batch ends at), batch_number, batch_step / batch_steps, batch_queue_size, current_file, loss,
 learning_rate, tokens_per_s, last_checkpoint, last_snapshot, base_model, generation, pid,
-started_at, updated_at, last_error.
+started_at, updated_at, last_error; with `daemon.eval_file`, `eval` (the newest held-out numbers:
+step, after, ce, perplexity, kl, ..., change_since_first) and `eval_history` (the last 20).
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ def render(status: dict) -> str:
     if s.get("loss") is not None:
         lines.append(f"loss:             {s['loss']:.4f}   lr {s.get('learning_rate') or 0:.2e}   "
                      f"{s.get('tokens_per_s') or 0:,.0f} tokens/s")
+    ev = s.get("eval") or {}
+    if ev.get("ce") is not None:
+        moved = ev.get("change_since_first")
+        lines.append(f"held-out ce:      {ev['ce']:.4f} after {ev.get('after')}"
+                     + (f" ({moved:+.1%} since the first eval)" if moved is not None else ""))
     lines += [
         f"queue:            {s.get('batch_queue_size', 0)} file(s) waiting in inbox/",
         f"last checkpoint:  {s.get('last_checkpoint') or '-'}",

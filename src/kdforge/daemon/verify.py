@@ -4,9 +4,12 @@ Checks: checkpoints present and no more than `save_total_limit`; each with its w
 or full model), `optimizer.pt`, `scheduler.pt`, `trainer_state.json`; `global_step` strictly
 increasing across them (and equal to the folder's number); no ERROR lines in the daemon's logs;
 the daemon not in `error`; inbox empty (nothing waiting, nothing half-trained in inbox/.claimed/, no
-other entry); the
-loss curve with no jump back toward the initial loss at a batch boundary or a consolidation.
-Writes `BASE/verification_report.txt` and `BASE/loss.png` (loss vs global step, boundaries marked).
+other entry); the loss curve with no jump back toward the initial loss at a batch boundary or a
+consolidation; with `daemon.eval_file`, no forgetting: the newest held-out ce no more than
+`daemon.forgetting_threshold` (default 10%, relative) above the lowest it reached (heldout.py), and
+its change since the first held-out eval (after batch 1) reported.
+Writes `BASE/verification_report.txt` and `BASE/loss.png` (loss and held-out ce vs global step,
+boundaries marked).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 
 from kdforge.atomic import atomic_write_text
+from kdforge.config import DaemonSection
+from kdforge.daemon import heldout
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.inbox import claim_parts, scan, shown
 from kdforge.daemon.layout import Layout
@@ -66,15 +71,16 @@ def _state(folder: Path) -> dict | None:
         return None
 
 
-def _save_limit(folder: Path | None) -> int:
-    """The daemon's save_total_limit, from the resolved config the newest checkpoint carries."""
+def _daemon_setting(folder: Path | None, key: str):
+    """A `daemon:` setting from the resolved config the newest checkpoint carries (else its default)."""
     import yaml
 
+    default = getattr(DaemonSection(), key)
     try:
         conf = yaml.safe_load((folder / "kdforge.yaml").read_text()) or {}
-        return int(conf["daemon"]["save_total_limit"])
+        return type(default)(conf["daemon"][key])
     except (OSError, TypeError, KeyError, ValueError, AttributeError):
-        return 3
+        return default
 
 
 def boundaries(state: dict) -> list[tuple[int, str]]:
@@ -105,7 +111,11 @@ def jump_checks(history: list[dict], marks: list[tuple[int, str]]) -> list[tuple
     return results
 
 
+HELDOUT_COLOR = "tab:orange"  # the held-out line (a test finds it in the PNG)
+
+
 def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> Path | None:
+    """Training loss and, with daemon.eval_file, held-out ce (nats/token, the same axis) vs step."""
     curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
     if not curve:
         return None
@@ -116,6 +126,10 @@ def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> P
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1.2, label="training loss")
+    held = [(r["step"], r["eval_ce"]) for r in heldout.records(history) if r.get("eval_ce") is not None]
+    if held:
+        ax.plot([s for s, _ in held], [v for _, v in held], color=HELDOUT_COLOR, lw=1.6, marker="o", ms=4,
+                label="held-out ce (daemon.eval_file)")
     for i, (step, label) in enumerate(marks):
         style = ":" if label.startswith("consolidation") else "--"
         ax.axvline(step + 0.5, color="tab:red" if style == "--" else "tab:green", ls=style, lw=1,
@@ -176,21 +190,14 @@ def inbox_check(paths: Layout) -> Check:
     return Check("inbox empty (all batches trained and removed)", not found, detail)
 
 
-def verify(base_dir: str | Path) -> Verification:
-    paths = Layout(Path(base_dir).resolve())
-    if not paths.base.is_dir():
-        raise UsageError(f"--base-dir {paths.base}: no such folder (the daemon's base dir, see kdforge daemon --help)")
-    checks: list[Check] = []
-    lines = ["=== Continuous Training Verification Report ===", f"Date: {datetime.now():%Y-%m-%d %H:%M:%S}",
-             f"Base dir: {paths.base}", ""]
-
-    # ---------------------------------------------------------------- checkpoints
+def checkpoint_checks(paths: Layout, lines: list[str]) -> tuple[list[Check], Path | None]:
+    """Checkpoints present, within save_total_limit, each complete, global_step increasing; the newest."""
     folders = []
     if paths.checkpoints.is_dir():
         found = ((CKPT_RE.match(p.name), p) for p in paths.checkpoints.iterdir() if p.is_dir())
         folders = sorted((int(m.group(1)), p) for m, p in found if m)
     newest = folders[-1][1] if folders else None
-    limit = _save_limit(newest)
+    limit = _daemon_setting(newest, "save_total_limit")
     lines.append("Checkpoints:")
     missing_files = []
     for _, p in folders:
@@ -204,14 +211,38 @@ def verify(base_dir: str | Path) -> Verification:
             missing_files.append(f"{p.name} lacks {', '.join(lacks)}")
     if not folders:
         lines.append("  (none)")
-    checks.append(Check("checkpoints exist", bool(folders),
-                        f"{len(folders)} in {paths.checkpoints}" if folders else f"no checkpoint-* in {paths.checkpoints}"))
-    checks.append(Check(f"no more than save_total_limit ({limit}) checkpoints", len(folders) <= limit,
-                        f"{len(folders)} present"))
-    checks.append(Check("each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json",
-                        bool(folders) and not missing_files, "; ".join(missing_files) or "all complete"))
+    checks = [Check("checkpoints exist", bool(folders),
+                    f"{len(folders)} in {paths.checkpoints}" if folders else f"no checkpoint-* in {paths.checkpoints}"),
+              Check(f"no more than save_total_limit ({limit}) checkpoints", len(folders) <= limit,
+                    f"{len(folders)} present"),
+              Check("each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json",
+                    bool(folders) and not missing_files, "; ".join(missing_files) or "all complete"),
+              step_check(folders, lines)]
+    return checks, newest
 
-    checks.append(step_check(folders, lines))
+
+def heldout_check(newest: Path | None, state: dict, lines: list[str]) -> Check | None:
+    """With daemon.eval_file: the held-out numbers listed, and the forgetting check (None without)."""
+    recs = heldout.records(state.get("log_history", []))
+    if not recs:
+        return None
+    b = BatchState.from_extra(state.get("extra") or {})
+    first, best = b.heldout_first or recs[0], b.heldout_best
+    for r in recs if best is None else []:  # a checkpoint without the record: the history says
+        best = heldout.lowest(best, r)
+    threshold = _daemon_setting(newest, "forgetting_threshold")
+    lines += ["", "Held-out eval (daemon.eval_file):"] + [f"  {heldout.describe(r, first)}" for r in recs[-20:]]
+    ok, detail = heldout.forgetting(first, best, recs[-1], threshold)
+    return Check(f"no forgetting: held-out ce at most {threshold:.0%} above its lowest", ok, detail)
+
+
+def verify(base_dir: str | Path) -> Verification:
+    paths = Layout(Path(base_dir).resolve())
+    if not paths.base.is_dir():
+        raise UsageError(f"--base-dir {paths.base}: no such folder (the daemon's base dir, see kdforge daemon --help)")
+    lines = ["=== Continuous Training Verification Report ===", f"Date: {datetime.now():%Y-%m-%d %H:%M:%S}",
+             f"Base dir: {paths.base}", ""]
+    checks, newest = checkpoint_checks(paths, lines)
 
     # ---------------------------------------------------------------- logs, status, inbox
     checks.append(log_check(paths))
@@ -226,10 +257,10 @@ def verify(base_dir: str | Path) -> Verification:
                         f"{state_word}" + (f": {status.get('last_error')}" if status and status.get("last_error") else "")))
     checks.append(inbox_check(paths))
 
-    # ---------------------------------------------------------------- the loss curve
-    newest_state = _state(newest) if newest else None
-    history = (newest_state or {}).get("log_history", [])
-    marks = boundaries(newest_state or {})
+    # ---------------------------------------------------------------- the loss curve, held-out eval
+    newest_state = (_state(newest) if newest else None) or {}
+    history = newest_state.get("log_history", [])
+    marks = boundaries(newest_state)
     jumps = jump_checks(history, marks)
     bad = [d for ok, d in jumps if not ok]
     checks.append(Check("no loss jump back toward the initial loss at batch boundaries", bool(history) and not bad,
@@ -238,12 +269,14 @@ def verify(base_dir: str | Path) -> Verification:
 
     if newest is not None:
         lines += ["", f"Latest checkpoint: {newest.name}"]
-        b = BatchState.from_extra((newest_state or {}).get("extra") or {})
+        b = BatchState.from_extra(newest_state.get("extra") or {})
         lines.append(f"  batch {b.batch_number} ({shown(b.batch_file or '')}), base model "
                      f"{b.base_model} (generation {b.generation}), "
-                     f"samples_seen {(newest_state or {}).get('samples_seen')}")
+                     f"samples_seen {newest_state.get('samples_seen')}")
     if jumps:
         lines += ["", "Loss at boundaries:"] + [f"  {'ok ' if ok else 'JUMP'} {d}" for ok, d in jumps]
+    forgetting = heldout_check(newest, newest_state, lines)
+    checks += [forgetting] if forgetting else []
     lines += ["", "Checks:"] + [f"  [{'PASS' if c.ok else 'FAIL'}] {c.name}: {c.detail}" for c in checks]
     ok = all(c.ok for c in checks)
     failed = [c.name for c in checks if not c.ok]

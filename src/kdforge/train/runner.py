@@ -24,9 +24,7 @@ from kdforge.train.data_stream import DataStream, check_fingerprint, curriculum,
 from kdforge.train.loop import Hooks, evaluate_loss, train_steps
 from kdforge.train.on_policy import OnPolicy
 from kdforge.train.schedule import train_schedule
-# The daemon imported these from here before sessions existed; they live in session.py now.
-from kdforge.train.session import (Session, StopFlag, amp_dtype_for, build_session, load_student,  # noqa: F401
-                                   load_teacher, make_optimizer, pick_device)
+from kdforge.train.session import Session, build_session
 
 
 def steps_per_epoch(n_examples: int, micro: int, accum: int, world: int) -> int:

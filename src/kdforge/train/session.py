@@ -192,6 +192,11 @@ class Session:
     def fsdp(self) -> bool:
         return self.world > 1 and self.cfg.train.fsdp
 
+    @property
+    def with_topk(self) -> bool:
+        """Whether training data must carry the teacher's top-k: a KD loss with no local teacher."""
+        return self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
+
     def parameter_counts(self) -> tuple[int, int]:
         """(all parameters, trainable ones) of the student."""
         params = list(self.model.parameters())
@@ -270,8 +275,7 @@ def _on_base(cfg: Config, base_model: str) -> Config:
 
 
 def _objective(cfg: Config, model, teacher) -> DistillObjective:
-    loss = cfg.loss
-    return DistillObjective(model, loss.kind, loss.temperature, loss.beta, loss.chunk_size, teacher)
+    return DistillObjective.from_config(cfg.loss, model, teacher)
 
 
 def _optimizer(cfg: Config, model, schedule: LRMultiplier):
@@ -281,10 +285,7 @@ def _optimizer(cfg: Config, model, schedule: LRMultiplier):
 
 def loop_config(cfg: Config, save_steps: int | None = None) -> LoopConfig:
     """The loop's settings from the train and loss sections (the daemon passes its own save_steps)."""
-    t = cfg.train
-    return LoopConfig(grad_accum=t.grad_accum, grad_clip=t.grad_clip, kd_weight=cfg.loss.kd_weight,
-                      kind=cfg.loss.kind, save_steps=save_steps or t.save_steps, eval_steps=t.eval_steps,
-                      log_steps=t.log_steps)
+    return LoopConfig.from_config(cfg.train, cfg.loss, save_steps=save_steps or cfg.train.save_steps)
 
 
 def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
