@@ -1,11 +1,13 @@
 """Atomic file writes: write a sibling temp file, fsync, rename. A reader sees the old file or
-the new one, never half of either."""
+the new one, never half of either. And atomic appends (`AppendFile`): one write() per whole line
+on an O_APPEND descriptor, so a SIGKILL leaves whole lines and at most one torn tail."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +73,30 @@ def atomic_write_text(path: str | os.PathLike, text: str, durable: bool = True) 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2, durable: bool = True) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False, default=str) + "\n", durable)
+
+
+FSYNC_EVERY = 2.0  # seconds between fsyncs of an AppendFile (power loss may cost the last ones)
+
+
+class AppendFile:
+    """An append-only JSONL file: one write() per line, fsync every FSYNC_EVERY s and on close."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._synced = time.monotonic()
+
+    def append(self, obj: dict) -> None:
+        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data):]
+        if time.monotonic() - self._synced > FSYNC_EVERY:
+            os.fsync(self._fd)
+            self._synced = time.monotonic()
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None

@@ -40,7 +40,7 @@ from typing import Any
 
 from kdforge.atomic import atomic_write_text
 from kdforge.errors import BudgetExceededError, DataError
-from kdforge.teacher.journal import AppendFile
+from kdforge.atomic import AppendFile
 from kdforge.teacher.pricing import NANO, Prices
 
 

@@ -2,7 +2,7 @@
 
 - Each line is written with a single `write()` of the whole line, newline included, on an
   O_APPEND descriptor, so it reaches the kernel as it is written and survives a SIGKILL.
-  `fsync` runs every `FSYNC_EVERY` seconds and on close (power loss may cost the last second).
+  `fsync` runs every `atomic.FSYNC_EVERY` seconds and on close (power loss may cost the last second).
 - On open, the file is checked first and repaired second: the ids and prompt keys of the complete
   lines are loaded (a re-run skips them), then a torn last line (a run killed mid-write: no
   trailing newline, starting as our lines do) is cut off.
@@ -19,35 +19,11 @@ import os
 import time
 from pathlib import Path
 
+from kdforge.atomic import AppendFile
 from kdforge.errors import DataError
 from kdforge.teacher.prompts import prompt_key
 
-FSYNC_EVERY = 2.0  # seconds
 TORN_PREFIX = '{"id": '  # how every sample line starts (json.dumps of a record whose first key is id)
-
-
-class AppendFile:
-    """An append-only JSONL file: one write() per line, fsync every FSYNC_EVERY s and on close."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._synced = time.monotonic()
-
-    def append(self, obj: dict) -> None:
-        data = (json.dumps(obj, ensure_ascii=False) + "\n").encode("utf-8")
-        while data:
-            data = data[os.write(self._fd, data):]
-        if time.monotonic() - self._synced > FSYNC_EVERY:
-            os.fsync(self._fd)
-            self._synced = time.monotonic()
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
 
 
 def repair_torn_tail(path: Path) -> int:
