@@ -33,6 +33,7 @@ def orange_pixels(png) -> int:
 
 
 def test_heldout_numbers_after_every_batch_and_a_harmful_batch_fails_the_forgetting_check(tmp_path, tiny_model_dir):
+    from kdforge.daemon.status import render
     from kdforge.daemon.verify import verify
 
     # Held-out records of the same two tasks as the batches, with other numbers and words.
@@ -55,6 +56,7 @@ def test_heldout_numbers_after_every_batch_and_a_harmful_batch_fails_the_forgett
     assert [(e["step"], e["ce"]) for e in s["eval_history"]] == [(m["step"], m["eval_ce"]) for m in metrics]
     assert s["eval"]["ce"] == metrics[-1]["eval_ce"] and s["eval"]["change_since_first"] < 0
     assert daemon_log(base).count("held-out eval after batch") == 3
+    assert f"held-out ce:      {metrics[-1]['eval_ce']:.4f} after batch 3" in render(s)  # kdforge status
 
     result = verify(base)
     assert result.ok, result.report
@@ -115,3 +117,17 @@ def test_param_group_1_follows_the_daemon_schedule_after_a_restart(tmp_path, tin
     assert groups[1]["params"], "full training: norms and biases form group 1"
     assert [g["lr"] for g in groups] == [3e-3, 3e-3]
     assert d.state.global_step == 2 * STEPS_PER_BATCH
+
+
+def test_a_consolidation_is_scored_too_and_scores_what_base_plus_adapter_scored(tmp_path, tiny_model_dir):
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", synthetic_records(12, seed=99))
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, save_steps=100, settle_seconds=0,
+                        consolidate_every_batches=1, eval_file=str(heldout))
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(seed=1))
+    run_in_process(base, cfg)
+    metrics = [h for h in newest_state(base)["log_history"] if "eval_ce" in h]
+    assert [(m["step"], m["after"]) for m in metrics] == [(STEPS_PER_BATCH, "batch 1"),
+                                                          (STEPS_PER_BATCH, "consolidation 1")]
+    assert metrics[1]["eval_ce"] == pytest.approx(metrics[0]["eval_ce"], abs=1e-4)  # the merge is exact
+    assert status(base)["eval"]["after"] == "consolidation 1"
