@@ -147,3 +147,22 @@ def test_the_losses_helper_sees_a_step_logged_twice():
     with pytest.raises(AssertionError, match=r"more than once.*\[2\]"):
         losses({"log_history": history})
     assert losses({"log_history": history[:2]}) == {1: 2.0, 2: 1.5}
+
+
+def test_a_failure_after_the_file_left_never_rolls_the_saved_batch_back(tmp_path, tiny_model_dir, monkeypatch):
+    """Once a batch is saved and its file has left the inbox, an error in what follows (here the
+    consolidation) must not roll that batch back nor try to reject a file that is gone."""
+    from kdforge.daemon.service import Daemon
+
+    def broken(self, why):
+        raise RuntimeError("consolidation broke")
+
+    monkeypatch.setattr(Daemon, "_consolidate", broken)
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, consolidate_every_batches=1)
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(seed=1))
+    with pytest.raises(RuntimeError, match="consolidation broke"):
+        run_in_process(base, cfg)
+    state = newest_state(base)
+    assert state["global_step"] == 12  # the batch's own final checkpoint survives
+    assert not list((base / "rejected").iterdir()) and "rolled back" not in daemon_log(base)

@@ -325,13 +325,18 @@ class Daemon:
         the reason: one file never stops the queue."""
         claim_id, name = claim_parts(path)
         try:
-            self._train_claimed(path, claim_id, name)
+            finished = self._train_claimed(path, claim_id, name)
         except KdforgeError as e:
             if not isinstance(e, DataError):
                 raise  # the config or the base dir, not this file: the daemon cannot go on
             self._fail(path, claim_id, name, str(e), None)
         except Exception as e:  # noqa: BLE001 - see the docstring; a bug of ours still logs its traceback
             self._fail(path, claim_id, name, f"{type(e).__name__}: {e}", e)
+        else:
+            # Outside the try: once the file has left the inbox its batch is saved for good, so
+            # nothing after it (consolidation) may roll that batch back or reject a file that is gone.
+            if finished:
+                self._after_batch()
 
     def _fail(self, path: Path, claim_id: str | None, name: str, reason: str, exc: Exception | None) -> None:
         if exc is not None:
@@ -416,7 +421,8 @@ class Daemon:
         self.log.info(f"Resuming from checkpoint: {newest.name}")
         return self.state.data_position if same else None
 
-    def _train_claimed(self, path: Path, claim_id: str | None, name: str) -> None:
+    def _train_claimed(self, path: Path, claim_id: str | None, name: str) -> bool:
+        """True when the batch is trained, saved and its file has left the inbox."""
         t0 = time.perf_counter()
         ds, fp = self._load_batch(path, name)
         position = self._resume_point(claim_id, name, fp)
@@ -424,8 +430,7 @@ class Daemon:
         if position is True:  # died after the final save, before the file left
             how = self._finish_file(path, name)
             self.log.info(f"{shown(name)} was already trained (checkpoint-{st.global_step}); file {how}")
-            self._after_batch()
-            return
+            return True
         if position is None:
             self._keep_start()
             b.batch_number += 1
@@ -449,13 +454,13 @@ class Daemon:
         if not stream.exhausted():
             self.log.info(f"Batch {b.batch_number} interrupted at step {st.global_step}: {shown(name)} stays in "
                           "inbox/.claimed/ and continues from its saved data position on the next start")
-            return
+            return False
         how = self._finish_file(path, name)
         last = next((h["loss"] for h in reversed(st.log_history) if "loss" in h), float("nan"))  # not an eval record
         self.log.info(f"Batch {b.batch_number} done: {shown(name)}, global_step {st.global_step}, "
                       f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
                       f"{time.perf_counter() - t0:.1f}s; file {how}")
-        self._after_batch()
+        return True
 
     def _run_steps(self, stream: DataStream, start: int) -> float | None:
         """Train the stream to its end (or a stop request), saving as configured; the first loss."""
