@@ -41,7 +41,7 @@ from kdforge.config import GenerateSection
 from kdforge.errors import BudgetExceededError, DataError, KdforgeError, TeacherRefusedError, UsageError
 from kdforge.teacher.budget import BudgetLedger, Reservation
 from kdforge.teacher.client import AttemptFailed, RateLimited, Rejected, Transient, _usage, backoff_delay
-from kdforge.teacher.plan import Job
+from kdforge.teacher.plan import SampleRequest
 from kdforge.teacher.pricing import NANO, Prices
 from kdforge.teacher.tokens import TokenEstimator
 
@@ -108,7 +108,7 @@ def _file_of(key: str) -> tuple[str, int] | None:
 class BatchRun:
     """Drives a generate run through the Batch API; see the module docstring."""
 
-    def __init__(self, cfg: GenerateSection, jobs: list[Job], ckpt: Path, prices: Prices | None,
+    def __init__(self, cfg: GenerateSection, jobs: list[SampleRequest], ckpt: Path, prices: Prices | None,
                  cancel: bool = False):
         self.cfg, self.ckpt, self.cancel = cfg, ckpt, cancel
         self.prices = prices.for_batch(cfg.batch_discount) if prices else None
@@ -117,9 +117,9 @@ class BatchRun:
         self.jobs = {j.id: j for j in jobs}
         self._todo = list(jobs)  # not yet in any file, in plan order
         self.tokens = TokenEstimator()
-        self.online: list[Job] = []  # rows to retry online (batch_fallback: online)
-        self.retry: list[Job] = []  # rows for the next file (batch_fallback: batch)
-        self._online_jobs: list[Job] = []  # rows the online workers are on now
+        self.online: list[SampleRequest] = []  # rows to retry online (batch_fallback: online)
+        self.retry: list[SampleRequest] = []  # rows for the next file (batch_fallback: batch)
+        self._online_jobs: list[SampleRequest] = []  # rows the online workers are on now
         self._next_poll: dict[int, float] = {}
         self._interval: dict[int, float] = {}
         self.budget_short: BudgetExceededError | None = None
@@ -235,7 +235,7 @@ class BatchRun:
         gen, need = self.gen, self._need()
         if need <= 0:
             return False
-        rows: list[Job] = []
+        rows: list[SampleRequest] = []
         pool = self.retry + self._todo
         taken = 0
         cut = None
@@ -475,7 +475,7 @@ class BatchRun:
         self.save()
         self._update_held()
 
-    def _settle_row(self, f: BatchFile, job: Job, row: dict) -> None:
+    def _settle_row(self, f: BatchFile, job: SampleRequest, row: dict) -> None:
         gen = self.gen
         res = gen.ledger.held(hold_key(self.state.run_id, f.n, job.id))
         if res is None:  # settled by a run killed before it wrote the sample: never charged twice
@@ -520,7 +520,7 @@ class BatchRun:
         else:
             self.gen.ledger.settle(res, 0, 0, "batch-error")
 
-    def _again(self, job: Job, reason: str) -> None:
+    def _again(self, job: SampleRequest, reason: str) -> None:
         """Retry a row that did not complete: online or in the next file, or give up for this run."""
         gen = self.gen
         if gen.journal.done(job.id, job.key) or self.cancel:  # cancelled: a re-run sends it again

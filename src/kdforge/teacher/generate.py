@@ -50,7 +50,7 @@ from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache
 from kdforge.teacher.client import Answer, AttemptFailed, RateLimited, Rejected, TeacherClient, backoff_delay
 from kdforge.teacher.journal import FailureLog, Journal
-from kdforge.teacher.plan import Job, build_jobs, dry_run_report
+from kdforge.teacher.plan import SampleRequest, build_jobs, dry_run_report
 from kdforge.teacher.pricing import Prices, resolve_prices
 from kdforge.teacher.progress import ProgressView, Stats, summary_text
 from kdforge.teacher.prompts import plan_prompts
@@ -118,7 +118,7 @@ def _utc_now() -> str:
 class Generator:
     """The workers and their shared state; see the module docstring for the flow."""
 
-    def __init__(self, cfg: GenerateSection, jobs: list[Job], journal: Journal, failures: FailureLog,
+    def __init__(self, cfg: GenerateSection, jobs: list[SampleRequest], journal: Journal, failures: FailureLog,
                  ledger: BudgetLedger, cache: ResponseCache, stats: Stats, view: ProgressView,
                  api_key: str | None, prices: Prices | None, state_path: Path):
         self.cfg, self.journal, self.failures, self.ledger, self.cache = cfg, journal, failures, ledger, cache
@@ -133,7 +133,7 @@ class Generator:
         self._warned: set[str] = set()
         self._interrupts = 0
         self._gave_up = 0  # samples in a row that failed for transient reasons
-        self.rejected_in_row: list[Job] = []  # samples in a row the teacher rejected (4xx)
+        self.rejected_in_row: list[SampleRequest] = []  # samples in a row the teacher rejected (4xx)
         self.last_failure = ""  # the latest failure's reason (masked), for the stop message
         self.transient_kinds: set[str] = set()  # failure kinds a re-run retries
         self.held_elsewhere = 0  # samples at the Batch API meanwhile (batch mode): not claimed online
@@ -157,7 +157,7 @@ class Generator:
                 loop.remove_signal_handler(sig)
             await self.client.aclose()
 
-    async def run_workers(self, jobs: list[Job] | None = None) -> None:
+    async def run_workers(self, jobs: list[SampleRequest] | None = None) -> None:
         """`concurrency` workers over the jobs (these `jobs`, if given) until done or stopping."""
         if jobs is not None:
             self._jobs = iter(jobs)
@@ -191,7 +191,7 @@ class Generator:
                 self._claimed -= 1
                 self._state[me] = "waiting"
 
-    def _claim(self) -> Job | None:
+    def _claim(self) -> SampleRequest | None:
         while self.stop_reason is None and self.journal.count + self._claimed + self.held_elsewhere < self.cfg.total:
             job = next(self._jobs, None)
             if job is None:
@@ -203,7 +203,7 @@ class Generator:
         return None
 
     # ---------------------------------------------------------------- one sample
-    def answer_from_cache(self, job: Job) -> bool:
+    def answer_from_cache(self, job: SampleRequest) -> bool:
         """Write the sample from the cache if the exact request is there; True if it was."""
         hit = self.cache.get(job.cache_key)
         if hit is None:
@@ -211,7 +211,7 @@ class Generator:
         self._write(job, Answer.from_cache(hit), 0.0, cached=True)
         return True
 
-    async def _process(self, job: Job) -> None:
+    async def _process(self, job: SampleRequest) -> None:
         if self.answer_from_cache(job):
             return
         me, tries, cost = asyncio.current_task(), Counter(), 0.0
@@ -245,7 +245,7 @@ class Generator:
             self.deliver(job, res, ans, tries["attempts"], cost)
             return
 
-    def deliver(self, job: Job, res, ans: Answer, attempts: int, cost: float = 0.0) -> None:
+    def deliver(self, job: SampleRequest, res, ans: Answer, attempts: int, cost: float = 0.0) -> None:
         """An answer came back (online, or a Batch API result row): settle its reservation at the
         checked usage, then cache it and write the sample, or record why it cannot be kept.
         `cost`: what earlier attempts of this sample cost."""
@@ -264,13 +264,13 @@ class Generator:
             self._gave_up = 0
             self.rejected_in_row.clear()
 
-    def reject(self, job: Job, res, e: AttemptFailed, attempts: int) -> None:
+    def reject(self, job: SampleRequest, res, e: AttemptFailed, attempts: int) -> None:
         """The teacher refused this request (a 4xx, online or in a batch's error file): settle as
         `_settle_failed` does and record the sample as failed for good."""
         self._settle_failed(res, e)
         self._fail(job, e.reason, e.kind, attempts, permanent=True)
 
-    async def _admit(self, job: Job):
+    async def _admit(self, job: SampleRequest):
         """Wait for the rate limiter, then reserve the worst case. None: the run is stopping."""
         if self.stop_reason:
             return None
@@ -283,7 +283,7 @@ class Generator:
             self._stop("budget", e)
             return None
 
-    async def _retry_after_failure(self, job: Job, e: AttemptFailed, tries: Counter) -> bool:
+    async def _retry_after_failure(self, job: SampleRequest, e: AttemptFailed, tries: Counter) -> bool:
         """Record a failed attempt; wait as the error asks. False: the sample failed for good."""
         cfg, attempts = self.cfg, tries["attempts"]
         if isinstance(e, Rejected):
@@ -318,7 +318,7 @@ class Generator:
         self._charge(c, pt, ct)
         return c
 
-    def _settle_ok(self, job: Job, res, ans: Answer) -> float:
+    def _settle_ok(self, job: SampleRequest, res, ans: Answer) -> float:
         reported = ans.prompt_tokens
         c, ans.prompt_tokens, ans.completion_tokens = self._settle_reported(  # the record shows what was charged
             res, (ans.prompt_tokens, ans.completion_tokens), "ok")
@@ -344,7 +344,7 @@ class Generator:
     def _charge(self, cost: float, pt: int, ct: int) -> None:
         self.stats.on_usage(pt, ct, cost)
 
-    def _write(self, job: Job, ans: Answer, cost: float, cached: bool) -> None:
+    def _write(self, job: SampleRequest, ans: Answer, cost: float, cached: bool) -> None:
         pt, ct = ans.prompt_tokens or 0, ans.completion_tokens or 0
         rec = {"id": job.id, "prompt": job.prompt.text, "teacher_text": ans.text, "messages": job.messages}
         if self.cfg.top_logprobs:
@@ -363,7 +363,7 @@ class Generator:
         self.stats.cached += cached
         self.view.refresh()
 
-    def _fail(self, job: Job, reason: str, kind: str, attempts: int, permanent: bool) -> None:
+    def _fail(self, job: SampleRequest, reason: str, kind: str, attempts: int, permanent: bool) -> None:
         self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
         self.stats.failed[kind] += 1
         self.last_failure = reason

@@ -18,7 +18,7 @@ from kdforge.teacher.tokens import TokenEstimator
 
 
 @dataclass
-class Job:
+class SampleRequest:
     """One sample to produce."""
 
     prompt: Prompt
@@ -39,17 +39,17 @@ def request_body(cfg: GenerateSection, messages: list[dict]) -> dict:
     return body
 
 
-def build_jobs(cfg: GenerateSection, prompts: list[Prompt]) -> list[Job]:
+def build_jobs(cfg: GenerateSection, prompts: list[Prompt]) -> list[SampleRequest]:
     jobs = []
     for p in prompts:
         msgs = p.chat(cfg.system_prompt)
         body = request_body(cfg, msgs)
         sid = hashlib.sha256(canonical(body).encode()).hexdigest()[:20]
-        jobs.append(Job(p, msgs, body, sid, prompt_key(p.messages), request_key(cfg.teacher, body)))
+        jobs.append(SampleRequest(p, msgs, body, sid, prompt_key(p.messages), request_key(cfg.teacher, body)))
     return jobs
 
 
-def projection(jobs: list[Job], cfg: GenerateSection, prices: Prices | None, tokens: TokenEstimator,
+def projection(jobs: list[SampleRequest], cfg: GenerateSection, prices: Prices | None, tokens: TokenEstimator,
                mean_completion: float | None) -> dict:
     """Worst-case and expected tokens and USD for these jobs (cost None without prices).
 
@@ -69,7 +69,7 @@ def projection(jobs: list[Job], cfg: GenerateSection, prices: Prices | None, tok
     return out
 
 
-def dry_run_report(cfg: GenerateSection, jobs: list[Job], prices: Prices | None, out: Path, ckpt: Path,
+def dry_run_report(cfg: GenerateSection, jobs: list[SampleRequest], prices: Prices | None, out: Path, ckpt: Path,
                    cache_dir: Path) -> str:
     """What `--dry-run` prints: the plan, cache hits, worst-case and expected cost, the budget.
     Reads the output file, the ledger and the cache without changing them."""
