@@ -19,7 +19,7 @@ from kdforge.errors import BudgetExceededError
 from kdforge.eval.scoring import TokenScorer
 from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache, request_key
-from kdforge.teacher.pricing import Prices
+from kdforge.teacher.pricing import NANO, Prices
 from kdforge.teacher.ratelimit import RateLimiter
 
 Rows = list[dict[int, float] | None]  # per position: {token id: teacher logprob}; None at position 0
@@ -69,7 +69,8 @@ class PricedScorer:
             nano = self.ledger.cost_nano(len(ids), 0)
             raise BudgetExceededError(
                 f"budget exhausted: spent ${self.ledger.spent:.6f} of ${self.ledger.limit:.6f} "
-                f"(generate.budget_limit); scoring the next {len(ids)} tokens costs ${nano / 1e9:.6f}")
+                f"(generate.budget_limit); scoring the next {len(ids)} tokens costs ${nano / NANO:.6f}; the last "
+                "finished step is saved: raise generate.budget_limit and re-run with --resume auto")
         self._loop.run_until_complete(self.limiter.acquire(len(ids)))
         self._usage = None
         try:

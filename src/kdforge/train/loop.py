@@ -198,8 +198,8 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
-        if op_step:
-            rec.update(on_policy.step_metrics())
+        if on_policy is not None:  # on- and off-policy steps logged apart
+            rec.update(on_policy.step_metrics() if op_step else {"on_policy": False})
         if state.global_step % lc.log_steps == 0:
             rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
             t_last, tokens_since = now, 0

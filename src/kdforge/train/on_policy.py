@@ -82,6 +82,10 @@ class OnPolicy:
         op = cfg.on_policy
         if op.fraction <= 0:
             return None
+        if session.fsdp:  # sharded layers all-gather per forward: ranks sampling unequal lengths would hang
+            from kdforge.errors import UsageError
+
+            raise UsageError("on_policy.fraction > 0 with train.fsdp is not supported yet: use DDP (train.fsdp: false)")
         scorer = None
         if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
             scorer = _priced_scorer(cfg, session.world, log)
@@ -188,6 +192,13 @@ class OnPolicy:
 
     def step_metrics(self) -> dict:
         return self.last.metrics(self.scorer.spent if self.scorer is not None else None)
+
+    def describe(self) -> str:
+        """One log line: what on-policy steps do here."""
+        where = f"{len(self.pool):,} prompts of on_policy.prompts" if self.pool else "the step's data"
+        teacher = "teacher.url (top-K over HTTP, priced)" if self.scorer is not None else "teacher.path (dense)"
+        return (f"on-policy: {self.fraction:g} of steps; prompts from {where}; sampled at T {self.temperature:g}, "
+                f"top_p {self.top_p:g}, <= {self.max_new_tokens} tokens; scored by {teacher}")
 
     def close(self) -> None:
         if self.scorer is not None:

@@ -102,6 +102,8 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
             log(f"train: {len(data.train)} examples, {data.total} steps ({data.per_epoch}/epoch), global batch "
                 f"{t.micro_batch_size}x{t.grad_accum}x{session.world}, params {n_params:,} ({n_train:,} "
                 f"trainable), loss {cfg.loss.kind}, device {session.device}{', bf16' if session.amp_dtype else ''}")
+            if on_policy:
+                log(on_policy.describe())
         try:
             until = min(data.total, stop_after) if stop_after else data.total
             reason = train_steps(session.objective, session.optimizer, session.scheduler, data.stream, state,
