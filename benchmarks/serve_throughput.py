@@ -243,7 +243,7 @@ def main() -> None:
     notes: list[str] = []
     for label, model_dir in models:
         ctx = context_len(model_dir)
-        fits = [mt for mt in args.max_tokens if mt + 40 <= ctx]  # the chat prompts are 27-30 tokens
+        fits = [mt for mt in args.max_tokens if mt + 30 <= ctx]  # the chat prompts are 23-30 tokens
         notes += [f"{label}: max_tokens {mt} left out (context {ctx} tokens)" for mt in args.max_tokens if mt not in fits]
         print(f"model {label}: {model_dir} ({n_params(model_dir) / 1e6:.2f}M parameters, context {ctx})", flush=True)
         with launch(model_dir, env=env, log_path=tmp / f"kdforge-{label}.log") as server:
