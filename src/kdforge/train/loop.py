@@ -198,6 +198,10 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
+        if op_step and world > 1:  # every rank sampled its own micro-batches: log the step's totals
+            rep = on_policy.last
+            rep.teacher_tokens, rep.answer_tokens = (
+                int(x) for x in _all_sum([float(rep.teacher_tokens), float(rep.answer_tokens)], device))
         if on_policy is not None:  # on- and off-policy steps logged apart
             rec.update(on_policy.step_metrics() if op_step else {"on_policy": False})
         if state.global_step % lc.log_steps == 0:
