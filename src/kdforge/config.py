@@ -25,7 +25,9 @@ class LoraCfg(Section):
     r: int = Field(8, gt=0)
     alpha: float = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    # None: PEFT's "all-linear", every Linear and Conv1D layer but the output head, whatever the
+    # architecture names them (q_proj in Llama, c_attn in GPT-2, dense/fc1 in Phi).
+    target_modules: list[str] | None = None
 
 
 class ModelSection(Section):
@@ -481,7 +483,7 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             p.append(("model.path", f"no Hugging Face model folder (config.json) at {mp}"))
         else:
             student_vocab = _model_vocab(str(mp))
-            if cfg.model.lora:
+            if cfg.model.lora and cfg.model.lora.target_modules is not None:
                 p += _lora_target_problems(str(mp), cfg.model.lora.target_modules)
     else:
         mc = cfg.model.model_cfg()
@@ -490,7 +492,7 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             p.append(("model.vocab_size", f"{mc.vocab_size} is smaller than the tokenizer's {tok_vocab} tokens"))
         if cfg.model.lora:
             known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
-            bad = [t for t in cfg.model.lora.target_modules if t not in known]
+            bad = [t for t in cfg.model.lora.target_modules or [] if t not in known]
             if bad:
                 p.append(("model.lora.target_modules", f"{bad} not in the model; it has {sorted(known)}"))
     if cfg.teacher.path:
@@ -537,16 +539,21 @@ def _on_policy_problems(cfg: Config, for_run: bool) -> list[tuple[str, str]]:
 
 
 def _lora_target_problems(model_path: str, targets: list[str]) -> list[tuple[str, str]]:
+    """Given target names that are not layers PEFT can adapt: the error lists those it can."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
     conf = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
-    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    # GPT-2's attention and MLP are Conv1D (a transposed Linear): PEFT adapts those too.
+    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, Conv1D))}
     bad = [t for t in targets if t not in names]
     if bad:
-        return [("model.lora.target_modules", f"{bad} not in the model; its linear layers: {sorted(names)}")]
+        return [("model.lora.target_modules", f"{bad} not in the model; the layers LoRA can adapt "
+                 f"(Linear, Conv1D): {sorted(names)}; or leave target_modules unset for all of them but the "
+                 "output head (PEFT's all-linear)")]
     return []
 
 

@@ -65,8 +65,14 @@ def _cfg_from_model_path(path: Path):
     conf_file = path / "config.json"
     if not conf_file.is_file():
         raise UsageError(f"model.path: no Hugging Face model folder (config.json) at {path}")
+    conf = json.loads(conf_file.read_text(encoding="utf-8"))
+    # The activation count is LlamaForCausalLM's, tensor by tensor: another family (GPT-2's
+    # Conv1D and GELU, Gemma-2's soft-capping, MoE experts) saves other tensors, so no estimate.
+    if conf.get("model_type", "llama") != "llama":
+        raise UsageError(f"model.path: {path} is a {conf['model_type']!r} model; estimate-memory counts "
+                         "Llama-architecture models only (kdforge's own students, model_type 'llama')")
     try:
-        return cfg_from_hf_config(json.loads(conf_file.read_text(encoding="utf-8")))
+        return cfg_from_hf_config(conf)
     except (KeyError, ValueError) as e:
         raise UsageError(f"model.path: {conf_file} is not a Llama-shaped config ({e})") from None
 
@@ -148,15 +154,14 @@ def estimate_memory(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
-    from kdforge.model.memory import LoraSetup, Setup, report, to_json
+    from kdforge.model.memory import LoraSetup, Setup, lora_setup, report, to_json
 
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
     st = Setup()
     if conf is not None:
-        lc = conf.model.lora
         st = Setup(micro_batch=conf.train.micro_batch_size, seq_len=max(conf.train.seq_lengths),
                    dtype=_dtype_from_config(conf), gradient_checkpointing=conf.train.gradient_checkpointing,
-                   lora=LoraSetup(r=lc.r, target_modules=tuple(lc.target_modules), dropout=lc.dropout) if lc else None)
+                   lora=lora_setup(conf.model.lora))
     over = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "optimizer_dtype": optimizer_dtype,
             "gradient_checkpointing": gradient_checkpointing, "attention": attention,
             "master_weights": master_weights or None}

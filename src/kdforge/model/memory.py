@@ -74,6 +74,14 @@ class LoraSetup:
     dtype: str = "float32"  # peft casts adapters to fp32 by default (autocast_adapter_dtype)
 
 
+def lora_setup(lora) -> LoraSetup | None:
+    """The LoraSetup of a config's `model.lora` section (None: full training). Unset targets are
+    PEFT's all-linear, which on a Llama-shaped model is ALL_LINEAR (every linear but lm_head)."""
+    if lora is None:
+        return None
+    return LoraSetup(r=lora.r, target_modules=tuple(lora.target_modules or ALL_LINEAR), dropout=lora.dropout)
+
+
 @dataclass(frozen=True)
 class Setup:
     """How the model is trained: the knobs that change memory."""

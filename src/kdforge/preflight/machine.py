@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kdforge.config import Config, check_config
-from kdforge.model.memory import GB, MB, Estimate, LoraSetup, Setup, alternatives, estimate
+from kdforge.model.memory import GB, MB, Estimate, Setup, alternatives, estimate, lora_setup
 from kdforge.preflight.report import Item, failed, passed, warned
 
 FIT_SHARE = 0.9  # of free memory a training run may plan to use (allocator slack, the OS, the loader)
@@ -76,10 +76,9 @@ def training_setup(cfg: Config, on_gpu: bool) -> Setup:
         dtype = cfg.model.dtype
     else:
         dtype = "bfloat16" if on_gpu and cfg.train.bf16 is not False else "float32"
-    lc = cfg.model.lora
     return Setup(micro_batch=cfg.train.micro_batch_size, seq_len=max(cfg.train.seq_lengths), dtype=dtype,
                  gradient_checkpointing=cfg.train.gradient_checkpointing,
-                 lora=LoraSetup(r=lc.r, target_modules=tuple(lc.target_modules), dropout=lc.dropout) if lc else None)
+                 lora=lora_setup(cfg.model.lora))
 
 
 def model_cfg(cfg: Config, tokenizer_vocab: int | None):

@@ -85,8 +85,11 @@ def load_student(cfg: Config, tokenizer, seed: int):
         from peft import LoraConfig, get_peft_model
 
         lora = cfg.model.lora
+        # Unset: PEFT resolves "all-linear" per architecture (Linear and Conv1D, not the output
+        # head) and writes the resolved names into adapter_config.json.
+        targets = list(lora.target_modules) if lora.target_modules is not None else "all-linear"
         model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=list(lora.target_modules), task_type="CAUSAL_LM"))
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -320,6 +323,13 @@ def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
                       amp_dtype=amp_dtype_for(cfg, device),
                       loop=loop_config(cfg, save_steps),
                       base_model=cfg_model.model.path, rank=rank, world=world, _owns_group=owns_group)
+    if rank == 0 and cfg.model.lora and cfg.model.lora.target_modules is None:
+        print(f"LoRA on {', '.join(lora_targets(model))} (model.lora.target_modules unset: PEFT's all-linear)")
     if install_signals:
         session.stop.install()
     return session
+
+
+def lora_targets(model) -> list[str]:
+    """The layer names a PEFT model's adapter targets, as its adapter_config.json will list them."""
+    return sorted(model.peft_config["default"].target_modules)
