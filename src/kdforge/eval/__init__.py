@@ -3,8 +3,9 @@
     metrics.py    exact match, token F1, perplexity (pure functions)
     data.py       eval files -> EvalData (KD records and prompt/answer records, tokenised once)
     model_dir.py  MODEL_DIR -> model + tokenizer (full, LoRA, daemon checkpoint)
-    scoring.py    a teacher over HTTP that scores tokens (top-K logprobs by token id)
     run.py        evaluate_loaded (in-process, for the daemon) and evaluate_model (MODEL_DIR) -> EvalResult
+
+A teacher over HTTP (`--teacher URL`) is `teacher.scoring.TokenScorer`: top-K logprobs by token id.
 
 Heavy imports (torch, transformers) happen inside the functions: `kdforge eval --help` stays fast.
 """

@@ -190,7 +190,7 @@ def evaluate_loaded(model, tokenizer, data: EvalData | str | Path | Sequence[str
 
 def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max_new_tokens, greedy,
               progress: Progress | None) -> EvalResult:
-    from kdforge.eval.scoring import TokenScorer
+    from kdforge.teacher.scoring import TokenScorer
 
     ce = kl = None
     n_tok = n_kl = 0
@@ -281,7 +281,7 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
         _same_vocab(tokenizer, load_tokenizer(teacher_src), teacher)
         teacher_obj = load_model(teacher_src, dev)
     elif teacher is not None:
-        from kdforge.eval.scoring import TokenScorer
+        from kdforge.teacher.scoring import TokenScorer
 
         teacher_obj = scorer = TokenScorer(teacher, teacher_model, top_k, api_key_env)
     else:

@@ -245,7 +245,7 @@ def _priced_scorer(cfg, world: int, log):
     if world > 1:
         raise UsageError("on_policy with teacher.url under torchrun is not supported yet (one budget "
                          "ledger per output dir): use teacher.path, or train in one process")
-    from kdforge.eval.scoring import TokenScorer
+    from kdforge.teacher.scoring import TokenScorer
 
     g, t = cfg.generate, cfg.teacher
     model = t.model or g.model
