@@ -8,6 +8,7 @@ import shutil
 from datetime import datetime
 
 import pytest
+import yaml
 
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
 from daemon_helpers import batch, batch_state, daemon_config, daemon_log, drop, losses, newest_state, run_in_process
@@ -166,3 +167,21 @@ def test_a_failure_after_the_file_left_never_rolls_the_saved_batch_back(tmp_path
     state = newest_state(base)
     assert state["global_step"] == 12  # the batch's own final checkpoint survives
     assert not list((base / "rejected").iterdir()) and "rolled back" not in daemon_log(base)
+
+
+def test_on_policy_batches_in_the_daemon(tmp_path, tiny_model_dir):
+    """on_policy.fraction 1 in the daemon: every step of the batch trains on the student's own
+    answers scored by the dense teacher (here the base itself), and the records say so."""
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, loss={"kind": "rkl", "kd_weight": 1.0})
+    raw = yaml.safe_load(cfg.read_text())
+    raw["teacher"] = {"path": str(tiny_model_dir)}
+    raw["on_policy"] = {"fraction": 1.0, "max_new_tokens": 8}
+    cfg.write_text(yaml.safe_dump(raw))
+    base = tmp_path / "training"
+    drop(base, "b1.jsonl", batch(n=16, seed=1))
+    state = run_in_process(base, cfg)
+    assert state.global_step == 4
+    # The student starts equal to its teacher: reverse KL on its own answers is 0 (a CE step is not).
+    assert state.log_history[0]["loss"] == 0.0
+    lines = [ln for ln in daemon_log(base).splitlines() if " step " in ln and " loss " in ln]
+    assert len(lines) == 4 and all("on-policy (" in ln for ln in lines), lines

@@ -51,6 +51,7 @@ from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
 from kdforge.train.loop import Hooks, train_steps
+from kdforge.train.on_policy import OnPolicy
 from kdforge.train.schedule import LRMultiplier
 from kdforge.train.session import Session, StopFlag, build_session
 
@@ -469,8 +470,11 @@ class Daemon:
         def on_log(rec: dict) -> None:
             nonlocal first_loss
             first_loss = rec["loss"] if first_loss is None else first_loss
+            policy = (f" on-policy ({rec.get('answer_tokens', 0)} answer tokens scored by the teacher"
+                      + (f", ${rec['teacher_usd']:.6f}" if rec.get("teacher_usd") else "") + ")"
+                      if rec.get("on_policy") else "")
             self.log.info(f"step {rec['step']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
-                          f"{rec.get('tokens_per_s', 0):,.0f} tok/s")
+                          f"{rec.get('tokens_per_s', 0):,.0f} tok/s{policy}")
 
         def on_step(state: TrainState, rec: dict) -> None:
             self.status.update(current_step=state.global_step, batch_step=state.global_step - start,
@@ -485,9 +489,16 @@ class Daemon:
             self._save(state)
 
         s = self.session
-        train_steps(s.objective, s.optimizer, s.scheduler, stream, self.state, s.loop, until_step=None,
-                    seq_len_at=lambda step: self.seq_len, device=s.device, amp_dtype=s.amp_dtype,
-                    hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=self._stop_requested))
+        # Built per batch: a consolidation gives the session a new student, which the sampler must use.
+        on_policy = OnPolicy.from_session(s, self.log.info, state_dir=self.paths.base / "on_policy")
+        try:
+            train_steps(s.objective, s.optimizer, s.scheduler, stream, self.state, s.loop, until_step=None,
+                        seq_len_at=lambda step: self.seq_len, device=s.device, amp_dtype=s.amp_dtype,
+                        hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=self._stop_requested),
+                        on_policy=on_policy)
+        finally:
+            if on_policy is not None:
+                on_policy.close()
         return first_loss
 
     def _save(self, state: TrainState) -> None:

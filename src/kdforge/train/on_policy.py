@@ -76,8 +76,9 @@ class OnPolicy:
         self.last = StepReport()
 
     @classmethod
-    def from_session(cls, session, log=print) -> OnPolicy | None:
-        """From the session's config (on_policy, teacher, generate sections); None when fraction is 0."""
+    def from_session(cls, session, log=print, state_dir: str | Path | None = None) -> OnPolicy | None:
+        """From the session's config (on_policy, teacher, generate sections); None when fraction is 0.
+        `state_dir`: where a priced teacher's ledger and cache live (default OUTPUT_DIR/on_policy)."""
         cfg = session.cfg
         op = cfg.on_policy
         if op.fraction <= 0:
@@ -88,7 +89,7 @@ class OnPolicy:
             raise UsageError("on_policy.fraction > 0 with train.fsdp is not supported yet: use DDP (train.fsdp: false)")
         scorer = None
         if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
-            scorer = _priced_scorer(cfg, session.world, log)
+            scorer = _priced_scorer(cfg, session.world, log, state_dir)
         pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
                    micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool)
@@ -237,7 +238,7 @@ def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
     return pool
 
 
-def _priced_scorer(cfg, world: int, log):
+def _priced_scorer(cfg, world: int, log, state_dir: str | Path | None = None):
     from kdforge.errors import UsageError
     from kdforge.teacher.pricing import resolve_prices
     from kdforge.teacher.scoring import PricedScorer
@@ -259,5 +260,5 @@ def _priced_scorer(cfg, world: int, log):
     if g.budget_limit is not None and prices is None:
         raise UsageError(f"generate.budget_limit: no price known for the model {model!r} of {t.url}: set "
                          "generate.price_input and generate.price_output (USD per million tokens)")
-    return PricedScorer(t.url, model, t.top_logprobs, t.api_key_env, Path(cfg.io.output_dir) / "on_policy",
+    return PricedScorer(t.url, model, t.top_logprobs, t.api_key_env, state_dir or Path(cfg.io.output_dir) / "on_policy",
                         prices, g.budget_limit, g.rpm, g.tpm, g.delay, log=log)
