@@ -131,8 +131,9 @@ MEASURE = textwrap.dedent("""
     import torch
     from kdforge.model import ModelCfg, build_student
 
-    def maxrss():  # peak resident set of this process; KiB on Linux
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def maxrss():  # peak resident set since the last reset below (VmHWM), bytes
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
 
     def rss():  # resident set now
         with open("/proc/self/statm") as f:
@@ -149,6 +150,10 @@ MEASURE = textwrap.dedent("""
     big = torch.randint(0, cfg.vocab_size, (a["b"], a["s"]))
     small = big[:1, :8].clone()
     before = rss()
+    # Reset the peak to now: what imports and the warm-up peaked at stays outside the window
+    # (ru_maxrss cannot be reset, and a warm-up peak above the window's made the test flaky).
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
     model = build_student(cfg).train()
     if a["gc"]:
@@ -171,7 +176,7 @@ MEASURE = textwrap.dedent("""
                                    vocab_size=512, ffn_dim=704), b=4, s=512, gc=True), marks=pytest.mark.slow),
 ], ids=["seed-toy", "layers-gc"])
 def test_estimate_matches_measured_peak_memory(case):
-    """Measured, in a fresh float32 CPU process: peak RSS (ru_maxrss) after training minus the
+    """Measured, in a fresh float32 CPU process: peak RSS (VmHWM, reset when the window opens) minus the
     resident set before the model exists (after imports, input creation and a warm-up on a
     throwaway model). In between: build the model and AdamW, one 8-token step that creates the
     gradients and AdamW moments, then one full forward + backward + AdamW step at micro-batch
