@@ -74,6 +74,7 @@ class SequenceOutput:
         self.ids: list[int] = []  # generated, eos excluded
         self._lps: list[TokenLogprob | None] = []
         self._ends: list[int | None] = []  # text length once token k is in; None while unsure
+        self._settled = 0  # _ends[:_settled] are all set (one pass per token, not per sequence)
         self.text = ""
         self.sampled = 0  # every sampled token, eos included
         self._sent_chars = 0
@@ -91,7 +92,9 @@ class SequenceOutput:
         self.text = self._decode(self.ids)
         self._ends.append(None)
         if not self.text.endswith(REPLACEMENT):  # every pending token's text is now settled
-            self._ends = [len(self.text) if e is None else e for e in self._ends]
+            for k in range(self._settled, len(self._ends)):  # the unsettled ones are a suffix
+                self._ends[k] = len(self.text)
+            self._settled = len(self._ends)
         if self._max_stop:
             cut = _find_stop(self.text, self.params.stop, max(0, self._sent_chars - self._max_stop + 1))
             if cut is not None:
