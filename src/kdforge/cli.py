@@ -28,9 +28,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
-    from kdforge.commands import daemon, demo, eval, generate, model, preflight, serve, train
+    from kdforge.commands import bench, daemon, demo, eval, generate, model, preflight, serve, train
 
-    for mod in (generate, train, model, daemon, serve, demo, preflight, eval):
+    for mod in (generate, train, model, daemon, serve, demo, preflight, eval, bench):
         mod.register(app)
 
 

@@ -1,0 +1,161 @@
+"""The bench's report: a table per task (mean and min-max over seeds per recipe x budget), the
+share of the CE-to-teacher gap each recipe closes at equal answers and at equal priced spend,
+the recipes the priced regime recommends, the issue's goals, and one PNG per task.
+
+Gap closed = (q - q_CE) / (q_teacher - q_CE): 1 is the teacher, 0 is CE-only, for accuracy
+(teacher ~0.99) and for KL (teacher 0) alike. At equal answers the CE reference is CE at the same
+budget; at equal spend it is CE's mean quality interpolated in log $ between budgets (None when
+the cell costs less or more than every CE cell: no CE run spent that much).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+
+from kdforge.bench.recipes import RECIPES
+from kdforge.bench.tasks import TASKS
+
+
+def summarize(result: dict) -> list[dict]:
+    """One row per (task, recipe, budget): mean/min/max quality over seeds, mean spend, gaps."""
+    groups: dict[tuple, list[dict]] = {}
+    for c in result["cells"]:
+        groups.setdefault((c["task"], c["recipe"], c["budget"]), []).append(c)
+    rows = []
+    for (t, r, b), cs in groups.items():
+        qs = [c["quality"] for c in cs]
+        row = {"task": t, "recipe": r, "budget": b, "seeds": len(cs), "mean": statistics.mean(qs),
+               "min": min(qs), "max": max(qs), "median": statistics.median(qs),
+               "usd": statistics.mean(c["usd"] for c in cs),
+               "priced_tokens": statistics.mean(c["priced_tokens"] for c in cs),
+               "on_policy_steps": statistics.mean(c["on_policy_steps"] for c in cs)}
+        if t == "lang":
+            row["perplexity"] = statistics.mean(c["perplexity"] for c in cs)
+        rows.append(row)
+    for row in rows:
+        teacher = result["teacher"][row["task"]]["quality"]
+        ce = {x["budget"]: x for x in rows if x["task"] == row["task"] and x["recipe"] == "ce"}
+        row["gap_answers"] = _gap(row["mean"], ce[row["budget"]]["mean"], teacher) if row["budget"] in ce else None
+        ce_at = _interp_log([(x["usd"], x["mean"]) for x in ce.values()], row["usd"])
+        row["ce_at_spend"] = ce_at
+        row["gap_spend"] = None if ce_at is None else _gap(row["mean"], ce_at, teacher)
+    rows.sort(key=lambda x: (x["task"], RECIPES.index(x["recipe"]), x["budget"]))
+    for t in {x["task"] for x in rows}:
+        _mark_recommended([x for x in rows if x["task"] == t], TASKS[t].higher_is_better)
+    return rows
+
+
+def _gap(q: float, ce: float, teacher: float) -> float | None:
+    return None if abs(teacher - ce) < 1e-12 else (q - ce) / (teacher - ce)
+
+
+def _interp_log(points: list[tuple[float, float]], x: float) -> float | None:
+    """y at x, linear in log x between the nearest points; None outside their range."""
+    pts = sorted(points)
+    if not pts or x <= 0 or x < pts[0][0] * (1 - 1e-9) or x > pts[-1][0] * (1 + 1e-9):
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+    return pts[0][1]
+
+
+def _mark_recommended(rows: list[dict], higher: bool) -> None:
+    """Priced regime: a row is recommended when no cheaper (or equal-cost) row is at least as good
+    (the Pareto front of mean quality against mean $)."""
+    best = None
+    for row in sorted(rows, key=lambda x: (x["usd"], -x["mean"] if higher else x["mean"])):
+        better = best is None or (row["mean"] > best if higher else row["mean"] < best)
+        row["recommended"] = better
+        if better:
+            best = row["mean"]
+
+
+def goals(result: dict, rows: list[dict]) -> list[str]:
+    """The issue's goals, each a line saying met / missed / not measured with the numbers."""
+    out = []
+    sort = [x for x in rows if x["task"] == "sort" and x["budget"] == 250 and x["recipe"] != "ce"]
+    if sort and any(x["gap_answers"] is not None for x in sort):
+        best = max((x for x in sort if x["gap_answers"] is not None), key=lambda x: x["gap_answers"])
+        out.append(f"per answer, sort, 250 answers: best {best['recipe']} closes {best['gap_answers']:.0%} of the "
+                   f"CE-to-teacher gap (goal >= 90%): {'met' if best['gap_answers'] >= 0.9 else 'missed'}")
+    else:
+        out.append("per answer, sort, 250 answers: not measured (needs the sort task, budget 250, ce + another recipe)")
+    rec = [x for x in rows if x.get("recommended") and x["recipe"] != "ce" and x["gap_spend"] is not None]
+    below = [x for x in rec if x["gap_spend"] < 0]
+    names = ", ".join(f"{x['task']} {x['recipe']} {x['budget']}" for x in below) or "none"
+    out.append(f"per priced token: {len(rec)} recommended non-CE cells comparable with CE at equal $, "
+               f"{len(below)} below CE ({names}): "
+               f"{'met' if not below else 'missed'}")
+    lang = [x for x in rows if x["task"] == "lang" and x["recipe"] in ("topk_t1", "topk_t2") and x["gap_spend"] is not None]
+    if lang:
+        best = max(lang, key=lambda x: x["gap_spend"])
+        per = ", ".join(f"{x['recipe']}@{x['budget']} {x['gap_spend']:.0%}" for x in lang)
+        out.append(f"per priced token, lang, off-policy top-k at equal $: {per}; best {best['gap_spend']:.0%} "
+                   f"(goal >= 25%): {'met' if best['gap_spend'] >= 0.25 else 'missed'}")
+    else:
+        out.append("per priced token, lang, off-policy top-k: not measured")
+    return out
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0%}"
+
+
+def table(result: dict, rows: list[dict]) -> str:
+    """Markdown: one table per task, then the goals."""
+    lines = []
+    for t in result["plan"]["tasks"]:
+        ref = result["teacher"][t]
+        metric = TASKS[t].metric
+        unit = "exact match" if metric == "accuracy" else "KL(teacher||student), nats/token"
+        extra = f", perplexity {ref['perplexity']:.3f}" if t == "lang" else ""
+        lines += [f"### {t}: {unit} (teacher {ref['quality']:.4f}{extra}); {result['plan']['steps'][t]} steps", "",
+                  "| recipe | answers | priced tokens | $ | on-policy steps | mean | min-max | "
+                  + ("perplexity | " if t == "lang" else "") + "gap closed, equal answers | gap closed, equal $ | recommended ($) |",
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if t == "lang" else "") + "---:|---:|:-:|"]
+        for x in (r for r in rows if r["task"] == t):
+            f = "{:.3f}" if metric == "accuracy" else "{:.4f}"
+            lines.append(f"| {x['recipe']} | {x['budget']} | {x['priced_tokens']:,.0f} | {x['usd']:.4f} | "
+                         f"{x['on_policy_steps']:.0f} | {f.format(x['mean'])} | {f.format(x['min'])}-{f.format(x['max'])} | "
+                         + (f"{x['perplexity']:.3f} | " if t == "lang" else "")
+                         + f"{_pct(x['gap_answers'])} | {_pct(x['gap_spend'])} | {'yes' if x['recommended'] else ''} |")
+        lines.append("")
+    lines += ["Goals:"] + [f"- {g}" for g in goals(result, rows)]
+    return "\n".join(lines) + "\n"
+
+
+def plots(result: dict, rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per task: quality against answers and against $, a line per recipe, min-max bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for t in result["plan"]["tasks"]:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for ax, key, label in ((axes[0], "budget", "teacher answers (local teacher)"),
+                               (axes[1], "usd", "$ at a fictitious API price (answers + scoring)")):
+            for r in result["plan"]["recipes"]:
+                pts = sorted((x for x in rows if x["task"] == t and x["recipe"] == r), key=lambda x: x[key])
+                if not pts:
+                    continue
+                xs, ys = [p[key] for p in pts], [p["mean"] for p in pts]
+                err = [[p["mean"] - p["min"] for p in pts], [p["max"] - p["mean"] for p in pts]]
+                ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=r)
+            ax.axhline(result["teacher"][t]["quality"], color="k", ls="--", lw=1, label="teacher")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("exact match" if TASKS[t].metric == "accuracy" else "held-out KL (nats/token)")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"kdforge bench distill: {t} (mean of {result['plan']['seeds']} seeds, bars min-max)")
+        fig.tight_layout()
+        p = out / f"{t}.png"
+        fig.savefig(p, dpi=90)
+        plt.close(fig)
+        paths.append(p)
+    return paths

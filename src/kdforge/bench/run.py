@@ -1,0 +1,194 @@
+"""`kdforge bench distill`: every (task, recipe, budget, seed) cell trained by `run_training`, scored,
+and its spend counted two ways.
+
+Spend of a cell:
+- answers: teacher answers generated (the budget). With a local teacher, on-policy scoring is
+  compute, not spend: this is the "per answer" regime.
+- priced: what a paid API would bill at the fictitious PRICE_IN / PRICE_OUT: each answer costs its
+  prompt tokens (chat template included) at the input price and its completion tokens (EOS
+  included) at the output price; each on-policy step costs the tokens the teacher scored (prompt +
+  the student's sample, summed from metrics.jsonl `teacher_tokens`) at the input price.
+
+The teacher answers are made once per task (seed 0, the largest budget) and a budget of n takes
+the first n, so budgets are nested; seeds vary the student's init, data order and on-policy draws.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+from kdforge.bench import recipes as R
+from kdforge.errors import UsageError
+from kdforge.bench.tasks import TASKS, Task, eval_file, load_teacher, score, teacher_answers, write_jsonl
+
+PRICE_IN, PRICE_OUT = 2.0, 8.0  # fictitious USD per million input / output tokens
+
+
+@dataclass
+class BenchPlan:
+    tasks: list[str]
+    budgets: list[int]
+    seeds: int
+    recipes: list[str]
+    steps: dict[str, int] = field(default_factory=dict)  # per task; default Task.steps
+    jobs: int = 2  # cells trained at once (one torch thread each)
+
+
+DEFAULT = BenchPlan(tasks=["sort", "lang"], budgets=[100, 250, 1000], seeds=3, recipes=list(R.RECIPES))
+QUICK = BenchPlan(tasks=["sort", "lang"], budgets=[100], seeds=1, recipes=["ce", "topk_t1", "onpolicy_rkl"],
+                  steps={"sort": 20, "lang": 20})
+
+
+def _usd(tokens_in: int, tokens_out: int) -> float:
+    return (tokens_in * PRICE_IN + tokens_out * PRICE_OUT) / 1e6
+
+
+# ----------------------------------------------------------------------------- one cell (a worker)
+
+_TEACHERS: dict[str, tuple] = {}  # per worker process: each teacher loaded once
+
+
+def _teacher(task: Task):
+    if task.name not in _TEACHERS:
+        _TEACHERS[task.name] = load_teacher(task)
+    return _TEACHERS[task.name]
+
+
+def run_cell(c: dict) -> dict:
+    """Train, score and price one cell; `c` holds task, recipe, budget, seed, steps, paths."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kdforge.config import from_dict
+    from kdforge.train.runner import run_training
+
+    torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on shared cores
+    t0 = time.perf_counter()
+    task = TASKS[c["task"]]
+    out = Path(c["out"])
+    shutil.rmtree(out, ignore_errors=True)  # the bench's own cell folder: a rerun into --out starts afresh
+    cfg = from_dict(R.config(task, c["recipe"], Path(c["data"]), Path(c["pool"]), out, c["steps"], c["seed"]),
+                    c["recipe"])
+    res = run_training(cfg, resume="none", log=lambda m: None)
+    teacher, tok = _teacher(task)
+    student = AutoModelForCausalLM.from_pretrained(str(res.last_checkpoint), dtype=torch.float32)
+    q = score(task, student, tok, Path(c["eval"]), teacher if task.name == "lang" else None)
+    scored = op_steps = 0
+    metrics = out / "metrics.jsonl"  # absent when a short off-policy run never reached log_steps
+    for line in (metrics.read_text().splitlines() if metrics.exists() else []):
+        rec = json.loads(line)
+        if rec.get("on_policy"):
+            op_steps += 1
+            scored += rec.get("teacher_tokens", 0)
+    for ck in out.glob("checkpoint-*"):  # weights are not needed once scored: keep the bench folder small
+        shutil.rmtree(ck, ignore_errors=True)
+    usd = _usd(c["answer_in"] + scored, c["answer_out"])
+    return {**{k: c[k] for k in ("task", "recipe", "budget", "seed", "steps")}, **q,
+            "answers": c["budget"], "answer_tokens": c["answer_in"] + c["answer_out"],
+            "scored_tokens": scored, "priced_tokens": c["answer_in"] + c["answer_out"] + scored,
+            "usd": round(usd, 8), "on_policy_steps": op_steps, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------- the whole bench
+
+def _prepare(task: Task, budgets: list[int], work: Path, log) -> dict:
+    """Teacher answers (the largest budget's, once), one train file per budget, the on-policy pool,
+    the eval file and the teacher's own score."""
+    teacher, tok = load_teacher(task)
+    t0 = time.perf_counter()
+    rows = teacher_answers(teacher, tok, task.train_prompts(max(budgets)), task.temperature,
+                           task.max_new_tokens, seed=0)
+    files = {}
+    for b in budgets:
+        part = rows[:b]
+        files[b] = (write_jsonl(work / "data" / f"{task.name}-{b}.jsonl",
+                                [{k: r[k] for k in ("prompt", "teacher_text", "teacher_logprobs")} for r in part]),
+                    sum(r["usage"]["prompt_tokens"] for r in part), sum(r["usage"]["completion_tokens"] for r in part))
+    pool = write_jsonl(work / "data" / f"{task.name}-pool.jsonl", [{"prompt": p} for p in task.pool()])
+    ev = eval_file(task, work / "data", (teacher, tok))
+    ref = score(task, teacher, tok, ev, teacher if task.name == "lang" else None)
+    log(f"{task.name}: {max(budgets)} teacher answers in {time.perf_counter() - t0:.0f}s; teacher {ref}")
+    return {"files": files, "pool": pool, "eval": ev, "teacher": ref}
+
+
+def _key(c: dict) -> tuple:
+    return c["task"], c["recipe"], c["budget"], c["seed"], c["steps"]
+
+
+def _finished(out: Path) -> list[dict]:
+    """Cells of an earlier run into `out` priced at today's prices (else none: they would not compare)."""
+    try:
+        old = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return []
+    same_price = (old.get("plan", {}).get("price_input"), old.get("plan", {}).get("price_output")) == (PRICE_IN, PRICE_OUT)
+    return old.get("cells", []) if same_price else []
+
+
+def _write(out: Path, result: dict, t0: float) -> None:
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(out / "results.json")
+
+
+def run_bench(plan: BenchPlan, out: Path, log=print) -> dict:
+    """Run every cell of `plan` into `out`; returns (and writes out/results.json) the teacher
+    references, the cells and the plan."""
+    for r in plan.recipes:
+        if r not in R.RECIPES:
+            raise UsageError(f"unknown recipe {r!r}; choose from {', '.join(R.RECIPES)}")
+    for t in plan.tasks:
+        if t not in TASKS:
+            raise UsageError(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    prepared = {t: _prepare(TASKS[t], plan.budgets, out, log) for t in plan.tasks}
+    cells = []
+    for t in plan.tasks:
+        steps = plan.steps.get(t, TASKS[t].steps)
+        p = prepared[t]
+        for b in plan.budgets:
+            data, tin, tout = p["files"][b]
+            for r in plan.recipes:
+                for s in range(plan.seeds):
+                    cells.append({"task": t, "recipe": r, "budget": b, "seed": s, "steps": steps,
+                                  "data": str(data), "pool": str(p["pool"]), "eval": str(p["eval"]),
+                                  "answer_in": tin, "answer_out": tout,
+                                  "out": str(out / "students" / f"{t}-{r}-{b}-s{s}")})
+    # Order: the 250-answer cells (the goals are read there), then off-policy cells (cheap: they draw
+    # the CE curve the equal-$ comparison needs), then the rest; slow cells first within each, so a
+    # run stopped early holds the headline numbers and the pool does not end on a long straggler.
+    cells.sort(key=lambda c: (c["budget"] != 250, R.is_on_policy(c["recipe"]) == (c["budget"] != 250),
+                              c["task"] != "sort"))
+    result = {"plan": {"tasks": plan.tasks, "budgets": plan.budgets, "seeds": plan.seeds, "recipes": plan.recipes,
+                       "steps": {t: plan.steps.get(t, TASKS[t].steps) for t in plan.tasks}, "jobs": plan.jobs,
+                       "price_input": PRICE_IN, "price_output": PRICE_OUT, "teacher_answers": "in-process"},
+              "teacher": {t: prepared[t]["teacher"] for t in plan.tasks}, "cells": [], "complete": False}
+    done = result["cells"]
+    # A rerun into the same --out keeps the cells it already scored (same task, recipe, budget, seed, steps)
+    kept = _finished(out)
+    done += [r for r in kept if _key(r) in {_key(c) for c in cells}]
+    cells = [c for c in cells if _key(c) not in {_key(r) for r in done}]
+    if done:
+        log(f"{len(done)} cells kept from {out / 'results.json'}, {len(cells)} to run")
+    total = len(done) + len(cells)
+    with ProcessPoolExecutor(max_workers=max(1, plan.jobs), mp_context=get_context("spawn")) as ex:
+        futs = [ex.submit(run_cell, c) for c in cells]
+        for f in as_completed(futs):
+            r = f.result()
+            done.append(r)
+            log(f"  [{len(done)}/{total}] {r['task']} {r['recipe']} {r['budget']} answers seed {r['seed']}: "
+                f"quality {r['quality']:.4f}, ${r['usd']:.4f}, {r['on_policy_steps']} on-policy steps, "
+                f"{r['seconds']:.0f}s")
+            _write(out, result, t0)  # after every cell: a long run stopped early still has its numbers
+    done.sort(key=lambda r: (r["task"], R.RECIPES.index(r["recipe"]), r["budget"], r["seed"]))
+    result["complete"] = True
+    _write(out, result, t0)
+    return result

@@ -1,0 +1,52 @@
+"""`kdforge bench distill --quick`: the real benchmark (in-process teacher answers, `run_training`
+per cell, kdforge eval scoring, spend counted two ways) on both shipped tasks, tiny."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from conftest import run_cli
+
+
+def test_bench_distill_quick(tmp_path):
+    out = tmp_path / "bench"
+    r = run_cli("bench", "distill", "--quick", "--out", out, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["complete"] and res["plan"]["tasks"] == ["sort", "lang"]
+    cells = res["cells"]
+    assert {(c["task"], c["recipe"]) for c in cells} == {
+        (t, rc) for t in ("sort", "lang") for rc in ("ce", "topk_t1", "onpolicy_rkl")}
+    # the teachers: sort's near-certain teacher answers the held-out prompts; lang's is broad
+    assert res["teacher"]["sort"]["accuracy"] >= 0.9
+    assert res["teacher"]["lang"]["kl"] < 1e-4 and 2.0 < res["teacher"]["lang"]["perplexity"] < 6.0
+    for c in cells:
+        assert math.isfinite(c["quality"])
+        assert c["answers"] == 100 and c["answer_tokens"] > 100 * 5
+        if c["recipe"] == "onpolicy_rkl":  # scoring is priced on top of the answers
+            assert c["on_policy_steps"] > 0 and c["scored_tokens"] > 0
+            assert c["priced_tokens"] == c["answer_tokens"] + c["scored_tokens"]
+        else:
+            assert c["on_policy_steps"] == 0 and c["priced_tokens"] == c["answer_tokens"]
+        if c["task"] == "sort":
+            assert 0.0 <= c["quality"] <= 1.0
+        else:  # a student 20 steps in is far from the teacher, but finite and positive
+            assert 0.0 < c["kl"] < 10.0 and c["perplexity"] > res["teacher"]["lang"]["perplexity"]
+    # same answers -> same answer spend for every recipe of a task
+    for t in ("sort", "lang"):
+        assert len({c["answer_tokens"] for c in cells if c["task"] == t}) == 1
+    table = (out / "table.md").read_text()
+    assert "### sort" in table and "### lang" in table and "Goals:" in table
+    assert "| onpolicy_rkl | 100 |" in table and table in r.stdout
+    for t in ("sort", "lang"):
+        assert (out / f"{t}.png").stat().st_size > 5000
+    # a rerun into the same --out keeps the scored cells (a long run stopped early continues)
+    again = run_cli("bench", "distill", "--quick", "--out", out, timeout=120)
+    assert again.returncode == 0 and "6 cells kept" in again.stderr, again.stderr[-2000:]
+    assert json.loads((out / "results.json").read_text())["cells"] == cells
+
+
+def test_bench_distill_bad_recipe(tmp_path):
+    r = run_cli("bench", "distill", "--quick", "--recipes", "nope", "--out", tmp_path / "b", timeout=60)
+    assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
