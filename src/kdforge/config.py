@@ -137,6 +137,18 @@ class TrainSection(Section):
     bf16: bool | Literal["auto"] = "auto"
     device: str = "auto"
     fsdp: bool = False
+    # Experiment trackers fed every metrics.jsonl record (train/reporters.py), all offline-capable.
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _name_or_list(cls, v):
+        return [] if v in (None, "none") else [v] if isinstance(v, str) else v
+
+    @field_validator("report_to")
+    @classmethod
+    def _once_each(cls, v):
+        return list(dict.fromkeys(v))  # `[tensorboard, tensorboard]` is one writer, not two
 
     @field_validator("seq_lengths", mode="before")
     @classmethod

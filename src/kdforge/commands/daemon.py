@@ -7,6 +7,8 @@ imported only once the base dir lock is held, so a second daemon is refused at o
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -40,21 +42,65 @@ def daemon(
     try:
         from kdforge.daemon.service import Daemon
 
+        if sys.stdout.isatty() and not os.environ.get("CI"):
+            with _BatchBar() as bar:
+                return Daemon(paths.base, cfg, echo=bar.echo, progress=bar.update).run(once=once, lock=lock)
         return Daemon(paths.base, cfg, echo=lambda line: print(line, flush=True)).run(once=once, lock=lock)
     finally:
         lock.release()
 
 
+class _BatchBar:
+    """The foreground daemon on a terminal: a bar for the batch in training, log lines above it."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=Console(),
+                            transient=True)
+        self.task, self.batch = None, None
+
+    def echo(self, line: str) -> None:
+        self.bar.console.print(line, markup=False, highlight=False)
+
+    def update(self, status: dict) -> None:
+        if status.get("batch_number") != self.batch:  # a new batch: a new bar
+            if self.task is not None:
+                self.bar.remove_task(self.task)
+            self.batch = status.get("batch_number")
+            self.task = self.bar.add_task(f"batch #{self.batch} {status.get('current_file')}",
+                                          total=status.get("batch_steps") or None, info="")
+        loss = status.get("loss")
+        self.bar.update(self.task, completed=status.get("batch_step") or 0,
+                        info="" if loss is None else f"loss {loss:.4f}")
+
+    def __enter__(self) -> "_BatchBar":
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.stop()
+
+
 def status(
     base_dir: Path = typer.Option(..., "--base-dir", help=BASE_HELP),
     as_json: bool = typer.Option(False, "--json", help="print the status file as JSON"),
+    watch: bool = typer.Option(False, "--watch", help="a live view (q or Ctrl-C quits); reads only"),
+    interval: float = typer.Option(1.0, "--interval", min=0.05, help="--watch: seconds between refreshes"),
 ):
     """The daemon's status: state, step, batch, loss, queue, last checkpoint."""
     from kdforge.daemon.layout import Layout
     from kdforge.daemon.status import pid_alive, read_status, render
     from kdforge.errors import UsageError
 
-    path = Layout(base_dir.resolve()).status_file
+    layout = Layout(base_dir.resolve())
+    path = layout.status_file
+    if watch and not as_json:  # a watch may start before the daemon: it waits for the status file
+        from kdforge.daemon.watch import watch as watch_view
+
+        return watch_view(path, layout.logs, interval)
     if not path.is_file():
         raise UsageError(f"no status file at {path}: no daemon has run on {base_dir} "
                          f"(start one: kdforge daemon --base-dir {base_dir} --config CFG)")

@@ -52,6 +52,7 @@ from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
 from kdforge.train.loop import Hooks, train_steps
 from kdforge.train.on_policy import OnPolicy
+from kdforge.train.reporters import Reporters, check_installed
 from kdforge.train.schedule import LRMultiplier
 from kdforge.train.session import Session, StopFlag, build_session
 
@@ -81,17 +82,20 @@ class Daemon:
     consolidation (tests pass a fake one); `echo` also prints each log line."""
 
     def __init__(self, base_dir: str | Path, cfg: Config, *, now: Callable[[], datetime] = datetime.now,
-                 echo: Callable[[str], None] | None = None, handle_signals: bool = True):
+                 echo: Callable[[str], None] | None = None, handle_signals: bool = True,
+                 progress: Callable[[dict], None] | None = None):
         self.paths = Layout(Path(base_dir).resolve())
         self.cfg, self.daemon_cfg, self.train_cfg = cfg, cfg.daemon, cfg.train
         self.now = now
         self.handle_signals = handle_signals
+        self.progress = progress  # called with the status after every step (the foreground's progress bar)
         self.log = DailyLog(self.paths.logs, now, echo)
         self.status = StatusFile(self.paths.status_file, now)
         self.stop_flag = StopFlag()
         self.seq_len = self.train_cfg.seq_lengths[-1]
         self.session: Session | None = None  # the loaded run: model, optimizer, scheduler (built in _setup)
         self.heldout: HeldOut | None = None  # daemon.eval_file, loaded once
+        self.reporters = Reporters()  # train.report_to: one run per base dir, continued on every start
         self.state = TrainState()
         self.batch = BatchState()  # the daemon's bookkeeping, saved in every checkpoint's trainer_state.json
         self.in_memory: tuple[str, int] | None = None  # (checkpoint name, step) the loaded state equals
@@ -137,6 +141,7 @@ class Daemon:
             self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
             raise
         finally:
+            self.reporters.close()
             self.stop_flag.uninstall()
             if own_lock:
                 lock.release()
@@ -164,6 +169,7 @@ class Daemon:
         problems = check_config(self.cfg, for_run=True, job="daemon")
         if problems:
             raise ConfigError(problems)
+        check_installed(self.train_cfg.report_to)  # before any model loads
         ckpt.cleanup_partial(self.paths.checkpoints)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         configured = self._configured_base()
@@ -186,6 +192,9 @@ class Daemon:
             self.log.info(f"loaded {newest.name} (global_step {self.state.global_step}, "
                           f"batch {self.batch.batch_number}, base {base})")
         self._warm_up()
+        # Opened at the loaded checkpoint's step: a restart continues the same curves from there.
+        self.reporters = Reporters.open(self.train_cfg.report_to, self.paths.base,
+                                        config=self.cfg.model_dump(mode="json"), start_step=self.state.global_step)
         left = batch_files(self.paths.claimed)
         if left:
             self.log.info(f"unfinished batch(es) in inbox/.claimed/: {', '.join(shown(p.name) for p in left)}")
@@ -371,6 +380,7 @@ class Daemon:
             self._load_checkpoint(newest)
         else:  # the batch began on the fresh base: rebuild it as the start did
             self._open_session(self._configured_base(), self.session.tokenizer)
+        self.reporters.rewind(self.state.global_step)  # the failed batch's points leave the curves
         self.log.info(f"rolled back to {newest.name if newest else 'the fresh base'} "
                       f"(global_step {self.state.global_step})")
 
@@ -475,12 +485,15 @@ class Daemon:
                       if rec.get("on_policy") else "")
             self.log.info(f"step {rec['step']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
                           f"{rec.get('tokens_per_s', 0):,.0f} tok/s{policy}")
+            self.reporters.log(rec["step"], rec)
 
         def on_step(state: TrainState, rec: dict) -> None:
             self.status.update(current_step=state.global_step, batch_step=state.global_step - start,
                                loss=rec["loss"], learning_rate=rec["lr"],
                                tokens_per_s=rec.get("tokens_per_s", self.status.data["tokens_per_s"]),
                                batch_queue_size=self._queue_size())
+            if self.progress:
+                self.progress(self.status.data)
 
         def save(state: TrainState) -> None:
             self.batch.batch_done = stream.exhausted()
@@ -518,6 +531,7 @@ class Daemon:
         with self._rng_untouched():
             rec = self.heldout.score(s.model, s.teacher, s.device, self.state.global_step, after)
         self.state.log_history.append(rec)
+        self.reporters.log(rec["step"], rec)
         b.heldout_first = b.heldout_first or rec
         b.heldout_best = lowest(b.heldout_best, rec)
         self.log.info(describe(rec, b.heldout_first) + f", {rec['eval_seconds']:.1f}s")

@@ -23,6 +23,7 @@ from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream, check_fingerprint, curriculum, data_fingerprint
 from kdforge.train.loop import Hooks, evaluate_loss, train_steps
 from kdforge.train.on_policy import OnPolicy
+from kdforge.train.reporters import Reporters, check_installed
 from kdforge.train.schedule import train_schedule
 from kdforge.train.session import Session, build_session
 
@@ -73,9 +74,10 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     if problems:
         raise ConfigError(problems)
     out, t = Path(cfg.io.output_dir), cfg.train
+    check_installed(t.report_to)  # before any model loads: a missing tracker package is exit 2 at once
     # One writer per output dir (rank 0 writes for all ranks); taken before any model loads.
     lock = ckpt.OutputDirLock(out).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
-    session, in_step = None, False
+    session, in_step, reporters = None, False, Reporters()
     try:
         session = build_session(cfg)
         rank = session.rank
@@ -90,10 +92,12 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
             _truncate_metrics(metrics_path, state.global_step)
+        reporters = Reporters.open(t.report_to, out, rank=rank, config=cfg.model_dump(mode="json"),
+                                   start_step=state.global_step)
 
         # ---------------------------------------------------------------- train
         progress = _Progress(data.total, state.global_step, log) if rank == 0 else None
-        hooks = Hooks(on_log=_metrics_writer(metrics_path, progress, log) if rank == 0 else None,
+        hooks = Hooks(on_log=_metrics_writer(metrics_path, progress, reporters, log) if rank == 0 else None,
                       save=lambda st: _save(session, out, st, log), evaluate=_evaluator(session, data),
                       should_stop=session.stop)
         on_policy = OnPolicy.from_session(session, log)
@@ -117,6 +121,7 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
             if on_policy:
                 on_policy.close()
     finally:
+        reporters.close()  # ends the tracker runs (a resume continues them), whatever stopped the run
         if session is not None:
             session.close(in_step)  # every rank leaves the process group, finished or not
         if lock:
@@ -187,11 +192,13 @@ def _evaluator(session: Session, data: _Data):
                                  max(t.seq_lengths), t.eval_batches, session.device, session.amp_dtype)
 
 
-def _metrics_writer(path: Path, progress: "_Progress", log):
-    """Rank 0's on_log: one JSON line per record in metrics.jsonl, and the progress line."""
+def _metrics_writer(path: Path, progress: "_Progress", reporters: Reporters, log):
+    """Rank 0's on_log: one JSON line per record in metrics.jsonl, the same record to the
+    train.report_to trackers, and the progress line."""
     def on_log(rec: dict) -> None:
         with open(path, "a") as f:
             f.write(json.dumps({**rec, "time": time.time()}) + "\n")
+        reporters.log(rec["step"], rec)
         if "loss" in rec:
             progress.update(rec)
         else:
@@ -221,7 +228,7 @@ class _Progress:
         self.total, self.log = total, log
         self.t0, self.start = time.perf_counter(), start
         self.bar = None
-        if sys.stderr.isatty():
+        if sys.stderr.isatty() and not os.environ.get("CI"):  # CI logs keep plain lines
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(TextColumn("step {task.completed}/{task.total}"), BarColumn(),

@@ -1,0 +1,57 @@
+"""train.report_to in the daemon: a SIGKILL mid-batch and a restart add to one TensorBoard curve
+and one MLflow run (BASE/runs/, BASE/mlruns/), each step once, the held-out eval beside the loss."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import synthetic_records, write_jsonl
+from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
+from daemon_helpers import batch, daemon_config, drop, start_daemon, status, stop, wait_idle_at, wait_until
+from kdforge.train import checkpoint as ckpt
+from kdforge.train.reporters import STATE_FILE
+from test_report_to import mlflow_runs, once, tensorboard_steps
+from train_helpers import kill9
+
+pytest.importorskip("mlflow", reason='the tracking extra is not installed: pip install -e ".[track]"')
+
+N_RECORDS, N_STEPS = 96, 24  # micro-batch 4: 24 steps for the one batch
+
+
+def test_daemon_restart_after_sigkill_continues_one_run(tmp_path, tiny_model_dir):
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", synthetic_records(8, seed=99))
+    cfg = daemon_config(tmp_path / "daemon.yaml", tiny_model_dir, save_steps=4, eval_file=str(heldout))
+    tree = yaml.safe_load(cfg.read_text())
+    tree["train"]["report_to"] = ["tensorboard", "mlflow"]
+    cfg.write_text(yaml.safe_dump(tree))
+    base = tmp_path / "base"
+
+    proc = start_daemon(base, cfg, "first.out")
+    drop(base, "stream.jsonl", batch(N_RECORDS, seed=7))
+    try:
+        wait_until(lambda: status(base).get("current_step", 0) >= 10, proc, base, "step 10")
+    finally:
+        kill9(proc)
+    killed_at = ckpt.read_state(ckpt.latest_checkpoint(base / "current_model")).global_step
+    logged = tensorboard_steps(base / "runs")["loss"]
+    assert killed_at < N_STEPS and max(logged) >= 10, (killed_at, logged)
+    run_id = json.loads((base / STATE_FILE).read_text())["mlflow"]["run_id"]
+
+    restarted = start_daemon(base, cfg, "second.out")
+    try:  # the restart finishes the batch from checkpoint killed_at, then stops on .stop
+        wait_idle_at(base, N_STEPS, restarted, "stream.jsonl")
+        assert stop(restarted, base) == 0
+    finally:
+        restarted.poll() is None and restarted.kill()
+
+    tb = tensorboard_steps(base / "runs")
+    assert once(tb["loss"]) == list(range(1, N_STEPS + 1))
+    assert once(tb["eval_ce"]) == [N_STEPS]  # the held-out eval after the batch, on the same x axis
+    client, runs = mlflow_runs(base / "mlruns")
+    assert [r.info.run_id for r in runs] == [run_id], "a restart must continue the run, not start a second"
+    assert once([m.step for m in client.get_metric_history(run_id, "loss")]) == list(range(1, N_STEPS + 1))
+    assert [m.step for m in client.get_metric_history(run_id, "eval_ce")] == [N_STEPS]
+    assert runs[0].data.params["daemon.save_steps"] == "4"
