@@ -39,3 +39,14 @@ def test_train_throughput_tiny_prints_both_tables():
     assert float(rows["baseline (imports + model)"][-2]) > 0
     assert "plain" in rows and any(k.startswith("chunked") for k in rows)
     assert "load average" in p.stdout
+
+
+def test_serve_throughput_quick_prints_its_table_and_the_load():
+    """`serve_throughput.py --quick`: kdforge serve on the demo teacher, one short cell per level."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_throughput.py"), "--quick"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "load average at start" in p.stdout and "load average at end" in p.stdout
+    cells = [line for line in p.stdout.splitlines() if line.startswith("| teacher | kdforge serve |")]
+    assert len(cells) == 4, p.stdout  # completion and scoring, c=1 and c=16
+    assert all(float(c.split("|")[6]) > 0 for c in cells), cells
