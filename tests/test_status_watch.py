@@ -120,3 +120,31 @@ def test_watch_reads_only(tmp_path, base):
         pane.close()
     after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in base.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_foreground_daemon_on_a_terminal_shows_a_batch_bar(tmp_path, tiny_model_dir):
+    """The daemon in a terminal: one bar for the batch in training (step n/total of the batch),
+    the log lines above it; the same command without a terminal prints plain lines only."""
+    from daemon_helpers import batch, daemon_config, drop
+
+    base = tmp_path / "base"
+    cfg = daemon_config(tmp_path / "daemon.yaml", tiny_model_dir, save_steps=4)
+    drop(base, "stream.jsonl", batch(200, seed=3))  # 50 steps: long enough to catch the bar mid-way
+    cmd = (f"{shlex.quote(sys.executable)} -m kdforge daemon --base-dir {shlex.quote(str(base))} "
+           f"--config {shlex.quote(str(cfg))} --once")
+    env = "env -u CI OMP_NUM_THREADS=1 "  # CI=true (as CI runs) turns the bar off: that is tested below
+    pane = Pane(tmp_path, f"cd {shlex.quote(os.getcwd())} && {env}{cmd}")
+    try:
+        screen = pane.wait_for("batch #1 stream.jsonl", timeout=120)
+        assert "/50" in screen and "loss" in screen, screen
+        assert pane.exit_code(timeout=180) == 0
+    finally:
+        pane.close()
+
+    drop(base, "second.jsonl", batch(40, seed=4))
+    plain = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=180,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert plain.returncode == 0, plain.stdout + plain.stderr
+    text = plain.stdout + plain.stderr
+    assert "Batch 2 done: second.jsonl" in text, text
+    assert "batch #2" not in text and "\x1b[" not in text  # no bar, no escape codes
