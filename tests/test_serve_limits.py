@@ -16,8 +16,7 @@ import uvicorn
 from conftest import cli_env, free_port, run_cli
 from test_serve import KEY, client, hf, server  # noqa: F401 - module fixtures reused here
 
-from kdforge.serve.schemas import MAX_PROMPTS, MAX_ROWS
-from kdforge.serve.server import DEFAULT_MAX_BODY_BYTES
+from kdforge.serve.limits import DEFAULT_MAX_BODY_BYTES, MAX_PROMPTS, MAX_ROWS
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from kdforge.serve.server import DEFAULT_MAX_BODY_BYTES
+from kdforge.serve.limits import DEFAULT_MAX_BODY_BYTES
 
 
 def register(app: typer.Typer) -> None:

@@ -6,6 +6,10 @@ BadRequestError, 401 AuthenticationError, 404 NotFoundError, 500 InternalServerE
 
 from __future__ import annotations
 
+import sys
+import traceback
+import uuid
+
 from fastapi.responses import JSONResponse
 
 
@@ -27,3 +31,13 @@ class APIError(Exception):
 def invalid(param: str | None, message: str) -> APIError:
     """400 for a bad value of `param`."""
     return APIError(message, param=param, code="invalid_value" if param else None)
+
+
+def server_error(e: BaseException) -> APIError:
+    """A generic 500: exception text can hold paths, prompts or internals, so it goes only to the
+    server's log, under an id the client can quote."""
+    err_id = uuid.uuid4().hex[:12]
+    print(f"kdforge serve: internal error {err_id}:\n" + "".join(traceback.format_exception(e)),
+          file=sys.stderr, flush=True)
+    return APIError(f"The server had an error processing this request (error id {err_id}; the details are "
+                    "in the server's log).", status=500, type="server_error")

@@ -19,9 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import sys
 import time
-import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -32,14 +30,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kdforge.serve.api_error import APIError, invalid
+from kdforge.serve.api_error import APIError, invalid, server_error
 from kdforge.serve.engine import Engine
 from kdforge.serve.loader import ServedModel
 from kdforge.serve.output import Delta
 from kdforge.serve.responses import chat_logprobs, completion_logprobs, echo, joined, prompt_logprobs, usage
 from kdforge.serve.sampling import SamplingParams
+from kdforge.serve.limits import DEFAULT_MAX_BODY_BYTES
 from kdforge.serve.schemas import ChatCompletionRequest, CompletionRequest
-from kdforge.serve.server import DEFAULT_MAX_BODY_BYTES
 from kdforge.serve.vocab import Vocab
 
 Job = tuple[list[int], SamplingParams]
@@ -88,16 +86,6 @@ async def _until_disconnect(request: Request) -> None:
     a disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _server_error(e: BaseException) -> APIError:
-    """A generic 500: exception text can hold paths, prompts or internals, so it goes only to the
-    server's log, under an id the client can quote."""
-    err_id = uuid.uuid4().hex[:12]
-    print(f"kdforge serve: internal error {err_id}:\n" + "".join(traceback.format_exception(e)),
-          file=sys.stderr, flush=True)
-    return APIError(f"The server had an error processing this request (error id {err_id}; the details are "
-                    "in the server's log).", status=500, type="server_error")
 
 
 async def _merged(engine: Engine, jobs: list[Job], stream: bool, low: bool = False) -> AsyncIterator[tuple[int, Delta]]:
@@ -217,7 +205,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):
-        return _server_error(e).response()
+        return server_error(e).response()
 
     async def authorized(authorization: str | None = Header(None)) -> None:
         if api_key is None:
@@ -311,7 +299,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
                 sampled[i] = d.completion_tokens
                 yield event([fmt.chunk(i, d)])
         except Exception as e:  # noqa: BLE001 - the status line is sent already: report in-band
-            yield "data: " + json.dumps(_server_error(e).body()) + "\n\n"
+            yield "data: " + json.dumps(server_error(e).body()) + "\n\n"
             return
         if req.include_usage:
             yield event([], usage=usage(prompt_tokens, sum(sampled)))

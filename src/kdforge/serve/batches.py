@@ -33,7 +33,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from kdforge.atomic import atomic_write_bytes, atomic_write_json
-from kdforge.serve.api_error import APIError, invalid
+from kdforge.serve.api_error import APIError, invalid, server_error
 from kdforge.serve.schemas import ChatCompletionRequest
 
 ENDPOINT = "/v1/chat/completions"
@@ -191,9 +191,7 @@ class BatchService:
         except APIError as e:
             return e.status, e.body()
         except Exception as e:  # noqa: BLE001 - one bad row must not fail the batch
-            from kdforge.serve.app import _server_error
-
-            err = _server_error(e)
+            err = server_error(e)
             return err.status, err.body()
 
     async def _run(self, b: dict) -> None:

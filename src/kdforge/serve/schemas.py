@@ -12,14 +12,11 @@ from typing import Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from kdforge.serve.api_error import invalid
+from kdforge.serve.limits import MAX_PROMPTS, MAX_ROWS
 from kdforge.serve.sampling import MAX_TOP_LOGPROBS
 
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 MAX_N = 16
-# Caps on one request's work, so one client cannot queue hours of compute (3000 prompts x n=16
-# were accepted before): prompts in one /v1/completions call, and rows (prompts x n) generated.
-MAX_PROMPTS = 256
-MAX_ROWS = 256
 
 
 class _Body(BaseModel):

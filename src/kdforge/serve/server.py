@@ -21,9 +21,7 @@ import sys
 from dataclasses import dataclass
 
 from kdforge.errors import UsageError
-
-
-DEFAULT_MAX_BODY_BYTES = 16 << 20  # 256 prompts of ~10k token ids as JSON fit; 413 above
+from kdforge.serve.limits import DEFAULT_MAX_BODY_BYTES
 
 
 @dataclass
