@@ -171,3 +171,26 @@ def test_unknown_tracker_name_is_a_config_error(tmp_path, tokenizer_dir, data_fi
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", report_to=["tensorbored"])
     r = run_cli("config", "validate", cfg)
     assert r.returncode == 2 and "train.report_to" in r.stdout + r.stderr, r.stdout + r.stderr
+    one = train_config(tmp_path, tokenizer_dir, data_file, out="one", report_to="tensorboard")  # a name alone
+    assert run_cli("config", "validate", one).returncode == 0
+
+
+def test_torchrun_reports_from_rank_0_only(tmp_path, tokenizer_dir, data_file):
+    """Two DDP ranks, one writer: one event file, one MLflow run, each global step once."""
+    import subprocess
+    import sys
+
+    from test_distributed import TORCHRUN
+
+    steps = 6
+    cfg = train_config(tmp_path, tokenizer_dir, data_file, out="two", micro_batch_size=2, max_steps=steps,
+                       save_steps=3, report_to=["tensorboard", "mlflow"])
+    r = subprocess.run([*TORCHRUN, "-m", "kdforge", "train", "--config", str(cfg)], env=cli_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    out = tmp_path / "two"
+    assert len(list((out / "runs").glob("events.out.tfevents.*"))) == 1
+    assert once(tensorboard_steps(out / "runs")["loss"]) == list(range(1, steps + 1))
+    client, runs = mlflow_runs(out / "mlruns")
+    assert len(runs) == 1
+    assert once([m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]) == list(range(1, steps + 1))
