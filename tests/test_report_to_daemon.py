@@ -10,10 +10,11 @@ import yaml
 
 from conftest import synthetic_records, write_jsonl
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import batch, daemon_config, drop, start_daemon, status, stop, wait_idle_at, wait_until
+from daemon_helpers import (batch, daemon_config, drop, losses, newest_state, start_daemon, status, stop, wait_idle_at,
+                            wait_until)
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.reporters import STATE_FILE
-from test_report_to import mlflow_runs, once, tensorboard_steps
+from test_report_to import mlflow_runs, once, tensorboard_steps, tensorboard_values
 from train_helpers import kill9
 
 pytest.importorskip("mlflow", reason='the tracking extra is not installed: pip install -e ".[track]"')
@@ -55,3 +56,42 @@ def test_daemon_restart_after_sigkill_continues_one_run(tmp_path, tiny_model_dir
     assert once([m.step for m in client.get_metric_history(run_id, "loss")]) == list(range(1, N_STEPS + 1))
     assert [m.step for m in client.get_metric_history(run_id, "eval_ce")] == [N_STEPS]
     assert runs[0].data.params["daemon.save_steps"] == "4"
+
+
+
+def test_a_rolled_back_batch_leaves_the_tensorboard_curve(tmp_path, tiny_model_dir):
+    """A batch that changes after its claim is trained to its end, then rolled back to step 0; the
+    next batch trains steps 1.. again: TensorBoard shows each step once, with the kept batch's
+    values (MLflow cannot delete points: it holds both, the kept ones logged last)."""
+    from kdforge.config import load_config
+    from kdforge.daemon.service import Daemon
+
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, save_steps=4)
+    tree = yaml.safe_load(cfg.read_text())
+    tree["train"]["report_to"] = ["tensorboard", "mlflow"]
+    cfg.write_text(yaml.safe_dump(tree))
+    base = tmp_path / "base"
+    drop(base, "a_changing.jsonl", batch(40, seed=5))  # 10 steps
+
+    def writer_goes_on(line: str) -> None:  # a writer appends after the claim: the batch is refused at its end
+        if "step 3 loss" in line:
+            (claimed,) = (base / "inbox" / ".claimed").iterdir()
+            with open(claimed, "a") as f:
+                f.write(json.dumps(batch(1, seed=6)[0]) + "\n")
+
+    Daemon(base, load_config([cfg]), echo=writer_goes_on, handle_signals=False).run(once=True)
+    assert (base / "rejected" / "a_changing.jsonl").exists()
+    client, (run,) = mlflow_runs(base / "mlruns")
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 10  # all 10 steps were logged ...
+    assert tensorboard_steps(base / "runs").get("loss", []) == []  # ... and left TensorBoard's curve with the rollback
+
+    drop(base, "b_good.jsonl", batch(24, seed=7))  # 6 steps, from step 0 again
+    Daemon(base, load_config([cfg]), handle_signals=False).run(once=True)
+    kept = losses(newest_state(base))
+    assert sorted(kept) == list(range(1, 7))
+    tb = tensorboard_values(base / "runs", "loss")
+    assert sorted(tb) == list(range(1, 7)), sorted(tb)  # steps 7..10 of the rolled-back batch are gone
+    assert all(abs(tb[s] - kept[s]) < 1e-5 for s in kept), (tb, kept)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    last = {m.step: m.value for m in sorted(history, key=lambda m: m.timestamp)}
+    assert all(abs(last[s] - kept[s]) < 1e-5 for s in kept)

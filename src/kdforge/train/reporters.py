@@ -10,7 +10,9 @@ One run per DIR, however often it is resumed: the W&B and MLflow run ids live in
 logged once: TensorBoard reopens with `purge_step` (the steps after the checkpoint that a killed
 run had logged are dropped from the curve, then logged again); MLflow and W&B cannot delete
 points, so they skip the steps they already hold (resume is exact, so those values are the ones
-the resumed run would log). Rank 0 reports; other ranks get an empty `Reporters`.
+the resumed run would log). A batch the daemon rolls back (`rewind`) leaves TensorBoard's curve at
+once; MLflow and W&B keep its points and take the next batch's for the same steps after them.
+Rank 0 reports; other ranks get an empty `Reporters`.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ class _MLflow:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
-        run_id = ids.get("mlflow").get("run_id")
+        saved = ids.get("mlflow")
+        run_id = saved.get("run_id")
         run = self._existing(run_id)
         if run is None:
             exp = self.client.get_experiment_by_name(MLFLOW_EXPERIMENT)
@@ -219,9 +222,13 @@ class _MLflow:
             self.held = start_step
         else:
             self.client.update_run(run_id, status="RUNNING")
-            held = [m.step for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)]
-            self.held = max([start_step, *held])  # steps up to here are in the run already
-        self.run_id = run_id
+            # Steps up to here are in the run already (a killed run logged them; resume is exact).
+            # Points from before a rewind (a rolled-back batch) do not count: those steps train anew.
+            since = int(saved.get("rewound_at_ms", 0))
+            held = [m.step for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)
+                    if m.timestamp >= since]
+            self.held = max([start_step, *held])
+        self.run_id, self.ids = run_id, ids
         ids.put("mlflow", run_id=run_id, tracking_uri=uri)
 
     def _existing(self, run_id: str | None):
@@ -242,6 +249,7 @@ class _MLflow:
 
     def rewind(self, step: int) -> None:
         self.held = step
+        self.ids.put("mlflow", rewound_at_ms=int(time.time() * 1000))
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id, "FINISHED")
