@@ -3,6 +3,7 @@ otherwise, every 10% or 10 s), and the final summary."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter, deque
@@ -85,7 +86,7 @@ class ProgressView:
     def __init__(self, stats: Stats, money, limit: float | None, stream=None):
         self.stats, self.money, self.limit = stats, money, limit  # money(): total USD spent or None
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = self.stream.isatty() and not os.environ.get("CI")  # no bar in CI logs
         self._bar = None
         self._last_log = time.monotonic()
         self._last_decile = stats.done * 10 // max(1, stats.total)
