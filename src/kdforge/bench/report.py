@@ -62,11 +62,17 @@ def _interp_log(points: list[tuple[float, float]], x: float) -> float | None:
     return pts[0][1]
 
 
+LOCAL_ONLY = ("dense",)  # a paid API returns top-K logprobs, never full logits: not a priced-regime recipe
+
+
 def _mark_recommended(rows: list[dict], higher: bool) -> None:
     """Priced regime: a row is recommended when no cheaper (or equal-cost) row is at least as good
-    (the Pareto front of mean quality against mean $)."""
+    (the Pareto front of mean quality against mean $); local-only recipes are never recommended."""
     best = None
-    for row in sorted(rows, key=lambda x: (x["usd"], -x["mean"] if higher else x["mean"])):
+    for row in rows:
+        row["recommended"] = False
+    for row in sorted((x for x in rows if x["recipe"] not in LOCAL_ONLY),
+                      key=lambda x: (x["usd"], -x["mean"] if higher else x["mean"])):
         better = best is None or (row["mean"] > best if higher else row["mean"] < best)
         row["recommended"] = better
         if better:
@@ -101,7 +107,7 @@ def goals(result: dict, rows: list[dict]) -> list[str]:
 
 
 def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{x:.0%}"
+    return "-" if x is None else f"{x:.0%}".replace("-0%", "0%")
 
 
 def table(result: dict, rows: list[dict]) -> str:
@@ -123,7 +129,11 @@ def table(result: dict, rows: list[dict]) -> str:
                          + (f"{x['perplexity']:.3f} | " if t == "lang" else "")
                          + f"{_pct(x['gap_answers'])} | {_pct(x['gap_spend'])} | {'yes' if x['recommended'] else ''} |")
         lines.append("")
-    lines += ["Goals:"] + [f"- {g}" for g in goals(result, rows)]
+    lines += ["Priced regime: answers cost prompt tokens at $%g/M and completion tokens at $%g/M; on-policy "
+              "scoring costs the scored tokens at $%g/M. dense needs a local teacher's full logits (no API "
+              "returns them): never recommended there. '-' at equal $: no CE cell spent that much."
+              % (result["plan"]["price_input"], result["plan"]["price_output"], result["plan"]["price_input"]), "",
+              "Goals:"] + [f"- {g}" for g in goals(result, rows)]
     return "\n".join(lines) + "\n"
 
 
