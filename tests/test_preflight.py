@@ -20,7 +20,8 @@ from kdforge.preflight.report import render_text
 
 KEY = "sk-preflight-test"
 PRICES = {"price_input": 1.0, "price_output": 2.0}  # USD per million tokens
-SEED = REPO.parent / "shared" / "seeds" / "000_091b5a4f71550d72.txt"
+# a copy of ../shared/seeds/000_091b5a4f71550d72.txt ships with the tests: a clean clone has no ../shared
+SEED = REPO / "tests" / "data" / "seed_000_091b5a4f71550d72.txt"
 
 
 def user_config(tmp_path: Path, tokenizer: Path | str, teacher: str | None, model: str = "fault-teacher",
