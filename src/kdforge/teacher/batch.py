@@ -487,7 +487,10 @@ class BatchRun:
             from openai.types.chat import ChatCompletion
 
             try:
-                ans = self.api.answer(lambda: ChatCompletion.model_validate(body))
+                # parsed as the openai client parses an online answer (`construct`, not a strict
+                # validation): a row whose `usage` lies ("lots", 28.5) is still the teacher's answer,
+                # and the ledger charges its usage at the worst case (`budget.usage_problem`)
+                ans = self.api.answer(lambda: ChatCompletion.construct(**body))
             except Transient as e:  # billed (it completed) but unreadable: charged in full, retried
                 gen._charge(gen.ledger.settle_worst(res, e.kind), res.prompt_tokens, res.completion_tokens)
                 self._again(job, e.reason)
