@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import torch
@@ -39,6 +40,13 @@ def _train(tok_dir: str, accum: int, out: str, rank: int = 0, world: int = 1, po
     if rank == 0:
         torch.save(model.state_dict(), out)
     if world > 1:
+        # as Session.close does: free DDP's reducer while the group lives, then destroy it. Left to
+        # the function's return, the reducer's destructor joins gloo's thread holding the GIL while
+        # that thread waits for the GIL to free a tensor: rank 0 hung forever (seen in a full run)
+        dist.barrier()
+        del obj
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
