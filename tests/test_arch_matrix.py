@@ -288,74 +288,64 @@ def test_serve_logprobs_are_the_models_log_softmax(served):
 
 # ============================================================================ estimate-memory
 
-MEASURE = """
-import json, resource, sys
-import torch
-from transformers import AutoModelForCausalLM
-
-def rss():  # resident set now, bytes
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-folder, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-torch.manual_seed(0)
-# warm-up on a throwaway copy: lazy imports, kernels, autograd threads load outside the window
-w = AutoModelForCausalLM.from_pretrained(folder)
-ids = torch.randint(0, w.config.vocab_size, (1, 8)); w(input_ids=ids, labels=ids).loss.backward(); del w
-big = torch.randint(0, 512, (b, s)); small = big[:1, :8].clone()
-before = rss()
-# reset the peak (VmHWM) to now: what imports and the warm-up peaked at is outside the window
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-model = AutoModelForCausalLM.from_pretrained(folder).train()
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-# step 1 on 8 tokens creates gradients and moments (kept: grad accumulation); step 2 is measured
-model(input_ids=small, labels=small).loss.backward(); opt.step(); opt.zero_grad(set_to_none=False)
-model(input_ids=big, labels=big).loss.backward(); opt.step()
-with open("/proc/self/status") as f:
-    peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-print(json.dumps({"measured": peak - before}))
-"""
+MEM_B, MEM_S, MEM_R = 16, 128, 4  # micro-batch x tokens, LoRA rank
 
 
-def _estimate_cli(capsys, family_dirs, family, tmp_path, b, s):
+@pytest.fixture(scope="module")
+def peaks(family_dirs):
+    """(family, "full" | "lora") -> peak bytes of a real float32 training step, all twelve cells
+    measured in one process, one VmHWM window each (tests/test_memory.py's `measured_peaks`)."""
+    from test_memory import measured_peaks
+
+    cells = [(fam, mode) for fam in FAMILIES for mode in ("full", "lora")]
+    got = measured_peaks([{"folder": str(family_dirs[fam]), "lora": MEM_R if mode == "lora" else 0,
+                           "vocab": 512, "b": MEM_B, "s": MEM_S} for fam, mode in cells])
+    return dict(zip(cells, got))
+
+
+def _estimate_cli(capsys, family_dirs, family, tmp_path, b, s, lora=None):
     from kdforge.cli import main
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(yaml.safe_dump({"model": {"path": str(family_dirs[family])},
-                                   "train": {"micro_batch_size": b, "seq_lengths": [s], "bf16": False, "max_steps": 2}}))
+    model = {"path": str(family_dirs[family]), **({"lora": lora} if lora else {})}
+    cfg.write_text(yaml.safe_dump({"model": model, "train": {"micro_batch_size": b, "seq_lengths": [s],
+                                                             "bf16": False, "max_steps": 2}}))
     with pytest.raises(SystemExit) as e:
         main(["estimate-memory", "--config", str(cfg), "--json"])
     out = capsys.readouterr()
     return e.value.code, out.out, out.err
 
 
-def test_estimate_memory_llama_within_15_percent_of_measured(family_dirs, tmp_path, capsys):
-    """Peak RSS of a real float32 training step (weights, grads, AdamW moments, activations of a
-    16 x 128 micro-batch) against `kdforge estimate-memory --config` on the same folder."""
-    import subprocess
-    import sys
+@pytest.mark.parametrize("mode", ["full", "lora"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_estimate_memory_within_15_percent_of_measured(family, mode, family_dirs, peaks, tmp_path, capsys):
+    """`kdforge estimate-memory --config` on the folder (built from its config.json on fake
+    tensors, the trainer's LoRA included) against the peak RSS of a real float32 training step:
+    weights, grads, AdamW moments, the activations of a 16 x 128 micro-batch. The parameter
+    counts are exact: the model's own, and PEFT's trainable ones under LoRA."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
 
-    from conftest import cli_env
+    from kdforge.model.student import peft_lora_config
 
-    b, s = 16, 128
-    rc, out, err = _estimate_cli(capsys, family_dirs, "llama", tmp_path, b, s)
+    lora = {"r": MEM_R, "alpha": 2 * MEM_R} if mode == "lora" else None
+    rc, out, err = _estimate_cli(capsys, family_dirs, family, tmp_path, MEM_B, MEM_S, lora)
     assert rc == 0, err
-    est = json.loads(out)["bytes"]["total"]
-    p = subprocess.run([sys.executable, "-c", MEASURE, str(family_dirs["llama"]), str(b), str(s)],
-                       capture_output=True, text=True, timeout=120, env=cli_env(MALLOC_MMAP_THRESHOLD_=65536))
-    assert p.returncode == 0, p.stderr
-    measured = json.loads(p.stdout.strip().splitlines()[-1])["measured"]
-    msg = f"estimated {est / 1e6:.1f} MB, measured {measured / 1e6:.1f} MB"
+    j = json.loads(out)
+    real = AutoModelForCausalLM.from_pretrained(str(family_dirs[family]))
+    assert j["params"] == sum(p.numel() for p in real.parameters())
+    if lora:
+        real = get_peft_model(real, peft_lora_config(MEM_R, 2 * MEM_R, 0.0, None, real))
+    assert j["trainable_params"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    est, measured = j["bytes"]["total"], peaks[(family, mode)]
+    msg = f"{family} {mode}: estimated {est / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB"
     print(msg)
     assert abs(est - measured) / measured < 0.15, msg
 
 
-@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
-def test_estimate_memory_other_families_exit_2_naming_the_limit(family, family_dirs, tmp_path, capsys):
-    """The activation count is Llama's tensor by tensor: for another family no number beats a
-    wrong one. Exit 2, naming the model type."""
-    rc, _, err = _estimate_cli(capsys, family_dirs, family, tmp_path, 4, SEQ)
-    assert rc == 2
-    model_type = json.loads((family_dirs[family] / "config.json").read_text())["model_type"]
-    assert f"is a '{model_type}' model; estimate-memory counts Llama-architecture models only" in err
+def test_estimate_memory_bad_model_path_or_targets_exit_2(family_dirs, tmp_path, capsys):
+    """A folder without config.json, or LoRA targets the model does not have: exit 2 naming the field."""
+    rc, _, err = _estimate_cli(capsys, {"none": tmp_path}, "none", tmp_path, 4, SEQ)
+    assert rc == 2 and f"model.path: no Hugging Face model folder (config.json) at {tmp_path}" in err, err
+    rc, _, err = _estimate_cli(capsys, family_dirs, "gpt2", tmp_path, 4, SEQ, {"r": 4, "target_modules": ["q_proj"]})
+    assert rc == 2 and "model.lora.target_modules" in err and "q_proj" in err, err

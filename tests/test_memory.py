@@ -127,9 +127,8 @@ def test_saved_tensor_count_matches_autograd(st):
 # ----------------------------------------------------------------------------- estimate vs measured
 
 MEASURE = textwrap.dedent("""
-    import json, resource, sys
+    import gc, json, resource, sys
     import torch
-    from kdforge.model import ModelCfg, build_student
 
     def maxrss():  # peak resident set since the last reset below (VmHWM), bytes
         with open("/proc/self/status") as f:
@@ -139,33 +138,67 @@ MEASURE = textwrap.dedent("""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
 
-    a = json.loads(sys.argv[1])
-    torch.manual_seed(0)
-    # Warm-up on a throwaway 2-layer model: lazy imports, kernels and autograd threads load now,
-    # not inside the measured window.
-    w = build_student(ModelCfg(d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=64))
-    ids = torch.randint(0, 64, (1, 8)); w(input_ids=ids, labels=ids).loss.backward()
-    torch.optim.AdamW(w.parameters()).step(); del w, ids
-    cfg = ModelCfg(**a["cfg"])
-    big = torch.randint(0, cfg.vocab_size, (a["b"], a["s"]))
-    small = big[:1, :8].clone()
-    before = rss()
-    # Reset the peak to now: what imports and the warm-up peaked at stays outside the window
-    # (ru_maxrss cannot be reset, and a warm-up peak above the window's made the test flaky).
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    def build(cell):  # a kdforge student from numbers, or a Hugging Face folder (with the trainer's LoRA)
+        if "cfg" in cell:
+            from kdforge.model import ModelCfg, build_student
+            model = build_student(ModelCfg(**cell["cfg"]))
+        else:
+            from transformers import AutoModelForCausalLM
+            model = AutoModelForCausalLM.from_pretrained(cell["folder"])
+        if cell.get("lora"):
+            from peft import get_peft_model
+            from kdforge.model.student import peft_lora_config
+            model = get_peft_model(model, peft_lora_config(cell["lora"], 2 * cell["lora"], 0.0, None, model))
+        model.train()
+        if cell.get("gc"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
 
-    model = build_student(cfg).train()
-    if a["gc"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    # step 1 on 8 tokens: gradients and AdamW moments now exist; keep the gradients (grad accumulation)
-    model(input_ids=small, labels=small).loss.backward(); opt.step(); opt.zero_grad(set_to_none=False)
-    # step 2, the measured one: forward + backward + AdamW step on the full micro-batch
-    out = model(input_ids=big, labels=big)
-    out.loss.backward(); opt.step()
-    print(json.dumps({"before": before, "after": maxrss()}))
+    def step(model, opt, ids):
+        out = model(input_ids=ids, labels=ids)  # kept: the logits stay alive through backward
+        out.loss.backward(); opt.step()
+
+    peaks = []
+    for cell in json.loads(sys.argv[1]):
+        torch.manual_seed(0)
+        # Warm-up on a throwaway copy: lazy imports, kernels and autograd threads load now,
+        # not inside the measured window.
+        w = build(cell); ids = torch.randint(0, 64, (1, 8))
+        step(w, torch.optim.AdamW([p for p in w.parameters() if p.requires_grad]), ids); del w, ids; gc.collect()
+        big = torch.randint(0, cell["vocab"], (cell["b"], cell["s"]))
+        small = big[:1, :8].clone()
+        before = rss()
+        # Reset the peak to now: what imports, the warm-up and earlier cells peaked at stays outside
+        # the window (ru_maxrss cannot be reset, and a warm-up peak above the window's made the test flaky).
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        model = build(cell)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        # step 1 on 8 tokens: gradients and AdamW moments now exist; keep the gradients (grad accumulation)
+        step(model, opt, small); opt.zero_grad(set_to_none=False)
+        # step 2, the measured one: forward + backward + AdamW step on the full micro-batch
+        step(model, opt, big)
+        peaks.append(maxrss() - before)
+        del model, opt, big, small; gc.collect()
+    print(json.dumps(peaks))
 """)
+
+
+def measured_peaks(cells: list[dict]) -> list[int]:
+    """Peak training memory of each cell, bytes, measured in one fresh float32 CPU process, one
+    window per cell (VmHWM reset when it opens): build the model (a kdforge student: `cfg`; a
+    Hugging Face folder: `folder`; LoRA of rank `lora` with the trainer's targets) and AdamW,
+    one 8-token step that creates the gradients and moments, then one full forward + backward +
+    AdamW step on a `b` x `s` micro-batch with those gradients kept (grad accumulation). That
+    peak holds weights + gradients + moments + the activations of the big micro-batch: what
+    `estimate(...).total` predicts. MALLOC_MMAP_THRESHOLD_=65536 makes glibc give every freed
+    tensor (>64 KiB) back to the OS, so RSS follows live tensors rather than the allocator's
+    retained heap (with glibc's default, freed mid-sized activations stay resident: allocator
+    slack, which the estimate leaves out)."""
+    p = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(cells)], capture_output=True, text=True,
+                       timeout=300, env=cli_env(MALLOC_MMAP_THRESHOLD_=65536))
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("case", [
@@ -176,24 +209,12 @@ MEASURE = textwrap.dedent("""
                                    vocab_size=512, ffn_dim=704), b=4, s=512, gc=True), marks=pytest.mark.slow),
 ], ids=["seed-toy", "layers-gc"])
 def test_estimate_matches_measured_peak_memory(case):
-    """Measured, in a fresh float32 CPU process: peak RSS (VmHWM, reset when the window opens) minus the
-    resident set before the model exists (after imports, input creation and a warm-up on a
-    throwaway model). In between: build the model and AdamW, one 8-token step that creates the
-    gradients and AdamW moments, then one full forward + backward + AdamW step at micro-batch
-    b x seq s with those gradients kept (grad accumulation). That peak holds weights + gradients
-    + moments + the activations of the big micro-batch: what `estimate(...).total` predicts.
-    MALLOC_MMAP_THRESHOLD_=65536 makes glibc give every freed tensor (>64 KiB) back to the OS, so
-    RSS follows live tensors rather than the allocator's retained heap (with glibc's default,
-    freed mid-sized activations stay resident: allocator slack, which the estimate leaves out)."""
+    """The Llama formula against the peak of a real training step (see `measured_peaks`)."""
     cfg = case["cfg"]
-    args = {"cfg": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head",
+    cell = {"cfg": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_head",
                                                  "vocab_size", "ffn_dim")},
-            "b": case["b"], "s": case["s"], "gc": case["gc"]}
-    p = subprocess.run([sys.executable, "-c", MEASURE, json.dumps(args)], capture_output=True, text=True,
-                       timeout=300, env=cli_env(MALLOC_MMAP_THRESHOLD_=65536))
-    assert p.returncode == 0, p.stderr
-    r = json.loads(p.stdout.strip().splitlines()[-1])
-    measured = r["after"] - r["before"]
+            "vocab": cfg.vocab_size, "b": case["b"], "s": case["s"], "gc": case["gc"]}
+    (measured,) = measured_peaks([cell])
     est = estimate(cfg, Setup(micro_batch=case["b"], seq_len=case["s"], dtype="float32",
                               gradient_checkpointing=case["gc"]))
     msg = (f"measured {measured / 1e6:.1f} MB, estimated {est.total / 1e6:.1f} MB "

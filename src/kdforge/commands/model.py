@@ -44,8 +44,9 @@ def _source(preset: Optional[str], configs: List[Path], tokenizer: Optional[Path
             if job == "init-model":
                 raise UsageError(f"model.path ({conf.model.path}) names an existing model; init-model builds a "
                                  "new student from model.preset and the model numbers: remove model.path")
-            cfg = _cfg_from_model_path(Path(conf.model.path))
-            name = f"{conf.model.path} (Llama-shaped estimate)"
+            # any local causal LM: estimate-memory builds it from its own config.json (fake tensors)
+            _model_path_config(Path(conf.model.path))
+            return None, tokenizer, conf, f"{conf.model.path}"
         else:
             cfg = conf.model.model_cfg()
         if tokenizer is None and conf.io.tokenizer_path:
@@ -59,22 +60,16 @@ def _source(preset: Optional[str], configs: List[Path], tokenizer: Optional[Path
     return cfg, tokenizer, conf, name
 
 
-def _cfg_from_model_path(path: Path):
-    from kdforge.model.memory import cfg_from_hf_config
-
-    conf_file = path / "config.json"
-    if not conf_file.is_file():
+def _model_path_config(path: Path):
+    """The model's transformers config, or exit 2 naming model.path."""
+    if not (path / "config.json").is_file():
         raise UsageError(f"model.path: no Hugging Face model folder (config.json) at {path}")
-    conf = json.loads(conf_file.read_text(encoding="utf-8"))
-    # The activation count is LlamaForCausalLM's, tensor by tensor: another family (GPT-2's
-    # Conv1D and GELU, Gemma-2's soft-capping, MoE experts) saves other tensors, so no estimate.
-    if conf.get("model_type", "llama") != "llama":
-        raise UsageError(f"model.path: {path} is a {conf['model_type']!r} model; estimate-memory counts "
-                         "Llama-architecture models only (kdforge's own students, model_type 'llama')")
+    from transformers import AutoConfig
+
     try:
-        return cfg_from_hf_config(conf)
-    except (KeyError, ValueError) as e:
-        raise UsageError(f"model.path: {conf_file} is not a Llama-shaped config ({e})") from None
+        return AutoConfig.from_pretrained(str(path))
+    except (ValueError, KeyError, OSError) as e:
+        raise UsageError(f"model.path: {path / 'config.json'} is not a config transformers can load ({e})") from None
 
 
 def _tokenizer_size(tokenizer: Path) -> int:
@@ -154,7 +149,7 @@ def estimate_memory(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
-    from kdforge.model.memory import LoraSetup, Setup, lora_setup, report, to_json
+    from kdforge.model.memory import LoraSetup, Setup, lora_setup, model_json, model_report, report, to_json
 
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
     st = Setup()
@@ -173,11 +168,23 @@ def estimate_memory(
     elif lora or lora_r is not None:
         base = st.lora or LoraSetup()
         st = replace(st, lora=replace(base, r=lora_r or base.r))
-    problems = st.problems()
+    # a model.path model's own layer names are checked by PEFT, not against the student's
+    problems = [(f, m) for f, m in st.problems() if cfg is not None or f != "lora.target_modules"]
     if problems:
         raise UsageError("; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in problems))
 
     notes = []
+    if cfg is None:  # model.path: any local causal LM, traced from its own config
+        if vocab_size is not None:
+            raise UsageError(f"--vocab-size: model.path ({conf.model.path}) fixes its vocab in its config.json")
+        targets = conf.model.lora.target_modules if conf.model.lora else None
+        args = (Path(conf.model.path), st, targets)
+        try:
+            out = model_json(*args, name=name) if as_json else model_report(*args, name=name)
+        except ValueError as e:  # e.g. PEFT: a target module that is not in the model
+            raise UsageError(f"model.lora.target_modules: {e}" if st.lora else f"model.path: {e}") from None
+        print(json.dumps(out, indent=2) if as_json else out)
+        return
     vocab = None
     if cfg.vocab_size is None:
         if vocab_size is not None:

@@ -52,6 +52,7 @@ logits for KD, kernel workspaces.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
@@ -130,8 +131,20 @@ class Term:
         return self.coef * self.dim
 
 
+class _Totals:
+    """total and breakdown() from weights, master, gradients, optimizer and activations."""
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.master + self.gradients + self.optimizer + self.activations
+
+    def breakdown(self) -> dict[str, int]:
+        return {"weights": self.weights, "master_weights": self.master, "gradients": self.gradients,
+                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
+
+
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(_Totals):
     cfg: "ModelCfg"  # resolved: every number set
     setup: Setup
     params: int
@@ -175,14 +188,6 @@ class Estimate:
     @property
     def activations(self) -> int:
         return self.tokens * self.peak_per_token
-
-    @property
-    def total(self) -> int:
-        return self.weights + self.master + self.gradients + self.optimizer + self.activations
-
-    def breakdown(self) -> dict[str, int]:
-        return {"weights": self.weights, "master_weights": self.master, "gradients": self.gradients,
-                "optimizer": self.optimizer, "activations": self.activations, "total": self.total}
 
 
 # ----------------------------------------------------------------------------- counting
@@ -397,6 +402,11 @@ def formula_lines(est: Estimate, unit: int = GB) -> list[str]:
 
 def alternatives(cfg: "ModelCfg", setup: Setup, vocab_size: int | None = None) -> list[tuple[str, Estimate]]:
     """The same model and batch trained other common ways (the report's comparison rows)."""
+    return _alternatives(setup, lambda st: estimate(cfg, st, vocab_size))
+
+
+def _alternatives(setup: Setup, estimate_of) -> list:
+    """(label, estimate_of(setup')) for the comparison rows, duplicates of an earlier row dropped."""
     lora8 = LoraSetup()
     cands = [("this setup", setup)]
     if setup.lora is None:  # LoRA adapters are fp32 already: no master copy, fp32 moments
@@ -421,7 +431,7 @@ def alternatives(cfg: "ModelCfg", setup: Setup, vocab_size: int | None = None) -
     ]
     out, seen = [], []
     for label, st in cands:
-        est = estimate(cfg, st, vocab_size)
+        est = estimate_of(st)
         if est.breakdown() in seen:  # e.g. "fp32 moments" when the weights are fp32 already
             continue
         seen.append(est.breakdown())
@@ -498,3 +508,312 @@ def cfg_from_hf_config(conf: dict) -> "ModelCfg":
                     ffn_dim=conf["intermediate_size"],
                     max_seq_len=conf.get("max_position_embeddings") or 2048,
                     tie_embeddings=bool(conf.get("tie_word_embeddings", False)))
+
+
+# ----------------------------------------------------------------------------- any local causal LM
+
+# For a `model.path` model of any family (GPT-2's Conv1D, Phi's biases, Gemma-2's soft-capping, a
+# mixture of experts) the layer formula above does not apply. Instead the model is built from its
+# own config.json under torch's FakeTensorMode (shapes and dtypes, no memory, no compute) with the
+# LoRA the trainer would add, so the parameter counts are exact; one forward of a fake
+# micro-batch runs under autograd's saved-tensor hooks, so the activations are what this
+# architecture saves at these shapes, storage by storage. The transient terms of the backward
+# (logits, the loss backward's fp32 V-wide buffers, the gradients alive in one layer) and the
+# gradient checkpointing case are composed from that trace as in the formula above.
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What one fake forward of a `model.path` model at micro-batch x seq_len showed (bytes)."""
+
+    model_type: str
+    n_layers: int
+    d_model: int
+    ffn_dim: int
+    vocab_size: int
+    params: int  # base parameters (adapters excluded)
+    trainable: int
+    weight_bytes: int  # all parameters, adapters included, in their own dtypes
+    trainable_bytes: int
+    trainable_dtype: str
+    targets: tuple[str, ...]  # LoRA's resolved target modules (empty: full training)
+    saved_layers: int  # saved for backward before the output head (embeddings, decoder layers, final norm)
+    saved_head: int  # saved from the output head on (lm_head input, soft-capping, the loss)
+    logits: int  # the logits tensor the model output keeps alive, when autograd did not save it
+
+
+@contextmanager
+def _as_in_eager_mode():
+    """Make transformers take, on fake tensors, the paths it takes on real ones: a fake tensor
+    position ids read as "tracing" to the mask code, which then takes the rows for packed
+    sequences and builds an s x s mask that a real run of unpacked rows leaves to sdpa's is_causal; and fake tensors have no float32 grouped_mm (its meta kernel
+    wants bf16), so a mixture of experts goes through its fallback op, which saves the same
+    input and weight."""
+    import importlib
+
+    patches = []
+    for module, name, value in (("transformers.masking_utils", "find_packed_sequence_indices", lambda *a, **k: None),
+                                ("transformers.integrations.moe", "_can_use_grouped_mm", lambda *a, **k: False)):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        if not hasattr(mod, name):
+            continue
+        orig = getattr(mod, name)
+        patches.append((mod, name, orig))
+        setattr(mod, name, value)
+    try:
+        yield
+    finally:
+        for mod, name, orig in patches:
+            setattr(mod, name, orig)
+
+
+def _to_fake(model) -> None:
+    """Replace the meta parameters and buffers of `model` by fake CPU tensors (called inside a
+    FakeTensorMode), one new parameter per old one so tied weights stay tied."""
+    import torch
+
+    new: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for table, wrap in ((mod._parameters, True), (mod._buffers, False)):
+            for k, t in table.items():
+                if t is None:
+                    continue
+                if id(t) not in new:
+                    fake = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu")
+                    new[id(t)] = torch.nn.Parameter(fake, requires_grad=t.requires_grad) if wrap else fake
+                table[k] = new[id(t)]
+
+
+def _ffn_dim(conf) -> int:
+    d = conf.hidden_size
+    return getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * d
+
+
+def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_alpha: float = 16) -> Traced:
+    """Build the model at `path` (a Hugging Face folder) on fake tensors with `setup`'s dtype,
+    attention and LoRA (targets None: PEFT's all-linear, as the trainer does) and trace one
+    forward of a micro-batch of `setup.micro_batch` x `setup.seq_len` tokens."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    conf = AutoConfig.from_pretrained(str(path))
+    dtype = getattr(torch, setup.dtype)
+    # Built on the meta device (PEFT cannot move fake parameters), then every tensor swapped for
+    # a fake CPU one, so the forward dispatches to the CPU kernels' shape functions (sdpa's
+    # flash kernel saves its output and logsumexp, not the probabilities).
+    # sdpa: the family's default attention, as training loads it (Gemma-2's is eager)
+    attn = {"attn_implementation": "eager"} if setup.attention == "eager" else {}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype, **attn)
+    params = sum(p.numel() for p in model.parameters())
+    targets: tuple[str, ...] = ()
+    if setup.lora is not None:
+        from peft import get_peft_model
+
+        from kdforge.model.student import peft_lora_config
+
+        model = get_peft_model(model, peft_lora_config(setup.lora.r, lora_alpha, setup.lora.dropout,
+                                                       lora_targets, model))
+        pc = model.peft_config["default"]
+        targets = tuple(sorted(pc.target_modules or ())) + tuple(sorted(getattr(pc, "target_parameters", None) or ()))
+    model.train()
+    with FakeTensorMode(allow_non_fake_inputs=True), _as_in_eager_mode():
+        _to_fake(model)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        param_storages = {p.untyped_storage()._cdata for p in model.parameters()}
+        saved: dict[int, int] = {}
+        head_from = [None]
+
+        def pack(t):
+            key = t.untyped_storage()._cdata
+            if key not in param_storages and key not in saved:
+                saved[key] = t.untyped_storage().nbytes()
+            return t
+
+        def mark(*_):
+            if head_from[0] is None:
+                head_from[0] = len(saved)
+
+        hook = model.get_output_embeddings().register_forward_pre_hook(mark)
+        ids = torch.randint(0, conf.vocab_size, (setup.micro_batch, setup.seq_len))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+        hook.remove()
+        sizes = list(saved.values())
+        cut = head_from[0] if head_from[0] is not None else len(sizes)
+        lg = out.logits
+        logits = 0 if lg.untyped_storage()._cdata in saved else lg.untyped_storage().nbytes()
+        tdt = str(trainable[0].dtype).removeprefix("torch.") if trainable else setup.dtype
+        return Traced(
+            model_type=conf.model_type, n_layers=conf.num_hidden_layers, d_model=conf.hidden_size,
+            ffn_dim=_ffn_dim(conf), vocab_size=conf.vocab_size, params=params,
+            trainable=sum(p.numel() for p in trainable),
+            weight_bytes=weight_bytes, trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
+            trainable_dtype=tdt, targets=targets, saved_layers=sum(sizes[:cut]), saved_head=sum(sizes[cut:]),
+            logits=logits)
+
+
+@dataclass(frozen=True)
+class ModelEstimate(_Totals):
+    """`Estimate`'s numbers for a traced `model.path` model (all activation terms in bytes for
+    the whole micro-batch)."""
+
+    traced: Traced
+    setup: Setup
+    name: str = "model"
+
+    @property
+    def params(self) -> int:
+        return self.traced.params
+
+    @property
+    def trainable(self) -> int:
+        return self.traced.trainable
+
+    @property
+    def weights(self) -> int:
+        return self.traced.weight_bytes
+
+    @property
+    def _tb(self) -> int:
+        return DTYPE_BYTES[self.traced.trainable_dtype]
+
+    @property
+    def master(self) -> int:
+        return self.trainable * 4 if self.setup.master_weights and self._tb < 4 else 0
+
+    @property
+    def gradients(self) -> int:
+        return self.traced.trainable_bytes
+
+    @property
+    def optimizer(self) -> int:
+        ob = DTYPE_BYTES[self.setup.optimizer_dtype] if self.setup.optimizer_dtype else self._tb
+        return self.trainable * 2 * ob
+
+    @property
+    def tokens(self) -> int:
+        return self.setup.micro_batch * self.setup.seq_len
+
+    @property
+    def ce_backward(self) -> int:
+        return self.tokens * 8 * self.traced.vocab_size
+
+    @property
+    def layer_backward(self) -> int:
+        p = DTYPE_BYTES[self.setup.dtype]
+        return self.tokens * (2 * p * self.traced.ffn_dim + p * self.traced.d_model)
+
+    @property
+    def checkpoint(self) -> int:
+        return self.tokens * self.traced.n_layers * DTYPE_BYTES[self.setup.dtype] * self.traced.d_model
+
+    @property
+    def activations(self) -> int:
+        t = self.traced
+        head = t.saved_head + self.ce_backward
+        if self.setup.gradient_checkpointing:
+            one = t.saved_layers // max(t.n_layers, 1)
+            return self.checkpoint + t.logits + max(head, one + self.layer_backward)
+        return t.saved_layers + t.logits + max(head, self.layer_backward)
+
+
+def estimate_model(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
+                   _cache: dict | None = None) -> ModelEstimate:
+    """Memory for training the `model.path` model at `path` as `setup` says."""
+    key = (setup.dtype, setup.attention, setup.micro_batch, setup.seq_len,
+           None if setup.lora is None else (setup.lora.r, setup.lora.dropout))
+    cache = {} if _cache is None else _cache
+    if key not in cache:
+        cache[key] = trace_model(path, setup, lora_targets)
+    return ModelEstimate(cache[key], setup, name)
+
+
+def model_alternatives(path, setup: Setup, lora_targets: list[str] | None = None) -> list[tuple[str, ModelEstimate]]:
+    cache: dict = {}
+    return _alternatives(setup, lambda st: estimate_model(path, st, lora_targets if st.lora else None, _cache=cache))
+
+
+def _model_lines(e: ModelEstimate, unit: int) -> list[str]:
+    s, t = e.setup, e.traced
+    u = "GB" if unit == GB else "MB"
+
+    def row(name: str, how: str, value: int) -> str:
+        return f"  {name:<12}{how:<62}= {value / unit:>9.2f} {u}"
+
+    tb, tdt = e._tb, t.trainable_dtype
+    odt = s.optimizer_dtype or tdt
+    w = (f"{e.params:,} params ({s.dtype})" if s.lora is None
+         else f"{e.params:,} frozen ({s.dtype}) + {e.trainable:,} adapter ({tdt})")
+    lines = [row("weights", w, e.weights)]
+    if e.master:
+        lines.append(row("master", f"{e.trainable:,} trainable x 4 B (float32 copy)", e.master))
+    lines += [row("gradients", f"{e.trainable:,} trainable x {tb} B ({tdt})", e.gradients),
+              row("optimizer", f"{e.trainable:,} trainable x 2 moments x {DTYPE_BYTES[odt]} B ({odt})", e.optimizer),
+              row("activations", f"{s.micro_batch} x {s.seq_len} tokens (below)", e.activations),
+              row("= total", "", e.total), "",
+              f"  activations, traced: one forward of {s.micro_batch} x {s.seq_len} fake tokens through the model "
+              "built from its config.json, autograd's saved tensors counted storage by storage:",
+              f"    saved before the output head  {t.saved_layers / unit:.3f} {u} ({t.n_layers} layers, embeddings, "
+              "final norm)",
+              f"    saved from the head on        {t.saved_head / unit:.3f} {u} (lm_head input, logit soft-capping, "
+              "the loss)",
+              f"    logits kept by the output     {t.logits / unit:.3f} {u}",
+              f"    loss backward                 {e.ce_backward / unit:.3f} {u} (8V per token: two fp32 V-wide grads)",
+              f"    one layer's backward          {e.layer_backward / unit:.3f} {u} ({2 * DTYPE_BYTES[s.dtype]}f + "
+              f"{DTYPE_BYTES[s.dtype]}d per token, f = {t.ffn_dim}, d = {t.d_model})"]
+    if s.gradient_checkpointing:
+        lines.append(f"    peak = {t.n_layers} checkpointed layer inputs ({e.checkpoint / unit:.3f} {u}) + logits "
+                     "+ max(head + loss backward, one recomputed layer + its backward)")
+    else:
+        lines.append("    peak = saved before the head + logits + max(saved from the head + loss backward, "
+                     "one layer's backward)")
+    return lines
+
+
+def model_report(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
+                 notes: list[str] | None = None) -> str:
+    """`kdforge estimate-memory` for a `model.path` model of any family."""
+    alts = model_alternatives(path, setup, lora_targets)
+    e = alts[0][1]
+    t = e.traced
+    unit = GB if e.total >= GB else MB
+    u = "GB" if unit == GB else "MB"
+    mode = "full training" if setup.lora is None else (
+        f"LoRA r={setup.lora.r} on {', '.join(t.targets)} (adapters {t.trainable_dtype})")
+    lines = [f"model        {name}: a {t.model_type!r} model, d_model {t.d_model}, {t.n_layers} layers, "
+             f"ffn {t.ffn_dim}, vocab {t.vocab_size}",
+             f"parameters   {e.params:,} ({_count(e.params)}); trainable {e.trainable:,}",
+             f"setup        {mode}, AdamW, {setup.dtype} weights, micro-batch {setup.micro_batch} x {setup.seq_len} "
+             f"tokens, {setup.attention} attention, gradient checkpointing "
+             f"{'on' if setup.gradient_checkpointing else 'off'}",
+             *[f"note         {n}" for n in notes or []], "",
+             f"how it adds up ({u} = 10^{9 if unit == GB else 6} bytes):", *_model_lines(e, unit), "",
+             f"{'same model and batch, trained as':<52}{'weights':>9}{'master':>9}{'grads':>9}"
+             f"{'optim':>9}{'activ':>9}{'total':>9}   ({u})"]
+    for label, a in alts:
+        vals = [a.weights, a.master, a.gradients, a.optimizer, a.activations, a.total]
+        lines.append(f"{label:<52}" + "".join(f"{v / unit:>9.2f}" if v else f"{'-':>9}" for v in vals))
+    lines += ["", "Not counted: CUDA context and allocator slack (1-2 GB on a GPU), a teacher model or its "
+              "logits for KD, kernel workspaces."]
+    return "\n".join(lines)
+
+
+def model_json(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
+               notes: list[str] | None = None) -> dict:
+    alts = model_alternatives(path, setup, lora_targets)
+    e = alts[0][1]
+    return {"model": {"name": name, "path": str(path), **asdict(e.traced)},
+            "params": e.params, "trainable_params": e.trainable, "setup": asdict(setup),
+            "bytes": e.breakdown(),
+            "activation_bytes": {"saved_layers": e.traced.saved_layers, "saved_head": e.traced.saved_head,
+                                 "logits": e.traced.logits, "ce_backward": e.ce_backward,
+                                 "layer_backward": e.layer_backward, "peak": e.activations},
+            "formula": _model_lines(e, GB), "notes": notes or [],
+            "alternatives": [{"label": label, "setup": asdict(a.setup), "bytes": a.breakdown()}
+                             for label, a in alts]}

@@ -190,3 +190,13 @@ def write_student(cfg: ModelCfg, tokenizer_dir: str | Path | None, out: str | Pa
     if tok is not None:
         tok.save_pretrained(out)
     return out
+
+
+def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[str] | None, model=None):
+    """The PEFT LoraConfig kdforge trains with (train, daemon, estimate-memory alike).
+    `target_modules` None: PEFT's all-linear (every Linear and Conv1D layer but the output head,
+    whatever the family names them); PEFT writes the resolved names into adapter_config.json."""
+    from peft import LoraConfig
+
+    targets = list(target_modules) if target_modules is not None else "all-linear"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")

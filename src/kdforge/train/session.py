@@ -82,14 +82,12 @@ def load_student(cfg: Config, tokenizer, seed: int):
         model = build_student(mc, len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.model.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import get_peft_model
+
+        from kdforge.model.student import peft_lora_config
 
         lora = cfg.model.lora
-        # Unset: PEFT resolves "all-linear" per architecture (Linear and Conv1D, not the output
-        # head) and writes the resolved names into adapter_config.json.
-        targets = list(lora.target_modules) if lora.target_modules is not None else "all-linear"
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        model = get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, model))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
