@@ -335,7 +335,7 @@ def test_estimate_memory_within_15_percent_of_measured(family, mode, family_dirs
     real = AutoModelForCausalLM.from_pretrained(str(family_dirs[family]))
     assert j["params"] == sum(p.numel() for p in real.parameters())
     if lora:
-        real = get_peft_model(real, peft_lora_config(MEM_R, 2 * MEM_R, 0.0, None, real))
+        real = get_peft_model(real, peft_lora_config(MEM_R, 2 * MEM_R, 0.0, None))
     assert j["trainable_params"] == sum(p.numel() for p in real.parameters() if p.requires_grad)
     est, measured = j["bytes"]["total"], peaks[(family, mode)]
     msg = f"{family} {mode}: estimated {est / 1e6:.2f} MB, measured {measured / 1e6:.2f} MB"

@@ -190,8 +190,25 @@ def test_a_batch_run_never_passes_the_budget(tmp_path_factory, batch_size, row_e
     """Whatever the files' sizes, the batches' failures, the prices, and the result rows' lies
     (usage missing, negative, huge ...; lines that are not JSON, rows of unknown ids): spend never
     passes the limit and never falls below what the provider billed (equals it when usage is honest)."""
-    _one_budget_example(tmp_path_factory, batch_size, row_errors, expire, invalid, fallback,
-                        price_in, price_out, limit_rows, usage, garbage)
+    tmp = tmp_path_factory.mktemp("prop")
+    # about `limit_rows` rows' worst case at the batch price: some runs fit, some stop at the limit
+    limit = float(Fraction(limit_rows) * Fraction(200 * price_in + 16 * price_out) / 2 / 10**6)
+    cfg = FaultConfig(api_key=KEY, batch_latency=0.02, batch_fail_validation=invalid, batch_expire=expire,
+                      batch_row_errors=row_errors, batch_usage=usage, batch_garbage=garbage)
+    with FaultServer(cfg) as srv:
+        r, out, err = gen_in_process(tmp, srv.url, total=8, batch=True, batch_size=batch_size, batch_poll=0.02,
+                                     batch_fallback=fallback, temperature=0, price_input=price_in,
+                                     price_output=price_out, budget_limit=limit, retry_base=0.01)
+        billed = srv.billed_usd(price_in, price_out)
+    assert r is None or not isinstance(r, Exception) or isinstance(r, BudgetExceededError), (r, err)
+    led = BudgetLedger(tmp / "ckpt" / "budget.jsonl", Prices(price_in, price_out, "t"), limit, readonly=True)
+    assert led.spent_nano <= led.limit_nano
+    assert led.reserved_nano == 0
+    assert led.spent_nano >= billed * NANO - 16  # never less than billed (a nano-dollar a row of rounding)
+    if usage == "honest":
+        assert led.spent_nano <= billed * NANO + 16
+    if not isinstance(r, Exception):
+        _unique_total(tmp / "kd.jsonl", 8)
 
 
 @pytest.mark.parametrize("usage", ["string", "float"])
@@ -212,29 +229,6 @@ def test_a_result_row_with_lying_usage_is_an_answer_charged_at_the_worst_case(tm
     spent, held = _spent_nano(tmp_path / "ckpt")
     assert held == 0 and spent >= billed * NANO - 8
     assert "usage" in err  # the worst-case charge is said
-
-
-def _one_budget_example(tmp_path_factory, batch_size, row_errors, expire, invalid, fallback,
-                        price_in, price_out, limit_rows, usage, garbage):
-    tmp = tmp_path_factory.mktemp("prop")
-    # about `limit_rows` rows' worst case at the batch price: some runs fit, some stop at the limit
-    limit = float(Fraction(limit_rows) * Fraction(200 * price_in + 16 * price_out) / 2 / 10**6)
-    cfg = FaultConfig(api_key=KEY, batch_latency=0.02, batch_fail_validation=invalid, batch_expire=expire,
-                      batch_row_errors=row_errors, batch_usage=usage, batch_garbage=garbage)
-    with FaultServer(cfg) as srv:
-        r, out, err = gen_in_process(tmp, srv.url, total=8, batch=True, batch_size=batch_size, batch_poll=0.02,
-                                     batch_fallback=fallback, temperature=0, price_input=price_in,
-                                     price_output=price_out, budget_limit=limit, retry_base=0.01)
-        billed = srv.billed_usd(price_in, price_out)
-    assert r is None or not isinstance(r, Exception) or isinstance(r, BudgetExceededError), (r, err)
-    led = BudgetLedger(tmp / "ckpt" / "budget.jsonl", Prices(price_in, price_out, "t"), limit, readonly=True)
-    assert led.spent_nano <= led.limit_nano
-    assert led.reserved_nano == 0
-    assert led.spent_nano >= billed * NANO - 16  # never less than billed (a nano-dollar a row of rounding)
-    if usage == "honest":
-        assert led.spent_nano <= billed * NANO + 16
-    if not isinstance(r, Exception):
-        _unique_total(tmp / "kd.jsonl", 8)
 
 
 def test_cancel_finds_a_batch_whose_id_was_never_saved(tmp_path):

@@ -148,7 +148,7 @@ MEASURE = textwrap.dedent("""
         if cell.get("lora"):
             from peft import get_peft_model
             from kdforge.model.student import peft_lora_config
-            model = get_peft_model(model, peft_lora_config(cell["lora"], 2 * cell["lora"], 0.0, None, model))
+            model = get_peft_model(model, peft_lora_config(cell["lora"], 2 * cell["lora"], 0.0, None))
         model.train()
         if cell.get("gc"):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -617,7 +617,7 @@ def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_
         from kdforge.model.student import peft_lora_config
 
         model = get_peft_model(model, peft_lora_config(setup.lora.r, lora_alpha, setup.lora.dropout,
-                                                       lora_targets, model))
+                                                       lora_targets))
         pc = model.peft_config["default"]
         targets = tuple(sorted(pc.target_modules or ())) + tuple(sorted(getattr(pc, "target_parameters", None) or ()))
     model.train()

@@ -192,7 +192,7 @@ def write_student(cfg: ModelCfg, tokenizer_dir: str | Path | None, out: str | Pa
     return out
 
 
-def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[str] | None, model=None):
+def peft_lora_config(r: int, alpha: float, dropout: float, target_modules: list[str] | None):
     """The PEFT LoraConfig kdforge trains with (train, daemon, estimate-memory alike).
     `target_modules` None: PEFT's all-linear (every Linear and Conv1D layer but the output head,
     whatever the family names them); PEFT writes the resolved names into adapter_config.json."""

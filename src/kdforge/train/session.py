@@ -87,7 +87,7 @@ def load_student(cfg: Config, tokenizer, seed: int):
         from kdforge.model.student import peft_lora_config
 
         lora = cfg.model.lora
-        model = get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules, model))
+        model = get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
