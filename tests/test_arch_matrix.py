@@ -135,10 +135,42 @@ EXPECTED_TARGETS = {
     "qwen2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
     "phi": {"q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"},
     "gemma2": {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"},
-    # transformers 5 fuses the experts into 3-D parameters and the router is no nn.Linear:
-    # all-linear adapts attention only (PEFT's target_parameters would reach the experts)
     "mixtral": {"q_proj", "k_proj", "v_proj", "o_proj"},
 }
+# transformers 5 fuses Mixtral's experts into 3-D parameters (experts.gate_up_proj, experts.down_proj)
+# and its router (mlp.gate) is no nn.Linear: PEFT's all-linear reaches all three through
+# `target_parameters` (lora.ParamWrapper, one low-rank pair per parameter, rank split over experts)
+EXPECTED_PARAMETERS = {"mixtral": {"gate.weight", "gate_up_proj", "down_proj"}}
+
+
+def _lora_layers(peft_model) -> dict:
+    """base state-dict key -> the PEFT layer adapting it (a LoRA layer's weight, or a
+    ParamWrapper's parameter): the keys a merge must change."""
+    out = {}
+    for name, mod in peft_model.base_model.model.named_modules():
+        if hasattr(mod, "lora_A") and "default" in mod.lora_A:
+            leaf = getattr(mod, "parameter_name", "weight")
+            out[".".join(n for n in name.split(".") if n != "base_layer") + "." + leaf] = mod
+    return out
+
+
+def _adapted_weights(folder) -> set[str]:
+    """The base keys PEFT's all-linear adapts in the model at `folder` (built on the meta device)."""
+    from peft import get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kdforge.model.student import peft_lora_config
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(folder)))
+    return set(_lora_layers(get_peft_model(base, peft_lora_config(4, 8, 0.0, None))))
+
+
+def _state(folder) -> dict:
+    """The model's own tensors as transformers loads them (Mixtral's experts fused, as trained)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).state_dict()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -149,9 +181,21 @@ def test_lora_default_targets_and_resume_parity(family, family_dirs, data, tmp_p
     straight, split, _ = _train_and_resume(lambda out: _config(family_dirs[family], data, out, model=lora),
                                            tmp_path)
     _assert_same_run(straight, split, "adapter_model.safetensors")
-    written = json.loads((straight / "checkpoint-4" / "adapter_config.json").read_text())["target_modules"]
+    adapter_config = json.loads((straight / "checkpoint-4" / "adapter_config.json").read_text())
+    written = adapter_config["target_modules"]
     leaves = {t.rsplit(".", 1)[-1] for t in written}
     assert leaves == EXPECTED_TARGETS[family], written
+    assert set(adapter_config.get("target_parameters") or ()) == EXPECTED_PARAMETERS.get(family, set())
+    # every adapted layer and parameter (Mixtral's experts and router too) is in the checkpoint and
+    # trained: its B moved off zero, and the resumed run matched it bitwise (above)
+    adapter = load_file(straight / "checkpoint-4" / "adapter_model.safetensors")
+    lora_b = [k for k in adapter if k.endswith("lora_B.weight")]
+    want = _adapted_weights(family_dirs[family])
+    modules = {k.removesuffix(".lora_B.weight").removeprefix("base_model.model.").replace(".base_layer", "")
+               for k in lora_b}
+    assert len(lora_b) == len(want) and modules == {k.rsplit(".", 1)[0] for k in want}, (sorted(lora_b), want)
+    frozen = [k for k in adapter if k.endswith("lora_B.weight") and not adapter[k].any()]
+    assert not frozen, f"adapters that did not train: {frozen}"
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA on ")]
     assert len(printed) == 3  # one per session: the straight run, the interrupted one, the resume
     assert printed[0] == f"LoRA on {', '.join(sorted(written))} (model.lora.target_modules unset: PEFT's all-linear)"
@@ -226,9 +270,51 @@ def test_daemon_batch_then_consolidation(family, family_dirs, tmp_path):
     assert ck.name == "checkpoint-2" and state["global_step"] == 2
     merged = base / "bases" / "gen-0001"
     assert json.loads((ck / "adapter_config.json").read_text())["base_model_name_or_path"] == str(merged)
-    before, after = load_file(family_dirs[family] / "model.safetensors"), load_file(merged / "model.safetensors")
-    assert set(after) == set(before), "the merged folder has the base's tensors, no adapter ones"
-    assert any(not torch.equal(before[k], after[k]) for k in before), "the adapter merged nothing"
+    on_disk = load_file(family_dirs[family] / "model.safetensors"), load_file(merged / "model.safetensors")
+    assert set(on_disk[1]) == set(on_disk[0]), "the merged folder has the base's tensors, no adapter ones"
+    before, after = _state(family_dirs[family]), _state(merged)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == _adapted_weights(family_dirs[family]), sorted(moved)  # Mixtral: experts and router too
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_consolidation_merge_is_base_plus_adapter(family, family_dirs, tmp_path):
+    """The daemon's merge (`consolidate.merge_into_folder`, PEFT's merge_and_unload) on an adapter
+    whose every B is random: reloaded from disk (Mixtral's experts go through its unfused on-disk
+    layout and back), each adapted weight, Mixtral's fused expert parameters and router included, is
+    base + PEFT's delta, every other tensor is the base's bitwise, and the logits are base +
+    adapter's within the daemon's own tolerance."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdforge.daemon import consolidate
+    from kdforge.model.student import peft_lora_config
+
+    folder = family_dirs[family]
+    base = _state(folder)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    peft_model = get_peft_model(model, peft_lora_config(4, 8, 0.0, None)).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.2)
+    layers = _lora_layers(peft_model)
+    assert set(layers) == _adapted_weights(folder)
+    deltas = {k: m.get_delta_weight("default").detach().clone() for k, m in layers.items()}
+    probe = consolidate.probe_ids(model.get_input_embeddings().num_embeddings, "cpu")
+    ref = consolidate.logits(peft_model, probe)
+    out = consolidate.merge_into_folder(peft_model, tmp_path / "gen-0001", AutoTokenizer.from_pretrained(str(folder)))
+    merged = _state(out)
+    assert set(merged) == set(base)
+    for k in base:
+        if k in deltas:
+            assert torch.allclose(merged[k], base[k] + deltas[k], atol=1e-6), k
+            assert not torch.equal(merged[k], base[k]), k
+        else:
+            assert torch.equal(merged[k], base[k]), k
+    ok, diff = consolidate.same_outputs(ref, consolidate.logits(AutoModelForCausalLM.from_pretrained(str(out)), probe))
+    assert ok, f"merged logits differ from base + adapter by {diff:.3g}"
 
 
 # ============================================================================ serve
