@@ -165,3 +165,70 @@ def run_in_process(base: Path, config: Path, now=None):
     d = Daemon(base, load_config([config]), now=now or datetime.now, handle_signals=False)
     assert d.run(once=True) == 0
     return d.state
+
+
+# Prompt-only lines (a prompt, no answer): what a daemon with on_policy trains on. Accents, CJK, emoji.
+ASKED = ["Wie heißt die Hauptstadt von Österreich?", "日本の首都はどこですか？", "Sort these words: café naïve 🍣",
+         "¿Cuánto es 12 más 30?", "What is 7 plus 5? 🙂", "Ελληνικά: τι είναι 3 + 4;"]
+
+
+def prompt_rows(n: int, seed: int = 0) -> list[dict]:
+    """`n` prompt-only rows, alternately {"prompt"} and {"messages"} without the assistant's answer."""
+    out = []
+    for i in range(n):
+        text = f"{ASKED[(i + seed) % len(ASKED)]} ({seed}.{i})"
+        out.append({"prompt": text} if i % 2 == 0 else
+                   {"messages": [{"role": "system", "content": "Réponds brièvement."}, {"role": "user", "content": text}]})
+    return out
+
+
+def teacher_model(out: Path, tokenizer_dir: Path, seed: int = 1) -> Path:
+    """A tiny model of the tests' student shape but other weights: a teacher the student differs
+    from (a student equal to its teacher has a reverse KL of 0 and nothing to learn)."""
+    from kdforge.model import ModelCfg, write_student
+
+    if not (out / "config.json").is_file():
+        write_student(ModelCfg(d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_head=16, vocab_size=None,
+                               ffn_dim=128, max_seq_len=256), tokenizer_dir, out, seed=seed)
+    return out
+
+
+def on_policy_config(path: Path, base_model: Path, teacher: Path | None, fraction: float = 0.25, **daemon) -> Path:
+    """A daemon config that trains on-policy (dense teacher at `teacher`) on `fraction` of the steps;
+    teacher None: no on_policy section at all (and CE)."""
+    daemon_config(path, base_model, loss={"kind": "rkl", "kd_weight": 1.0} if teacher else None, **daemon)
+    if teacher is not None:
+        raw = yaml.safe_load(path.read_text())
+        raw["teacher"] = {"path": str(teacher)}
+        raw["on_policy"] = {"fraction": fraction, "max_new_tokens": 6}
+        path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def kill_mid_batch(base: Path, config: Path, name: str, rows: list[dict], at_step: int) -> int:
+    """Start a daemon process, drop `rows` as `name`, SIGKILL it once the status shows `at_step`;
+    the global step of the newest checkpoint it left."""
+    from kdforge.train import checkpoint as ckpt
+    from train_helpers import kill9
+
+    proc = start_daemon(base, config, "first.out")
+    drop(base, name, rows)
+    try:
+        wait_until(lambda: status(base).get("current_step", 0) >= at_step, proc, base, f"step {at_step}")
+    finally:
+        kill9(proc)
+    return ckpt.read_state(ckpt.latest_checkpoint(base / "current_model")).global_step
+
+
+def assert_same_adapter(base: Path, ref_base: Path) -> None:
+    """The newest adapters of two daemons' current models hold the same tensors."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kdforge.train import checkpoint as ckpt
+
+    a, b = (load_file(str(ckpt.latest_checkpoint(d / "current_model") / "adapter_model.safetensors"))
+            for d in (base, ref_base))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)

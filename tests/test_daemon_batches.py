@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
-from daemon_helpers import batch, batch_state, daemon_config, daemon_log, drop, losses, newest_state, run_in_process
+from daemon_helpers import (batch, batch_state, daemon_config, daemon_log, drop, losses, newest_state, on_policy_config,
+                            prompt_rows, run_in_process, teacher_model)
 from kdforge.daemon import verify as verify_mod
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.dailylog import DailyLog
@@ -185,3 +186,44 @@ def test_on_policy_batches_in_the_daemon(tmp_path, tiny_model_dir):
     assert state.log_history[0]["loss"] == 0.0
     lines = [ln for ln in daemon_log(base).splitlines() if " step " in ln and " loss " in ln]
     assert len(lines) == 4 and all("on-policy (" in ln for ln in lines), lines
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory, tokenizer_dir):
+    return teacher_model(tmp_path_factory.mktemp("teacher"), tokenizer_dir)
+
+
+def test_a_batch_of_prompts_only_trains_on_policy_at_every_step(tmp_path, tiny_model_dir, teacher_dir):
+    """on_policy.fraction 0.25, yet a file of prompt-only lines (non-ASCII, both shapes) trains every
+    step on-policy: the student answers, the teacher scores, steps and samples count as for any
+    batch. A mixed file after it: the draw decides, and its prompt-only lines give off-policy steps
+    no target; every line still counts once."""
+    cfg = on_policy_config(tmp_path / "d.yaml", tiny_model_dir, teacher_dir, fraction=0.25)
+    base = tmp_path / "training"
+    drop(base, "asked.jsonl", prompt_rows(12))
+    state = run_in_process(base, cfg)
+    assert (state.global_step, state.samples_seen) == (3, 12)
+    log = daemon_log(base)
+    assert "12 examples, 0 bad lines skipped, prompts only: every step on-policy" in log, log
+    steps = [ln for ln in log.splitlines() if " step " in ln and " loss " in ln]
+    assert len(steps) == 3 and all("on-policy (" in ln and "(0 answer" not in ln for ln in steps), steps
+    assert all(h["loss"] > 0 for h in state.log_history if "loss" in h)  # a teacher unlike the student
+    assert "WARNING" not in log and not list((base / "rejected").iterdir())
+
+    drop(base, "mixed.jsonl", prompt_rows(4, seed=1) + batch(8, seed=2))
+    state = run_in_process(base, cfg)
+    assert (state.global_step, state.samples_seen) == (6, 24)
+    assert batch_state(newest_state(base))["batch_number"] == 2 and not list((base / "rejected").iterdir())
+
+
+def test_prompts_only_without_on_policy_are_rejected_saying_so(tmp_path, tiny_model_dir):
+    cfg = on_policy_config(tmp_path / "d.yaml", tiny_model_dir, None)
+    base = tmp_path / "training"
+    drop(base, "asked.jsonl", prompt_rows(6))
+    drop(base, "mixed.jsonl", prompt_rows(2) + batch(8, seed=3))
+    state = run_in_process(base, cfg)
+    assert (state.global_step, state.samples_seen) == (2, 8)  # the mixed file's answered lines only
+    reason = (base / "rejected" / "asked.jsonl.reason").read_text()
+    assert "no usable line in asked.jsonl (6 bad)" in reason and reason.count("configure on_policy") == 6, reason
+    assert "asked.jsonl:1: a prompt with no answer" in reason
+    assert "skipped bad line mixed.jsonl:2: a prompt with no answer" in daemon_log(base)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -207,21 +206,17 @@ def fingerprint(path: Path) -> Fingerprint:
     return d.result()
 
 
-def read_batch(path: Path, name: str, max_bytes: int) -> tuple[list, list[DataError], Fingerprint]:
+def read_batch(path: Path, name: str, max_bytes: int,
+               prompt_only: bool = False) -> tuple[list, list[DataError], Fingerprint]:
     """The records of a claimed batch file (named `name` in messages), its bad lines, and the
-    fingerprint of exactly the bytes read."""
-    from kdforge.data.records import parse_record
+    fingerprint of exactly the bytes read. `prompt_only`: prompt-only lines are records too
+    (`records.parse_record`)."""
+    from kdforge.data.records import parse_lines
 
-    d, records, problems = Digest(), [], []
-    for lineno, text in read_lines(path, max_bytes, d):
-        try:
-            rec = parse_record(json.loads(text))
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
-            reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-            problems.append(DataError(reason + "; fix or remove the line", name, lineno))
-            continue
-        rec.line, rec.metadata = lineno, {**rec.metadata, "_path": name}
-        records.append(rec)
+    d = Digest()
+    records, problems = parse_lines(read_lines(path, max_bytes, d), name, strict=False, prompt_only=prompt_only)
+    for rec in records:
+        rec.metadata = {**rec.metadata, "_path": name}
     return records, problems, d.result()
 
 

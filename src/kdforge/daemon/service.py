@@ -57,6 +57,9 @@ from kdforge.train.schedule import LRMultiplier
 from kdforge.train.session import Session, StopFlag, build_session
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
+PROMPT_ONLY_REFUSED = ("a prompt with no answer (a prompt-only line): the daemon trains such lines on-policy only "
+                       "(the student answers, the teacher scores): configure on_policy (on_policy.fraction > 0 "
+                       "with teacher.path or teacher.url), or add the teacher's answer (teacher_text, completion)")
 MAX_LINES_NAMED = 20  # bad lines of one file named in the log and its reason; a million would drown both
 
 
@@ -393,10 +396,17 @@ class Daemon:
             shutil.copytree(newest, self.paths.batch_start / newest.name, copy_function=os.link)
 
     def _load_batch(self, path: Path, name: str):
-        """The claimed file as a dataset, read once through a checked descriptor."""
+        """The claimed file as a dataset, read once through a checked descriptor. Prompt-only lines
+        (a prompt, no answer) train on-policy only: without `on_policy` they are bad lines that say so."""
         from kdforge.data.dataset import KDDataset
+        from kdforge.train.on_policy import without_answers
 
-        records, problems, fp = read_batch(path, shown(name), self.daemon_cfg.max_batch_bytes)
+        records, problems, fp = read_batch(path, shown(name), self.daemon_cfg.max_batch_bytes, prompt_only=True)
+        op = self.cfg.on_policy
+        if op.fraction <= 0 and any(r.prompt_only for r in records):
+            problems = sorted(problems + [DataError(PROMPT_ONLY_REFUSED, shown(name), r.line)
+                                          for r in records if r.prompt_only], key=lambda e: e.line or 0)
+            records = [r for r in records if not r.prompt_only]
         for problem in problems[:MAX_LINES_NAMED]:
             self.log.warning(f"skipped bad line {problem}")
         more = (f"\n... and {len(problems) - MAX_LINES_NAMED} more bad lines (kdforge data validate lists them all)"
@@ -406,9 +416,13 @@ class Daemon:
         if not records:
             reasons = "\n".join(str(p) for p in problems[:MAX_LINES_NAMED]) + more or f"{shown(name)}: no records"
             raise DataError(f"no usable line in {shown(name)} ({len(problems)} bad):\n{reasons}")
+        # Stored top-k only serve off-policy steps: none when every step is on-policy (as kdforge train).
+        answered = [r for r in records if not r.prompt_only]
+        with_topk = self.session.with_topk and op.fraction < 1 and bool(answered)
         ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
-                       with_topk=self.session.with_topk, strict=False, records=records)
+                       with_topk=with_topk, strict=False, records=records)
         ds.problems = problems
+        ds.prompts_only = without_answers(ds, records) == len(records)
         return ds, fp
 
     def _resume_point(self, claim_id: str | None, name: str, fp: Fingerprint) -> dict | None | bool:
@@ -456,12 +470,13 @@ class Daemon:
         start, end = b.batch_start_step, b.batch_start_step + n_steps
         where = (f"continuing at step {st.global_step} (example {position['consumed']} of the batch)"
                  if position else f"global steps {start} -> {end}")
+        kind = ", prompts only: every step on-policy" if ds.prompts_only else ""
         self.log.info(f"Batch {b.batch_number} start: {shown(name)} ({len(ds)} examples, "
-                      f"{len(ds.problems)} bad lines skipped), {n_steps} steps, {where}")
+                      f"{len(ds.problems)} bad lines skipped{kind}), {n_steps} steps, {where}")
         self.status.update(status="training", current_file=shown(name), batch_number=b.batch_number,
                            current_step=st.global_step, total_steps=end, batch_step=st.global_step - start,
                            batch_steps=n_steps, batch_queue_size=self._queue_size(force=True))
-        first_loss = self._run_steps(stream, start)
+        first_loss = self._run_steps(stream, start, ds.prompts_only)
         if not stream.exhausted():
             self.log.info(f"Batch {b.batch_number} interrupted at step {st.global_step}: {shown(name)} stays in "
                           "inbox/.claimed/ and continues from its saved data position on the next start")
@@ -473,8 +488,9 @@ class Daemon:
                       f"{time.perf_counter() - t0:.1f}s; file {how}")
         return True
 
-    def _run_steps(self, stream: DataStream, start: int) -> float | None:
-        """Train the stream to its end (or a stop request), saving as configured; the first loss."""
+    def _run_steps(self, stream: DataStream, start: int, prompts_only: bool = False) -> float | None:
+        """Train the stream to its end (or a stop request), saving as configured; the first loss.
+        `prompts_only`: a batch of prompts alone, trained on-policy at every step."""
         first_loss = None
 
         def on_log(rec: dict) -> None:
@@ -503,7 +519,8 @@ class Daemon:
 
         s = self.session
         # Built per batch: a consolidation gives the session a new student, which the sampler must use.
-        on_policy = OnPolicy.from_session(s, self.log.info, state_dir=self.paths.base / "on_policy")
+        on_policy = OnPolicy.from_session(s, self.log.info, state_dir=self.paths.base / "on_policy",
+                                          fraction=1.0 if prompts_only else None)
         try:
             train_steps(s.objective, s.optimizer, s.scheduler, stream, self.state, s.loop, until_step=None,
                         seq_len_at=lambda step: self.seq_len, device=s.device, amp_dtype=s.amp_dtype,

@@ -6,6 +6,10 @@ Accepted lines (SPEC "generate" and "train"):
 - OpenAI chat: {"messages": [...]} whose last message is the assistant's answer
 - Alpaca: {"instruction", "input"?, "output"}
 - plain text: {"text"} (no prompt: every token is a training target)
+
+With `prompt_only=True` (the daemon under on-policy distillation) a line that is only a prompt is a
+record too: {"prompt"} with no answer field, or {"messages"} whose last message is not the
+assistant's. Its `response` is "" and `prompt_only` is set: the student answers it on-policy.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from kdforge.errors import DataError
 
@@ -32,6 +36,7 @@ class Record:
     source: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0  # 1-based line number in its file
+    prompt_only: bool = False  # a prompt with no answer (parse_record(prompt_only=True)): on-policy only
 
     @property
     def is_text(self) -> bool:
@@ -101,8 +106,33 @@ def _check_logprobs(lp: Any) -> list[dict[str, Any]] | None:
     return lp or None
 
 
-def parse_record(obj: Any) -> Record:
-    """Normalise one decoded JSON line. Raises ValueError with a reason if it is unusable."""
+ANSWER_KEYS = ("teacher_text", "completion", "output", "text")
+
+
+def _prompt_only(obj: dict) -> Record | None:
+    """{"prompt"} without any answer field, or {"messages"} not ending with the assistant's: a
+    prompt-only record (response ""), else None."""
+    if any(k in obj for k in ANSWER_KEYS):
+        return None
+    meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
+    if "messages" in obj:
+        msgs = _check_messages(obj["messages"], "messages")
+        if msgs[-1]["role"] == "assistant":
+            return None
+    elif isinstance(obj.get("prompt"), str):
+        msgs = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        return None
+    if not any(m["content"].strip() for m in msgs if m["role"] != "system"):
+        raise ValueError("the prompt is empty")
+    return Record(msgs, "", None, obj.get("id"), meta.get("source") or obj.get("source"), meta, prompt_only=True)
+
+
+def parse_record(obj: Any, prompt_only: bool = False) -> Record:
+    """Normalise one decoded JSON line. Raises ValueError with a reason if it is unusable.
+    `prompt_only`: a line that is only a prompt is a record too (see the module docstring)."""
+    if prompt_only and isinstance(obj, dict) and (rec := _prompt_only(obj)) is not None:
+        return rec
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
     meta = obj.get("metadata") if isinstance(obj.get("metadata"), dict) else {}
@@ -161,6 +191,28 @@ def iter_lines(path: str | Path) -> Iterator[tuple[int, str]]:
                 yield i, s
 
 
+def parse_lines(lines: Iterable[tuple[int, str]], where: str, strict: bool = True,
+                prompt_only: bool = False) -> tuple[list[Record], list[DataError]]:
+    """Parse (line number, text) pairs of the file `where` (its name in messages), as `read_records`
+    and the daemon's batch reader both do. strict=True raises the first unusable line as DataError
+    (file:line); strict=False returns the good records and a DataError for each bad line."""
+    records: list[Record] = []
+    problems: list[DataError] = []
+    for lineno, text in lines:
+        try:
+            rec = parse_record(json.loads(text), prompt_only)
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
+            err = DataError(reason + "; fix or remove the line", where, lineno)
+            if strict:
+                raise err from None
+            problems.append(err)
+            continue
+        rec.line = lineno
+        records.append(rec)
+    return records, problems
+
+
 def read_records(path: str | Path, strict: bool = True) -> tuple[list[Record], list[DataError]]:
     """Read every record of a JSONL file.
 
@@ -171,23 +223,8 @@ def read_records(path: str | Path, strict: bool = True) -> tuple[list[Record], l
     path = Path(path)
     if not path.is_file():
         raise DataError("file not found", str(path))
-    records: list[Record] = []
-    problems: list[DataError] = []
     try:
         lines = list(iter_lines(path))
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(path)) from None
-    for lineno, text in lines:
-        try:
-            obj = json.loads(text)
-            rec = parse_record(obj)
-        except (ValueError, json.JSONDecodeError) as e:
-            reason = f"invalid JSON ({e.msg})" if isinstance(e, json.JSONDecodeError) else str(e)
-            err = DataError(reason + "; fix or remove the line", str(path), lineno)
-            if strict:
-                raise err from None
-            problems.append(err)
-            continue
-        rec.line = lineno
-        records.append(rec)
-    return records, problems
+    return parse_lines(lines, str(path), strict)

@@ -76,13 +76,17 @@ class OnPolicy:
         self.last = StepReport()
 
     @classmethod
-    def from_session(cls, session, log=print, state_dir: str | Path | None = None) -> OnPolicy | None:
+    def from_session(cls, session, log=print, state_dir: str | Path | None = None,
+                     fraction: float | None = None) -> OnPolicy | None:
         """From the session's config (on_policy, teacher, generate sections); None when fraction is 0.
-        `state_dir`: where a priced teacher's ledger and cache live (default OUTPUT_DIR/on_policy)."""
+        `state_dir`: where a priced teacher's ledger and cache live (default OUTPUT_DIR/on_policy);
+        `fraction` replaces on_policy.fraction (the daemon's batch of prompts alone: 1)."""
         cfg = session.cfg
         op = cfg.on_policy
         if op.fraction <= 0:
             return None
+        if fraction is not None:
+            op = op.model_copy(update={"fraction": fraction})
         if session.fsdp:  # sharded layers all-gather per forward: ranks sampling unequal lengths would hang
             from kdforge.errors import UsageError
 
@@ -222,6 +226,23 @@ def prompts_of(batch: dict) -> list[list[int]]:
             first = next((i for i, v in enumerate(y) if v != IGNORE), len(y))
             out.append(x[:first])
     return out
+
+
+def without_answers(ds, records) -> int:
+    """Give the prompt-only records of `ds` (the KDDataset built from `records`, in order) no target
+    at all (the dataset gave them a lone EOS to learn): such an example trains on on-policy steps
+    only, where its prompt is answered by the student (an off-policy step gets nothing from it, as
+    an on-policy step gets nothing from a {"text"} record). Returns how many there are."""
+    n = 0
+    for ex, rec in zip(ds.examples, records, strict=True):
+        if rec.prompt_only:
+            ex.response_ids = []
+            if ex.topk_ids is not None:
+                ex.topk_ids, ex.topk_logprobs = [], []
+            n += 1
+    asked = {r.line for r in records if r.prompt_only}  # one file: a line number names one record
+    ds.ce_only_lines = [(p, ln) for p, ln in ds.ce_only_lines if ln not in asked]  # not "CE only": on-policy
+    return n
 
 
 def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
