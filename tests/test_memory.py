@@ -283,13 +283,20 @@ def test_cli_open_vocab_from_tokenizer(tokenizer_dir, capsys):
     assert j["params"] == PRESETS["toy"].num_params(n_tok)
 
 
-def test_cli_config_with_model_path_reads_its_config_json(tiny_model_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
+def test_cli_config_with_model_path_reads_its_config_json(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Read once: validated, then traced for every comparison row from the same config."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    loads = []
+    real_load = AutoConfig.from_pretrained.__func__
+    monkeypatch.setattr(AutoConfig, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: loads.append(a[0]) or real_load(cls, *a, **k)))
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text(yaml.safe_dump({"model": {"path": str(tiny_model_dir)}, "train": {"max_steps": 1}}))
     rc, out, err = cli_inprocess(capsys, "estimate-memory", "--config", cfg_file, "--json")
     assert rc == 0, err
+    assert loads == [str(tiny_model_dir)]
+    monkeypatch.undo()
     real = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).parameters())
     assert json.loads(out)["params"] == real
 

@@ -44,8 +44,8 @@ def _source(preset: Optional[str], configs: List[Path], tokenizer: Optional[Path
             if job == "init-model":
                 raise UsageError(f"model.path ({conf.model.path}) names an existing model; init-model builds a "
                                  "new student from model.preset and the model numbers: remove model.path")
-            # any local causal LM: estimate-memory builds it from its own config.json (fake tensors)
-            _model_path_config(Path(conf.model.path))
+            # any local causal LM: estimate-memory builds it from its own config.json (fake tensors),
+            # read once by _model_path_config
             return None, tokenizer, conf, f"{conf.model.path}"
         else:
             cfg = conf.model.model_cfg()
@@ -64,10 +64,10 @@ def _model_path_config(path: Path):
     """The model's transformers config, or exit 2 naming model.path."""
     if not (path / "config.json").is_file():
         raise UsageError(f"model.path: no Hugging Face model folder (config.json) at {path}")
-    from transformers import AutoConfig
+    from kdforge.model.memory import hf_config
 
     try:
-        return AutoConfig.from_pretrained(str(path))
+        return hf_config(path)
     except (ValueError, KeyError, OSError) as e:
         raise UsageError(f"model.path: {path / 'config.json'} is not a config transformers can load ({e})") from None
 
@@ -152,6 +152,7 @@ def estimate_memory(
     from kdforge.model.memory import LoraSetup, Setup, lora_setup, model_json, model_report, report, to_json
 
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
+    hf = _model_path_config(Path(conf.model.path)) if cfg is None else None  # validated, then traced
     st = Setup()
     if conf is not None:
         st = Setup(micro_batch=conf.train.micro_batch_size, seq_len=max(conf.train.seq_lengths),
@@ -180,7 +181,7 @@ def estimate_memory(
         targets = conf.model.lora.target_modules if conf.model.lora else None
         args = (Path(conf.model.path), st, targets)
         try:
-            out = model_json(*args, name=name) if as_json else model_report(*args, name=name)
+            out = model_json(*args, name=name, conf=hf) if as_json else model_report(*args, name=name, conf=hf)
         except ValueError as e:  # e.g. PEFT: a target module that is not in the model
             raise UsageError(f"model.lora.target_modules: {e}" if st.lora else f"model.path: {e}") from None
         print(json.dumps(out, indent=2) if as_json else out)

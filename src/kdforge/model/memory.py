@@ -592,15 +592,17 @@ def _ffn_dim(conf) -> int:
     return getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * d
 
 
-def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_alpha: float = 16) -> Traced:
+def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_alpha: float = 16,
+                conf=None) -> Traced:
     """Build the model at `path` (a Hugging Face folder) on fake tensors with `setup`'s dtype,
     attention and LoRA (targets None: PEFT's all-linear, as the trainer does) and trace one
-    forward of a micro-batch of `setup.micro_batch` x `setup.seq_len` tokens."""
+    forward of a micro-batch of `setup.micro_batch` x `setup.seq_len` tokens. `conf`: the
+    folder's transformers config when the caller has loaded it already."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    conf = AutoConfig.from_pretrained(str(path))
+    conf = conf if conf is not None else hf_config(path)
     dtype = getattr(torch, setup.dtype)
     # Built on the meta device (PEFT cannot move fake parameters), then every tensor swapped for
     # a fake CPU one, so the forward dispatches to the CPU kernels' shape functions (sdpa's
@@ -723,20 +725,32 @@ class ModelEstimate(_Totals):
         return t.saved_layers + t.logits + max(head, self.layer_backward)
 
 
+def hf_config(path):
+    """The transformers config of the Hugging Face folder at `path` (its config.json)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(path))
+
+
 def estimate_model(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
-                   _cache: dict | None = None) -> ModelEstimate:
-    """Memory for training the `model.path` model at `path` as `setup` says."""
+                   _cache: dict | None = None, conf=None) -> ModelEstimate:
+    """Memory for training the `model.path` model at `path` as `setup` says (`conf`: its
+    transformers config, when loaded already)."""
     key = (setup.dtype, setup.attention, setup.micro_batch, setup.seq_len,
            None if setup.lora is None else (setup.lora.r, setup.lora.dropout))
     cache = {} if _cache is None else _cache
     if key not in cache:
-        cache[key] = trace_model(path, setup, lora_targets)
+        cache[key] = trace_model(path, setup, lora_targets, conf=conf)
     return ModelEstimate(cache[key], setup, name)
 
 
-def model_alternatives(path, setup: Setup, lora_targets: list[str] | None = None) -> list[tuple[str, ModelEstimate]]:
+def model_alternatives(path, setup: Setup, lora_targets: list[str] | None = None,
+                       conf=None) -> list[tuple[str, ModelEstimate]]:
+    """`alternatives` for a `model.path` model: its config.json read once for all the rows."""
     cache: dict = {}
-    return _alternatives(setup, lambda st: estimate_model(path, st, lora_targets if st.lora else None, _cache=cache))
+    conf = conf if conf is not None else hf_config(path)
+    return _alternatives(setup, lambda st: estimate_model(path, st, lora_targets if st.lora else None, _cache=cache,
+                                                          conf=conf))
 
 
 def _model_lines(e: ModelEstimate, unit: int) -> list[str]:
@@ -777,9 +791,9 @@ def _model_lines(e: ModelEstimate, unit: int) -> list[str]:
 
 
 def model_report(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
-                 notes: list[str] | None = None) -> str:
+                 notes: list[str] | None = None, conf=None) -> str:
     """`kdforge estimate-memory` for a `model.path` model of any family."""
-    alts = model_alternatives(path, setup, lora_targets)
+    alts = model_alternatives(path, setup, lora_targets, conf)
     e = alts[0][1]
     t = e.traced
     unit = GB if e.total >= GB else MB
@@ -805,8 +819,8 @@ def model_report(path, setup: Setup, lora_targets: list[str] | None = None, name
 
 
 def model_json(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",
-               notes: list[str] | None = None) -> dict:
-    alts = model_alternatives(path, setup, lora_targets)
+               notes: list[str] | None = None, conf=None) -> dict:
+    alts = model_alternatives(path, setup, lora_targets, conf)
     e = alts[0][1]
     return {"model": {"name": name, "path": str(path), **asdict(e.traced)},
             "params": e.params, "trainable_params": e.trainable, "setup": asdict(setup),
