@@ -201,3 +201,82 @@ def test_config_rules_exit_2_naming_the_field(tmp_path, tokenizer_dir, data_file
                 "generate.budget_limit=1")
     assert r.returncode == 2 and "generate.budget_limit" in r.stderr and "price" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_under_torchrun_http_scoring_goes_through_rank_0s_one_ledger(tmp_path, tokenizer_dir, data_file,
+                                                                     served_teacher):
+    """teacher.url on-policy under torchrun (2 ranks, DDP): rank 0 alone holds the ledger and
+    cache and scores every rank's sequences in the step's global order, so the run equals one
+    process with the same global batch (losses, teacher tokens, $ per step and in all). At a
+    budget limit every rank stops (exit 3 each, none left waiting) after saving the last step."""
+    import subprocess
+    import sys
+
+    from kdforge.teacher.budget import BudgetLedger
+    from kdforge.teacher.pricing import Prices
+
+    price = {"price_input": 1000.0, "price_output": 1000.0}  # $0.001 a token
+    kw = dict(teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
+              on_policy={"fraction": 1.0}, max_steps=3, save_steps=100, micro_batch_size=2)
+    one = op_config(tmp_path, tokenizer_dir, data_file, out="one", generate={**price, "budget_limit": 10.0},
+                    grad_accum=2, **kw)
+    two = op_config(tmp_path, tokenizer_dir, data_file, out="two", generate={**price, "budget_limit": 10.0}, **kw)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "kdforge", "train", "--config"]
+    r = run_cli("train", "--config", one)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([*torchrun, str(two)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert sorted(m2) == [1, 2, 3]
+    for s in m1:
+        assert m2[s]["teacher_tokens"] == m1[s]["teacher_tokens"] > 0, s  # the same answers were sampled
+        assert m2[s]["teacher_usd"] == pytest.approx(m1[s]["teacher_usd"], abs=1e-9) and m2[s]["teacher_usd"] > 0
+        assert m2[s]["teacher_usd_total"] == pytest.approx(m1[s]["teacher_usd_total"], abs=1e-9)
+        assert abs(m2[s]["loss"] - m1[s]["loss"]) < 1e-4, (s, m1[s]["loss"], m2[s]["loss"])
+    prices = Prices(1000.0, 1000.0, "test")
+    spent = [BudgetLedger(tmp_path / o / "on_policy" / "budget.jsonl", prices, readonly=True).spent
+             for o in ("one", "two")]
+    assert spent[0] == pytest.approx(spent[1], abs=1e-9) and spent[1] == pytest.approx(m2[3]["teacher_usd_total"])
+    assert sorted(p.name for p in (tmp_path / "two" / "on_policy").iterdir() if p.suffix != ".lock") == \
+        sorted(p.name for p in (tmp_path / "one" / "on_policy").iterdir() if p.suffix != ".lock")
+
+    # a limit that ends inside step 2: both ranks stop with exit 3, the finished step 1 is saved
+    low = op_config(tmp_path, tokenizer_dir, data_file, out="low",
+                    generate={**price, "budget_limit": m1[1]["teacher_usd"] * 1.5}, **kw)
+    r = subprocess.run([*torchrun, str(low)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert r.stderr.count("budget exhausted") + r.stdout.count("budget exhausted") >= 2, r.stdout + r.stderr
+    assert "exitcode  : 3" in r.stderr and "exitcode  : 1" not in r.stderr, r.stderr
+    assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "low")).global_step == 1
+    assert BudgetLedger(tmp_path / "low" / "on_policy" / "budget.jsonl", prices, readonly=True).spent <= \
+        m1[1]["teacher_usd"] * 1.5
+
+
+def test_under_fsdp_on_policy_steps_match_one_process(tmp_path, tokenizer_dir, tiny_model_dir, data_file):
+    """FSDP2 on 2 CPU ranks, half the steps on-policy (dense local teacher): sampling gathers the
+    sharded student (every rank steps its decode loop until all are done), and the run equals one
+    process with the same global batch: the same draws, answers, losses and final weights."""
+    import subprocess
+    import sys
+
+    steps = 6
+    kw = dict(teacher={"path": str(tiny_model_dir)}, on_policy={"fraction": 0.5}, max_steps=steps,
+              save_steps=steps, micro_batch_size=2)
+    one = op_config(tmp_path, tokenizer_dir, data_file, out="one", grad_accum=2, **kw)
+    fs = op_config(tmp_path, tokenizer_dir, data_file, out="fsdp", fsdp=True, **kw)
+    r = run_cli("train", "--config", one)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "kdforge", "train", "--config", str(fs)],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "fsdp")
+    assert sorted(m2) == list(range(1, steps + 1))
+    flags = [bool(m1[s]["on_policy"]) for s in m1]
+    assert 0 < sum(flags) < steps, f"both kinds of step should occur: {flags}"
+    for s in m1:
+        assert m2[s]["on_policy"] == m1[s]["on_policy"] and m2[s].get("teacher_tokens") == m1[s].get("teacher_tokens")
+        assert abs(m2[s]["loss"] - m1[s]["loss"]) < 1e-4, (s, m1[s]["loss"], m2[s]["loss"])
+    a, b = weights(tmp_path / "one" / f"checkpoint-{steps}"), weights(tmp_path / "fsdp" / f"checkpoint-{steps}")
+    assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)

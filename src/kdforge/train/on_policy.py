@@ -61,7 +61,7 @@ class OnPolicy:
     `teacher.url`, else None (the objective's dense teacher scores in-process)."""
 
     def __init__(self, section, seed: int, model, tokenizer, *, micro_batch_size: int, scorer=None,
-                 prompt_pool: list[list[int]] | None = None):
+                 prompt_pool: list[list[int]] | None = None, fsdp_root=None):
         self.fraction = section.fraction
         self.max_new_tokens = section.max_new_tokens
         self.temperature = section.temperature
@@ -74,6 +74,12 @@ class OnPolicy:
         self.scorer = scorer
         self.pool = prompt_pool or []
         self.last = StepReport()
+        self.fsdp_root = fsdp_root  # FSDP2: the sharded root (objective) whose parameters sampling needs
+        if fsdp_root is not None:
+            # FSDP2 names its root at the first forward through it; sampling calls the student's
+            # own forward first, which would make each decoder layer a root. Settle it now (no-op
+            # once a training step ran).
+            fsdp_root._get_fsdp_state()._lazy_init()
 
     @classmethod
     def from_session(cls, session, log=print, state_dir: str | Path | None = None,
@@ -87,16 +93,13 @@ class OnPolicy:
             return None
         if fraction is not None:
             op = op.model_copy(update={"fraction": fraction})
-        if session.fsdp:  # sharded layers all-gather per forward: ranks sampling unequal lengths would hang
-            from kdforge.errors import UsageError
-
-            raise UsageError("on_policy.fraction > 0 with train.fsdp is not supported yet: use DDP (train.fsdp: false)")
         scorer = None
         if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
-            scorer = _priced_scorer(cfg, session.world, log, state_dir)
+            scorer = _step_scorer(cfg, session.world, log, state_dir)
         pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
-                   micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool)
+                   micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool,
+                   fsdp_root=session.objective if session.fsdp else None)
 
     # ------------------------------------------------------------------ the draw
     def is_on_policy(self, step: int) -> bool:
@@ -120,14 +123,34 @@ class OnPolicy:
     # ------------------------------------------------------------------ a step's batches
     def replace(self, step: int, prompt_sets: list[list[list[int]]], rank: int = 0, world: int = 1) -> list[dict]:
         """Micro-batches of the student's answers to each set of prompts, scored as configured.
-        Set m of this rank is micro-batch m * world + rank of the step: its seed says which."""
+        Set m of this rank is micro-batch m * world + rank of the step: its seed says which, and
+        over HTTP the teacher scores the step's sequences in that global order (one ledger)."""
         self.last = StepReport()
-        out = []
-        for m, prompts in enumerate(prompt_sets):
-            prompts = [p for p in prompts if p]  # a {"text"} record has no prompt to answer
-            if prompts:
-                out.append(self.answer(prompts, _seed(self.seed, step, _SAMPLE, m * world + rank)))
+        out, seqs = [], []
+        sets = [(m, [p for p in prompts if p]) for m, prompts in enumerate(prompt_sets)]
+        sets = [(m, prompts) for m, prompts in sets if prompts]  # a {"text"} record has no prompt to answer
+        for m, prompts in sets:
+            batch, s = self.answer(prompts, _seed(self.seed, step, _SAMPLE, m * world + rank))
+            out.append(batch)
+            seqs.append((m * world + rank, s))
+        if self.fsdp_root is not None and world > 1:
+            self._match_sampling_calls(len(sets))
+        if self.scorer is not None:
+            scored, self.last.usd, self.last.cached = self.scorer.score_step(seqs)
+            for batch, rows in zip(out, scored, strict=True):
+                _attach_scores(batch, rows)
         return out
+
+    def _match_sampling_calls(self, mine: int) -> None:
+        """FSDP: every forward all-gathers, so every rank must sample as many times as the busiest
+        one; a rank with fewer prompt sets (its {"text"} records, the data's end) samples a
+        throwaway prompt to keep pace."""
+        import torch.distributed as dist
+
+        n = torch.tensor([mine], dtype=torch.long, device=next(self.model.parameters()).device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        for _ in range(int(n) - mine):
+            self.sample([[self.eos_id]], 0)
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], seed: int) -> list[list[int]]:
@@ -147,12 +170,18 @@ class OnPolicy:
         was_training = self.model.training
         self.model.eval()  # no dropout while sampling
         devices = [device] if device.type == "cuda" else []
+        sharded = self.fsdp_root is not None
         try:
+            if sharded:  # the root's own parameters (embeddings, head); decoder layers gather themselves
+                self.fsdp_root.unshard()
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed)
+                # synced_gpus under FSDP: a rank whose answers ended keeps stepping until all have
                 out = self.model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                          generation_config=gc)
+                                          generation_config=gc, synced_gpus=sharded or None)
         finally:
+            if sharded:
+                self.fsdp_root.reshard()
             self.model.train(was_training)
         answers = []
         for row in out[:, width:].tolist():
@@ -160,8 +189,8 @@ class OnPolicy:
             answers.append(row[:cut])
         return answers
 
-    def answer(self, prompts: list[list[int]], seed: int) -> dict:
-        """One micro-batch: prompt + sampled answer, labels on the answer, teacher rows if over HTTP."""
+    def answer(self, prompts: list[list[int]], seed: int) -> tuple[dict, list[list[int]]]:
+        """One micro-batch (prompt + sampled answer, labels on the answer) and its sequences."""
         answers = self.sample(prompts, seed)
         items = []
         for p, a in zip(prompts, answers):
@@ -169,31 +198,7 @@ class OnPolicy:
                           "labels": torch.tensor([IGNORE] * len(p) + a, dtype=torch.long)})
             self.last.teacher_tokens += len(p) + len(a)
             self.last.answer_tokens += len(a)
-        batch = collate(items, self.pad_id)
-        if self.scorer is not None:
-            self._attach_scores(batch, [p + a for p, a in zip(prompts, answers)])
-        return batch
-
-    def _attach_scores(self, batch: dict, seqs: list[list[int]]) -> None:
-        """The teacher's top-K for every token of each sequence, as a dataset's top-k tensors
-        (row t is the teacher's distribution for token t; id -1 marks no entry)."""
-        rows_all = []
-        for s in seqs:
-            rows, usd, cached = self.scorer.score(s)
-            self.last.usd += usd
-            self.last.cached += int(cached)
-            rows_all.append(rows)
-        B, L = batch["input_ids"].shape
-        K = max((len(r) for rows in rows_all for r in rows if r), default=1)
-        ids = torch.full((B, L, K), -1, dtype=torch.long)
-        lps = torch.zeros((B, L, K), dtype=torch.float32)
-        for b, rows in enumerate(rows_all):
-            for t, r in enumerate(rows):
-                if r and batch["labels"][b, t] != IGNORE:
-                    top = sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))
-                    ids[b, t, :len(top)] = torch.tensor([i for i, _ in top])
-                    lps[b, t, :len(top)] = torch.tensor([lp for _, lp in top])
-        batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+        return collate(items, self.pad_id), [p + a for p, a in zip(prompts, answers)]
 
     def step_metrics(self) -> dict:
         return self.last.metrics(self.scorer.spent if self.scorer is not None else None)
@@ -208,6 +213,93 @@ class OnPolicy:
     def close(self) -> None:
         if self.scorer is not None:
             self.scorer.close()
+
+
+def _attach_scores(batch: dict, rows_all: list) -> None:
+    """The teacher's top-K for every token of each sequence, as a dataset's top-k tensors
+    (row t is the teacher's distribution for token t; id -1 marks no entry)."""
+    B, L = batch["input_ids"].shape
+    K = max((len(r) for rows in rows_all for r in rows if r), default=1)
+    ids = torch.full((B, L, K), -1, dtype=torch.long)
+    lps = torch.zeros((B, L, K), dtype=torch.float32)
+    for b, rows in enumerate(rows_all):
+        for t, r in enumerate(rows):
+            if r and batch["labels"][b, t] != IGNORE:
+                top = sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))
+                ids[b, t, :len(top)] = torch.tensor([i for i, _ in top])
+                lps[b, t, :len(top)] = torch.tensor([lp for _, lp in top])
+    batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+
+
+class StepScorer:
+    """teacher.url scoring of a step's sequences. One process: the PricedScorer itself. Under
+    torchrun rank 0 alone holds the PricedScorer (one budget ledger, cache and rate limiter per
+    output dir): every rank sends it its sequences, rank 0 scores them in the step's global
+    micro-batch order (as one process would) and sends each rank its rows, the step's $ and the
+    total spent; an error on rank 0 (budget, teacher) is raised on every rank, so none waits."""
+
+    def __init__(self, scorer, rank: int = 0, world: int = 1):
+        self.scorer, self.rank, self.world = scorer, rank, world  # scorer None on ranks > 0
+        self._spent = scorer.spent if scorer is not None else 0.0
+
+    @property
+    def spent(self) -> float:
+        return self._spent
+
+    def _score(self, sets: list[tuple[int, list[list[int]]]]) -> tuple[dict, float, int]:
+        """{global micro-batch index: rows per sequence}, $ charged, cache hits (rank 0)."""
+        out, usd, cached = {}, 0.0, 0
+        for m, seqs in sorted(sets, key=lambda x: x[0]):
+            out[m] = []
+            for s in seqs:
+                rows, u, hit = self.scorer.score(s)
+                out[m].append(rows)
+                usd, cached = usd + u, cached + int(hit)
+        return out, usd, cached
+
+    def score_step(self, sets: list[tuple[int, list[list[int]]]]) -> tuple[list, float, int]:
+        """`sets`: this rank's (global micro-batch index, sequences). Rows per set, in order; the
+        step's $ (every rank's sequences) and cache hits."""
+        if self.world == 1:
+            got, usd, cached = self._score(sets)
+            self._spent = self.scorer.spent
+            return [got[m] for m, _ in sets], usd, cached
+        import torch.distributed as dist
+
+        gathered = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(sets, gathered, dst=0)
+        replies = None
+        if self.rank == 0:
+            error = None
+            try:
+                got, usd, cached = self._score([x for part in gathered for x in part])
+            except Exception as e:  # every rank must hear of it, or they would wait forever
+                error, got, usd, cached = e, {}, 0.0, 0
+            spent = self.scorer.spent
+            replies = [(None if error else [got[m] for m, _ in part], usd, cached, spent,
+                        None if error is None else (type(error).__name__, str(error))) for part in gathered]
+        mine = [None]
+        dist.scatter_object_list(mine, replies, src=0)
+        rows, usd, cached, self._spent, err = mine[0]
+        if err is not None:
+            if self.rank == 0:
+                raise error
+            raise _rank0_error(*err)
+        return rows, usd, cached
+
+    def close(self) -> None:
+        if self.scorer is not None:
+            self.scorer.close()
+
+
+def _rank0_error(kind: str, message: str) -> Exception:
+    """Rank 0's scoring error, raised on another rank with the same exit code."""
+    from kdforge import errors
+
+    cls = getattr(errors, kind, None)
+    if cls in (errors.BudgetExceededError, errors.TeacherRefusedError, errors.UsageError, errors.KdforgeError):
+        return cls(message)
+    return errors.KdforgeError(f"teacher scoring failed on rank 0: {kind}: {message}")
 
 
 def prompts_of(batch: dict) -> list[list[int]]:
@@ -259,15 +351,30 @@ def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
     return pool
 
 
-def _priced_scorer(cfg, world: int, log, state_dir: str | Path | None = None):
+def _step_scorer(cfg, world: int, log, state_dir: str | Path | None = None) -> StepScorer:
+    """The StepScorer of this rank: rank 0 (or the one process) opens the priced scorer; under
+    torchrun the others learn whether that worked, and fail with rank 0's error if not."""
+    if world == 1:
+        return StepScorer(_priced_scorer(cfg, log, state_dir))
+    import torch.distributed as dist
+
+    rank, scorer, err = dist.get_rank(), None, None
+    if rank == 0:
+        try:
+            scorer = _priced_scorer(cfg, log, state_dir)
+        except Exception as e:
+            err = e
+    said = [None if err is None else (type(err).__name__, str(err))]
+    dist.broadcast_object_list(said, src=0)
+    if said[0] is not None:
+        raise err if rank == 0 else _rank0_error(*said[0])
+    return StepScorer(scorer, rank, world)
+
+
+def _priced_scorer(cfg, log, state_dir: str | Path | None = None):
     from kdforge.errors import UsageError
     from kdforge.teacher.pricing import resolve_prices
-    from kdforge.teacher.scoring import PricedScorer
-
-    if world > 1:
-        raise UsageError("on_policy with teacher.url under torchrun is not supported yet (one budget "
-                         "ledger per output dir): use teacher.path, or train in one process")
-    from kdforge.teacher.scoring import TokenScorer
+    from kdforge.teacher.scoring import PricedScorer, TokenScorer
 
     g, t = cfg.generate, cfg.teacher
     model = t.model or g.model
