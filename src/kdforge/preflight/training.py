@@ -23,7 +23,7 @@ import yaml
 from kdforge.config import from_dict
 from kdforge.errors import KdforgeError
 from kdforge.preflight.machine import SHRUNK_MAX_ACCUM, Student
-from kdforge.preflight.report import Item, failed, passed, warned
+from kdforge.preflight.report import Item, failed, passed, skipped, warned
 from kdforge.train import checkpoint as ckpt
 
 STEPS = 5
@@ -40,12 +40,19 @@ def scratch_training_config(merged: dict, samples: Path, out_dir: Path, student:
     t = data.setdefault("train", {})
     seq = t.get("seq_lengths", [512])
     seq = [seq] if isinstance(seq, int) else list(seq)[:STEPS]
-    if student.numbers is not None:
+    if student.changed:
         seq = [min(s, student.setup.seq_len) for s in seq]
         t["micro_batch_size"] = student.setup.micro_batch
         t["fsdp"] = False  # shrunk to fit one device of this machine
         t["grad_accum"] = min(int(t.get("grad_accum") or 1), SHRUNK_MAX_ACCUM)
+    if student.numbers is not None:
         data["model"] = dict(student.numbers)
+    elif student.smaller:  # the model.path model itself, in the setup that fits
+        model = data.setdefault("model", {})
+        if student.setup.lora is not None and not model.get("lora"):
+            model["lora"] = {"r": student.setup.lora.r, "alpha": 2 * student.setup.lora.r}
+        if student.setup.gradient_checkpointing:
+            t["gradient_checkpointing"] = True
     t.update(max_steps=STEPS, epochs=None, seq_lengths=seq, save_steps=save_steps, eval_steps=None,
              warmup_steps=min(int(t.get("warmup_steps") or 0), 1))
     if "report_to" in t:
@@ -88,6 +95,8 @@ def check_training(merged: dict, samples: Path, work: Path, student: Student) ->
     """The 5-step run in-process; returns the item and {step: loss} for the resume check."""
     from kdforge.train.runner import run_training
 
+    if student.skip:
+        return warned("training", student.skip, student.skip_fix), {}
     out = work / "run"
     data = scratch_training_config(merged, samples, out, student, save_steps=STEPS)
     lines: list[str] = []
@@ -128,6 +137,8 @@ def check_training(merged: dict, samples: Path, work: Path, student: Student) ->
 def check_resume(merged: dict, samples: Path, work: Path, student: Student, reference: dict) -> Item:
     """A real `kdforge train` killed with SIGKILL after its first checkpoint, then resumed with
     `--resume auto` to step 5: same final step, same loss as the uninterrupted run."""
+    if student.skip:
+        return skipped("resume", "not run: training cannot run here (see the training item)")
     out = work / "killed"
     data = scratch_training_config(merged, samples, out, student, save_steps=1)
     work.mkdir(parents=True, exist_ok=True)
