@@ -430,8 +430,12 @@ def test_estimate_memory_within_15_percent_of_measured(family, mode, family_dirs
 
 
 def test_estimate_memory_bad_model_path_or_targets_exit_2(family_dirs, tmp_path, capsys):
-    """A folder without config.json, or LoRA targets the model does not have: exit 2 naming the field."""
+    """A folder without config.json, LoRA targets the model does not have, or LoRA dropout on
+    Mixtral's experts: exit 2 naming the field."""
     rc, _, err = _estimate_cli(capsys, {"none": tmp_path}, "none", tmp_path, 4, SEQ)
     assert rc == 2 and f"model.path: no Hugging Face model folder (config.json) at {tmp_path}" in err, err
     rc, _, err = _estimate_cli(capsys, family_dirs, "gpt2", tmp_path, 4, SEQ, {"r": 4, "target_modules": ["q_proj"]})
     assert rc == 2 and "model.lora.target_modules" in err and "q_proj" in err, err
+    # PEFT's wrappers of Mixtral's expert parameters take no dropout: the field is named
+    rc, _, err = _estimate_cli(capsys, family_dirs, "mixtral", tmp_path, 4, SEQ, {"r": 4, "dropout": 0.1})
+    assert rc == 2 and "model.lora.dropout" in err and "lora_dropout != 0" in err, err

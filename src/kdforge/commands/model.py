@@ -149,7 +149,8 @@ def estimate_memory(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
-    from kdforge.model.memory import LoraSetup, Setup, lora_setup, model_json, model_report, report, to_json
+    from kdforge.model.memory import (LoraSetup, Setup, lora_field, lora_setup, model_json, model_report, report,
+                                      to_json)
 
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
     hf = _model_path_config(Path(conf.model.path)) if cfg is None else None  # validated, then traced
@@ -182,8 +183,8 @@ def estimate_memory(
         args = (Path(conf.model.path), st, targets)
         try:
             out = model_json(*args, name=name, conf=hf) if as_json else model_report(*args, name=name, conf=hf)
-        except ValueError as e:  # e.g. PEFT: a target module that is not in the model
-            raise UsageError(f"model.lora.target_modules: {e}" if st.lora else f"model.path: {e}") from None
+        except ValueError as e:  # PEFT: a target module not in the model; dropout on Mixtral's expert wrappers
+            raise UsageError(f"{lora_field(e) if st.lora else 'model.path'}: {e}") from None
         print(json.dumps(out, indent=2) if as_json else out)
         return
     vocab = None

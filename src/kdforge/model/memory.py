@@ -497,19 +497,6 @@ def to_json(cfg: "ModelCfg", setup: Setup, vocab_size: int | None = None, name: 
     }
 
 
-def cfg_from_hf_config(conf: dict) -> "ModelCfg":
-    """A Llama-shaped ModelCfg from a Hugging Face config.json (for `model.path` configs)."""
-    from kdforge.model.student import ModelCfg
-
-    d, H = conf["hidden_size"], conf["num_attention_heads"]
-    return ModelCfg(d_model=d, n_layers=conf["num_hidden_layers"], n_heads=H,
-                    n_kv_heads=conf.get("num_key_value_heads") or H,
-                    d_head=conf.get("head_dim") or d // H, vocab_size=conf["vocab_size"],
-                    ffn_dim=conf["intermediate_size"],
-                    max_seq_len=conf.get("max_position_embeddings") or 2048,
-                    tie_embeddings=bool(conf.get("tie_word_embeddings", False)))
-
-
 # ----------------------------------------------------------------------------- any local causal LM
 
 # For a `model.path` model of any family (GPT-2's Conv1D, Phi's biases, Gemma-2's soft-capping, a
@@ -730,6 +717,11 @@ def hf_config(path):
     from transformers import AutoConfig
 
     return AutoConfig.from_pretrained(str(path))
+
+
+def lora_field(e: Exception) -> str:
+    """The config field a PEFT refusal to build the adapter is about."""
+    return "model.lora.dropout" if "lora_dropout" in str(e) else "model.lora.target_modules"
 
 
 def estimate_model(path, setup: Setup, lora_targets: list[str] | None = None, name: str = "model",

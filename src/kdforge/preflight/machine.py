@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kdforge.config import Config, check_config
 from kdforge.model.memory import (GB, MB, Estimate, LoraSetup, Setup, alternatives, estimate, estimate_model,
-                                  hf_config, lora_setup, model_alternatives)
+                                  hf_config, lora_field, lora_setup, model_alternatives)
 from kdforge.preflight.report import Item, failed, passed, warned
 
 FIT_SHARE = 0.9  # of free memory a training run may plan to use (allocator slack, the OS, the loader)
@@ -162,7 +162,7 @@ def check_model_path_memory(cfg: Config, setup: Setup, free: int, where: str, on
         conf = hf_config(path)
         est = estimate_model(path, setup, targets, conf=conf)
     except (ValueError, OSError, KeyError) as e:  # PEFT's unknown target, a config.json transformers rejects
-        field = "model.lora.target_modules" if setup.lora and isinstance(e, ValueError) else "model.path"
+        field = lora_field(e) if setup.lora and isinstance(e, ValueError) else "model.path"
         return failed("memory", f"cannot build the model at {path} from its config.json: {e}",
                       f"fix {field} (kdforge estimate-memory --config ... says the same)"), Student(None, setup, None)
     room = int(free * FIT_SHARE)
