@@ -288,10 +288,11 @@ class KDDataset(torch.utils.data.Dataset):
 
 
 def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> dict:
-    """Right-pad a list of items into a batch; or, with `packed_len`, pack them back to back into
-    rows of exactly that many tokens (position ids restart at each example; a block-diagonal
-    attention mask keeps examples from seeing each other; an example's first position is never a
-    target). Packed and padded batches hold the same targets."""
+    """Right-pad a list of items into a batch; or, with `packed_len`, pack them (`pack_rows`) into
+    rows of exactly that many tokens: position ids restart at each example, `seq_ids` says which
+    example each token is (-1: padding), from which the objective keeps examples from seeing each
+    other; an example's first position is never a target. Packed and padded batches hold the same
+    targets."""
     if packed_len:
         return _pack(items, pad_id, packed_len)
     L = max(len(x["input_ids"]) for x in items)
@@ -318,17 +319,25 @@ def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> di
 
 
 def pack_rows(lengths: list[int], L: int) -> list[list[int]]:
-    """Indices of examples per row of L tokens: in order, a new row when the next one does not fit
-    (the order is the sampler's, so a resumed run packs the same rows)."""
-    rows: list[list[int]] = [[]]
-    used = 0
-    for i, n in enumerate(lengths):
-        if used + n > L and rows[-1]:
+    """Indices of examples per row of L tokens, best-fit decreasing: longest first, each into the
+    row it leaves the least room in (a new row when none has room). Rows come out nearly full
+    where in-order filling left the tail of every row empty. Ties go to the earlier example and
+    row, and each row lists its examples in the given order: the result is a function of the
+    lengths in the sampler's order, so a resumed run packs the same rows."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        n = lengths[i]
+        fits = [r for r in range(len(rows)) if free[r] >= n]
+        if fits:
+            r = min(fits, key=lambda r: free[r])  # min keeps the first of equal rooms
+        else:
+            r = len(rows)
             rows.append([])
-            used = 0
-        rows[-1].append(i)
-        used += n
-    return rows
+            free.append(L)
+        rows[r].append(i)
+        free[r] -= n
+    return [sorted(row) for row in rows] or [[]]
 
 
 def _pack(items: list[dict], pad_id: int, L: int) -> dict:
@@ -363,13 +372,16 @@ def _pack(items: list[dict], pad_id: int, L: int) -> dict:
     return batch
 
 
-def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[B, 1, L, L] additive mask: causal within each packed example, -inf across examples and
-    on padding (padding rows attend to themselves so softmax stays finite)."""
+def block_causal_mask(seq_ids: torch.Tensor, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    """[B, 1, L, L] mask of packed rows: causal within each example, nothing across examples or
+    from padding (padding attends to itself, so softmax stays finite). Bool (True: attend) by
+    default, what sdpa takes; a float dtype gives the additive form eager attention adds."""
     B, L = seq_ids.shape
-    same = seq_ids[:, :, None] == seq_ids[:, None, :]
-    causal = torch.ones(L, L, dtype=torch.bool, device=seq_ids.device).tril()
-    allowed = same & causal & (seq_ids[:, :, None] >= 0)
+    allowed = seq_ids[:, :, None] == seq_ids[:, None, :]
+    allowed &= torch.ones(L, L, dtype=torch.bool, device=seq_ids.device).tril()
+    allowed &= (seq_ids[:, :, None] >= 0)
     allowed |= torch.eye(L, dtype=torch.bool, device=seq_ids.device)
-    mask = torch.zeros(B, 1, L, L, dtype=dtype, device=seq_ids.device)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
+    allowed = allowed[:, None]
+    if dtype == torch.bool:
+        return allowed
+    return torch.zeros(B, 1, L, L, dtype=dtype, device=seq_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -3,9 +3,21 @@
 Wrapping the whole loss in one `nn.Module` lets DDP see it as the forward pass, and lets the
 loss read hidden states instead of full logits: only positions that carry a label are projected
 onto the vocabulary, `chunk_size` tokens at a time (see `losses.chunked_loss_sums`).
+
+Packed rows (`seq_ids` in the batch) go to the decoder as position ids that restart at 0 with no
+attention mask: transformers' masking (`masking_utils.find_packed_sequence_indices`) then keeps each
+example to itself, as a block-diagonal causal mask (sdpa, eager, flex) or varlen kernels (flash
+attention). Under sdpa, attention runs example by example instead (`packed_sdpa`): the same
+result without the L x L work across examples, the largest cost of a packed CPU step. A model
+whose implementation does not build its masks through `masking_utils` gets an explicit one.
 """
 
 from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import sys
 
 import torch
 from torch import nn
@@ -13,21 +25,99 @@ from torch import nn
 from kdforge.data.dataset import IGNORE, block_causal_mask
 from kdforge.train import losses
 
+PACKED_SDPA = "kdforge_packed_sdpa"
+SEGMENTS = "kdforge_segments"  # decoder kwarg, passed down to attention: per row, its example lengths
+
 
 def base_lm(model):
     """The underlying HF causal LM (unwrapping PEFT)."""
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
+def segment_lengths(seq_ids: torch.Tensor) -> list[list[int]]:
+    """Per packed row, the lengths of its runs of equal `seq_ids`: its examples, then its padding
+    as one run (padding attends to padding; nothing real sees it)."""
+    return [torch.unique_consecutive(row, return_counts=True)[1].tolist() for row in seq_ids.cpu()]
+
+
+def packed_sdpa(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' sdpa attention, run on each packed example alone (causal within it) when
+    the decoder got its lengths (`SEGMENTS`); otherwise, or where a layer asks for more than
+    causal attention (sliding window, soft-capping, position bias, sinks), plain sdpa on the mask
+    the model built from the position ids. Same result as that mask, without the work across
+    examples. q, k, v: [B, heads, L, d]; returns [B, L, heads, d] like sdpa."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    segments = kwargs.pop(SEGMENTS, None)
+    plain = (segments is None or args or query.shape[2] != key.shape[2]
+             or kwargs.get("is_causal", getattr(module, "is_causal", True)) is False
+             or any(kwargs.get(k) is not None for k in ("sliding_window", "softcap", "position_bias", "s_aux")))
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
+    rows = []
+    for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), segments, strict=True):
+        parts = [sdpa_attention_forward(module, qs[None], ks[None], vs[None], None, **kwargs)[0]
+                 for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))]
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0), None
+
+
+@functools.cache
+def _register_packed_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(PACKED_SDPA, packed_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_SDPA, sdpa_mask)  # the fallback's mask: sdpa's
+
+
+_MASKS_FROM_POSITIONS: dict[type, bool] = {}
+
+
+def masks_from_positions(decoder) -> bool:
+    """Whether the decoder builds its attention masks with transformers' `masking_utils`, which
+    tells packed rows apart by their position ids when no attention mask is given."""
+    cls = type(decoder)
+    if cls not in _MASKS_FROM_POSITIONS:
+        try:
+            src = inspect.getsource(sys.modules[cls.__module__])
+        except (OSError, TypeError, KeyError):
+            src = ""
+        _MASKS_FROM_POSITIONS[cls] = "masking_utils" in src and "position_ids" in src
+    return _MASKS_FROM_POSITIONS[cls]
+
+
+@contextlib.contextmanager
+def _attention(config, name: str):
+    """The decoder's attention implementation set to `name` for one forward."""
+    if config._attn_implementation == name:
+        yield
+        return
+    before = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
+
+
 def _hidden(lm, batch: dict, dtype: torch.dtype) -> torch.Tensor:
     decoder = base_lm(lm).get_decoder()
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
-    if "seq_ids" in batch:  # packed: restart positions, block-diagonal causal mask
-        kwargs["position_ids"] = batch["position_ids"]
-        kwargs["attention_mask"] = block_causal_mask(batch["seq_ids"], dtype)
-    else:
+    if "seq_ids" not in batch:  # padded
         kwargs["attention_mask"] = batch["attention_mask"]
-    return decoder(**kwargs).last_hidden_state
+        return decoder(**kwargs).last_hidden_state
+    kwargs["position_ids"] = batch["position_ids"]  # packed: positions restart at each example
+    impl = decoder.config._attn_implementation
+    if not masks_from_positions(decoder):
+        kwargs["attention_mask"] = block_causal_mask(batch["seq_ids"], dtype if impl == "eager" else torch.bool)
+        return decoder(**kwargs).last_hidden_state
+    if impl not in ("sdpa", PACKED_SDPA):  # eager, flex, flash: the model's own packed masks / varlen
+        return decoder(**kwargs).last_hidden_state
+    _register_packed_sdpa()
+    kwargs[SEGMENTS] = segment_lengths(batch["seq_ids"])
+    with _attention(decoder.config, PACKED_SDPA):
+        return decoder(**kwargs).last_hidden_state
 
 
 def output_logits(lm, hidden: torch.Tensor) -> torch.Tensor:
