@@ -198,7 +198,8 @@ def test_lora_default_targets_and_resume_parity(family, family_dirs, data, tmp_p
     assert not frozen, f"adapters that did not train: {frozen}"
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("LoRA on ")]
     assert len(printed) == 3  # one per session: the straight run, the interrupted one, the resume
-    assert printed[0] == f"LoRA on {', '.join(sorted(written))} (model.lora.target_modules unset: PEFT's all-linear)"
+    said = sorted(written) + sorted(adapter_config.get("target_parameters") or [])  # Mixtral: experts, router
+    assert printed[0] == f"LoRA on {', '.join(said)} (model.lora.target_modules unset: PEFT's all-linear)"
 
 
 def test_lora_targets_that_match_nothing_exit_2_listing_conv1d_layers(family_dirs, data, tmp_path):
@@ -212,6 +213,22 @@ def test_lora_targets_that_match_nothing_exit_2_listing_conv1d_layers(family_dir
     assert r.returncode == 2, r.stdout + r.stderr
     assert "model.lora.target_modules: ['q_proj'] not in the model" in r.stderr
     assert "'c_attn', 'c_fc', 'c_proj'" in r.stderr and "all-linear" in r.stderr
+
+
+def test_lora_dropout_on_mixtrals_experts_is_exit_2_before_training(family_dirs, data, tmp_path):
+    """PEFT's wrappers of Mixtral's expert parameters take no dropout: `config validate` and
+    `kdforge train` say so naming model.lora.dropout (exit 2), not a traceback once training starts."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"path": str(family_dirs["mixtral"]), "lora": {"r": 4, "dropout": 0.1}},
+                                   "io": {"tokenizer_path": str(family_dirs["mixtral"]), "train_shards": [str(data)],
+                                          "output_dir": str(tmp_path / "out")},
+                                   "train": {"max_steps": 1, "seq_lengths": [SEQ]}}))
+    for args in (("config", "validate", str(cfg)), ("train", "--config", str(cfg))):
+        r = run_cli(*args)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "model.lora.dropout: PEFT cannot build this adapter" in r.stderr and "dropout: 0" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
 
 
 # ============================================================================ dense KD

@@ -495,8 +495,8 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             p.append(("model.path", f"no Hugging Face model folder (config.json) at {mp}"))
         else:
             student_vocab = _model_vocab(str(mp))
-            if cfg.model.lora and cfg.model.lora.target_modules is not None:
-                p += _lora_target_problems(str(mp), cfg.model.lora.target_modules)
+            if cfg.model.lora:
+                p += _lora_problems(str(mp), cfg.model.lora)
     else:
         mc = cfg.model.model_cfg()
         student_vocab = mc.vocab_size or tok_vocab
@@ -550,22 +550,36 @@ def _on_policy_problems(cfg: Config, for_run: bool) -> list[tuple[str, str]]:
     return p
 
 
-def _lora_target_problems(model_path: str, targets: list[str]) -> list[tuple[str, str]]:
-    """Given target names that are not layers PEFT can adapt: the error lists those it can."""
+def _lora_problems(model_path: str, lora) -> list[tuple[str, str]]:
+    """What PEFT would refuse when training starts, found now: given target names that are not
+    layers PEFT can adapt (the error lists those it can), or an adapter PEFT cannot build on this
+    model (e.g. dropout on Mixtral's expert parameters). Built on the meta device: no weights read."""
     import torch
+    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
+
+    from kdforge.model.memory import lora_field
+    from kdforge.model.student import peft_lora_config
 
     conf = AutoConfig.from_pretrained(model_path)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(conf)
-    # GPT-2's attention and MLP are Conv1D (a transposed Linear): PEFT adapts those too.
-    names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules() if isinstance(mod, (torch.nn.Linear, Conv1D))}
-    bad = [t for t in targets if t not in names]
-    if bad:
-        return [("model.lora.target_modules", f"{bad} not in the model; the layers LoRA can adapt "
-                 f"(Linear, Conv1D): {sorted(names)}; or leave target_modules unset for all of them but the "
-                 "output head (PEFT's all-linear)")]
+    if lora.target_modules is not None:
+        # GPT-2's attention and MLP are Conv1D (a transposed Linear): PEFT adapts those too.
+        names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
+                 if isinstance(mod, (torch.nn.Linear, Conv1D))}
+        bad = [t for t in lora.target_modules if t not in names]
+        if bad:
+            return [("model.lora.target_modules", f"{bad} not in the model; the layers LoRA can adapt "
+                     f"(Linear, Conv1D): {sorted(names)}; or leave target_modules unset for all of them but the "
+                     "output head (PEFT's all-linear)")]
+    try:
+        get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
+    except ValueError as e:  # PEFT's own refusal, e.g. lora_dropout on parameter (expert) wrappers
+        field = lora_field(e)
+        fix = "set model.lora.dropout: 0" if field == "model.lora.dropout" else "change model.lora.target_modules"
+        return [(field, f"PEFT cannot build this adapter on {model_path}: {e}; {fix}")]
     return []
 
 

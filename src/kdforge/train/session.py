@@ -329,5 +329,7 @@ def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
 
 
 def lora_targets(model) -> list[str]:
-    """The layer names a PEFT model's adapter targets, as its adapter_config.json will list them."""
-    return sorted(model.peft_config["default"].target_modules)
+    """The layer names a PEFT model's adapter targets, as its adapter_config.json will list them,
+    then the parameters it adapts directly (`target_parameters`: Mixtral's fused experts, router)."""
+    pc = model.peft_config["default"]
+    return sorted(pc.target_modules) + sorted(pc.target_parameters or [])
