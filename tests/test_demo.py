@@ -1,5 +1,5 @@
-"""`kdforge demo --fast`: the real pipeline end to end (serve -> generate -> validate -> train x2
--> evaluate), offline, with a report."""
+"""`kdforge demo --fast`: the real pipeline end to end (serve -> generate -> validate -> train CE-only
+and on-policy students -> evaluate), offline, with a report that says what it measured."""
 
 from __future__ import annotations
 
@@ -15,22 +15,32 @@ def test_fast_demo_end_to_end(tmp_path):
     out = r.stdout
     # every stage ran for real
     assert re.search(r"http://127\.0\.0\.1:\d+/v1", out)
-    assert "500/500 samples" in out and "server stopped" in out
-    assert "valid 500" in out and "unusable 0" in out
+    assert "250/250 samples" in out and "server stopped" in out
+    assert "valid 250" in out and "unusable 0" in out
     rows = {m.group(1): (int(m.group(2).replace(",", "")), float(m.group(3)))
-            for m in re.finditer(r"^\| (teacher|student-ce|student-kd) \| ([\d,]+) \| ([\d.]+)% \|", out, re.M)}
-    assert set(rows) == {"teacher", "student-ce", "student-kd"}, out
+            for m in re.finditer(r"^\| (teacher|student-ce|student-op|student-kd) \| ([\d,]+) \| ([\d.]+)% \|", out, re.M)}
+    assert set(rows) == {"teacher", "student-ce", "student-op"}, out
     t_params, t_acc = rows["teacher"]
-    for name in ("student-ce", "student-kd"):
+    for name in ("student-ce", "student-op"):
         params, acc = rows[name]
         assert params * 4 <= t_params, "students have at most a quarter of the teacher's parameters"
         assert acc >= 50.0, f"{name} learned the task ({acc}%)"
     assert t_acc >= 90.0
-    # the data carries the teacher's top-k logprobs, which the KD student trained on
+    # the on-policy student really sampled and had its tokens scored, and its spend is said
+    op = re.search(r"student-op: 300 steps, (\d+) on-policy steps scoring ([\d,]+) teacher tokens", out)
+    assert op and 60 <= int(op.group(1)) <= 180 and int(op.group(2).replace(",", "")) > 1000, out
+    # the verdict: the gap closed when the difference is past CE's seed-to-seed spread, else says so
+    ce, on = rows["student-ce"][1], rows["student-op"][1]
+    verdict = re.search(r"^with 250 teacher answers, on-policy distillation reaches .*$", out, re.M).group(0)
+    if abs(on - ce) <= 12.0:
+        assert "within the run-to-run spread" in verdict, verdict
+    else:
+        assert "of the CE-to-teacher gap" in verdict, verdict
+    # the data carries the teacher's top-k logprobs (generate stored them)
     line = (work / "data" / "kd.jsonl").read_text().splitlines()[0]
     assert '"teacher_logprobs"' in line and '"top"' in line
     report = (work / "report.md").read_text()
-    assert "| student-kd |" in report and "CE-only student" in report
+    assert "| student-op |" in report and verdict in report
     assert (work / "loss.png").stat().st_size > 1000
     # no server left behind: the port it used is closed
     port = int(re.search(r"http://127\.0\.0\.1:(\d+)/v1", out).group(1))

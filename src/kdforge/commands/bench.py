@@ -6,6 +6,7 @@ table.md and one PNG per task land in --out.
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -18,9 +19,10 @@ bench_app = typer.Typer(help="Benchmarks on shipped tasks and teachers.", no_arg
 @bench_app.command("distill")
 def distill_cmd(
     task: Optional[List[str]] = typer.Option(None, "--task", help="sort (near-certain teacher, exact match) or lang (broad teacher, held-out KL); repeatable. Default: both."),
-    budgets: Optional[List[int]] = typer.Option(None, "--budgets", min=1, help="Teacher answers per student; repeatable. Default 100 250 1000."),
+    budgets: Optional[List[int]] = typer.Option(None, "--budgets", min=1, help="Teacher answers per student; repeatable. Default 100 250 1000 (not every recipe at every budget: see --grid)."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per cell (default 3)."),
-    recipes: Optional[List[str]] = typer.Option(None, "--recipes", help="ce, topk_t1, topk_t2, dense, onpolicy_rkl, onpolicy_jsd; repeatable. Default: all."),
+    recipes: Optional[List[str]] = typer.Option(None, "--recipes", help="ce, topk_t1, topk_t2, dense, onpolicy_rkl, onpolicy_jsd; repeatable. Default: all, each where it tells something."),
+    grid: bool = typer.Option(False, "--grid", help="Every recipe at every budget (implied by --recipes or --budgets); the default skips the cells that tell nothing new (kdforge/bench/run.py DEFAULT)."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Optimizer steps per student (default: sort 600, lang 300)."),
     jobs: int = typer.Option(2, "--jobs", min=1, help="Students trained at once, one torch thread each."),
     quick: bool = typer.Option(False, "--quick", help="Tiny: 1 budget (100), 1 seed, 20 steps, ce/topk_t1/onpolicy_rkl, both tasks (the test suite's run)."),
@@ -35,6 +37,7 @@ def distill_cmd(
     plan = QUICK if quick else DEFAULT
     plan = replace(plan, tasks=task or plan.tasks, budgets=budgets or plan.budgets, seeds=seeds or plan.seeds,
                    recipes=recipes or plan.recipes, jobs=jobs,
+                   only=None if (grid or recipes or budgets) else plan.only,
                    steps={t: steps for t in (task or plan.tasks)} if steps else plan.steps)
     out = out or Path(tempfile.mkdtemp(prefix="kdforge-bench-"))
     result = run_bench(plan, out, log=lambda m: typer.echo(m, err=True))
@@ -43,7 +46,10 @@ def distill_cmd(
     (out / "table.md").write_text(text)
     pngs = plots(result, rows, out)
     typer.echo(text)
-    typer.echo(f"{len(result['cells'])} cells in {result['seconds']:.0f}s; wrote {out / 'results.json'}, "
+    cpu = sum(c.get("cpu_seconds", 0) for c in result["cells"])
+    typer.echo(f"{len(result['cells'])} cells in {result['seconds']:.0f}s wall (load average "
+               f"{result['load_average'][0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; the cells' CPU time "
+               f"{cpu:.0f}s, {cpu / plan.jobs:.0f}s on {plan.jobs} idle cores); wrote {out / 'results.json'}, "
                f"{out / 'table.md'}, {', '.join(str(p) for p in pngs)}")
 
 

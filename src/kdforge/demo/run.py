@@ -1,13 +1,17 @@
 """`kdforge demo`: the whole pipeline on the shipped example, offline, with nothing canned.
 
 1. `kdforge serve` on the shipped teacher, on a free port of 127.0.0.1, with an API key;
-2. `kdforge generate` against it: train-split prompts, a fictitious price and budget, top-k
-   logprobs, the cache (a second pass answers every request from it);
+2. `kdforge generate` against it: a scarce budget of train-split prompts (250: where recipes
+   differ; with thousands every student reaches the teacher), a fictitious price and budget,
+   top-k logprobs, the cache (a second pass answers every request from it);
 3. `kdforge data validate` on the result;
-4. two students with <= 1/4 of the teacher's parameters, same shape and seed: CE only, and
-   CE + sparse top-k forward KL on the stored logprobs (`kdforge train` in-process);
+4. students with <= 1/4 of the teacher's parameters, same shape and seed (`kdforge train`
+   in-process): CE only; on-policy distillation (half the steps the student answers free prompts
+   and the teacher, loaded in-process, scores its tokens: JSD); and (not with --fast) CE + sparse
+   top-k forward KL on the stored logprobs;
 5. greedy exact-match accuracy of teacher and students on the held-out prompts;
-6. a table, `report.md` and `loss.png` in the work dir.
+6. a table, an honest verdict (the share of the CE-to-teacher gap on-policy closes, or "within the
+   run-to-run spread"), `report.md` and `loss.png` in the work dir.
 
 The server is stopped on every exit path, Ctrl-C included.
 """
@@ -33,20 +37,80 @@ BUDGET = 1.0  # USD: well above the run's cost, so the ledger is exercised but n
 KEY_ENV = "KDFORGE_DEMO_KEY"
 
 
-def _student_config(s: DemoSettings, work: Path, data: Path, name: str, kind: str) -> dict:
+# The students. On-policy is the best recipe on this task at a scarce budget (`kdforge bench
+# distill`); KD on the stored top-k is the classic one (not with --fast: its time goes to on-policy).
+STUDENTS = ("student-ce", "student-op", "student-kd")
+
+
+def _student_config(s: DemoSettings, work: Path, data: Path, name: str, pool: Path) -> dict:
     st = s.student
-    return {
+    cfg = {
         "model": {"preset": None, "d_model": st.d_model, "n_layers": st.n_layers, "n_heads": st.n_heads,
                   "n_kv_heads": st.n_kv_heads, "d_head": st.d_head, "ffn_dim": st.ffn_dim,
                   "max_seq_len": st.max_seq_len},
         "io": {"tokenizer_path": str(TEACHER_DIR), "train_shards": [str(data)],
                "output_dir": str(work / "students" / name)},
-        "loss": {"kind": kind, "kd_weight": s.kd_weight, "temperature": s.temperature},
+        "loss": {"kind": "ce"},
         "train": {"micro_batch_size": s.batch_size, "grad_accum": 1, "seq_lengths": [st.max_seq_len],
                   "max_steps": s.steps, "lr": s.lr, "warmup_steps": s.warmup, "schedule": "cosine",
                   "min_lr_ratio": 0.1, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
                   "save_steps": s.steps, "save_total_limit": 1, "seed": s.seed, "log_steps": 10},
     }
+    if name == "student-kd":
+        cfg["loss"] = {"kind": "fkl", "kd_weight": s.kd_weight, "temperature": s.temperature}
+    elif name == "student-op":
+        # a dataset step is CE alone (kd_weight 0), an on-policy step the divergence alone
+        cfg["loss"] = {"kind": "jsd", "kd_weight": 0.0, "beta": 0.5}
+        cfg["teacher"] = {"path": str(TEACHER_DIR)}
+        cfg["on_policy"] = {"fraction": s.on_policy_fraction, "max_new_tokens": s.on_policy_tokens,
+                            "temperature": 1.0, "prompts": [str(pool)]}
+        cfg["train"]["log_steps"] = 1  # every step's record: the scored teacher tokens are summed from it
+    return cfg
+
+
+def train_student(fast: bool, work: str, data: str, name: str, pool: str) -> dict:
+    """Train one student (`kdforge train` in-process) and score it: its table row, with its
+    on-policy spend and CE curve. Top level, so that a spawned worker can run it."""
+    import torch
+
+    from kdforge.config import from_dict
+    from kdforge.train.runner import run_training
+
+    torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on shared cores
+    s = FAST if fast else FULL
+    t0 = time.perf_counter()
+    cfg = from_dict(_student_config(s, Path(work), Path(data), name, Path(pool)), name)
+    res = run_training(cfg, resume="none", log=lambda m: None)
+    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    acc = _accuracy(res.last_checkpoint, load_eval(s.n_eval), s)
+    op_steps, scored = _scored(res.output_dir) if name == "student-op" else (0, 0)
+    recs = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    return {"model": name, "params": _n_params(res.last_checkpoint), "accuracy": acc,
+            "tokens": res.state.tokens_seen, "seconds": seconds, "eval_seconds": time.perf_counter() - t1,
+            # on-policy scoring priced as an API would bill it: the scored tokens at the input price
+            "usd": scored * PRICE_IN / 1e6, "on_policy_steps": op_steps, "scored_tokens": scored,
+            "steps": res.state.global_step,
+            "final_loss": [h["loss"] for h in res.state.log_history if "loss" in h][-1],
+            "curve": [(r["step"], r["ce"]) for r in recs if "ce" in r and not r.get("on_policy")]}
+
+
+def _student_line(r: dict) -> str:
+    extra = (f", {r['on_policy_steps']} on-policy steps scoring {r['scored_tokens']:,} teacher tokens"
+             if r["model"] == "student-op" else "")
+    return (f"  {r['model']}: {r['steps']} steps{extra}, {r['tokens']:,} target tokens, {r['seconds']:.0f}s, "
+            f"final loss {r['final_loss']:.4f}; exact match {r['accuracy']:.1%}")
+
+
+def _scored(out_dir: Path) -> tuple[int, int]:
+    """(on-policy steps, teacher tokens they scored) from a run's metrics.jsonl."""
+    steps = tokens = 0
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("on_policy"):
+            steps += 1
+            tokens += rec.get("teacher_tokens", 0)
+    return steps, tokens
 
 
 def _generate(server, s: DemoSettings, work: Path, prompts: Path, log, batch: bool = False) -> dict:
@@ -124,9 +188,7 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
 def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, batch: bool = False) -> dict:
     """Run the demo; returns the results table as a dict. Raises KdforgeError if a step fails.
     `batch`: the teacher data comes through the Batch API (kdforge generate --batch)."""
-    from kdforge.config import from_dict
     from kdforge.serve import launch
-    from kdforge.train.runner import run_training
 
     import torch
 
@@ -143,11 +205,16 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     info = teacher_info()
     log(f"kdforge demo{' --fast' if fast else ''}{' --batch' if batch else ''}: work dir {work}")
     log(f"task: sort letters (e.g. 'Sort: q d m a x' -> 'a d m q x'); teacher {info.get('parameters', '?'):,} "
-        f"params; {s.n_samples} teacher answers; 2 students x {s.steps} steps")
+        f"params; {s.n_samples} teacher answers (a scarce budget); "
+        f"{2 + s.kd_student} students x {s.steps} steps")
 
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "source": "sort"}) + "\n"
                                for r in make_prompts(s.n_samples, s.seed, "train")))
+    # on-policy prompts: more train-split prompts, no answers (a prompt costs nothing until scored)
+    pool = work / "on_policy_prompts.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
+                            for r in make_prompts(s.n_pool, s.seed + 1, "train")))
     os.environ[KEY_ENV] = secrets.token_hex(16)  # the server requires it; generate sends it
     times: dict[str, float] = {}
 
@@ -168,56 +235,108 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     log("[3/5] kdforge data validate")
     _validate(gen["path"], log)
 
-    # ---------------------------------------------------------------- two students
-    runs = {}
-    for name, kind in (("student-ce", "ce"), ("student-kd", "fkl")):
-        log(f"[4/5] training {name} ({'CE only' if kind == 'ce' else f'CE + sparse top-{s.top_k} forward KL'})")
-        t0 = time.perf_counter()
-        cfg = from_dict(_student_config(s, work, gen["path"], name, kind), name)
-        res = run_training(cfg, resume="none", log=lambda m: None)
-        times[name] = time.perf_counter() - t0
-        runs[name] = res
-        last = res.state.log_history
-        log(f"  {res.state.global_step} steps, {res.state.tokens_seen:,} target tokens, "
-            f"{times[name]:.0f}s, final loss {[h['loss'] for h in last if 'loss' in h][-1]:.4f}")
-
-    # ---------------------------------------------------------------- evaluation
+    # ---------------------------------------------------------------- students
+    students = [n for n in STUDENTS if n != "student-kd" or s.kd_student]
+    what = {"student-ce": "CE on the teacher's answers only",
+            "student-op": f"on-policy: on {s.on_policy_fraction:.0%} of steps the student answers {s.batch_size} "
+                          "free prompts and the teacher (in-process) scores its tokens, JSD; other steps CE",
+            "student-kd": f"CE + sparse top-{s.top_k} forward KL on the stored logprobs"}
+    jobs = min(2, os.cpu_count() or 1, len(students))
+    log(f"[4/5] training {len(students)} students x {s.steps} steps, {jobs} at a time (one thread each), "
+        "each then scored on the held-out prompts:")
+    for name in students:
+        log(f"  {name}: {what[name]}")
+    args = [(fast, str(work), str(gen["path"]), name, str(pool)) for name in students]
+    runs: dict[str, dict] = {}
     records = load_eval(s.n_eval)
-    log(f"[5/5] exact-match accuracy on {len(records)} held-out prompts ({EVAL_FILE.name})")
-    rows = []
     t0 = time.perf_counter()
-    acc_t = _accuracy(TEACHER_DIR, records, s)
-    rows.append({"model": "teacher", "params": _n_params(TEACHER_DIR), "accuracy": acc_t,
-                 "tokens": gen["prompt_tokens"] + gen["completion_tokens"], "usd": gen["cost_usd"],
-                 "seconds": times["generate"]})
-    for name, res in runs.items():
-        acc = _accuracy(res.last_checkpoint, records, s)
-        rows.append({"model": name, "params": _n_params(res.last_checkpoint), "accuracy": acc,
-                     "tokens": res.state.tokens_seen, "usd": 0.0, "seconds": times[name]})
-    times["eval"] = time.perf_counter() - t0
-    total = time.perf_counter() - t_start
+    if jobs > 1:  # on-policy (the longest) first: the other worker takes CE, then KD
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from multiprocessing import get_all_start_methods, get_context
 
-    kd = next(r for r in rows if r["model"] == "student-kd")
-    ce = next(r for r in rows if r["model"] == "student-ce")
-    ratio_kd = kd["accuracy"] / acc_t if acc_t else 0.0
-    ratio_ce = ce["accuracy"] / acc_t if acc_t else 0.0
+        # fork where there is one: a worker starts with torch and kdforge imported (spawn re-imports
+        # them, seconds of CPU each); this process has run no torch op on more than one thread
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's pool does not fork
+        ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+        import kdforge.train.runner  # noqa: F401  (imported once, here, for the forked workers)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+            futs = [ex.submit(train_student, *a) for a in sorted(args, key=lambda a: a[3] != "student-op")]
+            acc_t = _accuracy(TEACHER_DIR, records, s)  # meanwhile, here
+            for f in as_completed(futs):
+                r = f.result()
+                runs[r["model"]] = r
+                log(_student_line(r))
+    else:
+        acc_t = _accuracy(TEACHER_DIR, records, s)
+        for a in args:
+            r = runs[a[3]] = train_student(*a)
+            log(_student_line(r))
+    times["students"] = time.perf_counter() - t0
+    log(f"[5/5] exact-match accuracy on {len(records)} held-out prompts ({EVAL_FILE.name})")
+    rows = [{"model": "teacher", "params": _n_params(TEACHER_DIR), "accuracy": acc_t,
+             "tokens": gen["prompt_tokens"] + gen["completion_tokens"], "usd": gen["cost_usd"],
+             "seconds": times["generate"]}]
+    rows += [runs[n] for n in students]
+    times["eval"] = sum(r["eval_seconds"] for r in rows[1:])
+    total = time.perf_counter() - t_start
+    scored = (runs["student-op"]["on_policy_steps"], runs["student-op"]["scored_tokens"])
+
+    by = {r["model"]: r for r in rows}
+    ce, op = by["student-ce"], by["student-op"]
     table = _table(rows)
     for line in table.splitlines():
         log(line)
-    verdict = (f"distilled student: {ratio_kd:.0%} of the teacher's accuracy with "
-               f"{kd['params'] / rows[0]['params']:.0%} of its parameters "
-               f"({'meets' if ratio_kd >= 0.9 else 'misses'} the 90% goal); CE-only student: {ratio_ce:.0%}")
-    log(verdict)
+    verdict = _verdict(s, by["teacher"], ce, op, by.get("student-kd"), scored)
+    for line in verdict:
+        log(line)
     log(f"total wall time {total:.0f}s; report: {work / 'report.md'}")
 
-    curves = {}
-    for name, res in runs.items():
-        pts = [(json.loads(x)["step"], json.loads(x)["ce"]) for x in
-               (res.output_dir / "metrics.jsonl").read_text().splitlines() if '"ce"' in x]
-        curves[name] = pts
-    _plot(curves, work / "loss.png")
-    _report(work, s, fast, rows, table, verdict, gen, times, total, info)
-    return {"rows": rows, "ratio_kd": ratio_kd, "ratio_ce": ratio_ce, "seconds": total, "workdir": str(work)}
+    _plot({n: runs[n]["curve"] for n in students}, work / "loss.png")
+    _report(work, s, fast, rows, table, verdict, gen, times, total, info, scored)
+    gap = _gap(op["accuracy"], ce["accuracy"], acc_t)
+    return {"rows": rows, "ratio_op": op["accuracy"] / acc_t if acc_t else 0.0,
+            "ratio_ce": ce["accuracy"] / acc_t if acc_t else 0.0, "gap_closed": gap,
+            "seconds": total, "workdir": str(work)}
+
+
+def _gap(q: float, ce: float, teacher: float) -> float | None:
+    """Share of the CE-to-teacher gap closed: 0 is CE-only, 1 the teacher (None: no gap)."""
+    return None if teacher - ce < 1e-9 else (q - ce) / (teacher - ce)
+
+
+def _verdict(s: DemoSettings, teacher: dict, ce: dict, op: dict, kd: dict | None,
+             scored: tuple[int, int]) -> list[str]:
+    """What the numbers say, in sentences that do not claim more than one seed can show."""
+    acc_t = teacher["accuracy"]
+    n = f"{s.n_samples:,}"
+    diff = op["accuracy"] - ce["accuracy"]
+    gap = _gap(op["accuracy"], ce["accuracy"], acc_t)
+    head = (f"with {n} teacher answers, on-policy distillation reaches {op['accuracy']:.1%} exact match, "
+            f"CE-only {ce['accuracy']:.1%} (teacher {acc_t:.1%})")
+    if abs(diff) <= s.ce_spread:
+        lines = [f"{head}: a difference of {diff * 100:+.1f} points, within the run-to-run spread of CE "
+                 f"across seeds at these settings ({s.ce_spread * 100:.0f} points): no win shown"]
+    elif gap is None:
+        lines = [f"{head}: CE-only already matches the teacher"]
+    elif diff < 0:
+        lines = [f"{head}: on-policy is worse than CE-only by {-diff * 100:.1f} points, beyond CE's "
+                 f"seed-to-seed spread of {s.ce_spread * 100:.0f}"]
+    else:
+        lines = [f"{head}: on-policy closes {gap:.0%} of the CE-to-teacher gap "
+                 f"({diff * 100:+.1f} points, beyond CE's seed-to-seed spread of {s.ce_spread * 100:.0f})"]
+    if kd is not None:
+        kgap = _gap(kd["accuracy"], ce["accuracy"], acc_t)
+        kd_diff = kd["accuracy"] - ce["accuracy"]
+        kd_says = ("within CE's spread: the near-certain teacher's top-5 adds little beyond its text"
+                   if abs(kd_diff) <= s.ce_spread else f"{kgap:.0%} of the gap" if kgap is not None else "")
+        lines.append(f"CE + top-{s.top_k} KL on the same answers: {kd['accuracy']:.1%} ({kd_says})")
+    ratio = op["accuracy"] / acc_t if acc_t else 0.0
+    lines.append(f"on-policy student: {ratio:.0%} of the teacher's accuracy with {op['params'] / teacher['params']:.0%} "
+                 f"of its parameters ({'meets' if ratio >= 0.9 else 'misses'} the 90% goal); it cost "
+                 f"{scored[0]} on-policy steps whose {scored[1]:,} scored teacher tokens would be "
+                 f"${scored[1] * PRICE_IN / 1e6:.4f} at the fictitious input price (here the teacher is local)")
+    lines.append(f"one seed per student (seed {s.seed}); `kdforge bench distill` measures the spread over seeds")
+    return lines
 
 
 def _table(rows: list[dict]) -> str:
@@ -227,7 +346,11 @@ def _table(rows: list[dict]) -> str:
     return "\n".join([head, *body])
 
 
-def _report(work: Path, s: DemoSettings, fast: bool, rows, table, verdict, gen, times, total, info) -> None:
+def _report(work: Path, s: DemoSettings, fast: bool, rows, table, verdict, gen, times, total, info,
+            scored: tuple[int, int]) -> None:
+    kd = ("; `student-kd` learns from the teacher's text and its top-{k} distribution per token "
+          "(loss = {a:g} x CE + {b:g} x forward KL, T={t:g})").format(
+        k=s.top_k, a=1 - s.kd_weight, b=s.kd_weight, t=s.temperature) if s.kd_student else ""
     lines = [
         f"# kdforge demo{' (--fast)' if fast else ''}",
         "",
@@ -236,18 +359,24 @@ def _report(work: Path, s: DemoSettings, fast: bool, rows, table, verdict, gen, 
         "",
         table,
         "",
-        verdict + ".",
+        *[f"- {v}." for v in verdict],
         "",
-        f"- Teacher: the shipped model (`kdforge/demo/assets/teacher`), served by `kdforge serve` over HTTP.",
+        f"- Teacher: the shipped model (`kdforge/demo/assets/teacher`), served by `kdforge serve` over HTTP "
+        "for the answers; the on-policy student's scoring loads it in-process (dense logits).",
         f"- Data: {gen['samples']} answers from `kdforge generate` at temperature 0 with top-{s.top_k} "
         f"logprobs, {gen['prompt_tokens']:,} prompt + {gen['completion_tokens']:,} completion tokens, "
         f"${gen['cost_usd']:.4f} at a fictitious ${PRICE_IN}/${PRICE_OUT} per million tokens "
-        f"({times['generate']:.0f}s).",
+        f"({times['generate']:.0f}s). A scarce budget on purpose: with thousands of answers CE alone "
+        "reaches the teacher and no recipe can show anything.",
         f"- Students: identical shape and seed, {s.steps} steps of {s.batch_size} sequences, AdamW lr {s.lr}, "
-        f"cosine; `student-ce` learns from the teacher's text only, `student-kd` also from its top-{s.top_k} "
-        f"distribution per token (loss = {1 - s.kd_weight:g} x CE + {s.kd_weight:g} x forward KL, T={s.temperature:g}).",
-        f"- Tokens for a student = target tokens trained on; wall time of evaluation {times['eval']:.0f}s; "
-        f"whole demo {total:.0f}s.",
+        f"cosine; `student-ce` learns from the teacher's text only; `student-op` trains CE on the "
+        f"answers on about {1 - s.on_policy_fraction:.0%} of its steps and, on the others "
+        f"({scored[0]} here), samples its own answers (T 1, <= {s.on_policy_tokens} tokens) to "
+        f"{s.batch_size} of {s.n_pool:,} free train-split prompts, which the teacher scores "
+        f"({scored[1]:,} tokens in all): generalized JSD (beta 0.5) on its own tokens{kd}.",
+        f"- $ of a student: what its teacher scoring would cost at the fictitious input price "
+        f"(${PRICE_IN}/M); the answers' $ is on the teacher row. Tokens for a student = target tokens trained "
+        f"on; wall time of evaluation {times['eval']:.0f}s; whole demo {total:.0f}s.",
         "",
         "![training loss](loss.png)",
         "",
