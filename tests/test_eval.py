@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import synthetic_records, write_jsonl
 
-from kdforge.data.dataset import KDDataset, collate, token_bytes
+from kdforge.data.dataset import KDDataset, collate
+from kdforge.data.tokenizer import token_bytes
 from kdforge.data.records import parse_record
 from kdforge.errors import DataError
 from kdforge.eval import evaluate_loaded, evaluate_model, load_eval_data

@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import write_jsonl
-from kdforge.data.dataset import IGNORE, KDDataset, collate, token_bytes
+from kdforge.data.dataset import IGNORE, KDDataset, collate
+from kdforge.data.tokenizer import token_bytes
 from kdforge.data.records import parse_record
 from kdforge.train.objective import DistillObjective
 

@@ -18,7 +18,6 @@ Records without teacher rows (text lines...) train with CE only and are counted 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from typing import Sequence
 import torch
 
 from kdforge.data.records import Record, read_records
+from kdforge.data.tokenizer import token_bytes
 from kdforge.errors import DataError
 
 IGNORE = -100
@@ -61,33 +61,13 @@ def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int]]:
     return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep]
 
 
-_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte-fallback piece
-
-
-def token_bytes(tokenizer) -> list[bytes | None]:
-    """The raw bytes of every token id (None where unknown).
-
-    Byte-level BPE (GPT-2, Llama-3, Qwen, kdforge's own): the vocabulary piece read back through
-    GPT-2's bytes<->unicode table, so a token holding half of a UTF-8 character has its real bytes
-    (its decoded text is only "\ufffd"). SentencePiece byte fallback: `<0xNN>`. Special and added
-    tokens, and other schemes: the UTF-8 of the decoded text, unless that text is lossy.
-    """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    byte_level = "ByteLevel" in repr(getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None))
-    to_byte = {c: b for b, c in bytes_to_unicode().items()}
-    added = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", None) or {})
-    out: list[bytes | None] = []
-    for i, piece in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
-        m = _SP_BYTE.fullmatch(piece) if isinstance(piece, str) else None
-        if byte_level and i not in added and isinstance(piece, str) and all(c in to_byte for c in piece):
-            out.append(bytes(to_byte[c] for c in piece))
-        elif m and i not in added:
-            out.append(bytes([int(m.group(1), 16)]))
-        else:
-            text = tokenizer.decode([i])
-            out.append(None if "\ufffd" in text else text.encode("utf-8"))
-    return out
+def prompt_text(tokenizer, msgs: list[dict]) -> str:
+    """A prompt's messages as the student sees them before its answer: the tokenizer's chat template
+    with the generation prompt; without a template (some base models), a plain documented fallback.
+    The one rendering of prompts: dataset records and on-policy prompt pools both go through it."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
 
 
 def _unique(pairs) -> dict:
@@ -192,20 +172,13 @@ class KDDataset(torch.utils.data.Dataset):
         return len(self.ce_only_lines)
 
     # ------------------------------------------------------------------ encoding
-    def _prompt_text(self, msgs: list[dict]) -> str:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        # No template (some base models): a plain, documented fallback.
-        return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
-
     def _encode(self, rec: Record) -> Example:
         tok = self.tokenizer
         if rec.is_text:
             ids = tok(rec.response, add_special_tokens=False)["input_ids"] + [self.eos_id]
             ex = Example([], ids, source=rec.source or "", line=rec.line)
         else:
-            prompt_ids = tok(self._prompt_text(rec.prompt_messages), add_special_tokens=False)["input_ids"]
+            prompt_ids = tok(prompt_text(tok, rec.prompt_messages), add_special_tokens=False)["input_ids"]
             resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
             ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
         if not self.with_topk:

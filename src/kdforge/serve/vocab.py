@@ -9,36 +9,7 @@ decoded text otherwise (special tokens, unknown schemes).
 
 from __future__ import annotations
 
-import re
-from functools import lru_cache
-
-_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable-unicode alphabet -> byte value (the inverse of `bytes_to_unicode`)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs)}
-
-
-def _is_byte_level(tokenizer) -> bool:
-    try:
-        from tokenizers import decoders
-
-        dec = tokenizer.backend_tokenizer.decoder
-    except (AttributeError, ImportError):
-        return False
-    if isinstance(dec, decoders.ByteLevel):
-        return True
-    return isinstance(dec, decoders.Sequence) and "ByteLevel" in repr(dec)
+from kdforge.data.tokenizer import is_byte_level, piece_bytes, special_ids
 
 
 class Vocab:
@@ -46,8 +17,8 @@ class Vocab:
 
     def __init__(self, tokenizer):
         self._tok = tokenizer
-        self._byte_level = _is_byte_level(tokenizer)
-        self._special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+        self._byte_level = is_byte_level(tokenizer)
+        self._special = special_ids(tokenizer)
         self._text: dict[int, str] = {}
         self._bytes: dict[int, list[int]] = {}
 
@@ -69,16 +40,6 @@ class Vocab:
         return b
 
     def _raw_bytes(self, token_id: int) -> bytes:
-        piece = self._tok.convert_ids_to_tokens(token_id)
-        if token_id in self._special or not isinstance(piece, str):
-            return self.text(token_id).encode("utf-8")
-        if self._byte_level:
-            table = _byte_decoder()
-            if all(ch in table for ch in piece):
-                return bytes(table[ch] for ch in piece)
-        m = _SP_BYTE.fullmatch(piece)
-        if m:
-            return bytes([int(m.group(1), 16)])
-        if "▁" in piece:  # SentencePiece marks a leading space with U+2581
-            return piece.replace("▁", " ").encode("utf-8")
-        return self.text(token_id).encode("utf-8")
+        b = piece_bytes(self._tok, token_id, self._tok.convert_ids_to_tokens(token_id),
+                        byte_level=self._byte_level, special=self._special)
+        return b if b is not None else self.text(token_id).encode("utf-8")  # the API always says some bytes

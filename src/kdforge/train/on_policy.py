@@ -339,15 +339,14 @@ def without_answers(ds, records) -> int:
 
 def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
     """Prompt-only files (generate's --prompts formats) as token ids, rendered like dataset prompts."""
-    from kdforge.data.dataset import KDDataset
+    from kdforge.data.dataset import prompt_text  # the dataset's own rendering
     from kdforge.teacher.prompts import read_prompt_file
 
-    render = KDDataset([], tokenizer=tokenizer, records=[])._prompt_text  # the dataset's own rendering
     pool = []
     for f in files:
         for p in read_prompt_file(f):
             msgs = [{"role": r, "content": c} for r, c in p.messages]
-            pool.append(tokenizer(render(msgs), add_special_tokens=False)["input_ids"])
+            pool.append(tokenizer(prompt_text(tokenizer, msgs), add_special_tokens=False)["input_ids"])
     return pool
 
 
