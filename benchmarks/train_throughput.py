@@ -43,7 +43,8 @@ Dense KD memory (vocab 32k, seq 1024): `benchmarks/kd_memory.py`'s measurement (
 one forward + backward of the loss in a fresh subprocess), plain vs chunked, at the glibc default
 allocator and with every large tensor its own mmap (RSS = live tensors).
 
-Goals: useful tokens/s >= 1.3x Trainer and >= 1.0x SFTTrainer packed; chunked KD peak <= 0.5x plain.
+Goals (issue: training nearer the hardware): kdforge packed >= 45% of the measured matmul peak, useful
+tokens/s >= 1.3x Trainer and >= 1.3x SFTTrainer packed; chunked KD peak <= 0.5x plain.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ HERE = Path(__file__).resolve().parent
 IGNORE = -100
 SIZES = {  # full run: ~5-8 minutes on 2 idle cores; --tiny: under a minute
     "full": dict(model={"preset": "small"}, vocab=8000, records=1200, micro=8, accum=4, seq=1024,
-                 warmup=3, steps=10, kd_vocab=32000, kd_seq=1024, kd_chunks=[256, 1024], mm=2048),
+                 warmup=3, steps=10, kd_vocab=32000, kd_seq=1024, kd_chunks=[256], mm=2048),
     "tiny": dict(model={"preset": "toy", "max_seq_len": 1024}, vocab=1000, records=80, micro=2, accum=2,
                  seq=1024, warmup=1, steps=2, kd_vocab=4096, kd_seq=256, kd_chunks=[64], mm=512),
 }
@@ -416,7 +417,7 @@ def main() -> None:
     print("| trainer | global batch | useful tok/s | label tok/s | GFLOP/s | % of matmul peak | peak RSS MiB "
           "| x Trainer |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    rates = {}
+    rates, pct = {}, {}
     for label, name, batch in runs:
         r = results[name]
         if "error" in r:
@@ -425,6 +426,7 @@ def main() -> None:
         secs, useful, labels, sq = window(r["steps"], size["warmup"])
         flops = 6 * base["flop_params"] * useful + 6 * base["n_layers"] * base["d_attn"] * sq
         rates[name] = useful / secs
+        pct[name] = 100 * flops / secs / 1e9 / peak["gflops"]
         ratio = f"{rates[name] / rates['trainer']:.2f}" if "trainer" in rates else "-"
         print(f"| {label} | {batch} | {useful / secs:,.0f} | {labels / secs:,.0f} | {flops / secs / 1e9:.1f} | "
               f"{100 * flops / secs / 1e9 / peak['gflops']:.0f}% | {r['rss']:.0f} | {ratio} |")
@@ -442,12 +444,16 @@ def main() -> None:
 
     print()
     best = rates.get("kdforge-packed")
-    for other, goal in (("trainer", 1.3), ("sft", 1.0)):
+    for other, goal in (("trainer", 1.3), ("sft", 1.3)):
         if best and other in rates:
             x = best / rates[other]
             print(f"goal: kdforge packed / {other} useful tok/s = {x:.2f}x "
                   f"(>= {goal}x: {'met' if x >= goal else 'NOT met'})")
-    for name, live, glibc in kd_rows[1:]:
+    if "kdforge-packed" in pct:
+        print(f"goal: kdforge packed at {pct['kdforge-packed']:.0f}% of the measured matmul peak "
+              f"(>= 45%: {'met' if pct['kdforge-packed'] >= 45 else 'NOT met'})")
+    # a chunk as long as the sequence is one chunk: the plain loss by another name, no goal
+    for name, live, glibc in [r for r in kd_rows[1:] if int(r[0].split()[-1]) < size["kd_seq"]]:
         x = live["peak_mib"] / plain_live
         print(f"goal: {name} / plain KD peak = {x:.2f}x live tensors, {glibc['peak_mib'] / plain_glibc:.2f}x glibc "
               f"(<= 0.5x: {'met' if x <= 0.5 else 'NOT met'})")

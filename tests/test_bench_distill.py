@@ -50,3 +50,20 @@ def test_bench_distill_quick(tmp_path):
 def test_bench_distill_bad_recipe(tmp_path):
     r = run_cli("bench", "distill", "--quick", "--recipes", "nope", "--out", tmp_path / "b", timeout=60)
     assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
+
+
+def test_a_budgets_teacher_answers_do_not_depend_on_the_other_budgets(tmp_path):
+    """The first 60 answers (sampled: lang's teacher runs at T > 0) are the same file whether 60 is
+    the largest budget or runs beside 130: the bench's budgets nest, so cells of a default run and
+    of a --grid run with the same seed train on the same data."""
+    import torch
+
+    from kdforge.bench.run import _prepare
+    from kdforge.bench.tasks import TASKS
+
+    torch.set_num_threads(1)
+    alone = _prepare(TASKS["lang"], [60], tmp_path / "a", log=lambda m: None)
+    beside = _prepare(TASKS["lang"], [60, 130], tmp_path / "b", log=lambda m: None)
+    assert alone["files"][60][0].read_bytes() == beside["files"][60][0].read_bytes()
+    assert alone["files"][60][1:] == beside["files"][60][1:]  # and the same prompt/completion tokens
+    assert len(beside["files"][130][0].read_text().splitlines()) == 130

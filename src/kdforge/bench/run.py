@@ -48,25 +48,24 @@ class BenchPlan:
         return [r for r in self.recipes if r in self.only[(task, budget)]]
 
 
-# The default is not the full grid (108 cells took 1,025 s on 2 cores): each recipe runs where it
-# tells something, 3 seeds each, 66 cells. CPU per cell, measured (a CE cell = 1): sort (600
-# steps) CE / top-k 1-1.1, dense 2.7, on-policy 4.4; lang (300 steps) 0.8 / 0.9, dense ~2, on-policy
-# ~2.4. What the full grid showed (README, 2026-12-01) decides what is left out:
-# - at 250 answers every recipe runs but reverse KL (on-policy JSD was as good or better on sort,
-#   within the spread on lang): the headline budget;
-# - at 1000 no on-policy: on sort every recipe reaches the teacher (0.98-0.99), on lang on-policy is
-#   worse than top-k or dense KD at 3x the $ of the most any CE cell spent; sort's dense and lang's
-#   top-5 T=2 there matched T=1 / CE within the spread;
-# - sort at 100: CE, top-5 KD, on-policy JSD (0.94 vs CE 0.19: the case for on-policy per answer);
-#   lang at 100: the off-policy recipes (on-policy cost 3x the $ of the off-policy cells there).
-# `--grid` (or any --recipes / --budgets) runs every recipe at every budget.
-DEFAULT = BenchPlan(tasks=["sort", "lang"], budgets=[100, 250, 1000], seeds=3, recipes=list(R.RECIPES),
-                    only={("sort", 100): ["ce", "topk_t1", "onpolicy_jsd"],
-                          ("sort", 250): ["ce", "topk_t1", "topk_t2", "dense", "onpolicy_jsd"],
-                          ("sort", 1000): ["ce", "topk_t1"],
-                          ("lang", 100): ["ce", "topk_t1", "topk_t2", "dense"],
-                          ("lang", 250): ["ce", "topk_t1", "topk_t2", "dense", "onpolicy_jsd"],
-                          ("lang", 1000): ["ce", "topk_t1", "dense"]})
+# The default is the headline, sized to run in under 10 minutes on 2 cores: each cell of the full
+# grid costs, in CPU seconds on one thread (measured 2026-12-02, `kdforge bench distill`, 66 cells,
+# 3,314 CPU s, 29 min wall): sort (600 steps) CE / top-k 37-53, dense 86-95, on-policy JSD
+# 113-137; lang (300 steps) CE 26-32, top-k 31-38, dense 41-47, on-policy JSD 71-72. The full grid
+# (6 recipes x 3 budgets x 2 tasks x 3 seeds = 108 cells) is ~50 min there: `--grid`. The default
+# keeps what the goals are read from, 3 seeds each (21 cells, ~980 CPU s; 24 with sort's top-5 KD
+# took 596 s wall, over the 10 minutes):
+# - sort at 250 answers: CE and on-policy JSD (the per-answer goal; on-policy JSD was the best
+#   recipe there, reverse KL 2 points below it; top-k T=1/T=2 and dense within CE's spread);
+# - lang at 100 and 250: CE and top-5 KD (the per-$ goal: top-k at equal $), and dense at 250 (the
+#   best recipe wherever a local teacher exists).
+DEFAULT = BenchPlan(tasks=["sort", "lang"], budgets=[100, 250], seeds=3, recipes=list(R.RECIPES),
+                    only={("sort", 100): [],
+                          ("sort", 250): ["ce", "onpolicy_jsd"],
+                          ("lang", 100): ["ce", "topk_t1"],
+                          ("lang", 250): ["ce", "topk_t1", "dense"]})
+GRID_BUDGETS = [100, 250, 1000]  # `--grid`: every recipe at each of these budgets
+ANSWER_BATCH = 50  # teacher answers generated per batch (budgets are cut at whole batches' answers)
 QUICK = BenchPlan(tasks=["sort", "lang"], budgets=[100], seeds=1, recipes=["ce", "topk_t1", "onpolicy_rkl"],
                   steps={"sort": 20, "lang": 20})
 
@@ -130,8 +129,10 @@ def _prepare(task: Task, budgets: list[int], work: Path, log) -> dict:
     the eval file and the teacher's own score."""
     teacher, tok = load_teacher(task)
     t0 = time.perf_counter()
-    rows = teacher_answers(teacher, tok, task.train_prompts(max(budgets)), task.temperature,
-                           task.max_new_tokens, seed=0)
+    # whole chunks of ANSWER_BATCH: the first b answers are the same whichever budgets run with b
+    n = -(-max(budgets) // ANSWER_BATCH) * ANSWER_BATCH
+    rows = teacher_answers(teacher, tok, task.train_prompts(n), task.temperature, task.max_new_tokens,
+                           seed=0, batch_size=ANSWER_BATCH)
     files = {}
     for b in budgets:
         part = rows[:b]

@@ -85,13 +85,17 @@ def _entry(tok, token_id: int, logprob: float) -> dict:
 def teacher_answers(model, tok, prompts: list[str], temperature: float, max_new_tokens: int, seed: int,
                     batch_size: int = 100) -> list[dict]:
     """generate-format records for `prompts`, each with `usage` (prompt / completion tokens, EOS
-    counted as a completion token, as an API bills it)."""
+    counted as a completion token, as an API bills it).
+
+    Answered in chunks of `batch_size`, each sampled from its own seed (seed + chunk index): a
+    chunk's answers and logprobs depend on its prompts alone, so the first n of a longer list are
+    the answers a list of n would get when n is a whole number of chunks (the bench's budgets nest)."""
     import torch
 
     out = []
     pad, eos = tok.pad_token_id, tok.eos_token_id
-    torch.manual_seed(seed)
     for i in range(0, len(prompts), batch_size):
+        torch.manual_seed(seed + i // batch_size)
         chunk = prompts[i:i + batch_size]
         seqs = [tok(prompt_text(tok, p), add_special_tokens=False)["input_ids"] for p in chunk]
         width = max(map(len, seqs))
