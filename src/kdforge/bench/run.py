@@ -91,6 +91,7 @@ def run_cell(c: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from kdforge.config import from_dict
+    from kdforge.train.on_policy import on_policy_spend
     from kdforge.train.runner import run_training
 
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on shared cores
@@ -104,13 +105,7 @@ def run_cell(c: dict) -> dict:
     teacher, tok = _teacher(task)
     student = AutoModelForCausalLM.from_pretrained(str(res.last_checkpoint), dtype=torch.float32)
     q = score(task, student, tok, Path(c["eval"]), teacher if task.name == "lang" else None)
-    scored = op_steps = 0
-    metrics = out / "metrics.jsonl"  # absent when a short off-policy run never reached log_steps
-    for line in (metrics.read_text().splitlines() if metrics.exists() else []):
-        rec = json.loads(line)
-        if rec.get("on_policy"):
-            op_steps += 1
-            scored += rec.get("teacher_tokens", 0)
+    op_steps, scored = on_policy_spend(out / "metrics.jsonl")
     for ck in out.glob("checkpoint-*"):  # weights are not needed once scored: keep the bench folder small
         shutil.rmtree(ck, ignore_errors=True)
     usd = _usd(c["answer_in"] + scored, c["answer_out"])

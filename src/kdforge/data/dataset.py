@@ -64,7 +64,9 @@ def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int]]:
 def prompt_text(tokenizer, msgs: list[dict]) -> str:
     """A prompt's messages as the student sees them before its answer: the tokenizer's chat template
     with the generation prompt; without a template (some base models), a plain documented fallback.
-    The one rendering of prompts: dataset records and on-policy prompt pools both go through it."""
+    Dataset records and on-policy prompt pools both go through it, so the student samples from the
+    prompts it trains on. (data/quality.py's length report renders templated prompts the same way but
+    counts a template-less prompt's bare text.)"""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "

@@ -74,6 +74,7 @@ def train_student(fast: bool, work: str, data: str, name: str, pool: str) -> dic
     import torch
 
     from kdforge.config import from_dict
+    from kdforge.train.on_policy import on_policy_spend
     from kdforge.train.runner import run_training
 
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on shared cores
@@ -84,7 +85,7 @@ def train_student(fast: bool, work: str, data: str, name: str, pool: str) -> dic
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     acc = _accuracy(res.last_checkpoint, load_eval(s.n_eval), s)
-    op_steps, scored = _scored(res.output_dir) if name == "student-op" else (0, 0)
+    op_steps, scored = on_policy_spend(res.output_dir / "metrics.jsonl") if name == "student-op" else (0, 0)
     recs = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
     return {"model": name, "params": _n_params(res.last_checkpoint), "accuracy": acc,
             "tokens": res.state.tokens_seen, "seconds": seconds, "eval_seconds": time.perf_counter() - t1,
@@ -100,17 +101,6 @@ def _student_line(r: dict) -> str:
              if r["model"] == "student-op" else "")
     return (f"  {r['model']}: {r['steps']} steps{extra}, {r['tokens']:,} target tokens, {r['seconds']:.0f}s, "
             f"final loss {r['final_loss']:.4f}; exact match {r['accuracy']:.1%}")
-
-
-def _scored(out_dir: Path) -> tuple[int, int]:
-    """(on-policy steps, teacher tokens they scored) from a run's metrics.jsonl."""
-    steps = tokens = 0
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        if rec.get("on_policy"):
-            steps += 1
-            tokens += rec.get("teacher_tokens", 0)
-    return steps, tokens
 
 
 def _generate(server, s: DemoSettings, work: Path, prompts: Path, log, batch: bool = False) -> dict:
@@ -361,7 +351,7 @@ def _report(work: Path, s: DemoSettings, fast: bool, rows, table, verdict, gen, 
         "",
         *[f"- {v}." for v in verdict],
         "",
-        f"- Teacher: the shipped model (`kdforge/demo/assets/teacher`), served by `kdforge serve` over HTTP "
+        "- Teacher: the shipped model (`kdforge/demo/assets/teacher`), served by `kdforge serve` over HTTP "
         "for the answers; the on-policy student's scoring loads it in-process (dense logits).",
         f"- Data: {gen['samples']} answers from `kdforge generate` at temperature 0 with top-{s.top_k} "
         f"logprobs, {gen['prompt_tokens']:,} prompt + {gen['completion_tokens']:,} completion tokens, "

@@ -54,6 +54,22 @@ class StepReport:
         return rec
 
 
+def on_policy_spend(metrics_path: str | Path) -> tuple[int, int]:
+    """(on-policy steps, teacher tokens they scored) from a run's metrics.jsonl: the records
+    `StepReport.metrics` wrote (every step's, when train.log_steps is 1). A missing file (a short
+    run that never reached log_steps) is (0, 0)."""
+    import json
+
+    steps = tokens = 0
+    path = Path(metrics_path)
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        rec = json.loads(line)
+        if rec.get("on_policy"):
+            steps += 1
+            tokens += rec.get("teacher_tokens", 0)
+    return steps, tokens
+
+
 class OnPolicy:
     """Decides which steps are on-policy and builds their micro-batches (see the module docstring).
 
