@@ -52,14 +52,16 @@ def _gap(q: float, ce: float, teacher: float) -> float | None:
 
 
 def _interp_log(points: list[tuple[float, float]], x: float) -> float | None:
-    """y at x, linear in log x between the nearest points; None outside their range."""
+    """y at x, linear in log x between the nearest points; None outside their range. An x within
+    the 1e-9 rounding tolerance past an end point counts as that point."""
     pts = sorted(points)
     if not pts or x <= 0 or x < pts[0][0] * (1 - 1e-9) or x > pts[-1][0] * (1 + 1e-9):
         return None
+    x = min(max(x, pts[0][0]), pts[-1][0])  # the tolerance let it past an end: clamp, or no pair brackets it
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
-    return pts[0][1]
+    return pts[0][1]  # a single point
 
 
 LOCAL_ONLY = ("dense",)  # a paid API returns top-K logprobs, never full logits: not a priced-regime recipe
@@ -85,21 +87,24 @@ def goals(result: dict, rows: list[dict]) -> list[str]:
     sort = [x for x in rows if x["task"] == "sort" and x["budget"] == 250 and x["recipe"] != "ce"]
     if sort and any(x["gap_answers"] is not None for x in sort):
         best = max((x for x in sort if x["gap_answers"] is not None), key=lambda x: x["gap_answers"])
-        out.append(f"per answer, sort, 250 answers: best {best['recipe']} closes {best['gap_answers']:.0%} of the "
+        out.append(f"per answer, sort, 250 answers: best {best['recipe']} closes {_pct(best['gap_answers'])} of the "
                    f"CE-to-teacher gap (goal >= 90%): {'met' if best['gap_answers'] >= 0.9 else 'missed'}")
     else:
         out.append("per answer, sort, 250 answers: not measured (needs the sort task, budget 250, ce + another recipe)")
     rec = [x for x in rows if x.get("recommended") and x["recipe"] != "ce" and x["gap_spend"] is not None]
     below = [x for x in rec if x["gap_spend"] < 0]
     names = ", ".join(f"{x['task']} {x['recipe']} {x['budget']}" for x in below) or "none"
-    out.append(f"per priced token: {len(rec)} recommended non-CE cells comparable with CE at equal $, "
-               f"{len(below)} below CE ({names}): "
-               f"{'met' if not below else 'missed'}")
+    if rec:
+        out.append(f"per priced token: {len(rec)} recommended non-CE cells comparable with CE at equal $, "
+                   f"{len(below)} below CE ({names}): "
+                   f"{'met' if not below else 'missed'}")
+    else:  # "0 below CE: met" would claim a goal that nothing measured
+        out.append("per priced token: not measured (no recommended non-CE cell within CE's range of $)")
     lang = [x for x in rows if x["task"] == "lang" and x["recipe"] in ("topk_t1", "topk_t2") and x["gap_spend"] is not None]
     if lang:
         best = max(lang, key=lambda x: x["gap_spend"])
-        per = ", ".join(f"{x['recipe']}@{x['budget']} {x['gap_spend']:.0%}" for x in lang)
-        out.append(f"per priced token, lang, off-policy top-k at equal $: {per}; best {best['gap_spend']:.0%} "
+        per = ", ".join(f"{x['recipe']}@{x['budget']} {_pct(x['gap_spend'])}" for x in lang)
+        out.append(f"per priced token, lang, off-policy top-k at equal $: {per}; best {_pct(best['gap_spend'])} "
                    f"(goal >= 25%): {'met' if best['gap_spend'] >= 0.25 else 'missed'}")
     else:
         out.append("per priced token, lang, off-policy top-k: not measured")
