@@ -4,8 +4,8 @@ never losing or duplicating a sample.
     run_generate(cfg)  # cfg: kdforge.config.GenerateSection
 
 Setup: validate, resolve prices (a budget without a price is exit 2), plan the prompts, lock the
-checkpoint directory, open the journal (the output file; torn tail repaired), the failure log,
-the budget ledger and the response cache. Then `concurrency` workers each take the next sample
+output file (`OUT.lock` beside it) and the checkpoint directory, open the journal (the output
+file; torn tail repaired), the failure log, the budget ledger and the response cache. Then `concurrency` workers each take the next sample
 not yet in the file and:
 
 1. answer it from the cache if the exact request is there (costs $0, sends nothing);
@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import math
 import os
 import random
 import signal
+import socket
 import sys
 import time
 from collections import Counter
@@ -94,19 +96,57 @@ def _check(cfg: GenerateSection) -> None:
         raise UsageError("\n  ".join(["cannot generate:"] + problems))
 
 
-@contextmanager
-def _locked(ckpt: Path):
-    """One writer per checkpoint directory (and so per output file)."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    fd = os.open(ckpt / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+def _flock(path: Path) -> int | None:
+    """An exclusive OS lock on `path` (created if need be): its descriptor, or None if another
+    process holds it. The kernel releases it when the holder exits, however it exits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another kdforge generate is running on {ckpt}; wait for it or stop it") from None
-        yield
-    finally:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         os.close(fd)
+        return None
+    return fd
+
+
+def out_lock_path(out: Path) -> Path:
+    """The lock file beside the output file (`kd.jsonl` -> `kd.jsonl.lock`)."""
+    return out.with_name(out.name + ".lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who holds `lock`, as its holder wrote it (best effort: it may be writing it right now)."""
+    try:
+        h = json.loads(lock.read_text(encoding="utf-8"))
+        return (f"pid {h['pid']} on {h['host']}, started {h['started']}, checkpoint dir {h['checkpoint_dir']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+@contextmanager
+def _locked(out: Path, ckpt: Path):
+    """One writer per output file and per checkpoint directory. The output file is locked on its
+    own (a lock file beside it): two runs with different checkpoint directories would otherwise
+    both append (and pay for) every sample."""
+    lock = out_lock_path(out)
+    fd_out = _flock(lock)
+    if fd_out is None:
+        raise UsageError(f"{out} is being written by another kdforge generate ({_holder(lock)}); wait for it to "
+                         f"finish or stop it (Ctrl-C, or kill that pid: it saves and resumes), then re-run; to "
+                         "write a second dataset at the same time, pass another --out")
+    try:
+        os.ftruncate(fd_out, 0)
+        os.pwrite(fd_out, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": _utc_now(),
+                                      "checkpoint_dir": str(ckpt)}).encode(), 0)
+        fd = _flock(ckpt / ".lock")
+        if fd is None:
+            raise UsageError(f"another kdforge generate is running on {ckpt}; wait for it or stop it")
+        try:
+            yield
+        finally:
+            os.close(fd)
+    finally:
+        os.close(fd_out)
 
 
 def _utc_now() -> str:
@@ -444,7 +484,7 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
         return None
     if api_key is None:
         api_key = os.environ.get(cfg.api_key_env) or None
-    with _locked(ckpt):
+    with _locked(out, ckpt):
         journal = Journal(out)
         failures = FailureLog(ckpt / "failures.jsonl")
         todo = [j for j in jobs if not journal.done(j.id, j.key) and j.id not in failures.permanent]
