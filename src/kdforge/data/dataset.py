@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from kdforge.data.align import unique_keys as _unique
 from kdforge.data.records import Record, read_records
 from kdforge.data.tokenizer import token_bytes
 from kdforge.errors import DataError
@@ -70,17 +71,6 @@ def prompt_text(tokenizer, msgs: list[dict]) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
-
-
-def _unique(pairs) -> dict:
-    """key -> id for keys that name exactly one id (an ambiguous key maps to nothing)."""
-    first: dict = {}
-    seen_twice = set()
-    for key, i in pairs:
-        if key in first:
-            seen_twice.add(key)
-        first.setdefault(key, i)
-    return {k: i for k, i in first.items() if k not in seen_twice}
 
 
 class TokenMap:
