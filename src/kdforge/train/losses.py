@@ -24,14 +24,17 @@ returns for each position, which leave the rest of the teacher's mass unaccounte
 
 Missing teacher mass (sparse top-k). Each position's vocabulary is split into K + 1 outcomes: the K
 stored tokens and one "rest" bucket for every other token. The teacher's rest mass is
-1 - sum(exp(stored log-probs)), floored at REST_EPS (1e-6) because API log-probs are rounded and can
-sum past 1; the student's rest mass is its exact softmax mass outside the K ids (a logsumexp over the
-complement, so no cancellation). Both bucket distributions are formed at T = 1 and then tempered as
+1 - sum(exp(stored log-probs)), known only to +- REST_EPS (1e-6) of probability because API log-probs
+are rounded (and can sum past 1): within that band (clipped at 0) the teacher's rest takes the value
+closest to the student's rest, with no gradient through it, so differences below the data's precision
+teach nothing. The student's rest mass is its exact softmax mass outside the K ids (a logsumexp over
+the complement, so no cancellation). Both bucket distributions are formed at T = 1 and then tempered as
 distributions over K + 1 outcomes: log-mass / T, renormalised (so the rest bucket is tempered like one
 more token, and the stored log-probs are renormalised with it). The divergence is taken between these
 two (K + 1)-outcome distributions, x T^2. Consequences, all tested: at T = 1 this is the divergence
 of the coarse-grained distributions, hence never larger than the dense one (data-processing
-inequality); it is exactly 0 when the student equals the teacher, at any T; and when the K ids cover
+inequality); it is exactly 0 when the student equals the teacher, at any T, a near-certain teacher
+(rest within rounding of 0) included; and when the K ids cover
 the whole vocabulary the rest bucket is empty (mass exactly 0, not REST_EPS) and the loss equals the
 dense loss at any T. Padding (topk_mask False) is removed from both distributions; ids within a row
 must be distinct.
@@ -52,8 +55,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 KINDS = ("ce", "fkl", "rkl", "jsd")
-# Floor of the teacher's rest mass (probability). Below ~1e-6, 1 - sum(p_topk) is fp32 rounding of
-# the API's numbers, not information; the floor also keeps rkl finite (log ratio <= ~14 nats).
+# Precision of the teacher's rest mass (probability): within ~1e-6, 1 - sum(p_topk) is rounding of
+# the API's numbers (and fp32), not information.
 REST_EPS = 1e-6
 # Log-prob floor: exp(LOG_FLOOR) is 0 in fp32. A KL that is truly infinite (p > 0 where q = 0) comes
 # out huge (~1e30 * p) but finite.
@@ -277,10 +280,16 @@ def _bucket_logprobs(logq1, ids, teacher_lp, mask, temperature):
     rest_q = torch.logsumexp(logq1.masked_fill(in_topk & has_rest[:, None], -math.inf), dim=1)
     rest_q = rest_q.masked_fill(~has_rest, -math.inf)
     top_q = logq1.gather(1, ids).masked_fill(~mask, -math.inf)
-    # Teacher rest: 1 - sum(p_topk) in log space, floored (the stored mass may round past 1).
+    # Teacher rest: 1 - sum(p_topk). Stored log-probs are rounded (an API's digits, fp32), so the rest
+    # is known only to +- REST_EPS of probability: within that band the value closest to the
+    # student's rest is taken (no gradient through it). A student whose rest already agrees with the
+    # teacher's to that precision is pushed nowhere, at any temperature (a near-certain teacher's
+    # rest is all rounding: tempering a floored 1e-6 like a token gave 5.7e-3 nats/token at T = 2).
     top_p = teacher_lp.float().masked_fill(~mask, -math.inf)
-    stored = torch.logsumexp(top_p, dim=1)  # log sum(p_topk), <= ~0
-    rest_p = torch.log(torch.clamp(-torch.expm1(stored), min=REST_EPS)).masked_fill(~has_rest, -math.inf)
+    stored = torch.logsumexp(top_p.double(), dim=1)  # log sum(p_topk), <= ~0; float64: no cancellation
+    raw = torch.clamp(-torch.expm1(stored), min=0.0)  # may be 0: the stored mass rounds to (or past) 1
+    near = torch.minimum(torch.maximum(rest_q.detach().double().exp(), raw - REST_EPS), raw + REST_EPS)
+    rest_p = torch.log(near).float().masked_fill(~has_rest, -math.inf)
     logp = F.log_softmax(torch.cat([top_p, rest_p[:, None]], dim=1) / temperature, dim=1)
     logq = F.log_softmax(torch.cat([top_q, rest_q[:, None]], dim=1) / temperature, dim=1)
     return logp, logq
