@@ -50,7 +50,7 @@ class ModelSection(Section):
 
     def model_cfg(self):
         """The ModelCfg the numbers describe: the preset, overridden by any number given."""
-        from kdforge.model.student import ModelCfg, preset
+        from kdforge.model.shape import ModelCfg, preset
 
         # No preset: every number from this section; the vocabulary from the tokenizer unless given.
         base = preset(self.preset) if self.preset else ModelCfg(vocab_size=None)
@@ -399,7 +399,7 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
     m = cfg.model
     if m.path is None and not daemon_only(cfg):
         if m.preset is not None:
-            from kdforge.model.student import PRESETS
+            from kdforge.model.shape import PRESETS
             if m.preset not in PRESETS:
                 p.append(("model.preset", f"unknown preset {m.preset!r}; known: {', '.join(PRESETS)}"))
                 return p
@@ -435,8 +435,8 @@ def looks_like_hub_id(s: str) -> bool:
 
 
 def _tokenizer_vocab(path: str) -> int | None:
-    from transformers import AutoTokenizer
-    return len(AutoTokenizer.from_pretrained(path))
+    from kdforge.data.vocab import tokenizer_vocab_size  # reads tokenizer.json without transformers
+    return tokenizer_vocab_size(path)
 
 
 def _model_vocab(path: str) -> int | None:

@@ -26,7 +26,7 @@ def _source(preset: Optional[str], configs: List[Path], tokenizer: Optional[Path
         raise UsageError(f"tokenizer folder not found: {tokenizer} "
                          f"(make one: kdforge tokenizer train --data FILE --vocab-size N --out {tokenizer})")
 
-    from kdforge.model.student import PRESETS, preset as get_preset  # imports torch
+    from kdforge.model.shape import PRESETS, preset as get_preset
 
     if not preset and not configs:
         raise UsageError(f"give --preset NAME (one of {', '.join(PRESETS)}) or --config CFG")

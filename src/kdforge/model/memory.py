@@ -57,7 +57,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kdforge.model.student import ModelCfg
+    from kdforge.model.shape import ModelCfg
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 ATTENTIONS = ("sdpa", "eager")
