@@ -101,10 +101,10 @@ def status(
         from kdforge.daemon.watch import watch as watch_view
 
         return watch_view(path, layout.logs, interval)
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"no status file at {path}: no daemon has run on {base_dir} "
                          f"(start one: kdforge daemon --base-dir {base_dir} --config CFG)")
-    data = read_status(path)
+    data = read_status(path)  # whatever it holds: a dict, or exit 2 naming the file
     if as_json:
         print(json.dumps({**data, "daemon_running": pid_alive(data.get("pid"))}, indent=2))
     else:

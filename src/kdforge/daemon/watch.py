@@ -9,7 +9,6 @@ this view has seen advance. `q` or Ctrl-C ends it with exit 0.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import select
@@ -18,7 +17,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from kdforge.daemon.status import pid_alive
+from kdforge.daemon.status import normalize, pid_alive, read_status
 
 SPARKS = "▁▂▃▄▅▆▇█"
 SPARK_WIDTH = 40  # points per sparkline
@@ -94,10 +93,10 @@ def view(status: dict | None, lines: list[str], rate: _Rate, where: Path):
     grid.add_column(style="bold", no_wrap=True)
     grid.add_column()
     if status is None:
-        grid.add_row("status", f"waiting for {where} (no daemon has written it yet)")
+        grid.add_row("status", f"waiting for {where} (no daemon has written it yet, or it holds no status)")
     else:
-        s = status
-        state = s.get("status", "?")
+        s = normalize(status)
+        state = s.get("status") or "?"
         if state != "stopped" and not pid_alive(s.get("pid")):
             state += f" (daemon pid {s.get('pid')} is not running)"
         grid.add_row("status", state)
@@ -105,7 +104,7 @@ def view(status: dict | None, lines: list[str], rate: _Rate, where: Path):
             grid.add_row("batch", f"#{s.get('batch_number')} {s['current_file']} "
                                   f"(step {s.get('batch_step')}/{s.get('batch_steps')} of this batch)")
         else:
-            grid.add_row("batch", f"{s.get('batch_number', 0)} done")
+            grid.add_row("batch", f"{s.get('batch_number') or 0} done")
         step, total = s.get("current_step") or 0, s.get("total_steps") or 0
         rate.add(step)
         grid.add_row("step", f"{step}" + (f" / {total}" if total else "") + f"   ETA {rate.eta(step, total)}")
@@ -119,7 +118,7 @@ def view(status: dict | None, lines: list[str], rate: _Rate, where: Path):
             moved = (s.get("eval") or {}).get("change_since_first")
             grid.add_row("held-out ce", f"{held[-1]:.4f}  {sparkline(held)}"
                          + (f"  ({moved:+.1%} since the first)" if moved is not None else ""))
-        grid.add_row("queue", f"{s.get('batch_queue_size', 0)} file(s) waiting in inbox/")
+        grid.add_row("queue", f"{s.get('batch_queue_size') or 0} file(s) waiting in inbox/")
         grid.add_row("last checkpoint", s.get("last_checkpoint") or "-")
         grid.add_row("last error", Text(s.get("last_error") or "-", style="red" if s.get("last_error") else ""))
     log = Text("\n".join(lines[-LOG_LINES_SHOWN:]) or "(no log yet)", overflow="ellipsis", no_wrap=True)
@@ -128,9 +127,13 @@ def view(status: dict | None, lines: list[str], rate: _Rate, where: Path):
 
 
 def read_status_or_none(path: Path) -> dict | None:
+    """The status, its fields normalized; None while there is none to show (not yet written, or
+    not a daemon's: the view says it is waiting rather than stopping on it)."""
+    from kdforge.errors import UsageError
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return normalize(read_status(path))
+    except UsageError:
         return None
 
 
