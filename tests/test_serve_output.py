@@ -56,3 +56,25 @@ def test_max_tokens_ends_with_length(tok):
     ids, deltas = run(tok, max_tokens=5)
     assert deltas[-1].finish_reason == "length" and deltas[-1].completion_tokens == 5
     assert "".join(d.text for d in deltas) == tok.decode(ids[:5])
+
+
+def test_eos_is_named_on_the_last_delta_with_its_logprob_and_no_text(tok):
+    """The eos that ends generation was sampled: the last delta names it (id and logprob) so the
+    legacy format can list it, as OpenAI and vLLM do; its text never joins the completion."""
+    from kdforge.serve.sampling import TokenLogprob
+
+    ids = tok("日本 ok", add_special_tokens=False)["input_ids"]
+    out = SequenceOutput(SamplingParams(max_tokens=100), 3, frozenset({tok.eos_token_id}), Vocab(tok).decode)
+    lps = [TokenLogprob(t, -0.5) for t in ids] + [TokenLogprob(tok.eos_token_id, -1.25)]
+    deltas = [d for t, lp in zip(ids + [tok.eos_token_id], lps) if (d := out.add(t, lp)) is not None]
+    assert "".join(d.text for d in deltas) == "日本 ok" and deltas[-1].finish_reason == "stop"
+    assert deltas[-1].eos == (tok.eos_token_id, lps[-1]) and all(d.eos is None for d in deltas[:-1])
+    assert [t for d in deltas for t in d.token_ids] == ids and deltas[-1].completion_tokens == len(ids) + 1
+
+
+def test_min_tokens_lets_no_stop_string_end_generation_early(tok):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    out = SequenceOutput(SamplingParams(max_tokens=100, stop=("héllo",), min_tokens=len(ids)), 3,
+                         frozenset({tok.eos_token_id}), Vocab(tok).decode)
+    text = "".join(d.text for t in ids if (d := out.add(t, None)) is not None)
+    assert out.finish_reason is None and text == TEXT

@@ -156,19 +156,81 @@ class _TextFormat:
                 text, self.sent[i] = prompt_text + text, len(prompt_text)
             if req.prompt_logprobs is not None:
                 extra["prompt_logprobs"] = prompt_logprobs(d.prompt_logprobs, self.vocab, req.prompt_logprobs)
+        eos_id, eos_lp = d.eos or (None, None)
         if req.logprobs is not None:
-            gen = completion_logprobs(d.logprobs, self.vocab, self.sent[i])
+            gen = completion_logprobs(d.logprobs, self.vocab, self.sent[i], eos_lp)
             lps = joined(lps, gen) if lps else gen
         else:
             lps = None
         self.sent[i] += len(d.text)
         out = {"index": i, "text": text, "logprobs": lps, "finish_reason": d.finish_reason} | extra
-        return out | ({"token_ids": d.token_ids} if req.return_token_ids else {})
+        # the eos was generated (usage counts it): its id is listed too, as vLLM does
+        ids = d.token_ids + ([eos_id] if eos_id is not None else [])
+        return out | ({"token_ids": ids} if req.return_token_ids else {})
 
     def opening(self, i: int) -> dict | None:
         return None
 
     chunk = choice
+
+
+def _tokens_param(body: dict, n_vocab: int) -> list[int]:
+    ids = body.get("tokens")
+    if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise invalid("tokens", "tokens must be a list of token ids (integers)")
+    if any(not 0 <= t < n_vocab for t in ids):
+        raise invalid("tokens", f"token ids must lie in [0, {n_vocab})")
+    return ids
+
+
+async def _json_object(request: Request) -> dict:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, RecursionError) as e:  # RecursionError: "[" * 100000
+        raise APIError(f"Could not parse the JSON body: {str(e)[:200]}") from None
+    if not isinstance(body, dict):
+        raise invalid(None, "the body must be a JSON object")
+    return body
+
+
+def add_tokenize_routes(app, served: ServedModel, tok, chat_ids, off_loop, auth) -> None:
+    """vLLM's `POST /tokenize` (`prompt`, or chat `messages` through the model's template, as the
+    chat route renders them) and `POST /detokenize` (`tokens` -> `prompt`), behind `auth`."""
+
+    def check_model(body: dict) -> None:
+        if body.get("model") not in (None, served.name):
+            raise APIError(f"The model `{body.get('model')}` does not exist. This server serves `{served.name}`.",
+                           status=404, param="model", code="model_not_found")
+
+    @app.post("/tokenize", dependencies=[auth])
+    async def tokenize(request: Request):
+        body = await _json_object(request)
+        check_model(body)
+        prompt, messages = body.get("prompt"), body.get("messages")
+        if (prompt is None) == (messages is None):
+            raise invalid("prompt", "send exactly one of `prompt` (a string) or `messages` (a chat)")
+        if messages is not None:
+            try:
+                msgs = [{"role": m.role, "content": m.text()} for m in
+                        ChatCompletionRequest(model=served.name, messages=messages).messages]
+            except (ValueError, TypeError) as e:
+                raise invalid("messages", f"Invalid 'messages': {str(e)[:300]}") from None
+            ids = await off_loop(chat_ids, msgs)
+        elif not isinstance(prompt, str):
+            raise invalid("prompt", "prompt must be a string")
+        else:
+            special = body.get("add_special_tokens", True) is not False
+            ids = (await off_loop(lambda: tok(prompt, add_special_tokens=special)))["input_ids"]
+        out = {"count": len(ids), "max_model_len": served.context_len, "tokens": ids}
+        return out | ({"token_strs": tok.convert_ids_to_tokens(ids)} if body.get("return_token_strs") else {})
+
+    @app.post("/detokenize", dependencies=[auth])
+    async def detokenize(request: Request):
+        body = await _json_object(request)
+        check_model(body)
+        ids = _tokens_param(body, len(tok))
+        return {"prompt": await off_loop(lambda: tok.decode(ids, skip_special_tokens=False,
+                                                            clean_up_tokenization_spaces=False))}
 
 
 def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
@@ -179,6 +241,8 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
     app = FastAPI(title="kdforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     tok = served.tokenizer
     vocab = Vocab(tok)
+    # token ids a logit_bias may name: in the tokenizer and in the model's logits
+    n_logits = min(len(tok), getattr(served.model.config, "vocab_size", None) or len(tok))
     started = int(time.time())
 
     # ---- errors -----------------------------------------------------------------------------
@@ -244,7 +308,10 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
                            code="context_length_exceeded")
         p = SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                            stop=tuple(req.stop or ()), seed=req.seed, logprobs=logprobs, top_logprobs=top,
-                           prompt_logprobs=prompt_top)
+                           prompt_logprobs=prompt_top, logit_bias=req.logit_bias_pairs(n_logits),
+                           presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                           repetition_penalty=req.repetition_penalty, top_k=max(req.top_k, 0),
+                           min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
         # n choices of one prompt: distinct but reproducible seeds
         return [(prompt_ids, p if req.seed is None else replace(p, seed=req.seed + j)) for j in range(req.n)]
 
@@ -371,6 +438,8 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
         extra = {"prompt_token_ids": prompt_ids} if req.return_token_ids else {}
         return await respond(request, req, _TextFormat(req, vocab, job_prompts), jobs,
                              sum(map(len, prompt_ids)), extra)
+
+    add_tokenize_routes(app, served, tok, chat_ids, off_loop, Depends(authorized))
 
     from kdforge.serve.batches import BatchService, add_batch_routes
 

@@ -27,8 +27,8 @@ from transformers import DynamicCache
 
 from kdforge.serve.kv_batch import KVBatch, merge, reshapable, select
 from kdforge.serve.output import Delta, SequenceOutput
-from kdforge.serve.sampling import (SamplingParams, choose_tokens, make_generator, prompt_token_logprobs,
-                                    token_logprobs)
+from kdforge.serve.sampling import (RowLogits, SamplingParams, choose_tokens, make_generator,
+                                    prompt_token_logprobs, shaped_logits, token_logprobs)
 from kdforge.serve.vocab import Vocab
 
 Emit = Callable[[object], None]  # called from the engine thread with a Delta or an Exception
@@ -72,6 +72,7 @@ class _Row:
     gen: torch.Generator
     held: list[Delta] = field(default_factory=list)  # deltas of a non-incremental ticket
     prompt_logprobs: list | None = None  # goes out with the row's first delta
+    shaper: RowLogits | None = None  # the row's logits processors (penalties, logit_bias, min_tokens)
 
     def release(self, delta: Delta) -> None:
         if self.prompt_logprobs is not None:
@@ -257,8 +258,10 @@ class Engine:
                 self._stats.rows_finished += 1
                 continue
             keep.append(i)
-            rows.append(_Row(tk, SequenceOutput(tk.params, len(tk.prompt_ids), self.eos_ids, self._decode),
-                             make_generator(tk.params.seed, self.device), prompt_logprobs=scored))
+            p = tk.params
+            out = SequenceOutput(p, len(tk.prompt_ids), frozenset() if p.ignore_eos else self.eos_ids, self._decode)
+            shaper = RowLogits(p, tk.prompt_ids, self.eos_ids, self.device) if p.shapes_logits else None
+            rows.append(_Row(tk, out, make_generator(p.seed, self.device), prompt_logprobs=scored, shaper=shaper))
         if not keep:
             return None, []
         return (batch if len(keep) == n else select(batch, keep)), rows
@@ -266,13 +269,16 @@ class Engine:
     def _step(self, batch: KVBatch, rows: list[_Row]) -> tuple[KVBatch | None, list[_Row]]:
         """Sample one token per row, release outputs, drop finished rows, run the next forward."""
         params = [r.ticket.params for r in rows]
-        tokens = choose_tokens(batch.logits, params, [r.gen for r in rows])
+        # Tokens come from the shaped logits; logprobs stay the model's own (raw) ones.
+        tokens = choose_tokens(shaped_logits(batch.logits, [r.shaper for r in rows]), params, [r.gen for r in rows])
         lps = token_logprobs(batch.logits, tokens, params)
         keep = []
         for i, (row, tok, lp) in enumerate(zip(rows, tokens.tolist(), lps)):
             if row.ticket.cancelled:
                 self._stats.rows_cancelled += 1
                 continue
+            if row.shaper is not None:
+                row.shaper.seen(tok)
             delta = row.out.add(tok, lp)
             if delta is not None:
                 row.release(delta)

@@ -7,8 +7,11 @@ streamed deltas of a request concatenate to exactly the non-streamed text, becau
 non-streamed response is built from the same deltas.
 
 Conventions (as vLLM and OpenAI): the eos token ends generation with finish_reason "stop" and is
-not part of the text; a stop string ends it the same way and neither it nor anything after it
-is returned; `completion_tokens` counts every sampled token, the eos included.
+not part of the text, but it was generated: the last delta names it (`eos`, with its logprob), and
+the legacy completions format lists it among the tokens, as OpenAI and vLLM do (lm-eval reads
+`token_logprobs[ctxlen:-1]`, dropping exactly that entry); a stop string ends generation the same
+way and neither it nor anything after it is returned; `completion_tokens` counts every sampled
+token, the eos included. Before `min_tokens` tokens no stop string ends generation (vLLM).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ class Delta:
     # The prompt's own tokens scored (None first: nothing predicts the first token); only on a
     # request's first delta, and only when its params ask for `prompt_logprobs`.
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # The eos token that ended generation (on the last delta only): id and logprob (None if not asked).
+    eos: tuple[int, TokenLogprob | None] | None = None
 
     @classmethod
     def join(cls, deltas: list["Delta"]) -> "Delta":
@@ -42,7 +47,7 @@ class Delta:
         last = deltas[-1]
         return cls("".join(d.text for d in deltas), [t for d in deltas for t in d.token_ids],
                    [lp for d in deltas for lp in d.logprobs], last.finish_reason, last.prompt_tokens,
-                   last.completion_tokens, deltas[0].prompt_logprobs)
+                   last.completion_tokens, deltas[0].prompt_logprobs, last.eos)
 
 
 def _find_stop(text: str, stops: tuple[str, ...], start: int) -> int | None:
@@ -80,12 +85,14 @@ class SequenceOutput:
         self._sent_chars = 0
         self._sent_tokens = 0
         self.finish_reason: str | None = None
+        self._eos_hit: tuple[int, TokenLogprob | None] | None = None
 
     def add(self, token_id: int, lp: TokenLogprob | None) -> Delta | None:
         """Take one sampled token; return what can be released (None if nothing yet)."""
         assert self.finish_reason is None, "sequence already finished"
         self.sampled += 1
         if token_id in self._eos:
+            self._eos_hit = (token_id, lp)
             return self._finish("stop", len(self.text), len(self.ids))
         self.ids.append(token_id)
         self._lps.append(lp)
@@ -95,7 +102,7 @@ class SequenceOutput:
             for k in range(self._settled, len(self._ends)):  # the unsettled ones are a suffix
                 self._ends[k] = len(self.text)
             self._settled = len(self._ends)
-        if self._max_stop:
+        if self._max_stop and self.sampled >= self.params.min_tokens:
             cut = _find_stop(self.text, self.params.stop, max(0, self._sent_chars - self._max_stop + 1))
             if cut is not None:
                 # Keep the tokens that start before the stop string.
@@ -123,7 +130,8 @@ class SequenceOutput:
             return None
         d = Delta(self.text[self._sent_chars:end_char], self.ids[self._sent_tokens:end_tok],
                   [lp for lp in self._lps[self._sent_tokens:end_tok] if lp is not None],
-                  self.finish_reason, self.prompt_tokens, self.sampled)
+                  self.finish_reason, self.prompt_tokens, self.sampled,
+                  eos=self._eos_hit if self.finish_reason else None)
         self._sent_chars, self._sent_tokens = end_char, end_tok
         return d
 

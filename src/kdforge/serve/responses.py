@@ -35,8 +35,12 @@ def chat_logprobs(lps: list[TokenLogprob], vocab: Vocab) -> dict:
             "refusal": None}
 
 
-def completion_logprobs(lps: list[TokenLogprob], vocab: Vocab, offset: int) -> dict:
-    """`offset`: characters of this choice's text already sent (text_offset of the first token)."""
+def completion_logprobs(lps: list[TokenLogprob], vocab: Vocab, offset: int,
+                        eos: TokenLogprob | None = None) -> dict:
+    """`offset`: characters of this choice's text already sent (text_offset of the first token).
+    `eos`: the end-of-sequence token that ended generation: listed last, as OpenAI and vLLM do
+    (its text is not in the completion, so its offset is the text's end)."""
+    lps = lps + [eos] if eos is not None else lps
     tokens, offsets, top = [], [], []
     for t in lps:
         tokens.append(vocab.text(t.token_id))
