@@ -26,10 +26,10 @@ def daemon(
 ):
     """Continuous training: train every *.jsonl batch dropped in BASE/inbox/, continuing from the
     newest checkpoint. Stop with `touch BASE/.stop`, SIGTERM or Ctrl-C (saves first)."""
-    from kdforge.config import load_config
+    from kdforge.config import check_config, load_config
     from kdforge.daemon.inbox import BaseDirLock
     from kdforge.daemon.layout import Layout
-    from kdforge.errors import UsageError
+    from kdforge.errors import ConfigError, UsageError
 
     paths = Layout(base_dir.resolve())
     if not config:
@@ -38,6 +38,9 @@ def daemon(
             raise UsageError(f"no config: pass --config FILE or put one at {default} (example: configs/daemon.yaml)")
         config = [default]
     cfg = load_config(config, list(overrides or []))
+    problems = check_config(cfg, for_run=True, job="daemon")
+    if problems:  # before the lock, which would create the base dir for a start that is refused
+        raise ConfigError(problems)
     lock = BaseDirLock(paths.lock_file).acquire()
     try:
         from kdforge.daemon.service import Daemon

@@ -140,7 +140,8 @@ class Daemon:
             self.status.update(status="stopped")
             raise
         except BaseException as e:
-            self.log.error(f"daemon failed: {e}", None if isinstance(e, KdforgeError) else e)  # ours: the message says it
+            ours = isinstance(e, KdforgeError)  # the message says it all: no traceback
+            self._log_quietly(self.log.error, f"daemon failed: {e}", None if ours else e, echo=not ours)
             self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
             raise
         finally:
@@ -148,6 +149,15 @@ class Daemon:
             self.stop_flag.uninstall()
             if own_lock:
                 lock.release()
+
+    def _log_quietly(self, write, message: str, exc: BaseException | None = None, echo: bool = False) -> None:
+        """Into the day's log only (not echoed): for an error the caller prints itself, once,
+        on stderr (the CLI prints every KdforgeError it is raised)."""
+        shown_too, self.log.echo = self.log.echo, (self.log.echo if echo else None)
+        try:
+            write(message, exc)
+        finally:
+            self.log.echo = shown_too
 
     def _stop_requested(self) -> bool:
         why = (f"signal {signal.Signals(self.stop_flag.signum).name}" if self.stop_flag()
