@@ -103,6 +103,10 @@ class LossSection(Section):
     # Tokens per chunk for the chunked loss (logits recomputed in backward); null = plain; "auto" =
     # chunks of 256 once the labelled tokens x vocab would pass 16M logits (64 MB in fp32).
     chunk_size: int | Literal["auto"] | None = "auto"
+    # A teacher with another tokenizer (stored top-k, or teacher.path): "auto" carries its
+    # distribution onto the student's tokens by bytes (data/align.py) and logs the share of
+    # positions that aligned 1:1; "off" refuses such data (exit 2), as before.
+    cross_tokenizer: Literal["auto", "off"] = "auto"
 
     @field_validator("chunk_size")
     @classmethod
