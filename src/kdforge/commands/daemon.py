@@ -48,7 +48,9 @@ def daemon(
         if sys.stdout.isatty() and not os.environ.get("CI"):
             with _BatchBar() as bar:
                 return Daemon(paths.base, cfg, echo=bar.echo, progress=bar.update).run(once=once, lock=lock)
-        return Daemon(paths.base, cfg, echo=lambda line: print(line, flush=True)).run(once=once, lock=lock)
+        from kdforge.stdout import line_printer
+
+        return Daemon(paths.base, cfg, echo=line_printer()).run(once=once, lock=lock)  # survives `| tee`, Ctrl-C
     finally:
         lock.release()
 
