@@ -14,6 +14,7 @@ from kdforge.train import checkpoint as ckpt
 from train_helpers import kill9, metrics, popen_train, wait_for, weights
 
 KEY_ENV = "KDFORGE_ONPOLICY_KEY"
+FREE = {"price_input": 0.0, "price_output": 0.0}  # a local teacher, said to be free
 
 
 def op_config(tmp, tokenizer_dir, data, *, out, teacher: dict, on_policy: dict, generate: dict | None = None,
@@ -134,7 +135,7 @@ def test_over_http_the_loss_is_the_served_teachers(tmp_path, tokenizer_dir, tiny
 
     cfg_path = op_config(tmp_path, tokenizer_dir, data_file, out="http", max_steps=2,
                          teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
-                         on_policy={"fraction": 1.0})
+                         on_policy={"fraction": 1.0}, generate=FREE)
     r = run_cli("train", "--config", cfg_path)
     assert r.returncode == 0, r.stdout + r.stderr
     m = metrics(tmp_path / "http")
@@ -280,3 +281,42 @@ def test_under_fsdp_on_policy_steps_match_one_process(tmp_path, tokenizer_dir, t
         assert abs(m2[s]["loss"] - m1[s]["loss"]) < 1e-4, (s, m1[s]["loss"], m2[s]["loss"])
     a, b = weights(tmp_path / "one" / f"checkpoint-{steps}"), weights(tmp_path / "fsdp" / f"checkpoint-{steps}")
     assert a.keys() == b.keys() and all((a[k] - b[k]).abs().max() < 1e-4 for k in a)
+
+
+def test_a_lying_teacher_stops_training_with_exit_1_and_a_fixed_one_resumes(tmp_path, tokenizer_dir, data_file):
+    """teacher.url answers NaN on the second step's scoring: exit 1 naming the teacher, no
+    traceback, step 1 saved, nothing of the lie cached; the same teacher fixed: --resume auto
+    scores again (the lie was not cached) and finishes."""
+    from scoring_fault_server import ScoringFaultServer
+
+    with ScoringFaultServer(512, tokenizer_dir) as srv:
+        cfg = op_config(tmp_path, tokenizer_dir, data_file, out="lied", max_steps=3, save_steps=100,
+                        teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 1.0}, generate=FREE,
+                        micro_batch_size=2)
+        srv.faults.extend([(None, None)] * 2 + [("nan", None)])  # step 1's two sequences, then a lie
+        r = run_cli("train", "--config", cfg)
+        assert r.returncode == 1, r.stdout + r.stderr
+        assert srv.url in r.stderr and "cannot be true" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        out = tmp_path / "lied"
+        assert ckpt.read_state(ckpt.latest_checkpoint(out)).global_step == 1
+        calls = srv.calls
+        r = run_cli("train", "--config", cfg, "--resume", "auto")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert srv.calls >= calls + 2, "the lied-about sequence was scored again"
+        assert sorted(metrics(out)) == [1, 2, 3]
+
+
+def test_an_unknown_price_is_exit_2_unless_the_teacher_is_said_to_be_free(tmp_path, tokenizer_dir, data_file):
+    """No generate.budget_limit and a model no price table knows: spend would be logged as $0 for a
+    teacher nobody priced; exit 2 naming the fields. Prices 0 (a free local teacher) train."""
+    from scoring_fault_server import ScoringFaultServer
+
+    with ScoringFaultServer(512, tokenizer_dir) as srv:
+        cfg = op_config(tmp_path, tokenizer_dir, data_file, out="unpriced", max_steps=1,
+                        teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 1.0}, micro_batch_size=2)
+        r = run_cli("train", "--config", cfg)
+        assert r.returncode == 2, r.stdout + r.stderr
+        assert "generate.price_input" in r.stderr and "lying-scorer" in r.stderr and "Traceback" not in r.stderr
+        r = run_cli("train", "--config", cfg, "generate.price_input=0", "generate.price_output=0")
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert metrics(tmp_path / "unpriced")[1]["teacher_usd_total"] == 0.0

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from kdforge.errors import BudgetExceededError
+from kdforge.errors import KdforgeError
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
 from kdforge.train.losses import LossSums
@@ -95,7 +95,8 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
 
     `on_policy` (train/on_policy.py) makes some steps train on the student's own answers, scored
     by the teacher, instead of the dataset's micro-batches. A priced teacher's budget running out
-    raises BudgetExceededError after saving the last finished step."""
+    (BudgetExceededError) or a teacher that refuses, lies or stays down (KdforgeError) stops the
+    run after saving the last finished step."""
     hooks = hooks or Hooks()
     rank, world = _world()
     device = torch.device(device)
@@ -129,10 +130,10 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
         if empty:
             reason = "exhausted"
             break
-        if op_step:  # the student answers, the teacher scores; nothing trained yet if the budget ends here
+        if op_step:  # the student answers, the teacher scores; nothing trained yet if scoring stops here
             try:
                 mine = on_policy.replace(state.global_step, mine, rank, world)
-            except BudgetExceededError:
+            except KdforgeError:  # budget, a refusing, lying or unreachable teacher: resumable from here
                 if hooks.save and state.global_step != saved_at:
                     hooks.save(state)  # the step before this one: a resume redoes this step whole
                 raise

@@ -111,7 +111,7 @@ class OnPolicy:
             op = op.model_copy(update={"fraction": fraction})
         scorer = None
         if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
-            scorer = _step_scorer(cfg, session.world, log, state_dir)
+            scorer = _step_scorer(cfg, session.world, log, state_dir, vocab_size=student_vocab(session.model))
         pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
                    micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool,
@@ -222,7 +222,12 @@ class OnPolicy:
     def describe(self) -> str:
         """One log line: what on-policy steps do here."""
         where = f"{len(self.pool):,} prompts of on_policy.prompts" if self.pool else "the step's data"
-        teacher = "teacher.url (top-K over HTTP, priced)" if self.scorer is not None else "teacher.path (dense)"
+        teacher = "teacher.path (dense)"
+        if self.scorer is not None:
+            prices = getattr(getattr(getattr(self.scorer, "scorer", None), "ledger", None), "prices", None)
+            priced = (f"${prices.input:g} per million scored tokens ({prices.source})" if prices is not None
+                      else "priced on rank 0")
+            teacher = f"teacher.url (top-K over HTTP, {priced})"
         return (f"on-policy: {self.fraction:g} of steps; prompts from {where}; sampled at T {self.temperature:g}, "
                 f"top_p {self.top_p:g}, <= {self.max_new_tokens} tokens; scored by {teacher}")
 
@@ -342,11 +347,9 @@ def without_answers(ds, records) -> int:
     only, where its prompt is answered by the student (an off-policy step gets nothing from it, as
     an on-policy step gets nothing from a {"text"} record). Returns how many there are."""
     n = 0
-    for ex, rec in zip(ds.examples, records, strict=True):
+    for i, rec in zip(range(len(ds)), records, strict=True):
         if rec.prompt_only:
-            ex.response_ids = []
-            if ex.topk_ids is not None:
-                ex.topk_ids, ex.topk_logprobs = [], []
+            ds.clear_response(i)
             n += 1
     asked = {r.line for r in records if r.prompt_only}  # one file: a line number names one record
     ds.ce_only_lines = [(p, ln) for p, ln in ds.ce_only_lines if ln not in asked]  # not "CE only": on-policy
@@ -366,17 +369,24 @@ def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
     return pool
 
 
-def _step_scorer(cfg, world: int, log, state_dir: str | Path | None = None) -> StepScorer:
+def student_vocab(model) -> int:
+    """Rows of the student's output layer: the ids a teacher's scores may name."""
+    from kdforge.train.objective import base_lm
+
+    return int(base_lm(model).get_output_embeddings().weight.shape[0])
+
+
+def _step_scorer(cfg, world: int, log, state_dir: str | Path | None = None, vocab_size: int | None = None) -> StepScorer:
     """The StepScorer of this rank: rank 0 (or the one process) opens the priced scorer; under
     torchrun the others learn whether that worked, and fail with rank 0's error if not."""
     if world == 1:
-        return StepScorer(_priced_scorer(cfg, log, state_dir))
+        return StepScorer(_priced_scorer(cfg, log, state_dir, vocab_size))
     import torch.distributed as dist
 
     rank, scorer, err = dist.get_rank(), None, None
     if rank == 0:
         try:
-            scorer = _priced_scorer(cfg, log, state_dir)
+            scorer = _priced_scorer(cfg, log, state_dir, vocab_size)
         except Exception as e:
             err = e
     said = [None if err is None else (type(err).__name__, str(err))]
@@ -386,10 +396,13 @@ def _step_scorer(cfg, world: int, log, state_dir: str | Path | None = None) -> S
     return StepScorer(scorer, rank, world)
 
 
-def _priced_scorer(cfg, log, state_dir: str | Path | None = None):
+def _priced_scorer(cfg, log, state_dir: str | Path | None = None, vocab_size: int | None = None):
+    """teacher.url's PricedScorer, priced from the generate section or the shipped table. An
+    unknown price is exit 2, budget or not: spend is never recorded as $0 for a teacher whose price
+    nobody gave (prices 0 say a teacher is free, e.g. a local kdforge serve)."""
     from kdforge.errors import UsageError
     from kdforge.teacher.pricing import resolve_prices
-    from kdforge.teacher.scoring import PricedScorer, TokenScorer
+    from kdforge.teacher.scoring import PricedScorer, Retries, TokenScorer
 
     g, t = cfg.generate, cfg.teacher
     model = t.model or g.model
@@ -400,8 +413,13 @@ def _priced_scorer(cfg, log, state_dir: str | Path | None = None):
         finally:
             probe.close()
     prices = resolve_prices(model, g.price_input, g.price_output)
-    if g.budget_limit is not None and prices is None:
-        raise UsageError(f"generate.budget_limit: no price known for the model {model!r} of {t.url}: set "
-                         "generate.price_input and generate.price_output (USD per million tokens)")
+    if prices is None:
+        why = "generate.budget_limit needs one" if g.budget_limit is not None else \
+            "spend would be recorded as $0 for a teacher nobody priced"
+        raise UsageError(f"teacher.url {t.url}: no price known for the model {model!r} ({why}): set "
+                         "generate.price_input and generate.price_output (USD per million tokens; 0 and 0 for a "
+                         "free local teacher such as kdforge serve)")
+    retries = Retries(g.max_retries, g.retry_base, g.retry_max, g.timeout)
     return PricedScorer(t.url, model, t.top_logprobs, t.api_key_env, state_dir or Path(cfg.io.output_dir) / "on_policy",
-                        prices, g.budget_limit, g.rpm, g.tpm, g.delay, log=log)
+                        prices, g.budget_limit, g.rpm, g.tpm, g.delay, log=log, vocab_size=vocab_size,
+                        retries=retries, seed=cfg.train.seed)
