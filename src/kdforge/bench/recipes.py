@@ -1,7 +1,8 @@
 """The benchmark's recipes: each is a kdforge training config (run by `run_training`, no loop of its own).
 
     ce            cross-entropy on the teacher's answers only
-    topk_t1       CE + sparse top-5 forward KL on the stored logprobs, T = 1 (kd_weight: the task's)
+    topk_t1       CE + sparse top-k forward KL on the stored logprobs (top-5; langx: top-20 carried
+                  onto the student's own tokens by bytes), T = 1 (kd_weight: the task's)
     topk_t2       the same at T = 2
     dense         CE + forward KL to the local teacher's full logits (`teacher.path`)
     onpolicy_rkl  half the steps CE on the answers, half on the student's own samples scored by
@@ -32,8 +33,10 @@ def _loss(task: Task, recipe: str) -> dict:
     return {"kind": "rkl", "kd_weight": 0.0} if recipe == "onpolicy_rkl" else {"kind": "jsd", "kd_weight": 0.0, "beta": 0.5}
 
 
-def config(task: Task, recipe: str, data: Path, pool: Path, out: Path, steps: int, seed: int) -> dict:
-    """The training config dict of one cell; the student and optimiser are the demo's."""
+def config(task: Task, recipe: str, data: Path, pool: Path, out: Path, steps: int, seed: int,
+           tokenizer: Path | None = None) -> dict:
+    """The training config dict of one cell; the student and optimiser are the demo's. `tokenizer`:
+    the student's (default: the teacher's)."""
     if recipe not in RECIPES:
         raise ValueError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
     st = task.student
@@ -41,7 +44,7 @@ def config(task: Task, recipe: str, data: Path, pool: Path, out: Path, steps: in
         "model": {"preset": None, "d_model": st.d_model, "n_layers": st.n_layers, "n_heads": st.n_heads,
                   "n_kv_heads": st.n_kv_heads, "d_head": st.d_head, "ffn_dim": st.ffn_dim,
                   "max_seq_len": st.max_seq_len},
-        "io": {"tokenizer_path": str(task.teacher_dir), "train_shards": [str(data)], "output_dir": str(out)},
+        "io": {"tokenizer_path": str(tokenizer or task.teacher_dir), "train_shards": [str(data)], "output_dir": str(out)},
         "loss": _loss(task, recipe),
         "train": {"micro_batch_size": 32, "grad_accum": 1, "seq_lengths": [st.max_seq_len],
                   "max_steps": steps, "lr": 3e-3, "warmup_steps": min(30, steps // 10), "schedule": "cosine",

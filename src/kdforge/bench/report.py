@@ -108,7 +108,30 @@ def goals(result: dict, rows: list[dict]) -> list[str]:
                    f"(goal >= 25%): {'met' if best['gap_spend'] >= 0.25 else 'missed'}")
     else:
         out.append("per priced token, lang, off-policy top-k: not measured")
+    if "langx" in result["plan"]["tasks"]:
+        out.append(_cross_tokenizer_goal(result, rows))
     return out
+
+
+UNITS = {"accuracy": "exact match", "kl": "KL(teacher||student), nats/token", "bpb": "held-out bits per byte"}
+
+
+def _cross_tokenizer_goal(result: dict, rows: list[dict]) -> str:
+    """Cross-tokenizer KD (langx, 250 answers): the share of the CE-to-teacher bits-per-byte gap top-k KD
+    closes (goal >= 40%), the share of 1:1 positions, and what the alignment costs in training time."""
+    at = {x["recipe"]: x for x in rows if x["task"] == "langx" and x["budget"] == 250}
+    kd = [x for r, x in at.items() if r != "ce" and x["gap_answers"] is not None]
+    if not kd:
+        return "cross-tokenizer, langx, 250 answers: not measured (needs --task langx, budget 250, ce + topk_t1)"
+    best = max(kd, key=lambda x: x["gap_answers"])
+    cpu = {r: [c.get("cpu_seconds", 0) for c in result["cells"] if c["task"] == "langx" and c["budget"] == 250
+               and c["recipe"] == r] for r in at}
+    slow = statistics.mean(cpu[best["recipe"]]) / max(statistics.mean(cpu["ce"]), 1e-9) - 1
+    return (f"cross-tokenizer, langx, 250 answers: {best['recipe']} (top-{TASKS['langx'].top_k} carried by bytes) closes "
+            f"{best['gap_answers']:.0%} of the CE-to-teacher bits-per-byte gap (goal >= 40%): "
+            f"{'met' if best['gap_answers'] >= 0.4 else 'missed'}; "
+            f"{result['teacher']['langx'].get('one_to_one', 0):.0%} of positions 1:1; a cell's CPU time "
+            f"{slow:+.0%} vs CE")
 
 
 def _pct(x: float | None) -> str:
@@ -121,8 +144,10 @@ def table(result: dict, rows: list[dict]) -> str:
     for t in result["plan"]["tasks"]:
         ref = result["teacher"][t]
         metric = TASKS[t].metric
-        unit = "exact match" if metric == "accuracy" else "KL(teacher||student), nats/token"
+        unit = UNITS[metric]
         extra = f", perplexity {ref['perplexity']:.3f}" if t == "lang" else ""
+        if "one_to_one" in ref:
+            extra += f"; the student's own tokenizer, {ref['one_to_one']:.0%} of its answer tokens 1:1 with the teacher's"
         lines += [f"### {t}: {unit} (teacher {ref['quality']:.4f}{extra}); {result['plan']['steps'][t]} steps", "",
                   "| recipe | answers | priced tokens | $ | on-policy steps | mean | min-max | "
                   + ("perplexity | " if t == "lang" else "") + "gap closed, equal answers | gap closed, equal $ | recommended ($) |",
@@ -164,7 +189,7 @@ def plots(result: dict, rows: list[dict], out: Path) -> list[Path]:
             ax.axhline(result["teacher"][t]["quality"], color="k", ls="--", lw=1, label="teacher")
             ax.set_xscale("log")
             ax.set_xlabel(label)
-            ax.set_ylabel("exact match" if TASKS[t].metric == "accuracy" else "held-out KL (nats/token)")
+            ax.set_ylabel(UNITS[TASKS[t].metric])
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
         fig.suptitle(f"kdforge bench distill: {t} (mean of {result['plan']['seeds']} seeds, bars min-max)")

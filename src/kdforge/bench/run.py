@@ -26,7 +26,8 @@ from pathlib import Path
 
 from kdforge.bench import recipes as R
 from kdforge.errors import UsageError
-from kdforge.bench.tasks import TASKS, Task, eval_file, load_teacher, score, teacher_answers, write_jsonl
+from kdforge.bench.tasks import (TASKS, Task, eval_file, load_teacher, score, student_tokenizer, teacher_answers,
+                                  write_jsonl)
 
 PRICE_IN, PRICE_OUT = 2.0, 8.0  # fictitious USD per million input / output tokens
 
@@ -43,9 +44,11 @@ class BenchPlan:
     only: dict[tuple[str, int], list[str]] | None = None
 
     def recipes_at(self, task: str, budget: int) -> list[str]:
+        """The recipes run for (task, budget): the plan's, within those the task runs at all."""
+        runs = [r for r in self.recipes if TASKS[task].recipes is None or r in TASKS[task].recipes]
         if self.only is None or (task, budget) not in self.only:
-            return list(self.recipes)
-        return [r for r in self.recipes if r in self.only[(task, budget)]]
+            return runs
+        return [r for r in runs if r in self.only[(task, budget)]]
 
 
 # The default is the headline, sized to run in under 10 minutes on 2 cores: each cell of the full
@@ -63,7 +66,10 @@ DEFAULT = BenchPlan(tasks=["sort", "lang"], budgets=[100, 250], seeds=3, recipes
                     only={("sort", 100): [],
                           ("sort", 250): ["ce", "onpolicy_jsd"],
                           ("lang", 100): ["ce", "topk_t1"],
-                          ("lang", 250): ["ce", "topk_t1", "dense"]})
+                          ("lang", 250): ["ce", "topk_t1", "dense"],
+                          # `--task langx` (not in the default: 6 cells, ~190 CPU s + its answers)
+                          ("langx", 100): [],
+                          ("langx", 250): ["ce", "topk_t1"]})
 GRID_BUDGETS = [100, 250, 1000]  # `--grid`: every recipe at each of these budgets
 ANSWER_BATCH = 50  # teacher answers generated per batch (budgets are cut at whole batches' answers)
 QUICK = BenchPlan(tasks=["sort", "lang"], budgets=[100], seeds=1, recipes=["ce", "topk_t1", "onpolicy_rkl"],
@@ -88,7 +94,7 @@ def _teacher(task: Task):
 def run_cell(c: dict) -> dict:
     """Train, score and price one cell; `c` holds task, recipe, budget, seed, steps, paths."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdforge.config import from_dict
     from kdforge.train.on_policy import on_policy_spend
@@ -99,10 +105,13 @@ def run_cell(c: dict) -> dict:
     task = TASKS[c["task"]]
     out = Path(c["out"])
     shutil.rmtree(out, ignore_errors=True)  # the bench's own cell folder: a rerun into --out starts afresh
-    cfg = from_dict(R.config(task, c["recipe"], Path(c["data"]), Path(c["pool"]), out, c["steps"], c["seed"]),
-                    c["recipe"])
+    own = Path(c["tokenizer"]) if c.get("tokenizer") else None  # the student's own tokenizer (langx)
+    cfg = from_dict(R.config(task, c["recipe"], Path(c["data"]), Path(c["pool"]), out, c["steps"], c["seed"],
+                             tokenizer=own), c["recipe"])
     res = run_training(cfg, resume="none", log=lambda m: None)
     teacher, tok = _teacher(task)
+    if own is not None:
+        tok = AutoTokenizer.from_pretrained(str(own))
     student = AutoModelForCausalLM.from_pretrained(str(res.last_checkpoint), dtype=torch.float32)
     q = score(task, student, tok, Path(c["eval"]), teacher if task.name == "lang" else None)
     op_steps, scored = on_policy_spend(out / "metrics.jsonl")
@@ -127,7 +136,7 @@ def _prepare(task: Task, budgets: list[int], work: Path, log) -> dict:
     # whole chunks of ANSWER_BATCH: the first b answers are the same whichever budgets run with b
     n = -(-max(budgets) // ANSWER_BATCH) * ANSWER_BATCH
     rows = teacher_answers(teacher, tok, task.train_prompts(n), task.temperature, task.max_new_tokens,
-                           seed=0, batch_size=ANSWER_BATCH)
+                           seed=0, batch_size=ANSWER_BATCH, top_k=task.top_k)
     files = {}
     for b in budgets:
         part = rows[:b]
@@ -137,14 +146,37 @@ def _prepare(task: Task, budgets: list[int], work: Path, log) -> dict:
     pool = write_jsonl(work / "data" / f"{task.name}-pool.jsonl", [{"prompt": p} for p in task.pool()])
     ev = eval_file(task, work / "data", (teacher, tok))
     ref = score(task, teacher, tok, ev, teacher if task.name == "lang" else None)
+    student_tok = student_tokenizer(task, work / "data")
+    if task.own_merges is not None:  # what cross-tokenizer KD works with: the share of 1:1 positions
+        ref["one_to_one"] = one_to_one_share(rows, student_tok)
     log(f"{task.name}: {max(budgets)} teacher answers in {time.perf_counter() - t0:.0f}s; teacher {ref}")
-    return {"files": files, "pool": pool, "eval": ev, "teacher": ref}
+    return {"files": files, "pool": pool, "eval": ev, "teacher": ref,
+            "tokenizer": str(student_tok) if task.own_merges is not None else None}
+
+
+def one_to_one_share(rows: list[dict], tokenizer_dir: Path) -> float:
+    """The share of the student's answer tokens whose teacher token is the same piece (same bytes
+    at the same offset); the rest are carried across tokenizers (data/align.py)."""
+    from transformers import AutoTokenizer
+
+    from kdforge.data.align import StudentPieces, align_rows, teacher_tokens
+    from kdforge.data.tokenizer import special_ids, token_bytes
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    pieces = StudentPieces(token_bytes(tok), special_ids(tok))
+    n = one = 0
+    for r in rows:
+        text = r["teacher_text"]
+        a = align_rows(text.encode("utf-8"), tok(text, add_special_tokens=False)["input_ids"], pieces,
+                       teacher_tokens(r["teacher_logprobs"]))
+        n, one = n + a.positions, one + a.one_to_one
+    return one / max(n, 1)
 
 
 def _cost(c: dict) -> float:
     """A cell's training time, roughly, in CE steps (measured ratios on 2 cores)."""
     return c["steps"] * (4.4 if R.is_on_policy(c["recipe"]) else 2.7 if c["recipe"] == "dense" else 1.0) \
-        * (1.6 if c["task"] == "lang" else 1.0)  # a lang step is ~1.6 sort steps (longer answers)
+        * {"lang": 1.6, "langx": 3.0}.get(c["task"], 1.0)  # a lang step is ~1.6 sort steps (longer answers)
 
 
 def _key(c: dict) -> tuple:
@@ -191,7 +223,7 @@ def run_bench(plan: BenchPlan, out: Path, log=print) -> dict:
                 for s in range(plan.seeds):
                     cells.append({"task": t, "recipe": r, "budget": b, "seed": s, "steps": steps,
                                   "data": str(data), "pool": str(p["pool"]), "eval": str(p["eval"]),
-                                  "answer_in": tin, "answer_out": tout,
+                                  "answer_in": tin, "answer_out": tout, "tokenizer": p["tokenizer"],
                                   "out": str(out / "students" / f"{t}-{r}-{b}-s{s}")})
     # Longest cells first (on-policy, then dense, sort's 600 steps before lang's 300): the pool
     # does not end on a long straggler. Results are written after every cell.

@@ -7,6 +7,10 @@
           distribution); teacher answers sampled at temperature 1, scored by held-out forward
           KL(teacher || student) against the dense teacher and perplexity on 300 fresh teacher
           samples (kdforge eval; lower is better)
+    langx the same teacher and answers (top-20 stored), a student with a tokenizer of its own: a
+          byte-level BPE with OWN_MERGES merges above its 256 bytes, so the teacher's word tokens
+          split into several of its pieces (cross-tokenizer KD, data/align.py); scored by held-out
+          bits per byte of the teacher's samples (tokenizer-independent; lower is better)
 
 Teacher answers are made in-process from the local teacher (faster than `kdforge serve` +
 `kdforge generate` on 2 cores) in generate's record format: `teacher_text`, `teacher_logprobs` with
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +34,7 @@ from kdforge.model import ModelCfg
 
 LANG_DIR = Path(__file__).resolve().parent / "assets" / "lang"
 TOP_K = 5  # teacher alternatives stored per answer token (as the demo does)
+OWN_MERGES = 24  # langx: the student's BPE merges above its bytes (the teacher's has 140)
 
 
 @dataclass(frozen=True)
@@ -43,16 +49,19 @@ class Task:
     train_prompts: Callable[[int], list[str]]  # the first n prompts the teacher answers
     pool: Callable[[], list[str]]  # on-policy prompts (free: no teacher tokens until scored)
     student: ModelCfg
+    top_k: int = TOP_K  # teacher alternatives stored per answer token
+    own_merges: int | None = None  # the student's own BPE (merges above the bytes); None: the teacher's tokenizer
+    recipes: tuple[str, ...] | None = None  # the recipes this task runs (None: all)
 
     @property
     def higher_is_better(self) -> bool:
         return self.metric == "accuracy"
 
 
-def _student() -> ModelCfg:
+def _student(max_seq_len: int = 64) -> ModelCfg:
     # The demo's student shape (235,584 parameters at vocab 300): under 1/4 of either teacher.
     return ModelCfg(d_model=64, n_layers=4, n_heads=4, n_kv_heads=2, d_head=16, vocab_size=None,
-                    ffn_dim=192, max_seq_len=64)
+                    ffn_dim=192, max_seq_len=max_seq_len)
 
 
 def _lang_prompts(n: int) -> list[str]:
@@ -65,7 +74,25 @@ TASKS = {
                  lambda: [r["prompt"] for r in make_prompts(20_000, 0, "train")], _student()),
     "lang": Task("lang", LANG_DIR, "kl", 1.0, 16, 300, 0.5, _lang_prompts,
                  lambda: _lang_prompts(5000), _student()),
+    # its own tokenizer spells a record in ~2x the teacher's tokens: 128 positions hold one
+    "langx": Task("langx", LANG_DIR, "bpb", 1.0, 16, 300, 0.5, _lang_prompts, lambda: _lang_prompts(5000),
+                  _student(128), top_k=20, own_merges=OWN_MERGES, recipes=("ce", "topk_t1", "topk_t2")),
 }
+
+
+def student_tokenizer(task: Task, work: Path) -> Path:
+    """The folder of the tokenizer the task's student trains with: the teacher's, or (own_merges)
+    a byte-level BPE trained here, deterministically, on 2,000 sentences of the language and its
+    prompts (`kdforge tokenizer train`'s trainer)."""
+    if task.own_merges is None:
+        return task.teacher_dir
+    from kdforge.data.tokenizer import SPECIAL_TOKENS, train_tokenizer
+
+    out = work / f"{task.name}-tokenizer"
+    if not (out / "tokenizer.json").exists():
+        texts = [t for r in lang.make_records(2000, seed=99) for t in (r["prompt"], r["answer"])]
+        train_tokenizer(texts, 256 + len(SPECIAL_TOKENS) + task.own_merges, out, min_frequency=2)
+    return out
 
 
 def load_teacher(task: Task):
@@ -83,7 +110,7 @@ def _entry(tok, token_id: int, logprob: float) -> dict:
 
 
 def teacher_answers(model, tok, prompts: list[str], temperature: float, max_new_tokens: int, seed: int,
-                    batch_size: int = 100) -> list[dict]:
+                    batch_size: int = 100, top_k: int = TOP_K) -> list[dict]:
     """generate-format records for `prompts`, each with `usage` (prompt / completion tokens, EOS
     counted as a completion token, as an API bills it).
 
@@ -115,7 +142,7 @@ def teacher_answers(model, tok, prompts: list[str], temperature: float, max_new_
             n = row.index(eos) if eos in row else len(row)
             lps = []
             for t in range(n):
-                top = logp[b, t].topk(TOP_K)
+                top = logp[b, t].topk(top_k)
                 e = _entry(tok, row[t], float(logp[b, t, row[t]]))
                 e["top"] = [_entry(tok, int(j), float(v)) for v, j in zip(top.values, top.indices)]
                 lps.append(e)
@@ -136,7 +163,7 @@ def eval_file(task: Task, work: Path, teacher=None) -> Path:
     samples (seed 12345, never used for training) with their top-k."""
     if task.name == "sort":
         return EVAL_FILE
-    path = work / "lang-eval.jsonl"
+    path = work / "lang-eval.jsonl"  # langx scores the same samples
     if not path.exists():
         model, tok = teacher or load_teacher(task)
         write_jsonl(path, teacher_answers(model, tok, _lang_prompts(300), 1.0, task.max_new_tokens, 12345))
@@ -147,12 +174,34 @@ def score(task: Task, model, tok, eval_path: Path, teacher=None) -> dict:
     """The task's quality numbers of a loaded model: {"quality", and the eval's numbers}.
 
     sort: quality = exact-match accuracy (greedy). lang: quality = KL(teacher || student) on the
-    held-out teacher samples, dense against the loaded teacher model; perplexity beside it."""
+    held-out teacher samples, dense against the loaded teacher model; perplexity beside it. langx
+    (metric bpb): quality = bits per byte of those samples' answers on the model's own tokens."""
     from kdforge.eval import evaluate_loaded
 
+    if task.metric == "bpb":
+        return {"quality": bits_per_byte(model, tok, eval_path)}
     if task.name == "sort":
         r = evaluate_loaded(model, tok, eval_path, max_new_tokens=task.max_new_tokens, batch_size=100)
         return {"quality": r.accuracy, "accuracy": r.accuracy}
     r = evaluate_loaded(model, tok, eval_path, teacher=teacher, greedy=False, batch_size=100)
     return {"quality": r.kl, "kl": r.kl, "ce": r.ce, "perplexity": r.perplexity if r.ce is not None
             and math.isfinite(r.ce) else None}
+
+
+def bits_per_byte(model, tok, eval_path: Path) -> float:
+    """Held-out bits per byte: the model's summed negative log-likelihood of each record's answer
+    and its end (EOS), on its own tokenization, over the answers' UTF-8 bytes, in bits. Models with
+    different tokenizers compare on it (per-token numbers do not: a finer tokenizer has more,
+    easier tokens)."""
+    from kdforge.data.records import read_records
+    from kdforge.eval import evaluate_loaded
+
+    recs, _ = read_records(eval_path)
+    n_bytes = sum(len(r.response.encode("utf-8")) for r in recs)
+    plain = eval_path.parent / f"{eval_path.stem}-text.jsonl"  # answers only: no teacher rows to align
+    if not plain.exists():  # the same content from any worker: written whole, then renamed into place
+        tmp = write_jsonl(plain.with_name(f"{plain.name}.{os.getpid()}"),
+                          [{"prompt": r.prompt_messages[-1]["content"], "teacher_text": r.response} for r in recs])
+        os.replace(tmp, plain)
+    r = evaluate_loaded(model, tok, plain, greedy=False, batch_size=100)
+    return r.ce * r.tokens / n_bytes / math.log(2)

@@ -18,7 +18,7 @@ bench_app = typer.Typer(help="Benchmarks on shipped tasks and teachers.", no_arg
 
 @bench_app.command("distill")
 def distill_cmd(
-    task: Optional[List[str]] = typer.Option(None, "--task", help="sort (near-certain teacher, exact match) or lang (broad teacher, held-out KL); repeatable. Default: both."),
+    task: Optional[List[str]] = typer.Option(None, "--task", help="sort (near-certain teacher, exact match), lang (broad teacher, held-out KL) or langx (lang's teacher, a student with its own tokenizer: cross-tokenizer KD, held-out bits per byte); repeatable. Default: sort and lang."),
     budgets: Optional[List[int]] = typer.Option(None, "--budgets", min=1, help="Teacher answers per student; repeatable. Default: the headline cells at 100 and 250 (see --grid); with --grid 100 250 1000."),
     seeds: Optional[int] = typer.Option(None, "--seeds", min=1, help="Seeds per cell (default 3)."),
     recipes: Optional[List[str]] = typer.Option(None, "--recipes", help="ce, topk_t1, topk_t2, dense, onpolicy_rkl, onpolicy_jsd; repeatable. Default: the headline cells (see --grid)."),
