@@ -132,7 +132,8 @@ def newest_state(base: Path) -> dict:
 def losses(state: dict) -> dict[int, float]:
     """step -> loss. Fails if a step was logged twice: a dict would silently keep the last one,
     and "no step trained twice" could never fail."""
-    pairs = [(h["step"], h["loss"]) for h in state["log_history"] if "loss" in h]
+    pairs = [(h["step"], h.get("loss", h.get("loss_on_policy"))) for h in state["log_history"]
+             if "loss" in h or "loss_on_policy" in h]  # on-policy steps log loss_on_policy
     steps = [s for s, _ in pairs]
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert not repeated, f"steps logged more than once (trained twice?): {repeated}"

@@ -183,7 +183,7 @@ def test_on_policy_batches_in_the_daemon(tmp_path, tiny_model_dir):
     state = run_in_process(base, cfg)
     assert state.global_step == 4
     # The student starts equal to its teacher: reverse KL on its own answers is 0 (a CE step is not).
-    assert state.log_history[0]["loss"] == 0.0
+    assert state.log_history[0]["loss_on_policy"] == 0.0
     lines = [ln for ln in daemon_log(base).splitlines() if " step " in ln and " loss " in ln]
     assert len(lines) == 4 and all("on-policy (" in ln for ln in lines), lines
 
@@ -207,7 +207,8 @@ def test_a_batch_of_prompts_only_trains_on_policy_at_every_step(tmp_path, tiny_m
     assert "12 examples, 0 bad lines skipped, prompts only: every step on-policy" in log, log
     steps = [ln for ln in log.splitlines() if " step " in ln and " loss " in ln]
     assert len(steps) == 3 and all("on-policy (" in ln and "(0 answer" not in ln for ln in steps), steps
-    assert all(h["loss"] > 0 for h in state.log_history if "loss" in h)  # a teacher unlike the student
+    on = [h["loss_on_policy"] for h in state.log_history if "loss_on_policy" in h]
+    assert on and all(v > 0 for v in on)  # a teacher unlike the student
     assert "WARNING" not in log and not list((base / "rejected").iterdir())
 
     drop(base, "mixed.jsonl", prompt_rows(4, seed=1) + batch(8, seed=2))

@@ -54,10 +54,11 @@ def metrics(out: Path) -> dict[int, dict]:
     """step -> training record of metrics.jsonl. A step logged twice (a resume that kept the
     records past its checkpoint) fails here: a dict would silently keep only the last one."""
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    steps = [r["step"] for r in rows if "loss" in r]
+    rows = [r for r in rows if "loss" in r or "loss_on_policy" in r]  # training steps, not eval records
+    steps = [r["step"] for r in rows]
     repeated = sorted({s for s in steps if steps.count(s) > 1})
     assert not repeated, f"{out / 'metrics.jsonl'}: steps logged more than once: {repeated}"
-    return {r["step"]: r for r in rows if "loss" in r}
+    return {r["step"]: r for r in rows}
 
 
 def weights(ckpt: Path) -> dict:

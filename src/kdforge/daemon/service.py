@@ -505,17 +505,18 @@ class Daemon:
 
         def on_log(rec: dict) -> None:
             nonlocal first_loss
-            first_loss = rec["loss"] if first_loss is None else first_loss
+            loss = rec.get("loss", rec.get("loss_on_policy"))  # an on-policy step logs its own quantity
+            first_loss = loss if first_loss is None else first_loss
             policy = (f" on-policy ({rec.get('answer_tokens', 0)} answer tokens scored by the teacher"
                       + (f", ${rec['teacher_usd']:.6f}" if rec.get("teacher_usd") else "") + ")"
                       if rec.get("on_policy") else "")
-            self.log.info(f"step {rec['step']} loss {rec['loss']:.4f} lr {rec['lr']:.3g} "
+            self.log.info(f"step {rec['step']} loss {loss:.4f} lr {rec['lr']:.3g} "
                           f"{rec.get('tokens_per_s', 0):,.0f} tok/s{policy}")
             self.reporters.log(rec["step"], rec)
 
         def on_step(state: TrainState, rec: dict) -> None:
             self.status.update(current_step=state.global_step, batch_step=state.global_step - start,
-                               loss=rec["loss"], learning_rate=rec["lr"],
+                               loss=rec.get("loss", rec.get("loss_on_policy")), learning_rate=rec["lr"],
                                tokens_per_s=rec.get("tokens_per_s", self.status.data["tokens_per_s"]),
                                batch_queue_size=self._queue_size())
             if self.progress:

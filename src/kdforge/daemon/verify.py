@@ -91,23 +91,30 @@ def boundaries(state: dict) -> list[tuple[int, str]]:
     return sorted(out)
 
 
+CURVES = (("loss", "off-policy"), ("loss_on_policy", "on-policy"))  # log_history keys: one curve each
+
+
 def jump_checks(history: list[dict], marks: list[tuple[int, str]]) -> list[tuple[bool, str]]:
-    """Per boundary: did the loss climb back toward the initial loss?"""
-    curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if not curve:
-        return []
-    initial = curve[0][1]
+    """Per boundary and per kind of step (off-policy `loss`, on-policy `loss_on_policy`: different
+    quantities, never compared with each other): did the loss climb back toward that curve's
+    initial loss? A curve without steps on both sides of a boundary is not checked there."""
+    curves = [(label, [(h["step"], h[key]) for h in history if key in h]) for key, label in CURVES]
+    both = all(c for _, c in curves)
     results = []
     for step, label in marks:
-        before = [loss for s, loss in curve if step - TAIL < s <= step]
-        after = [loss for s, loss in curve if s > step][:1]
-        if not before or not after:
-            continue
-        end, first = sum(before) / len(before), after[0]
-        gap = initial - end
-        ok = gap <= 0.05 * abs(initial) or first - end <= JUMP_SHARE * gap
-        results.append((ok, f"{label} at step {step}: previous end {end:.4f}, next {first:.4f}, "
-                            f"initial {initial:.4f}"))
+        for kind, curve in curves:
+            if not curve:
+                continue
+            initial = curve[0][1]
+            before = [loss for s, loss in curve if step - TAIL < s <= step]
+            after = [loss for s, loss in curve if s > step][:1]
+            if not before or not after:
+                continue
+            end, first = sum(before) / len(before), after[0]
+            gap = initial - end
+            ok = gap <= 0.05 * abs(initial) or first - end <= JUMP_SHARE * gap
+            results.append((ok, f"{label} at step {step}{f' ({kind} steps)' if both else ''}: previous end "
+                                f"{end:.4f}, next {first:.4f}, initial {initial:.4f}"))
     return results
 
 
@@ -115,9 +122,10 @@ HELDOUT_COLOR = "tab:orange"  # the held-out line (a test finds it in the PNG)
 
 
 def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> Path | None:
-    """Training loss and, with daemon.eval_file, held-out ce (nats/token, the same axis) vs step."""
-    curve = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if not curve:
+    """Training loss (off-policy and on-policy steps as two lines) and, with daemon.eval_file,
+    held-out ce (nats/token, the same axis) vs step."""
+    curves = [(label, [(h["step"], h[key]) for h in history if key in h]) for key, label in CURVES]
+    if not any(c for _, c in curves):
         return None
     import matplotlib
 
@@ -125,7 +133,10 @@ def plot_loss(history: list[dict], marks: list[tuple[int, str]], out: Path) -> P
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1.2, label="training loss")
+    for kind, curve in curves:
+        if curve:
+            ax.plot([s for s, _ in curve], [v for _, v in curve], lw=1.2,
+                    label="training loss" if kind == "off-policy" else "on-policy loss (divergence on its own tokens)")
     held = [(r["step"], r["eval_ce"]) for r in heldout.records(history) if r.get("eval_ce") is not None]
     if held:
         ax.plot([s for s, _ in held], [v for _, v in held], color=HELDOUT_COLOR, lw=1.6, marker="o", ms=4,

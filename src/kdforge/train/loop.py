@@ -8,7 +8,9 @@ One optimizer step = `grad_accum` micro-batches per rank. Losses are summed per 
 by token counts of the whole global batch (all micro-batches, all ranks): CE by the target tokens,
 KD by the target tokens that have teacher data (`DistillObjective.token_counts`), so grad_accum 4 x
 micro 1 equals micro 4 and N ranks equal one. The logged loss applies the same rule
-(`LossSums.loss`) to the step's all-reduced sums.
+(`LossSums.loss`) to the step's all-reduced sums. On-policy steps log theirs as `loss_on_policy`,
+`ce_on_policy` and `kd_on_policy` (another quantity: the divergence alone on the student's tokens),
+off-policy steps as `loss`, `ce` and `kd`.
 """
 
 from __future__ import annotations
@@ -192,10 +194,13 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             raise FloatingPointError(f"loss is {loss_m} at step {state.global_step}: lower train.lr "
                                      "or check the data (kdforge data validate)")
         now = time.perf_counter()
-        rec = {"step": state.global_step, "loss": round(loss_m, 6), "ce": round(means["ce"], 6),
+        # An on-policy step's loss is another quantity (the divergence alone, on the student's own
+        # tokens): logged under its own keys, so no curve mixes the two kinds of step.
+        tag = "_on_policy" if op_step else ""
+        rec = {"step": state.global_step, f"loss{tag}": round(loss_m, 6), f"ce{tag}": round(means["ce"], 6),
                "lr": lr, "tokens": n_global, "epoch": state.epoch, "seq_len": seq_len}
         if lc.kind != "ce":
-            rec["kd"] = round(means["kd"], 6)
+            rec[f"kd{tag}"] = round(means["kd"], 6)
             rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
@@ -208,7 +213,7 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
         if state.global_step % lc.log_steps == 0:
             rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
             t_last, tokens_since = now, 0
-            state.log_history.append({k: rec[k] for k in ("step", "loss", "lr", "epoch")})
+            state.log_history.append({k: rec[k] for k in ("step", f"loss{tag}", "lr", "epoch")})
             # A daemon runs for months: keep trainer_state.json (rewritten at every save) bounded.
             del state.log_history[:-MAX_LOG_HISTORY]
             if hooks.on_log:

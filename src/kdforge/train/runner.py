@@ -199,7 +199,7 @@ def _metrics_writer(path: Path, progress: "_Progress", reporters: Reporters, log
         with open(path, "a") as f:
             f.write(json.dumps({**rec, "time": time.time()}) + "\n")
         reporters.log(rec["step"], rec)
-        if "loss" in rec:
+        if "loss" in rec or "loss_on_policy" in rec:  # a training step (on- or off-policy)
             progress.update(rec)
         else:
             log(f"step {rec['step']}: " + " ".join(f"{k}={v}" for k, v in rec.items() if k != "step"))
@@ -237,7 +237,8 @@ class _Progress:
             self.bar.start()
 
     def update(self, rec: dict) -> None:
-        info = f"loss {rec['loss']:.4f} lr {rec['lr']:.2e} {rec.get('tokens_per_s', 0):,.0f} tok/s"
+        loss, kind = (rec["loss"], "") if "loss" in rec else (rec["loss_on_policy"], " (on-policy)")
+        info = f"loss {loss:.4f}{kind} lr {rec['lr']:.2e} {rec.get('tokens_per_s', 0):,.0f} tok/s"
         if self.bar:
             self.bar.update(self.task, completed=rec["step"], info=info)
             return
