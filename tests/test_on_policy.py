@@ -8,6 +8,8 @@ import os
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import cli_env, run_cli
 from kdforge.train import checkpoint as ckpt
@@ -325,3 +327,24 @@ def test_an_unknown_price_is_exit_2_unless_the_teacher_is_said_to_be_free(tmp_pa
         r = run_cli("train", "--config", cfg, "generate.price_input=0", "generate.price_output=0")
         assert r.returncode == 0, r.stdout + r.stderr
         assert metrics(tmp_path / "unpriced")[1]["teacher_usd_total"] == 0.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(examples=st.lists(st.tuples(st.integers(0, 5), st.integers(1, 6)), min_size=1, max_size=8),
+       seed=st.integers(0, 1000))
+def test_packed_batches_give_on_policy_the_same_prompts_as_padded_ones(examples, seed):
+    """prompts_of on a packed micro-batch == on the padded one, as multisets: a {"text"} record
+    (prompt length 0) has no prompt to answer, packed or not (packing erases its first label, which
+    made its first token a 1-token prompt), and a real 1-token prompt stays one."""
+    from kdforge.data.dataset import IGNORE, collate
+    from kdforge.train.on_policy import prompts_of
+
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for n_prompt, n_answer in examples:
+        ids = torch.randint(3, 500, (n_prompt + n_answer,), generator=g)
+        labels = torch.cat([torch.full((n_prompt,), IGNORE), ids[n_prompt:]])
+        items.append({"input_ids": ids, "labels": labels})
+    padded = prompts_of(collate(items, 0))
+    packed = prompts_of(collate(items, 0, packed_len=sum(len(x["input_ids"]) for x in items)))
+    assert sorted(packed) == sorted(padded) == sorted(x["input_ids"][:p].tolist() for x, (p, _) in zip(items, examples))

@@ -314,6 +314,9 @@ def _pack(items: list[dict], pad_id: int, L: int) -> dict:
         "labels": torch.full((B, L), IGNORE, dtype=torch.long),
         "position_ids": torch.zeros((B, L), dtype=torch.long),
         "seq_ids": torch.full((B, L), -1, dtype=torch.long),  # which example each token belongs to
+        # an example's first position where its label was a target (a {"text"} record: no prompt),
+        # which packing erases below; on-policy reads it (train/on_policy.py prompts_of)
+        "first_target": torch.zeros((B, L), dtype=torch.bool),
     }
     if K:
         batch["topk_ids"] = torch.full((B, L, K), -1, dtype=torch.long)
@@ -326,6 +329,7 @@ def _pack(items: list[dict], pad_id: int, L: int) -> dict:
             batch["labels"][b, o:o + n] = x["labels"][:n]
             # Position o's label would be predicted from the previous example's last token: never a
             # target (padded batches never use an example's first label either).
+            batch["first_target"][b, o] = bool(x["labels"][0] != IGNORE) if n else False
             batch["labels"][b, o] = IGNORE
             batch["position_ids"][b, o:o + n] = torch.arange(n)
             batch["seq_ids"][b, o:o + n] = s

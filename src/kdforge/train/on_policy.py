@@ -325,10 +325,11 @@ def _rank0_error(kind: str, message: str) -> Exception:
 
 def prompts_of(batch: dict) -> list[list[int]]:
     """The prompt tokens of every example of a padded or packed dataset micro-batch: the tokens
-    before its first label (empty for a {"text"} record, which is all response)."""
+    before its first label (empty for a {"text"} record, which is all response; packed, its first
+    label is erased, and `first_target` says it was one)."""
     out = []
     ids, labels = batch["input_ids"], batch["labels"]
-    segs = batch.get("seq_ids")
+    segs, starts = batch.get("seq_ids"), batch.get("first_target")
     for b in range(ids.shape[0]):
         if segs is None:
             spans = [batch["attention_mask"][b].bool()]
@@ -336,6 +337,9 @@ def prompts_of(batch: dict) -> list[list[int]]:
             spans = [segs[b] == s for s in segs[b].unique().tolist() if s >= 0]
         for span in spans:
             x, y = ids[b][span].tolist(), labels[b][span].tolist()
+            if starts is not None and bool(starts[b][span][0]):
+                out.append([])
+                continue
             first = next((i for i, v in enumerate(y) if v != IGNORE), len(y))
             out.append(x[:first])
     return out
