@@ -25,7 +25,8 @@ The Batch API too (`/v1/files`, `/v1/batches`, OpenAI's shapes): a batch complet
 text) and billed at `batch_discount` of the price. Faults: batches that fail validation, expire
 with part of their rows done, put rows in the error file (500s; 400 for the bad marker), vanish
 from the list, answer 5xx while polled; and uploads or creations that are done but answered
-late (`hold_*`, so a test can kill the client in that window). `batch_rows` counts the rows
+late (`hold_*`, so a test can kill the client in that window); polls that hang (`hold_poll`); and
+result files that never end (`endless_content`). `batch_rows` counts the rows
 submitted per custom_id (a row in two created batches was submitted twice).
 """
 
@@ -47,6 +48,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 WORDS = ("the teacher writes a careful answer with steps and checks each result before it moves on "
          "to the next part of the question so the student can learn from every token").split()
 
+
+THINKING = (" Let me think.", " Étape", " 考える", " 🤔", " so", " überprüfen")  # one token each
 
 USAGE_LIES = ("honest", "missing", "negative", "huge", "string", "bool", "float", "over")
 
@@ -86,6 +89,13 @@ class FaultConfig:
     status_5xx: int = 500  # the status of injected 5xx answers (502/504: a gateway in front)
     answer: str | None = None  # fixed answer text, sent as 3-byte tokens (splits non-ASCII characters)
     script: tuple[Act, ...] | None = None  # per-request behaviour, cycled; None: the random faults above
+    # A reasoning ("thinking") model, as Kimi's and OpenAI's o-series are: it thinks for
+    # `reasoning_tokens` before it answers, the thinking counts inside max_tokens and is billed, and
+    # it is sent in `reasoning_field` (usage.completion_tokens_details.reasoning_tokens counts it).
+    # With max_tokens <= reasoning_tokens the answer is empty (finish_reason "length").
+    reasoning_tokens: int = 0
+    reasoning_field: str = "reasoning_content"  # or "reasoning", as some gateways name it
+    fixed_temperature: float | None = None  # other temperatures get Kimi's 400 (thinking models fix it)
     seed: int = 0
     # Batch API
     batch_latency: float = 0.2  # seconds from creation until a batch ends
@@ -97,6 +107,9 @@ class FaultConfig:
     hold_upload: float = 0.0  # seconds a POST /v1/files waits, file stored, before it answers
     hold_create: float = 0.0  # seconds a POST /v1/batches waits, batch created, before it answers
     hold_content: float = 0.0  # seconds a GET /v1/files/{id}/content waits before it answers
+    hold_poll: float = 0.0  # seconds a GET /v1/batches/{id} hangs before it answers (a hanging server)
+    endless_content: int = 0  # the first N result-file downloads never end: half the file, then 'x' forever
+    endless_rate: float = 20e6  # bytes/s of a never-ending download
     batch_usage: str = "honest"  # one of USAGE_LIES: what batch result rows report (billing stays honest)
     batch_garbage: bool = False  # result files also hold lines that are not JSON, and rows of unknown ids
 
@@ -169,6 +182,9 @@ class FaultServer:
         self.batch_rows: Counter = Counter()  # custom_id -> times submitted in a created batch
         self.batch_api = _BatchAPI(self)
         self.content_gets = 0  # GET /v1/files/{id}/content requests
+        self.polls = 0  # GET /v1/batches/{id} requests
+        self.endless_sent = 0  # bytes sent by never-ending downloads
+        self._stopped = threading.Event()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), _make_handler(self))
         self._httpd.daemon_threads = True
         self._thread: threading.Thread | None = None
@@ -189,6 +205,7 @@ class FaultServer:
         return self
 
     def stop(self) -> None:
+        self._stopped.set()  # ends never-ending downloads
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -283,6 +300,9 @@ class FaultServer:
             if c.bad_marker and c.bad_marker in prompt:
                 return self._err(hit, 400, "bad", "This model's maximum context length was exceeded (injected).",
                                  "context_length_exceeded", headers)
+            if c.fixed_temperature is not None and body.get("temperature", c.fixed_temperature) != c.fixed_temperature:
+                return self._err(hit, 400, "bad", f"invalid temperature: only {c.fixed_temperature:g} is allowed for "
+                                 "this model", "invalid_request_error", headers)
             ctoks = self._completion_len(prompt, max_tokens)
             hit.status, hit.kind, hit.billed = 200, "ok", True
             hit.prompt_tokens, hit.completion_tokens, hit.body = ptoks, ctoks, body
@@ -319,7 +339,7 @@ class FaultServer:
             text = obj["choices"][0]["message"]["content"]
             at = min(act.echo_key_at, len(text))
             obj["choices"][0]["message"]["content"] = text[:at] + key + text[at:]
-        usage = self._usage(act.usage, ptoks, ctoks, max_tokens)
+        usage = self._usage(act.usage, ptoks, ctoks, max_tokens, obj.get("usage"))
         if usage is None:
             obj.pop("usage", None)
         else:
@@ -327,15 +347,19 @@ class FaultServer:
         return 200, obj, headers, hit
 
     @staticmethod
-    def _usage(lie: str, ptoks: int, ctoks: int, max_tokens: int) -> dict | None:
-        """The `usage` object an answer reports, honest or not (billing is always `ptoks`, `ctoks`)."""
+    def _usage(lie: str, ptoks: int, ctoks: int, max_tokens: int, honest: dict | None = None) -> dict | None:
+        """The `usage` object an answer reports, honest or not (billing is always `ptoks`, `ctoks`);
+        a thinking model's `completion_tokens_details` are kept from the `honest` usage."""
         p, c = {"honest": (ptoks, ctoks), "negative": (-1_000_000, -ctoks), "huge": (10**15, 10**15),
                 "string": ("lots", "many"), "bool": (True, False), "float": (ptoks + 0.5, float(ctoks)),
                 "over": (ptoks, max_tokens * 10)}.get(lie, (None, None))
         if lie == "missing":
             return None
-        return {"prompt_tokens": p, "completion_tokens": c,
-                "total_tokens": p + c if lie in ("honest", "negative", "huge", "over") else "?"}
+        out = {"prompt_tokens": p, "completion_tokens": c,
+               "total_tokens": p + c if lie in ("honest", "negative", "huge", "over") else "?"}
+        if honest and "completion_tokens_details" in honest:
+            out["completion_tokens_details"] = honest["completion_tokens_details"]
+        return out
 
     def _err(self, hit: Hit, status: int, kind: str, msg: str, code: str | None, headers: dict | None = None):
         hit.status, hit.kind = status, kind
@@ -343,24 +367,37 @@ class FaultServer:
                  429: "requests"}.get(status, "server_error")
         return status, {"error": {"message": msg, "type": etype, "param": None, "code": code}}, headers or {}, hit
 
-    def _completion_len(self, prompt: str, max_tokens: int) -> int:
+    def _answer_len(self, prompt: str, max_tokens: int) -> int:
+        """The answer's own length in tokens (before any cut by max_tokens, for a thinking model)."""
         if self.cfg.completion_tokens is not None:
-            return max(1, min(self.cfg.completion_tokens, max_tokens))
+            return max(1, self.cfg.completion_tokens)
         seed = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+        if self.cfg.reasoning_tokens:
+            return 4 + seed % 8
         lo = max(1, max_tokens // 2)
         return lo + seed % (max_tokens - lo + 1)
+
+    def _completion_len(self, prompt: str, max_tokens: int) -> int:
+        """Completion tokens generated and billed: thinking (if any) plus answer, cut at max_tokens."""
+        return max(1, min(self.cfg.reasoning_tokens + self._answer_len(prompt, max_tokens), max_tokens))
 
     def _completion(self, body: dict, prompt: str, ptoks: int, ctoks: int, max_tokens: int) -> dict:
         digest = hashlib.sha256(f"{prompt}|{body.get('temperature')}".encode()).hexdigest()[:8]
         rng = random.Random(digest)
+        think = min(self.cfg.reasoning_tokens, ctoks)  # thinking comes first, inside max_tokens
+        answer = ctoks - think
         if self.cfg.answer is not None:  # byte-level tokens: a character may span two of them
             raw = f"[{digest}] {self.cfg.answer}".encode()
-            pieces = [raw[i:i + 3] for i in range(0, len(raw), 3)]
+            pieces = [raw[i:i + 3] for i in range(0, len(raw), 3)] if answer else []
         else:
-            pieces = [t.encode() for t in [f"[{digest}]"] + [" " + rng.choice(WORDS) for _ in range(ctoks - 1)]]
+            pieces = [t.encode() for t in [f"[{digest}]"] + [" " + rng.choice(WORDS) for _ in range(answer - 1)]] \
+                if answer else []
         tokens = [p.decode("utf-8", "replace") for p in pieces]
         msg = {"role": "assistant", "content": b"".join(pieces).decode()}
-        choice = {"index": 0, "message": msg, "finish_reason": "length" if ctoks >= max_tokens else "stop",
+        cut = self.cfg.reasoning_tokens + self._answer_len(prompt, max_tokens) > max_tokens
+        if think:
+            msg[self.cfg.reasoning_field] = "".join(THINKING[i % len(THINKING)] for i in range(think))
+        choice = {"index": 0, "message": msg, "finish_reason": "length" if ctoks >= max_tokens or cut else "stop",
                   "logprobs": None}
         if body.get("logprobs"):
             k = int(body.get("top_logprobs") or 0)
@@ -376,6 +413,8 @@ class FaultServer:
                "model": body.get("model", "fault-teacher"), "choices": [choice]}
         if self.cfg.usage:
             out["usage"] = {"prompt_tokens": ptoks, "completion_tokens": ctoks, "total_tokens": ptoks + ctoks}
+            if self.cfg.reasoning_tokens:
+                out["usage"]["completion_tokens_details"] = {"reasoning_tokens": think}
         return out
 
     def delay(self) -> float:
@@ -475,7 +514,7 @@ class _BatchAPI:
                 ctoks = srv._completion_len(prompt, max_tokens)
                 srv.hits.append(Hit(time.time(), 200, prompt, ptoks, ctoks, True, "batch", body))
                 status, obj = 200, srv._completion(body, prompt, ptoks, ctoks, max_tokens)
-                usage = srv._usage(c.batch_usage, ptoks, ctoks, max_tokens)
+                usage = srv._usage(c.batch_usage, ptoks, ctoks, max_tokens, obj.get("usage"))
                 if usage is None:
                     obj.pop("usage", None)
                 else:
@@ -499,6 +538,10 @@ class _BatchAPI:
 
     def retrieve(self, bid: str):
         srv = self.srv
+        with srv.lock:
+            srv.polls += 1
+        if srv.cfg.hold_poll:
+            srv._stopped.wait(srv.cfg.hold_poll)
         with srv.lock:
             if srv.cfg.batch_poll_5xx and srv.rng.random() < srv.cfg.batch_poll_5xx:
                 return 503, _error("The server is overloaded (injected)."), {}
@@ -536,11 +579,20 @@ class _BatchAPI:
             f = self.srv.files.get(fid)
             if content:
                 self.srv.content_gets += 1
+                endless = self.srv.content_gets <= self.srv.cfg.endless_content
         if f is None:
             return 404, _error(f"No file with id {fid!r}"), {}
         if content and self.srv.cfg.hold_content:
             time.sleep(self.srv.cfg.hold_content)
+        if content and endless:
+            return 200, _Endless(f["data"]), {}
         return 200, (f["data"] if content else f["meta"]), {}
+
+
+class _Endless(bytes):
+    """A result file that never ends: the first half of these bytes, then 'x' forever (so the row
+    cut in half becomes a line that never ends, and the rows after it are never sent)."""
+
 
 
 def _error(msg: str) -> dict:
@@ -595,6 +647,24 @@ def _make_handler(srv: FaultServer):
                 self.wfile.write(data[i:i + step])
                 self.wfile.flush()
 
+        def _send_endless(self, data: bytes) -> None:
+            """The file, then 'x' at `endless_rate` bytes/s until the client hangs up or the server stops."""
+            self.send_response(200)
+            self.send_header("content-type", "application/octet-stream")
+            self.send_header("content-length", str(1 << 50))
+            self.end_headers()
+            chunk = b"x" * 65536
+            step = len(chunk) / srv.cfg.endless_rate
+            try:
+                self.wfile.write(data[: len(data) // 2])
+                while not srv._stopped.wait(step):
+                    self.wfile.write(chunk)
+                    with srv.lock:
+                        srv.endless_sent += len(chunk)
+            except OSError:  # the client hung up
+                pass
+            self.close_connection = True
+
         def _authorized(self) -> bool:
             if srv.cfg.api_key is not None and self.headers.get("authorization") != f"Bearer {srv.cfg.api_key}":
                 self._send(401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
@@ -629,6 +699,8 @@ def _make_handler(srv: FaultServer):
             else:
                 out = 404, _error(f"no route {self.path}"), {}
             status, obj, headers = out
+            if isinstance(obj, _Endless):
+                return self._send_endless(obj) or True
             if isinstance(obj, bytes):
                 self.send_response(status)
                 self.send_header("content-type", "application/octet-stream")

@@ -35,6 +35,8 @@ def inspect_file(path: str | Path, n: int = 3, width: int = 100) -> str:
         out.append(f"\nSample {k + 1} ({head}):")
         out.append(f"  Prompt: {_cut(rec.prompt, width)}")
         out.append(f"  Response: {_cut(rec.response, width)}")
+        if rec.reasoning:
+            out.append(f"  Reasoning: {_cut(rec.reasoning, width)} ({len(rec.reasoning)} characters)")
         out.append(f"  Tokens: {meta.get('tokens', {})}")
         if rec.teacher_logprobs:
             out.append(f"  Logprobs: {len(rec.teacher_logprobs)} tokens, top-{len(rec.teacher_logprobs[0].get('top', []))}")

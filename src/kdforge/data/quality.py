@@ -40,6 +40,7 @@ class FileReport:
     empty: int = 0
     truncated: int = 0
     refusals: int = 0
+    with_reasoning: int = 0  # records carrying a thinking teacher's `teacher_reasoning`
     exact_duplicates: int = 0  # records repeating an earlier (prompt, response)
     duplicate_prompts: int = 0  # records repeating an earlier prompt with another response
     duplicate_ids: int = 0
@@ -160,6 +161,7 @@ def validate_file(path: str | Path, tokenizer=None) -> FileReport:
     for r in recs:
         rep.truncated += r.metadata.get("finish_reason") == "length"
         rep.refusals += bool(_REFUSAL.match(r.response[:200]))
+        rep.with_reasoning += bool(r.reasoning)
         pair = (r.prompt, r.response)
         if pair in seen_pairs:
             rep.exact_duplicates += 1
@@ -212,7 +214,7 @@ def validate_files(paths: list[str | Path], tokenizer_dir: str | Path | None = N
             raise DataError("tokenizer folder not found (make one: kdforge tokenizer train ...)", str(tokenizer_dir))
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     return [validate_file(p, tok) for p in paths]
 
 
@@ -221,7 +223,9 @@ def render(reports: list[FileReport]) -> str:
     for r in reports:
         out.append(f"{r.path}")
         out.append(f"  lines {r.lines} · valid {r.valid} · unusable {len(r.unusable)} (empty responses {r.empty})")
-        out.append(f"  truncated (finish_reason=length) {r.truncated} · refusals {r.refusals}")
+        out.append(f"  truncated (finish_reason=length) {r.truncated} · refusals {r.refusals}"
+                   + (f" · with reasoning {r.with_reasoning} (teacher_reasoning; trained by io.reasoning)"
+                      if r.with_reasoning else ""))
         out.append(f"  duplicates: exact {r.exact_duplicates} · same prompt {r.duplicate_prompts} · "
                    f"repeated ids {r.duplicate_ids}")
         out.append(f"  near duplicates (word 3-gram Jaccard >= {NEAR_DUP_JACCARD}): responses {len(r.near_duplicates)}"

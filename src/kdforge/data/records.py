@@ -1,7 +1,8 @@
 """Record formats: every JSONL shape kdforge accepts, normalised to one `Record`.
 
 Accepted lines (SPEC "generate" and "train"):
-- kdforge generate output: {"prompt", "teacher_text", "messages"?, "teacher_logprobs"?, "metadata"?}
+- kdforge generate output: {"prompt", "teacher_text", "messages"?, "teacher_reasoning"?, "teacher_logprobs"?,
+  "metadata"?} (`teacher_reasoning`: a thinking teacher's reasoning; `Record.training_response`)
 - {"prompt", "completion"}
 - OpenAI chat: {"messages": [...]} whose last message is the assistant's answer
 - Alpaca: {"instruction", "input"?, "output"}
@@ -37,6 +38,7 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0  # 1-based line number in its file
     prompt_only: bool = False  # a prompt with no answer (parse_record(prompt_only=True)): on-policy only
+    reasoning: str | None = None  # a thinking teacher's reasoning (`teacher_reasoning`), whole
 
     @property
     def is_text(self) -> bool:
@@ -47,6 +49,40 @@ class Record:
         if not self.prompt_messages:
             return ""
         return "\n".join(m["content"] for m in self.prompt_messages if m["role"] != "system")
+
+    def training_response(self, reasoning: str = "think", tokenizer=None) -> str:
+        """The text the student learns as its answer, by `io.reasoning`: "drop" (or a record without
+        thinking): the answer alone; "think": the thinking, then the answer, in the tokenizer's chat
+        template's own thinking format where it has one (a template that renders an assistant
+        message's `reasoning_content`, as Qwen3's does), else `<think>\n{reasoning}\n</think>\n\n{answer}`."""
+        if reasoning not in REASONING_MODES:
+            raise ValueError(f"io.reasoning must be one of {', '.join(REASONING_MODES)}, got {reasoning!r}")
+        if reasoning == "drop" or not self.reasoning:
+            return self.response
+        own = _template_thinking(tokenizer, self) if tokenizer is not None and not self.is_text else None
+        return own if own is not None else THINK_FORMAT.format(reasoning=self.reasoning, answer=self.response)
+
+
+REASONING_MODES = ("think", "drop")
+THINK_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"
+_END = "\u2063kdforge-end\u2063"  # marks where the answer ends inside a rendered template
+
+
+def _template_thinking(tokenizer, rec: "Record") -> str | None:
+    """The response as the chat template renders an assistant turn with `reasoning_content`, cut
+    where the answer ends (the caller adds EOS); None when the template has no thinking format."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or "reasoning_content" not in template:
+        return None
+    turn = {"role": "assistant", "content": rec.response + _END, "reasoning_content": rec.reasoning}
+    try:
+        head = tokenizer.apply_chat_template(rec.prompt_messages, tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(rec.prompt_messages + [turn], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that cannot render this: the plain format
+        return None
+    if not full.startswith(head) or _END not in full or rec.reasoning not in full:
+        return None
+    return full[len(head):full.index(_END)]
 
 
 def _check_messages(msgs: Any, key: str) -> list[dict[str, str]]:
@@ -173,6 +209,10 @@ def parse_record(obj: Any, prompt_only: bool = False) -> Record:
             f"unknown record format (keys: {keys}); expected one of: prompt+teacher_text, "
             "prompt+completion, messages, instruction+output, text"
         )
+    thinking = obj.get("teacher_reasoning")
+    if thinking is not None and not isinstance(thinking, str):
+        raise ValueError(f"'teacher_reasoning' must be a string (the teacher's thinking), got {type(thinking).__name__}")
+    rec.reasoning = thinking or None
     if not isinstance(rec.response, str):
         raise ValueError("the response must be a string")
     if not rec.response.strip():

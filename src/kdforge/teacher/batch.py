@@ -30,6 +30,7 @@ completed and releases the rest; `--status` prints all this without touching any
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -50,6 +51,11 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 MAX_BATCH_TRIES = 3  # batches a row may fail in before it counts as a failed sample (a re-run retries it)
 POLL_MAX = 60.0  # seconds: the longest wait between two polls of one batch
 LIST_SLACK = 600  # seconds: batches created this long before our intent cannot be ours (list is newest first)
+CONTROL_DEADLINE = 60.0  # seconds: the longest any control-plane call may take (or `timeout`, if shorter) ...
+MIN_RATE = 1 << 20  # ... plus its bytes at this rate (bytes/s) for uploads and downloads
+ROW_BYTES = 64 << 10  # a result row's bytes besides its tokens (ids, usage, JSON) at most ...
+TOKEN_BYTES = 256  # ... plus this per token and per logprob alternative (escaped text, bytes lists)
+DOWNLOAD_CHUNK = 1 << 16
 
 
 @dataclass
@@ -103,6 +109,19 @@ def _file_of(key: str) -> tuple[str, int] | None:
     if len(parts) != 4 or parts[0] != "batch" or not parts[2].isdigit():
         return None
     return parts[1], int(parts[2])
+
+
+def _http_errors() -> type[Exception]:
+    """The HTTP library's base error, as the openai client uses it (httpx2 in newer releases)."""
+    try:
+        import httpx2 as http
+    except ImportError:
+        import httpx as http
+    return http.HTTPError
+
+
+class _Halted(Exception):
+    """The run is stopping (a signal, a refusal): a control-plane call was abandoned."""
 
 
 class BatchRun:
@@ -290,7 +309,8 @@ class BatchRun:
                                  "body": self.jobs[sid].body}, ensure_ascii=False) for sid in f.rows]
             data = ("\n".join(lines) + "\n").encode("utf-8")
             up = await self._call("upload (POST /v1/files)", self.api.openai.files.create,
-                                  file=(f"kdforge-{self.state.run_id}-{f.n}.jsonl", data), purpose="batch")
+                                  file=(f"kdforge-{self.state.run_id}-{f.n}.jsonl", data), purpose="batch",
+                                  deadline=self._deadline(len(data)))
             if up is None:
                 return
             f.file_id, f.status = up.id, "uploaded"
@@ -330,10 +350,11 @@ class BatchRun:
         meta = {"kdforge_run": self.state.run_id, "kdforge_file": str(f.n)}
         for attempt in range(1, self.cfg.max_retries + 2):
             try:
-                self.api_calls += 1
-                return await self.api.call("submit (POST /v1/batches)", self.api.openai.batches.create,
-                                           input_file_id=f.file_id, endpoint="/v1/chat/completions",
-                                           completion_window="24h", metadata=meta)
+                return await self._once("submit (POST /v1/batches)", self.api.openai.batches.create,
+                                        input_file_id=f.file_id, endpoint="/v1/chat/completions",
+                                        completion_window="24h", metadata=meta)
+            except _Halted:
+                return None
             except AttemptFailed as e:
                 if not await self._wait_after(e, attempt, "submit (POST /v1/batches)"):
                     return None
@@ -358,19 +379,48 @@ class BatchRun:
                 return None
             after = page.data[-1].id
 
-    async def _call(self, what: str, fn, *args, **kw):
+    async def _call(self, what: str, fn, *args, deadline: float | None = None, **kw):
         """A control-plane call with retries on 429/5xx/timeouts (Retry-After honoured). None: the
         run is stopping or the provider stayed unavailable (the run then stops, resumable)."""
         for attempt in range(1, self.cfg.max_retries + 2):  # as an online request: max_retries after the first
-            if self.gen.stop_reason is not None and self.gen.stop_reason != "budget":
-                return None
             try:
-                self.api_calls += 1
-                return await self.api.call(what, fn, *args, **kw)
+                return await self._once(what, fn, *args, deadline=deadline, **kw)
+            except _Halted:
+                return None
             except AttemptFailed as e:
                 if not await self._wait_after(e, attempt, what):
                     return None
         return None
+
+    def _deadline(self, nbytes: int = 0) -> float:
+        return min(self.cfg.timeout, CONTROL_DEADLINE) + nbytes / MIN_RATE
+
+    async def _once(self, what: str, fn, *args, deadline: float | None = None, **kw):
+        """One control-plane call, bounded: by its deadline (a server that hangs or drips is a
+        timeout, retried as one) and by the run stopping (a signal, a refusal): then the call is
+        abandoned at once and `_Halted` raised; what was sent is recovered by the next run, as
+        after a kill (module docstring)."""
+        gen = self.gen
+        if gen.stop_reason is not None and gen.stop_reason != "budget":
+            raise _Halted
+        self.api_calls += 1
+        limit = deadline if deadline is not None else self._deadline()
+        call = asyncio.ensure_future(asyncio.wait_for(self.api.call(what, fn, *args, **kw), limit))
+        halt = asyncio.ensure_future(gen.halted.wait())
+        try:
+            await asyncio.wait({call, halt}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            halt.cancel()
+            if not call.done():
+                call.cancel()
+                await asyncio.gather(call, return_exceptions=True)
+        if call.cancelled():
+            raise _Halted
+        try:
+            return call.result()
+        except asyncio.TimeoutError:
+            raise Transient(f"{what}: no answer within its deadline of {limit:g} s", "timeout",
+                            billed=False) from None
 
     async def _wait_after(self, e: AttemptFailed, attempt: int, what: str) -> bool:
         gen = self.gen
@@ -425,32 +475,75 @@ class BatchRun:
                 self._interval[f.n] = min(POLL_MAX, self._interval.get(f.n, self.cfg.batch_poll) * 1.5)
                 self._next_poll[f.n] = time.monotonic() + self._interval[f.n]
 
-    async def _download(self, file_id: str | None) -> list[dict] | None:
+    def row_cap(self) -> int:
+        """The most bytes one result row can take: ROW_BYTES, plus TOKEN_BYTES per token of
+        max_tokens (thinking included) and per logprob alternative."""
+        return ROW_BYTES + self.cfg.max_tokens * TOKEN_BYTES * (1 + self.cfg.top_logprobs)
+
+    async def _download(self, f: BatchFile, file_id: str | None, which: str) -> tuple[Path | None, bool] | None:
+        """Stream a result file to the checkpoint dir, never past what `f`'s rows can take (its
+        cap). (path, cut at the cap), (None, False) for no file, None when stopping or failed."""
         if not file_id:
-            return []
-        body = await self._call(f"download (GET /v1/files/{file_id}/content)", self.api.openai.files.content,
-                                file_id)
-        if body is None:
-            return None
-        rows = []
-        for line in body.content.decode("utf-8", "replace").splitlines():
+            return None, False
+        path = self.ckpt / f"batch-{f.n}-{which}.jsonl.part"
+        cap = len(f.rows) * self.row_cap()
+        cut = False
+
+        async def fetch() -> bool:
+            nonlocal cut
+            got = 0
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a torn or foreign line: its row counts as not run, and is retried
-            if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
-                rows.append(row)
-        return rows
+                async with self.api.openai.files.with_streaming_response.content(file_id) as resp:
+                    with open(path, "wb") as out:
+                        async for chunk in resp.iter_bytes(DOWNLOAD_CHUNK):
+                            out.write(chunk[:cap - got])
+                            got += len(chunk)
+                            if got > cap:
+                                cut = True
+                                break
+            except _http_errors() as e:  # the body broke off: read again by the next attempt
+                raise Transient(f"download of {file_id} broke off after {got} bytes ({type(e).__name__})",
+                                "dropped", billed=False) from None
+            return True
+
+        what = f"download (GET /v1/files/{file_id}/content)"
+        if await self._call(what, fetch, deadline=self._deadline(cap)) is None:
+            return None
+        if cut:
+            self.log(f"batch file {f.n}: the {which} file {file_id} of batch {f.batch_id} passed its cap of {cap} "
+                     f"bytes ({len(f.rows)} rows x ({ROW_BYTES} + --max-tokens {self.cfg.max_tokens} x "
+                     f"{TOKEN_BYTES} x (1 + --top-logprobs {self.cfg.top_logprobs})) bytes): not a result file; the "
+                     "rows read before the cap are kept, the others charged at their worst case and retried")
+        return path, cut
+
+    def _rows(self, path: Path | None):
+        """The result rows of a downloaded file, one line at a time; a line longer than a row can
+        be, a torn or foreign line is skipped (its row counts as unread)."""
+        if path is None:
+            return
+        limit = self.row_cap()
+        with open(path, "rb") as fh:
+            while line := fh.readline(limit + 1):
+                if len(line) > limit and not line.endswith(b"\n"):
+                    while (rest := fh.readline(DOWNLOAD_CHUNK)) and not rest.endswith(b"\n"):
+                        pass  # skip the rest of an overlong line without holding it
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8", "replace"))
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("custom_id"), str):
+                    yield row
 
     async def _collect(self, f: BatchFile, b) -> None:
         """A batch ended: settle and write each row as an online answer; retry what did not complete."""
-        out = await self._download(getattr(b, "output_file_id", None))
-        err = await self._download(getattr(b, "error_file_id", None)) if out is not None else None
+        out = await self._download(f, getattr(b, "output_file_id", None), "output")
+        err = await self._download(f, getattr(b, "error_file_id", None), "error") if out is not None else None
         if out is None or err is None:
             return  # stopping: polled again by the next run
         gen, mine = self.gen, set(f.rows)
         seen: set[str] = set()
-        for row in out + err:
+        for row in itertools.chain(self._rows(out[0]), self._rows(err[0])):
             sid = row["custom_id"]
             if sid not in mine or sid in seen:
                 continue  # not ours, or a provider that listed a row twice: it is paid and written once
@@ -459,13 +552,17 @@ class BatchRun:
                 self._settle_row(f, self.jobs[sid], row)
             else:  # a row of another command's plan (--cancel with other flags): paid, cannot be written
                 self._settle_stranger(f, sid, row)
+        unread = out[1] or err[1]  # a file cut at its cap: an unseen row may be in the part not read
         for sid in f.rows:
             if sid not in seen:  # in neither file: the provider never ran it (failed or cancelled batch)
                 res = gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
-                if res is not None:
+                if res is not None and unread:
+                    gen._charge(gen.ledger.settle_worst(res, "unread"), res.prompt_tokens, res.completion_tokens)
+                elif res is not None:
                     gen.ledger.settle(res, 0, 0, "not-run")
                 if sid in self.jobs:
-                    self._again(self.jobs[sid], f"not run by batch {f.batch_id} ({b.status})")
+                    self._again(self.jobs[sid], f"not run by batch {f.batch_id} ({b.status})" if not unread else
+                                f"not read: a result file of batch {f.batch_id} passed its cap")
         if b.status == "failed":
             errs = getattr(getattr(b, "errors", None), "data", None) or []
             why = "; ".join(str(getattr(e, "message", e)) for e in errs[:3]) or "no reason given"
@@ -473,6 +570,9 @@ class BatchRun:
                      + ("online" if self.cfg.batch_fallback == "online" else "in the next file"))
         f.status = "done"
         self.save()
+        for p in (out[0], err[0]):
+            if p is not None:
+                p.unlink(missing_ok=True)
         self._update_held()
 
     def _settle_row(self, f: BatchFile, job: SampleRequest, row: dict) -> None:

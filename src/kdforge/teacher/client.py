@@ -26,6 +26,7 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -45,15 +46,27 @@ class Answer:
     logprobs: list[dict] | None  # [{token, logprob, bytes?, top: [{token, logprob, bytes?}]}]
     model: str | None
     headers: Mapping[str, str] = field(default_factory=dict)
+    reasoning: str | None = None  # a thinking model's `reasoning_content` (or `reasoning`), whole
+    reasoning_tokens: Any = None  # usage.completion_tokens_details.reasoning_tokens, as sent (unchecked)
 
     def to_cache(self) -> dict:
         return {"text": self.text, "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "logprobs": self.logprobs, "model": self.model}
+                "completion_tokens": self.completion_tokens, "logprobs": self.logprobs, "model": self.model,
+                "reasoning": self.reasoning, "reasoning_tokens": self.reasoning_tokens}
 
     @classmethod
     def from_cache(cls, obj: dict) -> "Answer":
         return cls(obj["text"], obj.get("finish_reason"), obj.get("prompt_tokens"), obj.get("completion_tokens"),
-                   obj.get("logprobs"), obj.get("model"))
+                   obj.get("logprobs"), obj.get("model"), reasoning=obj.get("reasoning"),
+                   reasoning_tokens=obj.get("reasoning_tokens"))
+
+    def thinking_tokens(self) -> int | None:
+        """The reasoning tokens the teacher reported, when it reported a whole number within its
+        completion tokens; else None (not reported, or not to be trusted)."""
+        r, c = self.reasoning_tokens, self.completion_tokens
+        if type(r) is not int or r < 0 or (type(c) is int and r > c):
+            return None
+        return r
 
 
 class AttemptFailed(Exception):
@@ -128,6 +141,32 @@ def mask_secret(text: str, secret: str | None, limit: int = REASON_CHARS) -> str
             if cut.endswith(secret[:n]):
                 return cut[:-n] + "***"
     return cut
+
+
+# A sampling parameter a provider fixes for a model (Kimi's thinking models allow only temperature 1
+# and top_p 0.95; OpenAI's o-series refuse temperature/top_p/logprobs): the flag that sends it.
+_PARAM_FLAGS = {"temperature": "--temperature (generate.temperature)", "top_p": "generate.top_p",
+                "top_logprobs": "--top-logprobs", "logprobs": "--top-logprobs"}
+_PARAM_RE = re.compile(r"\b(temperature|top_p|top_logprobs|logprobs)\b", re.IGNORECASE)
+_REFUSED_RE = re.compile(r"invalid|only|not supported|unsupported|not allowed|must be|does not support", re.IGNORECASE)
+_ALLOWED_RE = re.compile(r"only\s+(-?\d+(?:\.\d+)?)\s+(?:is|are)\s+allowed|must be\s+(-?\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+def fixed_parameter_hint(msg: str) -> str:
+    """For a 400 that refuses a sampling parameter: which flag to drop or change ("" otherwise)."""
+    m = _PARAM_RE.search(msg)
+    if not m or not _REFUSED_RE.search(msg):
+        return ""
+    name = m.group(1).lower()
+    flag = _PARAM_FLAGS[name]
+    allowed = _ALLOWED_RE.search(msg)
+    value = next((g for g in allowed.groups() if g is not None), None) if allowed else None
+    if value is not None:
+        where = f"{flag.split(' (')[0]} {value}" if flag.startswith("--") else f"{flag}: {value} in the config"
+        return f"; the teacher fixes {name} for this model: set {where} (the value it allows)"
+    if name in ("top_logprobs", "logprobs"):
+        return "; this model returns no logprobs: drop --top-logprobs"
+    return f"; the teacher fixes {name} for this model: drop {flag} (or set the value its documentation names)"
 
 
 def _error_detail(body: Any) -> tuple[str, str | None]:
@@ -216,6 +255,8 @@ class TeacherClient:
             logprobs=_logprobs(choice),
             model=resp.model,
             headers=headers,
+            reasoning=_reasoning(choice.message),
+            reasoning_tokens=_field(getattr(usage, "completion_tokens_details", None), "reasoning_tokens"),
         )
 
     async def call(self, what: str, fn, *args, **kw):
@@ -277,10 +318,30 @@ class TeacherClient:
         if status >= 500 or status in (408, 409, 425):  # a 5xx may come after the upstream billed
             return Transient(f"{status} {msg}", str(status) if status < 500 else "5xx", billed=status >= 500,
                              headers=headers, retry_after=retry, usage=usage)
-        return Rejected(f"{status} {msg}", status, headers=headers, usage=usage)
+        hint = fixed_parameter_hint(msg) if status == 400 else ""
+        return Rejected(f"{status} {msg}{hint}", status, headers=headers, usage=usage)
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+REASONING_FIELDS = ("reasoning_content", "reasoning")  # DeepSeek/Kimi/vLLM; OpenRouter and some gateways
+
+
+def _field(obj, name: str):
+    """`obj.name`, whether `obj` is a parsed model (extra fields kept) or a plain dict."""
+    if isinstance(obj, dict):
+        return obj.get(name)
+    return getattr(obj, name, None)
+
+
+def _reasoning(message) -> str | None:
+    """A thinking model's reasoning text, whole; None if there is none (or it is not text)."""
+    for name in REASONING_FIELDS:
+        text = _field(message, name)
+        if isinstance(text, str) and text:
+            return text
+    return None
 
 
 def _logprobs(choice) -> list[dict] | None:

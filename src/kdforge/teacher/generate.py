@@ -63,6 +63,8 @@ RATE_LIMIT_RETRIES_PER_RETRY = 4  # a sample may see 4x max_retries 429s: being 
 STATE_EVERY = 5.0  # seconds between state.json writes
 UNAVAILABLE_AFTER = 3  # samples in a row giving up on transient errors: the teacher is down, stop (exit 1)
 REJECTING_AFTER = 10  # samples in a row rejected (4xx): the endpoint or the request is wrong, not the prompts
+UNUSABLE = {"empty": "empty", "cut": "cut by --max-tokens", "content_filter": "stopped by the content filter",
+            "key-in-answer": "quoting the API key"}  # paid answers that cannot be stored, by kind
 FINITE_FIELDS = ("budget_limit", "price_input", "price_output", "rpm", "tpm", "delay", "temperature", "timeout",
                  "retry_base", "retry_max")  # float settings where inf/nan would poison money or pacing
 
@@ -149,6 +151,21 @@ def _locked(out: Path, ckpt: Path):
         os.close(fd_out)
 
 
+def fit_max_tokens(max_tokens: int) -> int:
+    """A --max-tokens to suggest when a thinking model's thinking filled `max_tokens`: four times
+    as much (its thinking ran past it, by how much is unknown), in whole 256s."""
+    return -(-4 * max_tokens // 256) * 256
+
+
+def _tokens(pt: int, ct: int, reasoning: int | None) -> dict:
+    """metadata.tokens: completion counts the thinking (as providers bill it); `reasoning` says
+    how much of it was thinking, where the provider reported it."""
+    out = {"prompt": pt, "completion": ct}
+    if reasoning is not None and reasoning <= ct:
+        out["reasoning"] = reasoning
+    return out | {"total": pt + ct}
+
+
 def _utc_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -173,10 +190,12 @@ class Generator:
         self._warned: set[str] = set()
         self._interrupts = 0
         self._gave_up = 0  # samples in a row that failed for transient reasons
-        self.rejected_in_row: list[SampleRequest] = []  # samples in a row the teacher rejected (4xx)
+        self.rejected_in_row: list[SampleRequest] = []  # samples in a row rejected (4xx) or paid and unusable
+        self._streak: Counter = Counter()  # their kinds
         self.last_failure = ""  # the latest failure's reason (masked), for the stop message
         self.transient_kinds: set[str] = set()  # failure kinds a re-run retries
         self.held_elsewhere = 0  # samples at the Batch API meanwhile (batch mode): not claimed online
+        self.halted = asyncio.Event()  # set by every stop but the budget's: calls in flight may be abandoned
 
     # ---------------------------------------------------------------- main loop
     async def main(self, batch=None) -> None:
@@ -195,6 +214,8 @@ class Generator:
             ticker.cancel()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
+                if self._interrupts:  # stopping already: a further Ctrl-C must not cut the save short
+                    signal.signal(sig, signal.SIG_IGN)
             await self.client.aclose()
 
     async def run_workers(self, jobs: list[SampleRequest] | None = None) -> None:
@@ -290,19 +311,35 @@ class Generator:
         checked usage, then cache it and write the sample, or record why it cannot be kept.
         `cost`: what earlier attempts of this sample cost."""
         cost += self._settle_ok(job, res, ans)
-        if self.client.leaks_key(ans):  # never into the dataset, the cache or a log
-            self._fail(job, f"the teacher's answer quotes the API key from {self.cfg.api_key_env}; not stored",
-                       "key-in-answer", attempts, permanent=True)
-        elif not ans.text.strip():
-            self._fail(job, "the teacher's answer is empty", "empty", attempts, permanent=True)
-        elif ans.finish_reason == "content_filter":
-            self._fail(job, "the teacher's content filter stopped the answer", "content_filter",
-                       attempts, permanent=True)
+        unusable = self._unusable(ans)
+        if unusable is not None:  # paid for, cannot be kept: counts toward the stop as rejections do
+            self._fail(job, unusable[1], unusable[0], attempts, permanent=True)
         else:
             self.cache.put(job.cache_key, ans.to_cache())
             self._write(job, ans, cost, cached=False)
             self._gave_up = 0
             self.rejected_in_row.clear()
+            self._streak.clear()
+
+    def _unusable(self, ans: Answer) -> tuple[str, str] | None:
+        """(kind, reason) for a paid answer that cannot be stored, else None."""
+        if self.client.leaks_key(ans):  # never into the dataset, the cache or a log
+            return "key-in-answer", f"the teacher's answer quotes the API key from {self.cfg.api_key_env}; not stored"
+        if ans.finish_reason == "content_filter":
+            return "content_filter", "the teacher's content filter stopped the answer"
+        if ans.text.strip():
+            return None
+        mt = self.cfg.max_tokens
+        if ans.finish_reason != "length":
+            thought = f" (after {len(ans.reasoning)} characters of thinking)" if ans.reasoning else ""
+            return "empty", f"the teacher's answer is empty{thought}"
+        if not ans.reasoning:
+            return "cut", f"the teacher's answer was cut by --max-tokens {mt} before any text"
+        used = ans.thinking_tokens()
+        used = f"{used} tokens" if used is not None else f"all of them ({len(ans.reasoning)} characters of thinking)"
+        return "cut", (f"the teacher thinks before it answers and its thinking used {used} of --max-tokens {mt}: "
+                       f"cut before any answer; thinking and answer must both fit, e.g. --max-tokens "
+                       f"{fit_max_tokens(mt)} or more")
 
     def reject(self, job: SampleRequest, res, e: AttemptFailed, attempts: int) -> None:
         """The teacher refused this request (a 4xx, online or in a batch's error file): settle as
@@ -387,6 +424,8 @@ class Generator:
     def _write(self, job: SampleRequest, ans: Answer, cost: float, cached: bool) -> None:
         pt, ct = ans.prompt_tokens or 0, ans.completion_tokens or 0
         rec = {"id": job.id, "prompt": job.prompt.text, "teacher_text": ans.text, "messages": job.messages}
+        if ans.reasoning:  # a thinking teacher's reasoning, whole: paid for, and trainable (io.reasoning)
+            rec["teacher_reasoning"] = ans.reasoning
         if self.cfg.top_logprobs:
             if ans.logprobs:
                 rec["teacher_logprobs"] = ans.logprobs
@@ -394,7 +433,7 @@ class Generator:
                 self._warn("logprobs", "the teacher returned no logprobs; --top-logprobs has no effect on this server")
         rec["metadata"] = {
             "model": ans.model or self.cfg.model, "source": job.prompt.source, "finish_reason": ans.finish_reason,
-            "tokens": {"prompt": pt, "completion": ct, "total": pt + ct},
+            "tokens": _tokens(pt, ct, ans.thinking_tokens()),
             "cost_usd": round(cost, 9) if (self.prices or cached) else None,
             "cached": cached, "created": _utc_now(),
         }
@@ -407,12 +446,11 @@ class Generator:
         self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
         self.stats.failed[kind] += 1
         self.last_failure = reason
-        if permanent and kind.isdigit():  # the teacher rejected the request (4xx)
+        if permanent and (kind.isdigit() or kind in UNUSABLE):  # rejected (4xx), or paid and unusable
             self.rejected_in_row.append(job)
+            self._streak[kind] += 1
             if len(self.rejected_in_row) >= REJECTING_AFTER:
-                self._stop("rejecting", KdforgeError(
-                    f"the teacher at {self.cfg.teacher} rejected {len(self.rejected_in_row)} requests in a row "
-                    f"(last: {reason})"))
+                self._stop("rejecting", KdforgeError(self._streak_text(reason)))
         if not permanent:
             self.transient_kinds.add(kind)
             self._gave_up += 1
@@ -420,6 +458,15 @@ class Generator:
                 self._stop("unavailable", KdforgeError(
                     f"the teacher at {self.cfg.teacher} keeps failing: {self._gave_up} samples in a row ran out "
                     f"of retries (last: {reason})"))
+
+    def _streak_text(self, reason: str) -> str:
+        n, kinds = len(self.rejected_in_row), self._streak
+        unusable = sum(v for k, v in kinds.items() if k in UNUSABLE)
+        if not unusable:
+            return f"the teacher at {self.cfg.teacher} rejected {n} requests in a row (last: {reason})"
+        parts = ", ".join(f"{v} {UNUSABLE.get(k, f'rejected ({k})')}" for k, v in kinds.most_common())
+        return (f"the teacher at {self.cfg.teacher} gave {n} answers in a row that cannot be used ({parts}; "
+                f"{unusable} of them paid for; last: {reason})")
 
     def _warn(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -430,6 +477,8 @@ class Generator:
     def _stop(self, reason: str, err: Exception | None) -> None:
         if self.stop_reason is None:
             self.stop_reason, self.stop_error = reason, err
+        if reason != "budget":
+            self.halted.set()
         at_once = reason in ("refused", "error")
         for task, state in list(self._state.items()):
             if task is not asyncio.current_task() and (at_once or state == "waiting"):
@@ -443,6 +492,7 @@ class Generator:
             self._stop("interrupt", None)
         else:
             self.stop_reason = "interrupt"
+            self.halted.set()
             for task in self._state:
                 task.cancel()
 
@@ -466,8 +516,10 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
     _check(cfg)
     prices = resolve_prices(cfg.model, cfg.price_input, cfg.price_output)
     if cfg.budget_limit is not None and prices is None:
+        from kdforge.teacher.pricing import unknown_price_fix
+
         raise UsageError(f"--budget-limit needs prices, and model {cfg.model!r} is not in the shipped price table: "
-                         "pass --price-input and --price-output (USD per million tokens)")
+                         f"{unknown_price_fix()}")
     out, ckpt, cache_dir = _paths(cfg)
     jobs = build_jobs(cfg, plan_prompts(cfg.prompts, cfg.mix, cfg.seed,
                                         warn=lambda m: print(f"warning: {m}", file=err_stream, flush=True)))
