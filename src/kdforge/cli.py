@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     except KdforgeError as e:
         err(str(e))
         sys.exit(e.exit_code)
+    except ValueError as e:  # transformers refusing a folder's own code (trust_remote_code=False): exit 2
+        from kdforge.remote_code import refusal
+
+        if (ours := refusal(e)) is None:
+            raise
+        err(str(ours))
+        sys.exit(ours.exit_code)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

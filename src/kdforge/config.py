@@ -445,7 +445,7 @@ def _tokenizer_vocab(path: str) -> int | None:
 
 def _model_vocab(path: str) -> int | None:
     from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path).vocab_size
+    return AutoConfig.from_pretrained(path, trust_remote_code=False).vocab_size
 
 
 def daemon_only(cfg: Config) -> bool:
@@ -566,9 +566,9 @@ def _lora_problems(model_path: str, lora) -> list[tuple[str, str]]:
     from kdforge.model.memory import lora_field
     from kdforge.model.student import peft_lora_config
 
-    conf = AutoConfig.from_pretrained(model_path)
+    conf = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf)
+        model = AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
     if lora.target_modules is not None:
         # GPT-2's attention and MLP are Conv1D (a transposed Linear): PEFT adapts those too.
         names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules()

@@ -111,8 +111,9 @@ def run_cell(c: dict) -> dict:
     res = run_training(cfg, resume="none", log=lambda m: None)
     teacher, tok = _teacher(task)
     if own is not None:
-        tok = AutoTokenizer.from_pretrained(str(own))
-    student = AutoModelForCausalLM.from_pretrained(str(res.last_checkpoint), dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(own), trust_remote_code=False)
+    student = AutoModelForCausalLM.from_pretrained(str(res.last_checkpoint), dtype=torch.float32,
+                                                    trust_remote_code=False)
     q = score(task, student, tok, Path(c["eval"]), teacher if task.name == "lang" else None)
     op_steps, scored = on_policy_spend(out / "metrics.jsonl")
     for ck in out.glob("checkpoint-*"):  # weights are not needed once scored: keep the bench folder small
@@ -162,7 +163,7 @@ def one_to_one_share(rows: list[dict], tokenizer_dir: Path) -> float:
     from kdforge.data.align import StudentPieces, align_rows, teacher_tokens
     from kdforge.data.tokenizer import special_ids, token_bytes
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
     pieces = StudentPieces(token_bytes(tok), special_ids(tok))
     n = one = 0
     for r in rows:

@@ -100,8 +100,9 @@ def load_teacher(task: Task):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(task.teacher_dir), dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(str(task.teacher_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(task.teacher_dir), dtype=torch.float32,
+                                                 trust_remote_code=False).eval()
+    return model, AutoTokenizer.from_pretrained(str(task.teacher_dir), trust_remote_code=False)
 
 
 def _entry(tok, token_id: int, logprob: float) -> dict:

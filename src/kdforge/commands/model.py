@@ -76,7 +76,7 @@ def _tokenizer_size(tokenizer: Path) -> int:
     from transformers import AutoTokenizer
 
     try:
-        return len(AutoTokenizer.from_pretrained(str(tokenizer)))
+        return len(AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False))
     except Exception as e:  # noqa: BLE001 - any load failure is a bad input folder
         raise UsageError(f"cannot load a tokenizer from {tokenizer}: {e}") from None
 

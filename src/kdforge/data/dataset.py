@@ -106,7 +106,7 @@ def load_tokenizer(path_or_tok):
         p = Path(path_or_tok)
         if not p.exists():
             raise DataError(f"tokenizer folder not found: {p} (make one: kdforge tokenizer train ...)")
-        tok = AutoTokenizer.from_pretrained(str(p))
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=False)
     else:
         tok = path_or_tok
     if tok.pad_token_id is None:

@@ -82,7 +82,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out: str | Path, min_
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out))
-    return AutoTokenizer.from_pretrained(str(out))
+    return AutoTokenizer.from_pretrained(str(out), trust_remote_code=False)
 
 
 # ----------------------------------------------------------------------------- raw bytes of tokens

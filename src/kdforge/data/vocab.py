@@ -21,7 +21,7 @@ def tokenizer_vocab_size(path: str | Path) -> int:
         return size
     from transformers import AutoTokenizer
 
-    return len(AutoTokenizer.from_pretrained(str(path)))
+    return len(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
 
 
 def _fast_vocab_size(folder: Path) -> int | None:

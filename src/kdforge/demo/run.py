@@ -142,8 +142,8 @@ def _accuracy(model_dir: Path, records: list[dict], s: DemoSettings) -> float:
 
     from kdforge.demo.chat import greedy_answers
 
-    tok = AutoTokenizer.from_pretrained(str(TEACHER_DIR))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(TEACHER_DIR), trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
     return evaluate(lambda ps: greedy_answers(model, tok, ps, s.max_new_tokens), records)
 
 

@@ -124,7 +124,7 @@ def load_model(src: ModelSource, device, dtype=None):
 
     hf_logging.disable_progress_bar()  # stderr keeps to our own lines
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(src.base), dtype=dtype or torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(src.base), dtype=dtype or torch.float32, trust_remote_code=False)
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model in {src.base}: {e}; give {_WHAT}") from None
     if src.adapter is not None:

@@ -597,7 +597,7 @@ def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_
     # sdpa: the family's default attention, as training loads it (Gemma-2's is eager)
     attn = {"attn_implementation": "eager"} if setup.attention == "eager" else {}
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf, dtype=dtype, **attn)
+        model = AutoModelForCausalLM.from_config(conf, dtype=dtype, trust_remote_code=False, **attn)
     params = sum(p.numel() for p in model.parameters())
     targets: tuple[str, ...] = ()
     if setup.lora is not None:
@@ -716,7 +716,7 @@ def hf_config(path):
     """The transformers config of the Hugging Face folder at `path` (its config.json)."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(path))
+    return AutoConfig.from_pretrained(str(path), trust_remote_code=False)
 
 
 def lora_field(e: Exception) -> str:

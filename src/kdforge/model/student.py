@@ -92,7 +92,7 @@ def write_student(cfg: ModelCfg, tokenizer_dir: str | Path | None, out: str | Pa
     from transformers import AutoTokenizer
 
     out = Path(out)
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir)) if tokenizer_dir else None
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False) if tokenizer_dir else None
     special = {}
     if tok is not None:
         special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,

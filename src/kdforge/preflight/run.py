@@ -65,7 +65,7 @@ def _tokenizer_vocab(cfg: Config | None) -> int | None:
         return None
     from transformers import AutoTokenizer
 
-    return len(AutoTokenizer.from_pretrained(str(path)))
+    return len(AutoTokenizer.from_pretrained(str(path), trust_remote_code=False))
 
 
 class Preflight:

@@ -114,8 +114,8 @@ def load_served_model(model_dir: str | Path, adapter: str | Path | None = None, 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(f.tokenizer_dir))
-        model = AutoModelForCausalLM.from_pretrained(f.base, dtype=_dtype(dtype, device))
+        tokenizer = AutoTokenizer.from_pretrained(str(f.tokenizer_dir), trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(f.base, dtype=_dtype(dtype, device), trust_remote_code=False)
     except OSError as e:
         raise UsageError(f"cannot load {f.base}: {e}") from None
     if f.adapter_dir is not None:

@@ -243,7 +243,8 @@ def load_weights(path: str | Path, model) -> None:
     if not sd.keys() <= m.state_dict().keys():
         # save_pretrained writes some families in their original layout (transformers 5: Mixtral's
         # experts one tensor each, fused in the module); its own loader converts them back.
-        sd = type(m).from_pretrained(str(path), config=m.config, dtype=next(m.parameters()).dtype).state_dict()
+        sd = type(m).from_pretrained(str(path), config=m.config, dtype=next(m.parameters()).dtype,
+                                   trust_remote_code=False).state_dict()
     missing, unexpected = m.load_state_dict(sd, strict=False)
     # Tied embeddings are saved once; anything else missing is an error.
     missing = [k for k in missing if not (k == "lm_head.weight" and m.config.tie_word_embeddings)]

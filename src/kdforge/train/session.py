@@ -76,7 +76,7 @@ def load_student(cfg: Config, tokenizer, seed: int):
     if cfg.model.path:
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
                  "float16": torch.float16}[cfg.model.dtype]
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=False)
     else:
         mc = cfg.model.model_cfg()
         model = build_student(mc, len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
@@ -100,7 +100,7 @@ def load_teacher(cfg: Config, device):
         return None
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=torch.float32).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=torch.float32, trust_remote_code=False).to(device)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
