@@ -65,6 +65,9 @@ class IOSection(Section):
     train_shards: list[str] = []
     eval_shards: list[str] = []
     output_dir: str = "runs/kdforge"
+    reasoning: Literal["think", "drop"] = Field("think", description=(
+        "a thinking teacher's teacher_reasoning: 'think' trains it before the answer (<think>...</think>, or the "
+        "chat template's own thinking format), 'drop' trains the answer only (records.Record.training_response)"))
 
     @field_validator("train_shards", "eval_shards", mode="before")
     @classmethod

@@ -210,8 +210,39 @@ def check_generation(cfg: GenerateSection, work: Path, purse: Purse, api_key: st
     if again.requests or n_again != n or hits != n or cached.requests:
         return failed("generation", evidence, "re-running or reusing the cache paid the teacher again: report this "
                       "as a kdforge bug with the scratch dir", **nums), Samples(first.out, n)
+    room, fix = thinking_room(first.out, cfg.max_tokens)
+    if fix:
+        return warned("generation", evidence + "; " + room, fix, **nums), Samples(first.out, n)
+    evidence += f"; {room}" if room else ""
     return passed("generation", evidence + "; every line has prompt, teacher_text, metadata", **nums), \
         Samples(first.out, n)
+
+
+ROOM_SHARE = 0.8  # a thinking teacher's longest completion above this share of max_tokens leaves too little room
+
+
+def thinking_room(path: Path, max_tokens: int) -> tuple[str, str | None]:
+    """A thinking teacher (samples with `teacher_reasoning`) and whether max_tokens leaves room for
+    thinking + answer: (evidence, fix or None). ("", None) for a teacher that does not think."""
+    from kdforge.teacher.generate import fit_max_tokens
+
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    thinking = [r for r in rows if r.get("teacher_reasoning")]
+    if not thinking:
+        return "", None
+    toks = [r.get("metadata", {}).get("tokens", {}) for r in thinking]
+    used = [t.get("completion") for t in toks if type(t.get("completion")) is int]
+    thought = [t.get("reasoning") for t in toks if type(t.get("reasoning")) is int]
+    cut = sum(r.get("metadata", {}).get("finish_reason") == "length" for r in thinking)
+    longest = max(used, default=0)
+    text = (f"a thinking teacher ({len(thinking)}/{len(rows)} samples carry teacher_reasoning"
+            + (f", thinking up to {max(thought)} tokens" if thought else "")
+            + f"; thinking + answer up to {longest} of max_tokens {max_tokens}; {cut} cut by max_tokens)")
+    if cut or longest > ROOM_SHARE * max_tokens:
+        return text, (f"max_tokens {max_tokens} leaves too little room for thinking + answer (its thinking is billed "
+                      f"inside it, and a longer one leaves an empty answer): set --max-tokens "
+                      f"{fit_max_tokens(max(longest, max_tokens))} (generate.max_tokens)")
+    return text, None
 
 
 def _count_lines(path: Path) -> int:
