@@ -55,7 +55,8 @@ def test_seq_length_above_model_max(tmp_path, tokenizer_dir):
 
 def test_lora_targets_must_exist_and_teacher_vocab_must_match(tmp_path, tokenizer_dir, tiny_model_dir):
     other = tmp_path / "other_vocab"
-    write_student(ModelCfg(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=777, ffn_dim=64,
+    # narrower than the student's 512 ids (a wider one is a padded embedding: trained on the shared ids)
+    write_student(ModelCfg(d_model=32, n_layers=1, n_heads=2, n_kv_heads=1, vocab_size=300, ffn_dim=64,
                            max_seq_len=64), None, other)
     c = _write(tmp_path, "c.yaml", {
         "model": {"preset": None, "path": str(tiny_model_dir),
@@ -67,7 +68,7 @@ def test_lora_targets_must_exist_and_teacher_vocab_must_match(tmp_path, tokenize
     assert r.returncode == 2
     assert "model.lora.target_modules: ['attn_qkv'] not in the model" in r.stderr
     assert "q_proj" in r.stderr  # lists what the model has
-    assert "teacher.path: teacher vocabulary (777) differs from the student's" in r.stderr
+    assert "teacher.path: teacher vocabulary (300) differs from the student's" in r.stderr
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -142,6 +142,15 @@ def _process_logits(config, logits: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _head_rows(model) -> int | None:
+    """Rows of a causal LM's output layer (its logits' width); None if it has none we can read."""
+    head = base_lm(model).get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    w = getattr(head, "weight", None)
+    if w is None:
+        w = getattr(getattr(head, "base_layer", None), "weight", None)  # PEFT-wrapped head
+    return int(w.shape[0]) if w is not None else None
+
+
 def _selected(batch: dict) -> torch.Tensor:
     """[B, L-1] bool: the positions whose next token is a target (the causal shift)."""
     return batch["labels"][:, 1:] != IGNORE
@@ -167,6 +176,23 @@ class DistillObjective(nn.Module):
         self.beta = beta
         self.chunk_size = chunk_size
         self._teacher = [teacher]  # a list keeps it out of self.parameters()
+        # A teacher with a wider (padded) vocabulary: its logits are cut to the student's ids, so
+        # its distribution is renormalised over the ids both share (the rest only the teacher has).
+        self._vocab = _head_rows(lm)
+        self._teacher_vocab = _head_rows(teacher) if isinstance(teacher, nn.Module) else None
+
+    def vocab_note(self) -> str | None:
+        """One log line when the dense teacher has ids the student lacks (else None)."""
+        tv, sv = self._teacher_vocab, self._vocab
+        if tv is None or sv is None or tv <= sv:
+            return None
+        return (f"teacher.path has {tv:,} logits, the student {sv:,}: the {tv - sv:,} ids only the teacher has are "
+                "dropped from its distribution (renormalised over the ids both share)")
+
+    def _teacher_logits(self, teacher, h: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for hidden states `h`, on the student's ids."""
+        logits = output_logits(teacher, h)
+        return logits[..., :self._vocab] if self._vocab and logits.shape[-1] > self._vocab else logits
 
     @classmethod
     def from_config(cls, loss, lm, teacher=None) -> DistillObjective:
@@ -203,10 +229,10 @@ class DistillObjective(nn.Module):
                 with torch.no_grad():
                     th = _hidden(teacher, batch, dtype)[:, :-1][sel]
                 if chunked:
-                    kw.update(teacher_hidden=th, teacher_head=lambda x: output_logits(teacher, x))
+                    kw.update(teacher_hidden=th, teacher_head=lambda x: self._teacher_logits(teacher, x))
                 else:
                     with torch.no_grad():
-                        kw.update(teacher_logits=output_logits(teacher, th))
+                        kw.update(teacher_logits=self._teacher_logits(teacher, th))
             elif "topk_ids" in batch:
                 ids = batch["topk_ids"][:, 1:][sel]
                 kw.update(topk_ids=ids.clamp(min=0), topk_logprobs=batch["topk_logprobs"][:, 1:][sel],

@@ -312,6 +312,8 @@ def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
     model = load_student(cfg_model, tokenizer, t.seed).to(device)
     teacher = load_teacher(cfg, device)
     objective = _objective(cfg, model, teacher)
+    if rank == 0 and objective.vocab_note():  # a wider (padded) teacher vocabulary: said once
+        print(objective.vocab_note(), flush=True)
     if world > 1:  # wrap before the optimizer exists: FSDP replaces parameters with sharded ones
         objective = _wrap_distributed(objective, cfg, device)
     schedule = schedule or train_schedule(t, t.max_steps)
