@@ -520,7 +520,8 @@ def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list
             p.append(("teacher.path", f"no Hugging Face model folder (config.json) at {tp}"))
         elif cfg.loss.kind != "ce":
             tv = _model_vocab(str(tp))
-            if student_vocab and tv != student_vocab:
+            # wider is a padded embedding (or another tokenizer, carried by bytes): trained on the shared ids
+            if student_vocab and tv is not None and tv < student_vocab:
                 p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}): "
                           "logit KD needs the same tokenizer on both sides"))
     p += _on_policy_problems(cfg, for_run)
