@@ -11,7 +11,10 @@ are capped in `schemas.py`; a non-streamed request whose client disconnects is c
 rows leave the engine at the next step), as a streamed one already was.
 
 `GET /stats` (behind the key, like /v1) gives the engine's counters (`EngineStats`): what tests
-and operators read instead of guessing from timings.
+and operators read instead of guessing from timings. vLLM's `POST /tokenize` and `/detokenize`
+(behind the key) use the served tokenizer and chat template. The Batch API is in `batches.py`.
+
+A request whose answer went out whole keeps its connection usable even when it was a 500.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kdforge.serve.api_error import APIError, invalid, server_error
+from kdforge.serve.batches import BatchService, add_batch_routes, json_body
 from kdforge.serve.engine import Engine
 from kdforge.serve.loader import ServedModel
 from kdforge.serve.output import Delta
@@ -74,11 +78,22 @@ class _BodyCap:
                     return {"type": "http.disconnect"}  # the app stops reading; its answer is dropped
             return msg
 
+        answered = False
+
         async def guarded_send(msg):
+            nonlocal answered
             if not rejected:
                 await send(msg)
+                answered |= msg["type"] == "http.response.body" and not msg.get("more_body", False)
 
-        await self.app(scope, capped_receive, guarded_send)
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:
+            # Starlette re-raises an error after its 500 is sent (the handler logged it already);
+            # uvicorn would then close the connection under the client's next request. A request
+            # whose answer went out whole ends here, and the connection stays usable.
+            if not answered:
+                raise
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -183,16 +198,6 @@ def _tokens_param(body: dict, n_vocab: int) -> list[int]:
     return ids
 
 
-async def _json_object(request: Request) -> dict:
-    try:
-        body = json.loads(await request.body())
-    except (ValueError, RecursionError) as e:  # RecursionError: "[" * 100000
-        raise APIError(f"Could not parse the JSON body: {str(e)[:200]}") from None
-    if not isinstance(body, dict):
-        raise invalid(None, "the body must be a JSON object")
-    return body
-
-
 def add_tokenize_routes(app, served: ServedModel, tok, chat_ids, off_loop, auth) -> None:
     """vLLM's `POST /tokenize` (`prompt`, or chat `messages` through the model's template, as the
     chat route renders them) and `POST /detokenize` (`tokens` -> `prompt`), behind `auth`."""
@@ -204,7 +209,7 @@ def add_tokenize_routes(app, served: ServedModel, tok, chat_ids, off_loop, auth)
 
     @app.post("/tokenize", dependencies=[auth])
     async def tokenize(request: Request):
-        body = await _json_object(request)
+        body = await json_body(request)
         check_model(body)
         prompt, messages = body.get("prompt"), body.get("messages")
         if (prompt is None) == (messages is None):
@@ -226,7 +231,7 @@ def add_tokenize_routes(app, served: ServedModel, tok, chat_ids, off_loop, auth)
 
     @app.post("/detokenize", dependencies=[auth])
     async def detokenize(request: Request):
-        body = await _json_object(request)
+        body = await json_body(request)
         check_model(body)
         ids = _tokens_param(body, len(tok))
         return {"prompt": await off_loop(lambda: tok.decode(ids, skip_special_tokens=False,
@@ -426,6 +431,10 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
 
     @app.post("/v1/completions", dependencies=[Depends(authorized)])
     async def completions(req: CompletionRequest, request: Request):
+        return await completion_answer(req, request)
+
+    async def completion_answer(req: CompletionRequest, request: Request | None):
+        """Online or a Batch API row (`request` None), as `chat_answer`."""
         req.check()
         served_model(req.model)
         prompt_ids = await off_loop(tokenized, req.prompts())
@@ -441,7 +450,7 @@ def build_app(engine: Engine, served: ServedModel, api_key: str | None = None,
 
     add_tokenize_routes(app, served, tok, chat_ids, off_loop, Depends(authorized))
 
-    from kdforge.serve.batches import BatchService, add_batch_routes
-
-    add_batch_routes(app, BatchService(batch_dir, chat_answer), Depends(authorized))
+    endpoints = {"/v1/chat/completions": (ChatCompletionRequest, chat_answer),
+                 "/v1/completions": (CompletionRequest, completion_answer)}
+    add_batch_routes(app, BatchService(batch_dir, endpoints), Depends(authorized))
     return _BodyCap(app, max_body_bytes)
