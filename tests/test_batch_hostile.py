@@ -9,16 +9,19 @@ import signal
 import subprocess
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
 from conftest import cli_env
 from fault_server import FaultConfig, FaultServer
 from generate_cli import KEY, gen_args, gen_in_process, lines, run_gen
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from kdforge.errors import KdforgeError
+from kdforge.errors import BudgetExceededError, KdforgeError
 from kdforge.teacher.budget import BudgetLedger
-from kdforge.teacher.pricing import Prices
+from kdforge.teacher.pricing import NANO, Prices
 
 FLAGS = ("--batch", "--batch-size", 3, "--batch-poll", 0.05, "--temperature", 0, "--max-tokens", 16,
          "--price-input", 3, "--price-output", 15)
@@ -136,3 +139,34 @@ def test_a_hanging_poll_runs_into_its_deadline_and_the_run_stops_resumable(tmp_p
                                      temperature=0)
         assert not isinstance(r, Exception), (r, err)
         assert len(srv.batches) == 1 and len(lines(tmp_path / "kd.jsonl")) == 3
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(endless=st.integers(0, 3), hang=st.booleans(), row_errors=st.sampled_from([0, 2]),
+       fallback=st.sampled_from(["online", "batch"]), limit_rows=st.floats(1.0, 14), batch_size=st.integers(2, 5))
+def test_a_lying_batch_provider_never_passes_the_budget_and_the_rerun_recovers(
+        tmp_path_factory, endless, hang, row_errors, fallback, limit_rows, batch_size):
+    """Never-ending result files, polls that hang, rows that fail: the first run finishes, stops at
+    the budget, or stops naming the hanging call; the ledger never passes the limit nor falls below
+    the bill; once the provider behaves, the same command finishes with every sample once."""
+    tmp = tmp_path_factory.mktemp("liar")
+    limit = float(Fraction(limit_rows) * Fraction(200 * 3 + 16 * 15) / 2 / 10**6)
+    cfg = FaultConfig(api_key=KEY, batch_latency=0.02, endless_content=endless, endless_rate=20e6,
+                      hold_poll=5 if hang else 0, batch_row_errors=row_errors)
+    run = dict(total=6, batch=True, batch_size=batch_size, batch_poll=0.02, batch_fallback=fallback, temperature=0,
+               price_input=3.0, price_output=15.0, budget_limit=limit, retry_base=0.01, retry_max=0.02,
+               max_retries=1, timeout=0.4)
+    with FaultServer(cfg) as srv:
+        for attempt in (1, 2):
+            r, out, err = gen_in_process(tmp, srv.url, **run)
+            led = BudgetLedger(tmp / "ckpt" / "budget.jsonl", Prices(3.0, 15.0, "t"), limit, readonly=True)
+            assert led.spent_nano + led.reserved_nano <= led.limit_nano
+            # never below the bill: a batch still open when the run stopped is covered by its holds
+            assert led.spent_nano + led.reserved_nano >= srv.billed_usd(3.0, 15.0) * NANO - 16
+            rows = lines(tmp / "kd.jsonl")
+            assert len({x["id"] for x in rows}) == len(rows) == len({x["prompt"] for x in rows}) <= 6
+            if isinstance(r, Exception) and not isinstance(r, BudgetExceededError):
+                assert attempt == 1 and hang and "poll" in str(r) and "deadline" in str(r), (r, err)
+            elif not isinstance(r, Exception):
+                assert len(rows) == 6 and led.reserved_nano == 0
+            srv.cfg.hold_poll, srv.cfg.endless_content = 0, 0
