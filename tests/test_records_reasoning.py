@@ -38,6 +38,7 @@ def test_think_trains_thinking_then_answer_and_drop_the_answer_alone():
     assert rec.reasoning == "Étape 1: 考える 🤔"
     assert rec.training_response() == "<think>\nÉtape 1: 考える 🤔\n</think>\n\nDie Antwort ist 42."
     assert rec.training_response("drop") == "Die Antwort ist 42." == rec.response
+    assert rec.thinking_prefix() == "<think>\nÉtape 1: 考える 🤔\n</think>\n\n" and rec.thinking_prefix("drop") == ""
     assert _rec(reasoning=None).training_response("think") == "Die Antwort ist 42."  # no thinking: the answer
     with pytest.raises(ValueError, match="io.reasoning"):
         rec.training_response("maybe")
@@ -58,6 +59,7 @@ def test_a_template_with_its_own_thinking_format_is_used(tokenizer_dir):
     tok.chat_template = OWN_TEMPLATE
     resp = rec.training_response("think", tok)
     assert resp == "<reason>Étape 1: 考える 🤔</reason>Die Antwort ist 42."
+    assert rec.thinking_prefix("think", tok) == "<reason>Étape 1: 考える 🤔</reason>"
     # prompt as the template renders it + this response + the end of turn = the whole conversation
     head = tok.apply_chat_template(rec.prompt_messages, tokenize=False, add_generation_prompt=True)
     full = tok.apply_chat_template(rec.prompt_messages + [{"role": "assistant", "content": rec.response,

@@ -54,14 +54,19 @@ class Record:
         """The text the student learns as its answer, by `io.reasoning`: "drop" (or a record without
         thinking): the answer alone; "think": the thinking, then the answer, in the tokenizer's chat
         template's own thinking format where it has one (a template that renders an assistant
-        message's `reasoning_content`, as Qwen3's does), else `<think>\n{reasoning}\n</think>\n\n{answer}`."""
+        message's `reasoning_content`, as Qwen3's does), else `<think>\n{reasoning}\n</think>\n\n{answer}`.
+        Always `thinking_prefix(...) + response`."""
+        return self.thinking_prefix(reasoning, tokenizer) + self.response
+
+    def thinking_prefix(self, reasoning: str = "think", tokenizer=None) -> str:
+        """What `training_response` puts before the answer ("" under "drop" or without thinking),
+        for a caller that tokenises the answer on its own (its teacher logprobs cover the answer)."""
         if reasoning not in REASONING_MODES:
             raise ValueError(f"io.reasoning must be one of {', '.join(REASONING_MODES)}, got {reasoning!r}")
         if reasoning == "drop" or not self.reasoning:
-            return self.response
+            return ""
         own = _template_thinking(tokenizer, self) if tokenizer is not None and not self.is_text else None
-        return own if own is not None else THINK_FORMAT.format(reasoning=self.reasoning, answer=self.response)
-
+        return own if own is not None else THINK_FORMAT.format(reasoning=self.reasoning, answer="")
 
 REASONING_MODES = ("think", "drop")
 THINK_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"
@@ -69,8 +74,8 @@ _END = "\u2063kdforge-end\u2063"  # marks where the answer ends inside a rendere
 
 
 def _template_thinking(tokenizer, rec: "Record") -> str | None:
-    """The response as the chat template renders an assistant turn with `reasoning_content`, cut
-    where the answer ends (the caller adds EOS); None when the template has no thinking format."""
+    """What the chat template renders before the answer in an assistant turn with
+    `reasoning_content`; None when the template has no thinking format (or changes the answer)."""
     template = getattr(tokenizer, "chat_template", None)
     if not isinstance(template, str) or "reasoning_content" not in template:
         return None
@@ -82,7 +87,10 @@ def _template_thinking(tokenizer, rec: "Record") -> str | None:
         return None
     if not full.startswith(head) or _END not in full or rec.reasoning not in full:
         return None
-    return full[len(head):full.index(_END)]
+    turn_text = full[len(head):full.index(_END)]
+    if not turn_text.endswith(rec.response):
+        return None
+    return turn_text[:len(turn_text) - len(rec.response)]
 
 
 def _check_messages(msgs: Any, key: str) -> list[dict[str, str]]:
