@@ -1,4 +1,4 @@
-"""CLI: `kdforge generate`, `kdforge data validate`, `kdforge data inspect`.
+"""CLI: `kdforge generate`, `kdforge data validate`, `kdforge data build`, `kdforge data inspect`.
 
 Thin: parse flags, merge them over `--config`, call the library. Nothing heavy is imported
 here: generate must not import torch or transformers (its first request goes out within
@@ -102,6 +102,23 @@ def data_validate(
     else:
         print(render(reports))
     check_reports(reports)
+
+
+@data_app.command("build")
+def data_build(
+    files: List[Path] = typer.Argument(..., help="JSONL files (generate's output or any training format)"),
+    tokenizer: Path = typer.Option(..., "--tokenizer", help="the student's tokenizer folder"),
+    max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="report examples longer than "
+                                                 "this (the store keeps them whole; truncation is at read)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="store root (default: $KDFORGE_STORE_DIR, else "
+                                       ".kdforge-store/ beside the first file, else the user cache)"),
+    topk: Optional[bool] = typer.Option(None, "--topk/--no-topk", help="align teacher top-k rows (default: "
+                                        "when the first record has teacher_logprobs)"),
+):
+    """Tokenise JSONL once into the memory-mapped token store train, eval and the daemon read."""
+    from kdforge.data.store import build_command
+
+    print(build_command(files, tokenizer, max_seq_length=max_seq_length, out=out, topk=topk))
 
 
 @data_app.command("inspect")

@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from kdforge.data.align import unique_keys as _unique
-from kdforge.data.records import Record, read_records
+from kdforge.data.records import Record
 from kdforge.data.tokenizer import token_bytes
 from kdforge.errors import DataError
 
@@ -55,10 +56,7 @@ def truncate(ex: Example, max_len: int) -> tuple[list[int], list[int]]:
     does not fit beside a quarter of the budget of prompt.
     """
     p, r = ex.prompt_ids, ex.response_ids
-    if len(p) + len(r) <= max_len:
-        return p, r
-    p_keep = max(max_len - len(r), min(len(p), max_len // 4))
-    r_keep = max_len - p_keep
+    p_keep, r_keep = _keep(len(p), len(r), max_len)
     return (p[len(p) - p_keep:] if p_keep else []), r[:r_keep]
 
 
@@ -83,19 +81,30 @@ class TokenMap:
 
     def __init__(self, tokenizer):
         self.bytes = token_bytes(tokenizer)
+        # The same bytes as lists of ints, the form JSON gives them: compared without building bytes.
+        self.byte_lists = [list(b) if b is not None else None for b in self.bytes]
         self.by_bytes = _unique((b, i) for i, b in enumerate(self.bytes) if b is not None)
         self.text = [tokenizer.decode([i]) for i in range(len(tokenizer))]
         self.by_text = _unique((t, i) for i, t in enumerate(self.text) if t != "\ufffd")
+        # text -> id where both the text and the bytes name that one id: an entry whose token text is
+        # here and whose bytes equal that id's is that id by bytes too (a lookup, no bytes() per entry).
+        self.fast = {t: i for t, i in self.by_text.items()
+                     if self.bytes[i] is not None and self.by_bytes.get(self.bytes[i]) == i}
 
     def __call__(self, entry: dict) -> int | None:
-        if entry.get("bytes") is not None:
-            return self.by_bytes.get(bytes(entry["bytes"]))
+        b = entry.get("bytes")
+        if b is not None:
+            i = self.fast.get(entry["token"])
+            if i is not None and self.byte_lists[i] == b:
+                return i
+            return self.by_bytes.get(bytes(b))
         return self.by_text.get(entry["token"])
 
     def matches(self, entry: dict, token_id: int) -> bool:
         """Whether the teacher's entry is the student's token `token_id`."""
-        if entry.get("bytes") is not None:
-            return self.bytes[token_id] == bytes(entry["bytes"])
+        b = entry.get("bytes")
+        if b is not None:
+            return self.byte_lists[token_id] == list(b)
         return self.text[token_id] == entry["token"] or self(entry) == token_id
 
 
@@ -114,48 +123,143 @@ def load_tokenizer(path_or_tok):
     return tok
 
 
+def teacher_ids(tm: TokenMap, rec: Record) -> list[int] | None:
+    """The response as the teacher's own token ids, when every entry has bytes naming one student
+    token and they spell the response. Re-tokenising the text cannot recover them where the
+    teacher's tokens hold bytes of no valid character (its text then reads "\ufffd") or where
+    it sampled a non-canonical split; the bytes do."""
+    lp = rec.teacher_logprobs
+    if not lp or any(e.get("bytes") is None for e in lp):
+        return None
+    ids = [tm(e) for e in lp]
+    if None in ids:
+        return None
+    spelled = b"".join(tm.bytes[i] for i in ids).decode("utf-8", errors="replace")
+    return ids if spelled == rec.response else None
+
+
+def align_record(tm: TokenMap, rec: Record, response_ids: list[int], settings: dict | None = None):
+    """(response ids, top-k id rows, top-k logprob rows) of one record whose teacher used the student's
+    tokenizer: one row per response token (no EOS here; the caller adds it and its empty row).
+
+    The store's builder calls this ONE function per record (`settings`: the store's alignment
+    settings); a cross-tokenizer aligner with this signature replaces it. Raises DataError (the
+    record's file:line) when the rows do not align: such a record trains with CE only, and the
+    dataset refuses the data when more than MISALIGNED_SHARE of the records are so."""
+    teacher = teacher_ids(tm, rec)
+    if teacher is not None:  # the teacher's own tokens: exact even where text is lossy
+        response_ids = teacher
+    lp = rec.teacher_logprobs
+    if len(lp) != len(response_ids) or not all(tm.matches(e, i) for e, i in zip(lp, response_ids)):
+        raise DataError(
+            f"teacher_logprobs ({len(lp)} tokens) do not align with the student tokenizer's "
+            f"{len(response_ids)} response tokens: logit KD needs the teacher's tokenizer; "
+            "use the same tokenizer on both sides or loss.kind=ce", rec.metadata.get("_path"), rec.line)
+    ids, lps = [], []
+    for i, e in zip(response_ids, lp):
+        row_ids, row_lp = [], []
+        # The chosen token closes the row when the top-k left it out: its logprob is the teacher's too.
+        for alt in [*(e.get("top") or []), e]:
+            j = i if alt is e else tm(alt)
+            if j is not None and j not in row_ids:
+                row_ids.append(j)
+                row_lp.append(float(alt["logprob"]))
+        ids.append(row_ids)
+        lps.append(row_lp)
+    return response_ids, ids, lps
+
+
+def _keep(n_prompt: int, n_resp: int, max_len: int) -> tuple[int, int]:
+    """(prompt tokens kept from the end, response tokens kept from the start) within max_len."""
+    if n_prompt + n_resp <= max_len:
+        return n_prompt, n_resp
+    p_keep = max(max_len - n_resp, min(n_prompt, max_len // 4))
+    return p_keep, max_len - p_keep
+
+
 class KDDataset(torch.utils.data.Dataset):
-    """Tokenised KD examples from one or more JSONL files.
+    """Tokenised KD examples from one or more JSONL files, read through the token store.
 
     `dataset[i]` is a dict of 1-D LongTensors `input_ids` and `labels` (labels = input ids on the
     response, -100 elsewhere; the model shifts them), plus, when `with_topk`, `topk_ids` [L, K]
     and `topk_logprobs` [L, K] where row t is the teacher's distribution for token t (rows outside
-    the response have id -1).
+    the response have id -1; logprobs come from fp16 storage).
+
+    Files are read through `kdforge.data.store`: built once per (content, tokenizer, settings),
+    then memory-mapped, so memory does not grow with the dataset (`store_dir`: where; default beside
+    the data). `records` (already read: eval, a daemon batch) are encoded the same way in memory.
     """
 
     def __init__(self, jsonl_path: str | Path | Sequence[str | Path], tokenizer_path=None,
                  max_seq_length: int = 4096, *, with_topk: bool = False, strict: bool = True,
-                 records: list[Record] | None = None, tokenizer=None):
+                 records: list[Record] | None = None, tokenizer=None, settings: dict | None = None,
+                 store_dir: str | Path | None = None, fingerprints: list[dict] | None = None,
+                 progress: bool | None = None, topk_optional: bool = False):
+        from kdforge.data import store as st
+
         self.tokenizer = load_tokenizer(tokenizer if tokenizer is not None else tokenizer_path)
+        paths = [jsonl_path] if isinstance(jsonl_path, (str, Path)) else list(jsonl_path or [])
+        self.store_info = None
+        if records is None:
+            if not paths:
+                raise DataError("no data files given")
+            self.store_info = st.ensure_store(paths, self.tokenizer, with_topk=with_topk, settings=settings,
+                                              root=store_dir, fingerprints=fingerprints, progress=progress)
+            store = st.Store.open(self.store_info.path)
+        else:
+            piece = st.encode_records(records, self.tokenizer, with_topk, settings=settings,
+                                      path=str(paths[0]) if paths else "")
+            store = st.Store.from_encoded(piece, piece.files, with_topk)
+        self._attach(store, max_seq_length, with_topk)
+        if strict and self.problems:
+            raise self.problems[0]
+        self._check_topk(topk_optional)
+
+    def _attach(self, store, max_seq_length: int, with_topk: bool) -> None:
+        from kdforge.data.store import FLAG_CE_ONLY, iter_store_lines
+
         self.max_seq_length = max_seq_length
         self.with_topk = with_topk
-        self.problems: list[DataError] = []
-        paths = [jsonl_path] if isinstance(jsonl_path, (str, Path)) else list(jsonl_path or [])
-        if records is None:
-            records = []
-            for p in paths:
-                recs, probs = read_records(p, strict=strict)
-                for r in recs:
-                    r.metadata = {**r.metadata, "_path": str(p)}
-                records += recs
-                self.problems += probs
         self.eos_id = self.tokenizer.eos_token_id
-        self._token_map: TokenMap | None = None
-        self.misaligned: list[DataError] = []  # top-k rows that did not match the response tokens
-        # (file, line) of records without teacher_logprobs under sparse KD: they train with CE only
-        self.ce_only_lines: list[tuple[str | None, int]] = []
-        self.examples = [self._encode(r) for r in records]
-        self.truncated = sum(1 for e in self.examples if len(e) > max_seq_length)
-        if with_topk and records and self.ce_only == len(records):
+        self._store = store
+        self._ex = store.examples
+        self._cleared: set[int] = set()  # examples whose response was dropped (prompt-only, on-policy)
+        self.problems: list[DataError] = iter_store_lines(store.meta.get("problems", []))
+        self.misaligned: list[DataError] = iter_store_lines(store.meta.get("misaligned", []))  # top-k rows that
+        # did not match the response tokens; (file, line) of records without teacher_logprobs under sparse KD:
+        # they train with CE only
+        flags = np.asarray(self._ex[:, 7])
+        self.ce_only_lines: list[tuple[str | None, int]] = [
+            (store.files[int(self._ex[i, 5])] if store.files else None, int(self._ex[i, 6]))
+            for i in np.flatnonzero(flags & FLAG_CE_ONLY)]
+        self.lengths = np.asarray(self._ex[:, 1] + self._ex[:, 2])  # whole example, before truncation
+        self.truncated = int((self.lengths > max_seq_length).sum())
+
+    def _check_topk(self, optional: bool = False) -> None:
+        """`optional`: records without top-k are scored elsewhere (teacher.url), none having any is fine."""
+        n = len(self)
+        if self.with_topk and not optional and n and self.ce_only == n:
             path, line = self.ce_only_lines[0]
             raise DataError("no teacher_logprobs in any record: sparse KD (loss.kind fkl/rkl/jsd without "
                             "teacher.path) needs generate --top-logprobs K, or use loss.kind=ce", path, line)
-        if with_topk and len(self.misaligned) > MISALIGNED_SHARE * len(records):
+        if self.with_topk and len(self.misaligned) > MISALIGNED_SHARE * n:
             # Many samples disagree: the teacher used another tokenizer. A few: the teacher emitted
             # a non-canonical tokenization (e.g. "a"+"b" where BPE merges "ab"); those keep CE only.
             first = self.misaligned[0]
-            raise DataError(f"{len(self.misaligned)} of {len(records)} samples: {first.args[0].split(': ', 1)[-1]}",
+            raise DataError(f"{len(self.misaligned)} of {n} samples: {first.args[0].split(': ', 1)[-1]}",
                             first.path, first.line)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example], like: "KDDataset", with_topk: bool) -> "KDDataset":
+        """A dataset of examples made elsewhere (eval's server-scored rows) on `like`'s tokenizer."""
+        from kdforge.data.store import Store, encode_examples
+
+        ds = cls.__new__(cls)
+        ds.tokenizer = like.tokenizer
+        ds.store_info = None
+        ds._attach(Store.from_encoded(encode_examples(examples), like._store.files, with_topk),
+                   like.max_seq_length, with_topk)
+        return ds
 
     @property
     def ce_only(self) -> int:
@@ -163,93 +267,90 @@ class KDDataset(torch.utils.data.Dataset):
         (text lines, prompt/completion...); a caller logs it. Misaligned ones are in `misaligned`."""
         return len(self.ce_only_lines)
 
-    # ------------------------------------------------------------------ encoding
-    def _encode(self, rec: Record) -> Example:
-        tok = self.tokenizer
-        if rec.is_text:
-            ids = tok(rec.response, add_special_tokens=False)["input_ids"] + [self.eos_id]
-            ex = Example([], ids, source=rec.source or "", line=rec.line)
-        else:
-            prompt_ids = tok(prompt_text(tok, rec.prompt_messages), add_special_tokens=False)["input_ids"]
-            resp_ids = tok(rec.response, add_special_tokens=False)["input_ids"]
-            ex = Example(prompt_ids, resp_ids + [self.eos_id], source=rec.source or "", line=rec.line)
-        if not self.with_topk:
-            return ex
-        if not rec.teacher_logprobs:  # text lines, prompt/completion...: CE only, counted
-            self.ce_only_lines.append((rec.metadata.get("_path"), rec.line))
-        else:
-            try:
-                teacher_ids = self._teacher_ids(rec)
-                if teacher_ids is not None:  # the teacher's own tokens: exact even where text is lossy
-                    ex.response_ids = teacher_ids + [self.eos_id]
-                ex.topk_ids, ex.topk_logprobs = self._align_topk(rec, ex.response_ids[:-1])
-                return ex
-            except DataError as e:
-                self.misaligned.append(e)  # judged once all records are read
-        ex.topk_ids = ex.topk_logprobs = [[] for _ in ex.response_ids]
-        return ex
+    @property
+    def examples(self) -> "_Examples":
+        """Example i as lists (built on demand from the store; nothing is held per example)."""
+        return _Examples(self)
 
-    def _teacher_ids(self, rec: Record) -> list[int] | None:
-        """The response as the teacher's own token ids, when every entry has bytes naming one student
-        token and they spell the response. Re-tokenising the text cannot recover them where the
-        teacher's tokens hold bytes of no valid character (its text then reads "\ufffd") or where
-        it sampled a non-canonical split; the bytes do."""
-        if self._token_map is None:
-            self._token_map = TokenMap(self.tokenizer)
-        lp = rec.teacher_logprobs
-        if not lp or any(e.get("bytes") is None for e in lp):
-            return None
-        ids = [self._token_map(e) for e in lp]
-        spelled = b"".join(bytes(e["bytes"]) for e in lp).decode("utf-8", errors="replace")
-        return ids if None not in ids and spelled == rec.response else None
+    def clear_response(self, i: int) -> None:
+        """Give example i no response (and no rows): a prompt-only record, answered on-policy."""
+        self._cleared.add(int(i))
+        self.lengths[i] = int(self._ex[i, 1])
 
-    def _align_topk(self, rec: Record, resp_ids: list[int]):
-        where = (rec.metadata.get("_path"), rec.line)
-        lp = rec.teacher_logprobs
-        tm = self._token_map
-        if len(lp) != len(resp_ids) or not all(tm.matches(e, i) for e, i in zip(lp, resp_ids)):
-            raise DataError(
-                f"teacher_logprobs ({len(lp)} tokens) do not align with the student tokenizer's "
-                f"{len(resp_ids)} response tokens: logit KD needs the teacher's tokenizer; "
-                "use the same tokenizer on both sides or loss.kind=ce", *where)
-        ids, lps = [], []
-        for i, e in zip(resp_ids, lp):
-            row_ids, row_lp = [], []
-            # The chosen token closes the row when the top-k left it out: its logprob is the teacher's too.
-            for alt in [*(e.get("top") or []), e]:
-                j = i if alt is e else tm(alt)
-                if j is not None and j not in row_ids:
-                    row_ids.append(j)
-                    row_lp.append(float(alt["logprob"]))
-            ids.append(row_ids)
-            lps.append(row_lp)
-        # The closing EOS has no teacher row (APIs do not report the stop token): empty row.
-        return ids + [[]], lps + [[]]
+    def line_of(self, i: int) -> tuple[str | None, int]:
+        """(file, line) that example i was read from."""
+        files = self._store.files
+        return (files[int(self._ex[i, 5])] if files else None), int(self._ex[i, 6])
+
+    def _spans(self, i: int) -> tuple[int, int, int, int, int]:
+        start, n_p, n_r, row, alt = (int(v) for v in self._ex[i, :5])
+        return start, n_p, (0 if i in self._cleared else n_r), row, alt
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self._ex)
+
+    def example(self, i: int) -> Example:
+        """Example i as lists (prompt ids, response ids, top-k rows when with_topk)."""
+        start, n_p, n_r, row, alt = self._spans(i)
+        toks = self._store.tokens
+        ex = Example(toks[start:start + n_p].tolist(), toks[start + n_p:start + n_p + n_r].tolist(),
+                     line=int(self._ex[i, 6]))
+        if self.with_topk:
+            lens = self._store.row_len[row:row + n_r].astype(np.int64)
+            ends = np.cumsum(lens) + alt
+            ids, lps = self._store.alt_ids, self._store.alt_lp
+            ex.topk_ids = [ids[e - n:e].tolist() for e, n in zip(ends, lens)]
+            ex.topk_logprobs = [lps[e - n:e].astype(np.float32).tolist() for e, n in zip(ends, lens)]
+        return ex
 
     def item(self, i: int, max_len: int | None = None) -> dict:
         """Example i as tensors, truncated to max_len (default: max_seq_length)."""
-        ex = self.examples[i]
+        start, n_p, n_r, row, alt = self._spans(i)
         L = min(max_len or self.max_seq_length, self.max_seq_length)
-        p, r = truncate(ex, L)
-        input_ids = torch.tensor(p + r, dtype=torch.long)
-        labels = torch.tensor([IGNORE] * len(p) + r, dtype=torch.long)
+        p, r = _keep(n_p, n_r, L)
+        toks = self._store.tokens
+        ids = np.concatenate([toks[start + n_p - p:start + n_p], toks[start + n_p:start + n_p + r]]).astype(np.int64)
+        input_ids = torch.from_numpy(ids)
+        labels = input_ids.clone()
+        labels[:p] = IGNORE
         out = {"input_ids": input_ids, "labels": labels}
         if self.with_topk:
-            K = max((len(x) for x in ex.topk_ids), default=1) or 1
-            tid = torch.full((len(p) + len(r), K), -1, dtype=torch.long)
-            tlp = torch.zeros((len(p) + len(r), K), dtype=torch.float32)
-            for t, (row_i, row_l) in enumerate(zip(ex.topk_ids[:len(r)], ex.topk_logprobs[:len(r)])):
-                tid[len(p) + t, :len(row_i)] = torch.tensor(row_i, dtype=torch.long)
-                tlp[len(p) + t, :len(row_l)] = torch.tensor(row_l, dtype=torch.float32)
-            out["topk_ids"], out["topk_logprobs"] = tid, tlp
+            lens = self._store.row_len[row:row + n_r].astype(np.int64)
+            K = int(lens.max()) if n_r and lens.max() > 0 else 1
+            tid = np.full((p + r, K), -1, dtype=np.int64)
+            tlp = np.zeros((p + r, K), dtype=np.float32)
+            kept = lens[:r]
+            m = int(kept.sum())
+            if m:
+                rows = np.repeat(np.arange(r), kept)
+                cols = np.arange(m) - np.repeat(np.cumsum(kept) - kept, kept)
+                tid[p + rows, cols] = self._store.alt_ids[alt:alt + m]
+                tlp[p + rows, cols] = self._store.alt_lp[alt:alt + m]
+            out["topk_ids"], out["topk_logprobs"] = torch.from_numpy(tid), torch.from_numpy(tlp)
         return out
 
     def __getitem__(self, i: int) -> dict:
         return self.item(i)
+
+
+class _Examples(Sequence):
+    """`dataset.examples`: a read-only sequence of Examples made on access."""
+
+    def __init__(self, ds: KDDataset):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.ds.example(j) for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.ds.example(i)
 
 
 def collate(items: list[dict], pad_id: int, packed_len: int | None = None) -> dict:

@@ -107,7 +107,7 @@ class EvalData:
     def example(self, i: int):
         """The tokenised `Example` of record i (prompt_ids, response_ids...)."""
         which, j = self.items[i]
-        return (self.scored if which == "scored" else self.asked).examples[j]
+        return (self.scored if which == "scored" else self.asked).example(j)
 
 
 def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_seq_length: int = 4096,

@@ -17,7 +17,6 @@ checkpoint) and the teacher first.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -86,7 +85,7 @@ def _loss_sums(model, ds, teacher, batch_size: int, device, progress: Progress |
     kind = "fkl" if teacher is not None or ds.with_topk else "ce"
     objective = DistillObjective(model, kind, temperature=1.0, teacher=teacher)
     # Similar lengths together: less padding; padding never changes a sum (right-padded, masked).
-    order = sorted(range(len(ds)), key=lambda i: len(ds.examples[i]))
+    order = sorted(range(len(ds)), key=lambda i: int(ds.lengths[i]))
     total = LossSums(torch.zeros(()), torch.zeros(()), 0, 0)
     for done, idx in enumerate(_batches(order, batch_size)):
         batch = {k: v.to(device) for k, v in collate([ds.item(i) for i in idx], ds.tokenizer.pad_token_id).items()}
@@ -103,20 +102,19 @@ def _loss_sums(model, ds, teacher, batch_size: int, device, progress: Progress |
 
 def _with_scored_topk(ds, scorer, progress: Progress | None = None):
     """A copy of `ds` whose response rows are the top-K `scorer` returns for each record's tokens."""
-    from kdforge.data.dataset import truncate
+    from kdforge.data.dataset import KDDataset, truncate
 
-    out = copy.copy(ds)
-    out.with_topk = True
-    out.examples = []
-    for ex in ds.examples:
+    examples = []
+    for n in range(len(ds)):
+        ex = ds.example(n)
         p, r = truncate(ex, ds.max_seq_length)
         rows = scorer(p + r)[len(p):]
         ids = [sorted(row) if row else [] for row in rows]
         lps = [[row[i] for i in sorted(row)] if row else [] for row in rows]
-        out.examples.append(replace(ex, prompt_ids=p, response_ids=r, topk_ids=ids, topk_logprobs=lps))
+        examples.append(replace(ex, prompt_ids=p, response_ids=r, topk_ids=ids, topk_logprobs=lps))
         if progress:
-            progress("teacher", len(out.examples), len(ds.examples))
-    return out
+            progress("teacher", len(examples), len(ds))
+    return KDDataset.from_examples(examples, like=ds, with_topk=True)
 
 
 # ----------------------------------------------------------------------------- greedy answers

@@ -9,7 +9,6 @@ whatever the world size.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 from typing import Callable
@@ -91,12 +90,30 @@ class DataStream:
         lengths: list[int] = []
         while not self.exhausted():
             x = self.ds.item(self._peek(), seq_len)
-            if len(pack_rows([*lengths, len(x["input_ids"])], seq_len)) > self.mbs:
+            if not _fits(lengths, len(x["input_ids"]), seq_len, self.mbs):
                 break  # it would open a row past micro_batch_size: it starts the next micro-batch
             lengths.append(len(x["input_ids"]))
             items.append(x)
             self._advance()
         return collate(items, self.pad_id, packed_len=seq_len), len(items)
+
+    def micro_batches_per_epoch(self, seq_len: int) -> int:
+        """Packed micro-batches of `seq_len` in the first epoch, counted as `next_micro_batch` packs
+        them (from the examples' lengths alone: nothing is read)."""
+        import numpy as np
+
+        lengths = np.minimum(self.ds.lengths, seq_len)[self._permutation(0)].tolist()
+        count, current = 0, []
+        for n in lengths:
+            if not _fits(current, n, seq_len, self.mbs):
+                count, current = count + 1, []
+            current.append(n)
+        return count + bool(current)
+
+
+def _fits(lengths: list[int], n: int, seq_len: int, rows: int) -> bool:
+    """Whether an example of n tokens packs beside `lengths` into at most `rows` rows of seq_len."""
+    return len(pack_rows([*lengths, n], seq_len)) <= rows
 
 
 def curriculum(seq_lengths: list[int], total_steps: int | None) -> Callable[[int], int]:
@@ -111,15 +128,11 @@ def curriculum(seq_lengths: list[int], total_steps: int | None) -> Callable[[int
 
 def data_fingerprint(paths: list[str | Path]) -> list[dict]:
     """What the training data was: [{file, size, sha256}] per file, in order. Saved in every
-    checkpoint; a resume on edited data would silently continue on other examples."""
-    out = []
-    for p in paths:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        out.append({"file": str(p), "size": Path(p).stat().st_size, "sha256": h.hexdigest()})
-    return out
+    checkpoint (a resume on edited data would silently continue on other examples) and the token
+    store's key (`kdforge.data.store`)."""
+    from kdforge.data.store import file_fingerprints
+
+    return file_fingerprints(paths)
 
 
 def check_fingerprint(saved: list[dict], now: list[dict], checkpoint: str | Path) -> None:

@@ -60,6 +60,7 @@ class _Data:
     per_epoch: int  # optimizer steps per epoch
     total: int  # optimizer steps of the whole run
     stream: DataStream
+    fingerprint: list[dict]  # the training files' {file, size, sha256}, hashed once
 
 
 # ============================================================================ the run
@@ -88,7 +89,7 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
         session.set_schedule(train_schedule(t, data.total))
 
         # ---------------------------------------------------------------- resume
-        state = _resume(session, resume, out, data.stream, log)
+        state = _resume(session, resume, out, data.stream, log, data.fingerprint)
         metrics_path = out / "metrics.jsonl"
         if rank == 0:
             _truncate_metrics(metrics_path, state.global_step)
@@ -138,31 +139,48 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
 
 
 def _load_data(cfg: Config, session: Session, log) -> _Data:
-    """The training (and eval) data on the session's tokenizer, and how many steps it makes."""
+    """The training (and eval) data on the session's tokenizer, read through the token store (built
+    here when missing: every rank asks, one builds, the others wait and map it), and how many steps
+    it makes."""
     from kdforge.data.dataset import KDDataset
 
     t = cfg.train
     # Every step on-policy: the data gives prompts only, its stored top-k (if any) is never used.
     with_topk = cfg.loss.kind != "ce" and not cfg.teacher.path and cfg.on_policy.fraction < 1
+    optional = bool(cfg.teacher.url)  # teacher.url scores the records that carry no top-k
     max_len = max(t.seq_lengths)
+    fingerprint = data_fingerprint(cfg.io.train_shards)  # hashed once: the store's key and the checkpoint's
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
-                         with_topk=with_topk)
+                         with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False)
+    if session.rank == 0:
+        _log_store(train_ds.store_info, log)
     if train_ds.misaligned and session.rank == 0:
         log(f"note: {len(train_ds.misaligned)} of {len(train_ds)} samples' teacher logprobs do not align "
             f"with their tokens (first: {train_ds.misaligned[0]}); they train with CE only")
     eval_ds = (KDDataset(cfg.io.eval_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
-                         with_topk=with_topk) if cfg.io.eval_shards else None)
-    per_epoch = steps_per_epoch(len(train_ds), t.micro_batch_size, t.grad_accum, session.world)
-    total = t.max_steps or max(1, int(round(t.epochs * per_epoch)))
+                         with_topk=with_topk, topk_optional=optional, progress=False) if cfg.io.eval_shards else None)
     stream = DataStream(train_ds, t.micro_batch_size, t.seed, packing=t.packing,
                         max_epochs=None if t.max_steps else t.epochs)
-    return _Data(train_ds, eval_ds, per_epoch, total, stream)
+    # Packed, a micro-batch holds as many examples as fill its rows: count them as the stream will.
+    micro = stream.micro_batches_per_epoch(max_len) if t.packing else -(-len(train_ds) // t.micro_batch_size)
+    per_epoch = steps_per_epoch(micro, 1, t.grad_accum, session.world)
+    total = t.max_steps or max(1, int(round(t.epochs * per_epoch)))
+    return _Data(train_ds, eval_ds, per_epoch, total, stream, fingerprint)
 
 
-def _resume(session: Session, resume: str | None, out: Path, stream: DataStream, log) -> TrainState:
+def _log_store(info, log) -> None:
+    if info is None:
+        return
+    if info.note:
+        log(f"note: {info.note}")
+    what = f"built in {info.seconds:.1f} s" if info.built else "reused"
+    log(f"data: token store {info.path} {what} ({info.tokens:,} tokens)")
+
+
+def _resume(session: Session, resume: str | None, out: Path, stream: DataStream, log,
+            fingerprint: list[dict]) -> TrainState:
     """The state to start from: a fresh one, or the checkpoint `--resume` names, loaded into the
     session and the stream. Refuses to mix with existing checkpoints or with changed data."""
-    fingerprint = data_fingerprint(session.cfg.io.train_shards)
     start = resolve_resume(resume, out)
     if start is None and ckpt.list_checkpoints(out):
         raise UsageError(f"{out} already holds checkpoints ({ckpt.latest_checkpoint(out).name}); "

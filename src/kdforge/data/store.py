@@ -1,0 +1,683 @@
+"""The tokenised KD store: JSONL read once into flat, memory-mapped arrays (SPEC "KD data at scale").
+
+A store is a folder named by its key, the sha256 of what its content depends on: the data files'
+bytes (sha256 per file), the tokenizer (its serialised vocabulary/merges, chat template, EOS), whether
+top-k rows are aligned, and the settings of alignment and reasoning (`settings`). The maximum sequence
+length is not in the key: a store keeps whole examples and truncation applies when an example is read,
+so every curriculum stage and every `max_seq_length` shares one store. Any change is a new key, so a
+store is never stale; an old one is simply not opened again.
+
+Layout (little-endian raw arrays; `meta.json` says dtypes and lengths):
+- `tokens.bin` int32: each example's prompt ids then response ids (the response ends with EOS);
+- `examples.bin` int64 [N, 8]: token start, prompt length, response length, first top-k row, first
+  alternative, file index, line, flags (1: CE only, no teacher rows; 2: misaligned top-k, CE only);
+- with top-k: `row_len.bin` uint16 (one row per response token, EOS's is empty), `alt_ids.bin`
+  int32 and `alt_lp.bin` float16 (the alternatives of every row, back to back).
+fp16 logprobs: the absolute error is at most |logprob| * 2**-11, and a probability's share of the
+loss is p * |log p| <= 1/e, so the loss moves by < 2e-4 relative (tests/test_store.py measures loss
+and gradient against fp32 storage). ~6 bytes per stored alternative where JSONL takes ~74.
+
+Building streams: the files are hashed once, cut into chunks at line ends, and each chunk is parsed,
+tokenised and aligned by a worker process (one per core) that returns small numpy arrays; the parent
+appends them in order. Memory is bounded by a few chunks, whatever the file size. The store is built
+in a hidden folder beside its final place and renamed when complete (never half-used); a file whose
+bytes change while it is read is detected (per-chunk checksums against the first pass, then size and
+mtime) and the build is retried once, then refused. A file lock lets concurrent builders (DDP ranks,
+two runs) build once: the others wait and open the result.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from kdforge.errors import DataError, UsageError
+
+STORE_VERSION = 1
+CHUNK_BYTES = 4 << 20  # a worker's unit: ~2,700 tokens of top-20 JSONL; bounds each worker's memory
+IN_PROCESS_BYTES = 8 << 20  # smaller inputs are built in this process: forking costs more than it saves
+STORE_ENV = "KDFORGE_STORE_DIR"  # where stores go when set (else beside the data, else the user cache)
+DEFAULT_SETTINGS = {"alignment": {"cross_tokenizer": "off"}, "reasoning": "think", "prompt_only": False}
+FLAG_CE_ONLY, FLAG_MISALIGNED = 1, 2
+EX_COLS = 8  # columns of examples.bin
+ARRAYS = {"tokens": np.int32, "examples": np.int64, "row_len": np.uint16, "alt_ids": np.int32, "alt_lp": np.float16}
+
+
+# ============================================================================ fingerprints
+
+def tokenizer_fingerprint(tok) -> str:
+    """sha256 of what decides a tokenizer's ids: its serialised model (fast tokenizers) or vocabulary,
+    its chat template, EOS and class. Memoised on the object (a tokenizer is not changed in use)."""
+    memo = getattr(tok, "_kdforge_fingerprint", None)
+    if memo:
+        return memo
+    h = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:
+        h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
+    h.update(json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.eos_token_id,
+                         sorted(map(str, getattr(tok, "all_special_tokens", [])))]).encode())
+    fp = h.hexdigest()
+    try:
+        tok._kdforge_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
+
+
+@dataclass
+class Chunk:
+    """A run of whole lines of one file: bytes [start, end), its first line's number, a checksum."""
+
+    file_index: int
+    path: str
+    start: int
+    end: int
+    first_line: int
+    crc: int
+
+
+def _newlines(block: bytes, after_cr: bool) -> int:
+    """Line ends in `block` as Python's text mode counts them (\\n, \\r, \\r\\n: `iter_lines` reads so)."""
+    n = block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    return n - (1 if after_cr and block[:1] == b"\n" else 0)
+
+
+def scan_file(path: str | Path, file_index: int = 0, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict, list[Chunk]]:
+    """One pass over a file: its fingerprint {file, size, sha256} (as in trainer_state.json) and its
+    chunks, each cut after a newline once `chunk_bytes` are gathered, with a CRC32 of its bytes."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("file not found", str(p))
+    h, chunks = hashlib.sha256(), []
+    pos = start = crc = lines = 0  # bytes read; current chunk's start, CRC, and line ends so far
+    first, after_cr = 1, False
+    with open(p, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            off = 0
+            while off < len(block):
+                want = max(0, start + chunk_bytes - (pos + off) - 1)  # bytes to pass before a cut may come
+                cut = block.find(b"\n", off + want) if off + want < len(block) else -1
+                end = len(block) if cut < 0 else cut + 1
+                piece = block[off:end]
+                crc = zlib.crc32(piece, crc)
+                lines += _newlines(piece, after_cr)
+                after_cr = piece[-1:] == b"\r"
+                off = end
+                if cut >= 0:
+                    chunks.append(Chunk(file_index, str(p), start, pos + end, first, crc))
+                    start, crc, first, lines = pos + end, 0, first + lines, 0
+            pos += len(block)
+    if pos > start or not chunks:
+        chunks.append(Chunk(file_index, str(p), start, pos, first, crc))
+    return {"file": str(p), "size": pos, "sha256": h.hexdigest()}, chunks
+
+
+def file_fingerprints(paths: Sequence[str | Path]) -> list[dict]:
+    """[{file, size, sha256}] per file, in order: the trainer's data fingerprint."""
+    return [scan_file(p)[0] for p in paths]
+
+
+def store_key(files: list[dict], tok_fp: str, with_topk: bool, settings: dict) -> str:
+    """The store's name: sha256 over everything its content depends on (file paths are not: a copy
+    of the same bytes elsewhere is the same data, but file:line messages name the path it was built
+    from, so the path is in the key too; a moved file rebuilds)."""
+    blob = json.dumps({"v": STORE_VERSION, "files": [(f["file"], f["size"], f["sha256"]) for f in files],
+                       "tokenizer": tok_fp, "topk": with_topk, "settings": settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def merged_settings(settings: dict | None) -> dict:
+    """DEFAULT_SETTINGS with the caller's keys over them (a new setting makes a new store key)."""
+    out = json.loads(json.dumps(DEFAULT_SETTINGS))
+    for k, v in (settings or {}).items():
+        out[k] = {**out[k], **v} if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+# ============================================================================ location
+
+def default_root(paths: Sequence[str | Path]) -> tuple[Path, str | None]:
+    """(store root, note): $KDFORGE_STORE_DIR; else `.kdforge-store/` beside the first data file;
+    else, when that folder cannot be written (read-only data), the user cache, and a note saying so."""
+    env = os.environ.get(STORE_ENV)
+    if env:
+        return Path(env), None
+    beside = Path(paths[0]).resolve().parent / ".kdforge-store"
+    if _writable(beside):
+        return beside, None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kdforge" / "store"
+    return cache, f"{beside.parent} is not writable: the token store goes to {cache} (set {STORE_ENV} to choose)"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+# ============================================================================ encoding (one chunk)
+
+@dataclass
+class Encoded:
+    """Flat arrays of some examples (a chunk, or records in memory) and what their encoding found."""
+
+    tokens: np.ndarray
+    examples: np.ndarray  # [n, EX_COLS]; starts relative to this piece until appended
+    row_len: np.ndarray
+    alt_ids: np.ndarray
+    alt_lp: np.ndarray
+    problems: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, message): unusable lines
+    misaligned: list[tuple[str, int, str]] = field(default_factory=list)
+    lines: int = 0
+    files: list[str] = field(default_factory=list)  # file index -> path (records read in memory)
+
+
+class Encoder:
+    """Appends tokenised records to flat lists; `take()` turns them into an `Encoded` piece.
+
+    The per-record alignment of teacher rows is ONE function, `align` (default: `align_record`,
+    same tokenizer on both sides); a cross-tokenizer aligner with the same signature plugs in there."""
+
+    def __init__(self, tokenizer, with_topk: bool, settings: dict | None = None, token_map=None,
+                 align: Callable | None = None):
+        from kdforge.data.dataset import TokenMap, align_record
+
+        self.tok = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.with_topk = with_topk
+        self.settings = merged_settings(settings)
+        self.tm = token_map if token_map is not None or not with_topk else TokenMap(tokenizer)
+        self.align = align or align_record
+        self._reset()
+
+    def _reset(self) -> None:
+        self.tokens: list[int] = []
+        self.ex: list[tuple] = []
+        self.row_len: list[int] = []
+        self.alt_ids: list[int] = []
+        self.alt_lp: list[float] = []
+        self.misaligned: list[tuple[str, int, str]] = []
+
+    def add(self, rec, path: str, file_index: int) -> None:
+        """Tokenise one record (prompt via the chat template, response + EOS) and align its rows."""
+        from kdforge.data.dataset import prompt_text
+
+        tok = self.tok
+        if rec.is_text:
+            prompt: list[int] = []
+        else:
+            prompt = tok(prompt_text(tok, rec.prompt_messages), add_special_tokens=False)["input_ids"]
+        resp = tok(rec.response, add_special_tokens=False)["input_ids"]
+        flags, rows = 0, None
+        if self.with_topk:
+            if not rec.teacher_logprobs:  # text lines, prompt/completion...: CE only, counted
+                flags = FLAG_CE_ONLY
+            else:
+                try:
+                    resp, ids, lps = self.align(self.tm, rec, resp, self.settings)
+                    rows = (ids, lps)
+                except DataError as e:
+                    flags = FLAG_MISALIGNED
+                    self.misaligned.append((path, rec.line, bare_message(e)))
+        resp = [*resp, self.eos]
+        self.ex.append((len(self.tokens), len(prompt), len(resp), len(self.row_len), len(self.alt_ids),
+                        file_index, rec.line, flags))
+        self.tokens += prompt
+        self.tokens += resp
+        if self.with_topk:
+            if rows is None:
+                self.row_len += [0] * len(resp)
+            else:
+                for r_ids, r_lp in zip(*rows):
+                    self.row_len.append(len(r_ids))
+                    self.alt_ids += r_ids
+                    self.alt_lp += r_lp
+                self.row_len.append(0)  # EOS: no teacher row (APIs do not report the stop token)
+
+    def take(self) -> Encoded:
+        out = Encoded(np.asarray(self.tokens, dtype=np.int32),
+                      np.asarray(self.ex, dtype=np.int64).reshape(-1, EX_COLS),
+                      np.asarray(self.row_len, dtype=np.uint16), np.asarray(self.alt_ids, dtype=np.int32),
+                      np.asarray(self.alt_lp, dtype=np.float32).astype(np.float16), misaligned=self.misaligned)
+        self._reset()
+        return out
+
+
+def encode_records(records, tokenizer, with_topk: bool, *, settings: dict | None = None, path: str = "",
+                   token_map=None) -> Encoded:
+    """Records already read (eval files, a daemon batch) as one in-memory piece, encoded exactly as a
+    store's chunks are. A record's file is its `metadata['_path']` when set, else `path`."""
+    enc = Encoder(tokenizer, with_topk, settings, token_map)
+    files: dict[str, int] = {}
+    for r in records:
+        p = r.metadata.get("_path", path) if r.metadata else path
+        enc.add(r, p, files.setdefault(p, len(files)))
+    out = enc.take()
+    out.files = list(files)
+    return out
+
+
+def encode_examples(examples) -> Encoded:
+    """Examples made elsewhere (lists of ids and rows; eval's server-scored copies) as one piece."""
+    tokens, ex, row_len, alt_ids, alt_lp = [], [], [], [], []
+    for e in examples:
+        ex.append((len(tokens), len(e.prompt_ids), len(e.response_ids), len(row_len), len(alt_ids), 0, e.line, 0))
+        tokens += [*e.prompt_ids, *e.response_ids]
+        rows = e.topk_ids if e.topk_ids is not None else [[] for _ in e.response_ids]
+        lps = e.topk_logprobs if e.topk_logprobs is not None else rows
+        for r_ids, r_lp in zip(rows, lps):
+            row_len.append(len(r_ids))
+            alt_ids += r_ids
+            alt_lp += r_lp
+    return Encoded(np.asarray(tokens, dtype=np.int32), np.asarray(ex, dtype=np.int64).reshape(-1, EX_COLS),
+                   np.asarray(row_len, dtype=np.uint16), np.asarray(alt_ids, dtype=np.int32),
+                   np.asarray(alt_lp, dtype=np.float32).astype(np.float16))
+
+
+def bare_message(e: DataError) -> str:
+    """A DataError's message without its "file:line: " prefix (stored apart, as path and line)."""
+    msg = str(e.args[0])
+    where = f"{e.path}:{e.line}: " if e.path and e.line else (f"{e.path}: " if e.path else "")
+    return msg[len(where):] if msg.startswith(where) else msg
+
+
+# ----------------------------------------------------------------------------- worker side
+
+_WORK: dict = {}  # what forked workers inherit: tokenizer, token map, settings (set before the pool starts)
+
+
+def encode_chunk(chunk: Chunk) -> Encoded:
+    """Parse, tokenise and align one chunk's lines (in a worker, or in process). Raises DataError
+    when the bytes read differ from the first pass's (the file changed while the store was built)."""
+    from kdforge.data.records import parse_lines
+
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.start)
+        raw = f.read(chunk.end - chunk.start)
+    if len(raw) != chunk.end - chunk.start or zlib.crc32(raw) != chunk.crc:
+        raise FileChanged(chunk.path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {chunk.start + e.start})", chunk.path) from None
+    enc: Encoder = _WORK["encoder"]
+    prompt_only = bool(enc.settings.get("prompt_only"))
+    problems = []
+    n_lines = 0
+    for lineno, line in enumerate(io.StringIO(text, newline=None), chunk.first_line):
+        s = line.strip()
+        if not s:
+            continue
+        n_lines += 1
+        recs, probs = parse_lines([(lineno, s)], chunk.path, strict=False, prompt_only=prompt_only)
+        problems += [(chunk.path, p.line, bare_message(p)) for p in probs]
+        for r in recs:
+            r.metadata = {**r.metadata, "_path": chunk.path}
+            enc.add(r, chunk.path, chunk.file_index)
+    out = enc.take()
+    out.problems, out.lines = problems, n_lines
+    return out
+
+
+class FileChanged(Exception):
+    """A data file's bytes differ between the hashing pass and the build (a writer is still at it)."""
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.path = path
+
+
+# ============================================================================ building
+
+@dataclass
+class BuildInfo:
+    """What `ensure_store` did: the store folder, whether it was built now, how long it took."""
+
+    path: Path
+    built: bool
+    seconds: float
+    tokens: int
+    note: str | None = None
+
+
+BUILD_COUNT = {"n": 0}  # builds in this process: tests count them (a resumed run must not rebuild)
+
+
+def ensure_store(paths: Sequence[str | Path], tokenizer, *, with_topk: bool, settings: dict | None = None,
+                 root: str | Path | None = None, workers: int | None = None, progress: bool | None = None,
+                 fingerprints: list[dict] | None = None, chunk_bytes: int = CHUNK_BYTES) -> BuildInfo:
+    """The store of these files on this tokenizer: opened if it exists, else built (streaming, one
+    worker per core, atomically published). `fingerprints` ([{file,size,sha256}], from a pass the
+    caller already made) spares hashing the files again when the store exists."""
+    t0 = time.perf_counter()
+    paths = [str(p) for p in paths]
+    for p in paths:
+        if not Path(p).is_file():
+            raise DataError("file not found", p)
+    note = None
+    if root is None:
+        root, note = default_root(paths)
+    root = Path(root)
+    settings = merged_settings(settings)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    for attempt in range(2):
+        scans = ([scan_file(p, i, chunk_bytes) for i, p in enumerate(paths)]
+                 if fingerprints is None or attempt else None)
+        files = fingerprints if scans is None else [s[0] for s in scans]
+        key = store_key(files, tok_fp, with_topk, settings)
+        final = root / key
+        if (final / "meta.json").is_file():
+            return BuildInfo(final, False, time.perf_counter() - t0, _meta(final)["n_tokens"], note)
+        root.mkdir(parents=True, exist_ok=True)
+        with _Lock(root / f".{key}.lock"):
+            if (final / "meta.json").is_file():  # another process built it while we waited
+                return BuildInfo(final, False, time.perf_counter() - t0, _meta(final)["n_tokens"], note)
+            if scans is None:
+                scans = [scan_file(p, i, chunk_bytes) for i, p in enumerate(paths)]
+                if [s[0] for s in scans] != files:
+                    continue  # the caller's fingerprint is already out of date: hash again
+            try:
+                n = _build(final, key, scans, tokenizer, with_topk, settings, workers, progress, tok_fp)
+            except FileChanged as e:
+                if attempt:
+                    raise DataError("changed while the token store was built (a writer is still appending?); "
+                                    "nothing was published: run again once the file is complete", e.path) from None
+                continue
+            BUILD_COUNT["n"] += 1
+            return BuildInfo(final, True, time.perf_counter() - t0, n, note)
+    raise AssertionError("unreachable")
+
+
+class _Lock:
+    """An exclusive flock on a file beside the store: one builder per key across processes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.f = open(self.path, "a+")
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+def _meta(folder: Path) -> dict:
+    return json.loads((folder / "meta.json").read_text())
+
+
+def _n_workers(workers: int | None, total_bytes: int) -> int:
+    if workers is not None:
+        return max(1, workers)
+    if total_bytes <= IN_PROCESS_BYTES:
+        return 1
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _build(final: Path, key: str, scans, tokenizer, with_topk: bool, settings: dict, workers: int | None,
+           progress: bool | None, tok_fp: str) -> int:
+    """Write the store into a hidden folder beside `final`, then rename it there. Returns its tokens."""
+    files = [s[0] for s in scans]
+    chunks = [c for s in scans for c in s[1]]
+    total = sum(f["size"] for f in files)
+    tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        writer = _Writer(tmp, with_topk)
+        bar = _Bar(total, progress, f"token store ({len(files)} file{'s' * (len(files) > 1)})")
+        try:
+            for piece, chunk in _pieces(chunks, tokenizer, with_topk, settings, _n_workers(workers, total)):
+                writer.append(piece)
+                bar.advance(chunk.end - chunk.start)
+        finally:
+            bar.close()
+        # The files must still be what was hashed: a write that kept every chunk's CRC still moves mtime/size.
+        for f in files:
+            st = Path(f["file"]).stat()
+            if st.st_size != f["size"]:
+                raise FileChanged(f["file"])
+        meta = writer.finish({"version": STORE_VERSION, "key": key, "files": files, "tokenizer": tok_fp,
+                              "with_topk": with_topk, "settings": settings, "created": time.time()})
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(final.parent)
+    return meta["n_tokens"]
+
+
+def _pieces(chunks: list[Chunk], tokenizer, with_topk: bool, settings: dict, n_workers: int):
+    """(Encoded, Chunk) in file order: in this process, or from forked workers with at most
+    2 x workers chunks in flight (memory stays bounded when the parent writes slower)."""
+    from kdforge.data.dataset import TokenMap
+
+    _WORK["encoder"] = Encoder(tokenizer, with_topk, settings,
+                               token_map=TokenMap(tokenizer) if with_topk else None)
+    try:
+        if n_workers <= 1 or len(chunks) <= 1:
+            for c in chunks:
+                yield encode_chunk(c), c
+            return
+        import multiprocessing as mp
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked Rust pool would warn and deadlock
+        ctx = mp.get_context("fork")
+        with ctx.Pool(n_workers) as pool:
+            pending = []
+            it = iter(chunks)
+            for c in it:
+                pending.append((pool.apply_async(encode_chunk, (c,)), c))
+                if len(pending) >= 2 * n_workers:
+                    break
+            while pending:
+                res, c = pending.pop(0)
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((pool.apply_async(encode_chunk, (nxt,)), nxt))
+                yield res.get(), c
+    finally:
+        _WORK.clear()
+
+
+class _Writer:
+    """Appends encoded pieces to the store's raw files, rebasing their offsets."""
+
+    def __init__(self, folder: Path, with_topk: bool):
+        self.folder = folder
+        names = ["tokens", "examples"] + (["row_len", "alt_ids", "alt_lp"] if with_topk else [])
+        self.files = {n: open(folder / f"{n}.bin", "wb") for n in names}
+        self.n = {n: 0 for n in names}  # elements written
+        self.problems: list = []
+        self.misaligned: list = []
+        self.lines = 0
+
+    def append(self, piece: Encoded) -> None:
+        ex = piece.examples.copy()
+        ex[:, 0] += self.n["tokens"]
+        if "row_len" in self.files:
+            ex[:, 3] += self.n["row_len"]
+            ex[:, 4] += self.n["alt_ids"]
+        for name, arr in (("tokens", piece.tokens), ("examples", ex), ("row_len", piece.row_len),
+                          ("alt_ids", piece.alt_ids), ("alt_lp", piece.alt_lp)):
+            if name in self.files:
+                self.files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
+                self.n[name] += len(arr)
+        self.problems += piece.problems
+        self.misaligned += piece.misaligned
+        self.lines += piece.lines
+
+    def finish(self, meta: dict) -> dict:
+        for f in self.files.values():
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+        meta.update(n_examples=self.n["examples"], n_tokens=self.n["tokens"], lines=self.lines,
+                    lengths={k: v for k, v in self.n.items()}, problems=self.problems, misaligned=self.misaligned)
+        from kdforge.atomic import atomic_write_text
+
+        atomic_write_text(self.folder / "meta.json", json.dumps(meta))
+        return meta
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+class _Bar:
+    """A rich progress bar over bytes read on a terminal; nothing otherwise (logs and CI stay quiet)."""
+
+    def __init__(self, total: int, show: bool | None, label: str):
+        if show is None:
+            show = sys.stderr.isatty() and not os.environ.get("CI") and total > IN_PROCESS_BYTES
+        self.bar = None
+        if show:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                                transient=True)
+            self.task = self.bar.add_task("build", total=total)
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        if self.bar:
+            self.bar.advance(self.task, n)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.stop()
+
+
+# ============================================================================ reading
+
+class Store:
+    """A built store opened read-only: memory-mapped arrays (or in-memory ones, for records that
+    were never a file), the files it was built from, and what the build found."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], files: list[str], meta: dict, path: Path | None = None):
+        self.tokens = arrays["tokens"]
+        self.examples = arrays["examples"].reshape(-1, EX_COLS)
+        self.row_len = arrays.get("row_len")
+        self.alt_ids = arrays.get("alt_ids")
+        self.alt_lp = arrays.get("alt_lp")
+        self.files = files
+        self.meta = meta
+        self.path = path
+
+    @classmethod
+    def open(cls, folder: str | Path) -> "Store":
+        """Map a published store (no data is read until an example is)."""
+        folder = Path(folder)
+        meta = _meta(folder)
+        if meta.get("version") != STORE_VERSION:
+            raise UsageError(f"{folder}: a token store of version {meta.get('version')}, this kdforge reads "
+                             f"{STORE_VERSION}: delete the folder (it is rebuilt)")
+        arrays = {}
+        for name, n in meta["lengths"].items():
+            shape = (n, EX_COLS) if name == "examples" else (n,)
+            arrays[name] = (np.memmap(folder / f"{name}.bin", dtype=ARRAYS[name], mode="r", shape=shape)
+                            if n else np.zeros(shape, dtype=ARRAYS[name]))
+        return cls(arrays, [f["file"] for f in meta["files"]], meta, folder)
+
+    @classmethod
+    def from_encoded(cls, piece: Encoded, files: list[str], with_topk: bool) -> "Store":
+        arrays = {"tokens": piece.tokens, "examples": piece.examples}
+        if with_topk:
+            arrays.update(row_len=piece.row_len, alt_ids=piece.alt_ids, alt_lp=piece.alt_lp)
+        meta = {"problems": piece.problems, "misaligned": piece.misaligned, "with_topk": with_topk,
+                "n_examples": len(piece.examples), "n_tokens": len(piece.tokens)}
+        return cls(arrays, files, meta)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def nbytes(self) -> int:
+        """Bytes of the arrays (the store's size on disk, less meta.json)."""
+        return sum(a.nbytes for a in (self.tokens, self.examples, self.row_len, self.alt_ids, self.alt_lp)
+                   if a is not None)
+
+
+def iter_store_lines(problems: Iterable) -> list[DataError]:
+    """The stored (path, line, message) of unusable lines as DataErrors, as read_records gives them."""
+    return [DataError(msg, path, line) for path, line, msg in problems]
+
+
+# ============================================================================ `kdforge data build`
+
+def _first_has_topk(path: str | Path) -> bool:
+    """Whether the file's first record carries teacher_logprobs (what `data build` aligns by default)."""
+    from kdforge.data.records import iter_lines
+
+    for _, text in iter_lines(path):
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return False
+        return isinstance(obj, dict) and bool(obj.get("teacher_logprobs"))
+    return False
+
+
+def build_command(files: Sequence[str | Path], tokenizer_dir: str | Path, *, max_seq_length: int | None = None,
+                  out: str | Path | None = None, topk: bool | None = None) -> str:
+    """`kdforge data build`: build (or find) the store of `files` and say what it holds. Raises
+    DataError (exit 2) for a bad line, naming file:line, as training would."""
+    from kdforge.data.dataset import KDDataset
+
+    if topk is None:
+        topk = _first_has_topk(files[0]) if Path(files[0]).is_file() else False
+    ds = KDDataset([str(f) for f in files], tokenizer_dir, max_seq_length or (1 << 62), with_topk=topk,
+                   store_dir=out)
+    info, s = ds.store_info, ds._store
+    n_alt = len(s.alt_ids) if s.alt_ids is not None else 0
+    lines = [f"{'built' if info.built else 'reused'} token store {info.path} "
+             f"({'with' if topk else 'without'} teacher top-k rows)" + (f" in {info.seconds:.1f} s, "
+                                                                        f"{info.tokens / max(info.seconds, 1e-9):,.0f} tokens/s"
+                                                                        if info.built else "")]
+    if info.note:
+        lines.append(f"note: {info.note}")
+    per_alt = f", {s.nbytes() / n_alt:.2f} B per stored alternative" if n_alt else ""
+    lines.append(f"{len(ds):,} examples, {info.tokens:,} tokens, {n_alt:,} stored alternatives: {s.nbytes():,} bytes "
+                 f"({s.nbytes() / max(info.tokens, 1):.1f} B/token{per_alt})")
+    if ds.misaligned:
+        lines.append(f"{len(ds.misaligned)} records' top-k rows do not align (CE only); first: {ds.misaligned[0]}")
+    if ds.ce_only:
+        lines.append(f"{ds.ce_only} records without teacher_logprobs train with CE only under sparse KD")
+    if max_seq_length:
+        lines.append(f"{ds.truncated} examples longer than {max_seq_length} tokens (truncated when read)")
+    if out is not None and os.environ.get(STORE_ENV) != str(out):
+        lines.append(f"train, eval and the daemon look in {STORE_ENV} or beside the data: "
+                     f"export {STORE_ENV}={out} to use this one")
+    return "\n".join(lines)
