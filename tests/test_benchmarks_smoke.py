@@ -6,6 +6,7 @@ trained (a positive token rate) and that the KD memory table is there.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -50,3 +51,14 @@ def test_serve_throughput_quick_prints_its_table_and_the_load():
     cells = [line for line in p.stdout.splitlines() if line.startswith("| teacher | kdforge serve |")]
     assert len(cells) == 4, p.stdout  # completion and scoring, c=1 and c=16
     assert all(float(c.split("|")[6]) > 0 for c in cells), cells
+
+
+def test_data_scale_quick_builds_and_reopens_a_store():
+    """`data_scale.py --quick`: 5k tokens of generate-format top-20 data, built and reopened."""
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "data_scale.py"), "--quick"],
+                       env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    cells = [line.split("|") for line in p.stdout.splitlines() if re.match(r"\| [\d,]+ \| \d+ \|", line)]
+    assert len(cells) == 1, p.stdout
+    per_alt, tok_s = float(cells[0][6]), float(cells[0][8].replace(",", ""))
+    assert 0 < per_alt <= 8 and tok_s > 0  # fixed-width ids and fp16 logprobs: ~6.4 B per alternative
