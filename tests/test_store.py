@@ -248,3 +248,22 @@ def test_data_build_then_train_and_its_resume_never_retokenise(tmp_path, tokeniz
     bad.write_text(json.dumps(synthetic_records(1)[0]) + "\n\n" + "{nope\n")
     r = run_cli("data", "build", bad, "--tokenizer", tokenizer_dir)
     assert r.returncode == 2 and f"{bad}:3: invalid JSON" in r.stderr
+
+
+def test_records_of_a_daemon_batch_are_kept_by_their_bytes_and_mapped_again(tok, tmp_path):
+    """A daemon restarted mid-batch maps the batch's store instead of tokenising it again; the next
+    batch's store replaces it. Same examples as encoding in memory."""
+    path = write_jsonl(tmp_path / "b.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS)])
+    records = read_records(path)[0]
+    fp = store.file_fingerprints([path])
+    before = store.BUILD_COUNT["n"]
+    first = KDDataset(path, tokenizer=tok, with_topk=True, records=records, store_dir=tmp_path / "s", fingerprints=fp)
+    again = KDDataset(path, tokenizer=tok, with_topk=True, records=records, store_dir=tmp_path / "s", fingerprints=fp)
+    assert first.store_info.built and not again.store_info.built and store.BUILD_COUNT["n"] == before + 1
+    same_items(again, KDDataset(path, tokenizer=tok, with_topk=True, records=records))
+    nxt = write_jsonl(tmp_path / "c.jsonl", [kd_record(tok, "echo 🎉", seed=5)])
+    KDDataset(nxt, tokenizer=tok, with_topk=True, records=read_records(nxt)[0], store_dir=tmp_path / "s",
+              fingerprints=store.file_fingerprints([nxt]))
+    assert [p.name for p in (tmp_path / "s").iterdir() if p.is_dir()] == [
+        KDDataset(nxt, tokenizer=tok, with_topk=True, records=read_records(nxt)[0], store_dir=tmp_path / "s",
+                  fingerprints=store.file_fingerprints([nxt])).store_info.path.name]

@@ -187,7 +187,9 @@ class KDDataset(torch.utils.data.Dataset):
 
     Files are read through `kdforge.data.store`: built once per (content, tokenizer, settings),
     then memory-mapped, so memory does not grow with the dataset (`store_dir`: where; default beside
-    the data). `records` (already read: eval, a daemon batch) are encoded the same way in memory.
+    the data). `records` (already read: eval, a daemon batch) are encoded the same way, in memory;
+    with `store_dir` and the `fingerprints` of the one file they were read from, kept there (a
+    daemon restarted mid-batch maps them again instead of tokenising).
     """
 
     def __init__(self, jsonl_path: str | Path | Sequence[str | Path], tokenizer_path=None,
@@ -206,6 +208,10 @@ class KDDataset(torch.utils.data.Dataset):
             self.store_info = st.ensure_store(paths, self.tokenizer, with_topk=with_topk, settings=settings,
                                               root=store_dir, fingerprints=fingerprints, progress=progress)
             store = st.Store.open(self.store_info.path)
+        elif store_dir is not None and fingerprints:  # records of one file whose bytes were hashed: kept
+            store, built = st.records_store(records, fingerprints[0], self.tokenizer, with_topk=with_topk,
+                                            settings=settings, root=Path(store_dir))
+            self.store_info = st.BuildInfo(store.path, built, 0.0, len(store.tokens))
         else:
             piece = st.encode_records(records, self.tokenizer, with_topk, settings=settings,
                                       path=str(paths[0]) if paths else "")

@@ -546,6 +546,38 @@ class _Writer:
         return meta
 
 
+def records_store(records, fingerprint: dict, tokenizer, *, with_topk: bool, settings: dict | None,
+                  root: Path) -> tuple["Store", bool]:
+    """(store, built) of records already read (a daemon batch, `fingerprint` the bytes it read): the
+    store encoded earlier from these very bytes (a restart mid-batch does not tokenise again), else
+    encoded now, published atomically, and older batches' stores in `root` removed."""
+    settings = merged_settings(settings)
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    key = store_key([fingerprint], tok_fp, with_topk, settings)
+    final = root / key
+    if (final / "meta.json").is_file():
+        return Store.open(final), False
+    piece = encode_records(records, tokenizer, with_topk, settings=settings, path=fingerprint["file"])
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{key}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        writer = _Writer(tmp, with_topk)
+        writer.append(piece)
+        writer.finish({"version": STORE_VERSION, "key": key, "files": [fingerprint], "tokenizer": tok_fp,
+                       "with_topk": with_topk, "settings": settings, "created": time.time()})
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in root.iterdir():  # one batch at a time: the stores of batches done are not read again
+        if old != final and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    BUILD_COUNT["n"] += 1
+    return Store.open(final), True
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
