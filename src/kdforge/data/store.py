@@ -229,6 +229,10 @@ class Encoder:
         else:
             prompt = tok(prompt_text(tok, rec.prompt_messages), add_special_tokens=False)["input_ids"]
         resp = tok(rec.response, add_special_tokens=False)["input_ids"]
+        # io.reasoning: a thinking teacher's reasoning before the answer (think) or not (drop), tokenised
+        # apart: the teacher's top-k rows cover the answer only (the thinking trains with CE)
+        think = rec.thinking_prefix(self.settings["reasoning"], tok)
+        think = tok(think, add_special_tokens=False)["input_ids"] if think else []
         flags, rows = 0, None
         if self.with_topk:
             if not rec.teacher_logprobs:  # text lines, prompt/completion...: CE only, counted
@@ -236,11 +240,11 @@ class Encoder:
             else:
                 try:
                     resp, ids, lps = self.align(self.tm, rec, resp, self.settings)
-                    rows = (ids, lps)
+                    rows = ([[]] * len(think) + ids, [[]] * len(think) + lps)
                 except DataError as e:
                     flags = FLAG_MISALIGNED
                     self.misaligned.append((path, rec.line, bare_message(e)))
-        resp = [*resp, self.eos]
+        resp = [*think, *resp, self.eos]
         self.ex.append((len(self.tokens), len(prompt), len(resp), len(self.row_len), len(self.alt_ids),
                         file_index, rec.line, flags))
         self.tokens += prompt

@@ -150,15 +150,18 @@ def _load_data(cfg: Config, session: Session, log) -> _Data:
     optional = bool(cfg.teacher.url)  # teacher.url scores the records that carry no top-k
     max_len = max(t.seq_lengths)
     fingerprint = data_fingerprint(cfg.io.train_shards)  # hashed once: the store's key and the checkpoint's
+    settings = {"reasoning": cfg.io.reasoning}  # a thinking teacher's reasoning: trained (think) or not (drop)
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
-                         with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False)
+                         with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False,
+                         settings=settings)
     if session.rank == 0:
         _log_store(train_ds.store_info, log)
     if train_ds.misaligned and session.rank == 0:
         log(f"note: {len(train_ds.misaligned)} of {len(train_ds)} samples' teacher logprobs do not align "
             f"with their tokens (first: {train_ds.misaligned[0]}); they train with CE only")
     eval_ds = (KDDataset(cfg.io.eval_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
-                         with_topk=with_topk, topk_optional=optional, progress=False) if cfg.io.eval_shards else None)
+                         with_topk=with_topk, topk_optional=optional, progress=False, settings=settings)
+               if cfg.io.eval_shards else None)
     stream = DataStream(train_ds, t.micro_batch_size, t.seed, packing=t.packing,
                         max_epochs=None if t.max_steps else t.epochs)
     # Packed, a micro-batch holds as many examples as fill its rows: count them as the stream will.
