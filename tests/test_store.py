@@ -267,3 +267,14 @@ def test_records_of_a_daemon_batch_are_kept_by_their_bytes_and_mapped_again(tok,
     assert [p.name for p in (tmp_path / "s").iterdir() if p.is_dir()] == [
         KDDataset(nxt, tokenizer=tok, with_topk=True, records=read_records(nxt)[0], store_dir=tmp_path / "s",
                   fingerprints=store.file_fingerprints([nxt])).store_info.path.name]
+
+
+def test_data_validate_counts_lengths_from_the_store_training_then_maps(tok, tokenizer_dir, tmp_path):
+    from kdforge.data.quality import validate_files
+
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS)])
+    rep = validate_files([path], tokenizer_dir)[0]
+    ds = KDDataset(path, tokenizer_dir, 512, with_topk=True)
+    assert not ds.store_info.built  # data validate built it
+    assert rep.lengths["response"]["max"] == max(len(ds.example(i).response_ids) - 1 for i in range(len(ds)))
+    assert rep.lengths["prompt"]["min"] == min(len(ds.example(i).prompt_ids) for i in range(len(ds))) > 0

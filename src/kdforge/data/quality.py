@@ -179,13 +179,30 @@ def validate_file(path: str | Path, tokenizer=None) -> FileReport:
     rep.near_duplicates = [(kept[i].line, kept[j].line, jac) for i, j, jac in near_duplicates([r.response for r in kept])]
     rep.near_duplicate_prompts = [(kept[i].line, kept[j].line, jac)
                                   for i, j, jac in near_duplicates([r.prompt for r in kept])]
-    rep.lengths, rep.length_unit = _lengths(recs, tokenizer)
+    rep.lengths, rep.length_unit = _lengths(recs, tokenizer, path)
     rep.diversity = _diversity(recs)
     return rep
 
 
-def _lengths(recs: list[Record], tokenizer) -> tuple[dict, str]:
-    if tokenizer is not None:
+def _store_lengths(path: Path, n: int, tokenizer) -> tuple[list[int], list[int]] | None:
+    """(prompt, response) token counts of the file's records as training reads them, from the token
+    store (built here when missing, so the train that follows maps it); None if the store holds
+    another number of records than `n` (then they are counted one by one)."""
+    from kdforge.data.store import Store, ensure_store, first_has_topk
+
+    store = Store.open(ensure_store([path], tokenizer, with_topk=first_has_topk(path)).path)
+    if len(store) != n:
+        return None
+    ex = store.examples
+    return ex[:, 1].tolist(), (ex[:, 2] - 1).tolist()  # the response's count without its EOS
+
+
+def _lengths(recs: list[Record], tokenizer, path: Path | None = None) -> tuple[dict, str]:
+    counted = _store_lengths(path, len(recs), tokenizer) if tokenizer is not None and path is not None else None
+    if counted is not None:
+        p, c = counted
+        unit = f"tokens ({getattr(tokenizer, 'name_or_path', 'tokenizer')}; chat template as trained)"
+    elif tokenizer is not None:
         p, c = [], []
         for r in recs:
             if r.is_text:

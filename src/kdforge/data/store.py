@@ -66,11 +66,15 @@ def tokenizer_fingerprint(tok) -> str:
     h = hashlib.sha256()
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
-        h.update(backend.to_str().encode())
+        # Without truncation/padding: a call with truncation=True or padding sets them on the backend,
+        # and they change no id of an unpadded, untruncated encoding (the store's).
+        model = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(model, sort_keys=True).encode())
     else:
         h.update(json.dumps(sorted(tok.get_vocab().items()), ensure_ascii=False).encode())
-    h.update(json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.eos_token_id,
-                         sorted(map(str, getattr(tok, "all_special_tokens", [])))]).encode())
+    # Not the special tokens' roles: load_tokenizer gives a pad-less tokenizer EOS as its pad, which
+    # changes no id, so the same folder has one fingerprint however it was loaded.
+    h.update(json.dumps([type(tok).__name__, getattr(tok, "chat_template", None), tok.eos_token_id]).encode())
     fp = h.hexdigest()
     try:
         tok._kdforge_fingerprint = fp
@@ -673,7 +677,7 @@ def iter_store_lines(problems: Iterable) -> list[DataError]:
 
 # ============================================================================ `kdforge data build`
 
-def _first_has_topk(path: str | Path) -> bool:
+def first_has_topk(path: str | Path) -> bool:
     """Whether the file's first record carries teacher_logprobs (what `data build` aligns by default)."""
     from kdforge.data.records import iter_lines
 
@@ -693,7 +697,7 @@ def build_command(files: Sequence[str | Path], tokenizer_dir: str | Path, *, max
     from kdforge.data.dataset import KDDataset
 
     if topk is None:
-        topk = _first_has_topk(files[0]) if Path(files[0]).is_file() else False
+        topk = first_has_topk(files[0]) if Path(files[0]).is_file() else False
     ds = KDDataset([str(f) for f in files], tokenizer_dir, max_seq_length or (1 << 62), with_topk=topk,
                    store_dir=out)
     info, s = ds.store_info, ds._store
