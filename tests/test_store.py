@@ -278,3 +278,16 @@ def test_data_validate_counts_lengths_from_the_store_training_then_maps(tok, tok
     assert not ds.store_info.built  # data validate built it
     assert rep.lengths["response"]["max"] == max(len(ds.example(i).response_ids) - 1 for i in range(len(ds)))
     assert rep.lengths["prompt"]["min"] == min(len(ds.example(i).prompt_ids) for i in range(len(ds))) > 0
+
+
+def test_preflight_dataset_counts_from_the_store_what_items_hold(tokenizer_dir, tmp_path):
+    from kdforge.preflight.dataset import check_dataset
+
+    long = {"prompt": " ".join(["What is 12 plus 34?"] * 30), "teacher_text": "12 plus 34 is 46. Ça va 🎉"}
+    path = write_jsonl(tmp_path / "s.jsonl", [*synthetic_records(6), long, {"text": "alpha 東京"}])
+    item = check_dataset(path, str(tokenizer_dir), 32)
+    ds = KDDataset(path, tokenizer_dir, 32)
+    assert item.status == "pass", item
+    assert item.numbers["input_lens"] == [len(ds[i]["input_ids"]) for i in range(len(ds))]
+    assert item.numbers["label_tokens"] == [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
+    assert max(item.numbers["input_lens"]) == 32

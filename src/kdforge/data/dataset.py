@@ -283,6 +283,12 @@ class KDDataset(torch.utils.data.Dataset):
         self._cleared.add(int(i))
         self.lengths[i] = int(self._ex[i, 1])
 
+    def kept(self, i: int, max_len: int | None = None) -> tuple[int, int]:
+        """(prompt tokens, response tokens) of example i as `item(i, max_len)` keeps them, from the
+        store's lengths alone (nothing is read)."""
+        _, n_p, n_r, _, _ = self._spans(i)
+        return _keep(n_p, n_r, min(max_len or self.max_seq_length, self.max_seq_length))
+
     def line_of(self, i: int) -> tuple[str | None, int]:
         """(file, line) that example i was read from."""
         files = self._store.files

@@ -22,13 +22,15 @@ def check_dataset(samples: Path, tokenizer: str | None, max_seq_length: int) -> 
 
     try:
         ds = KDDataset(jsonl_path=str(samples), tokenizer_path=tokenizer, max_seq_length=max_seq_length)
-        items = [ds[i] for i in range(len(ds))]
     except KdforgeError as e:
         return failed("dataset", f"KDDataset cannot read the samples: {e}", "see the named line; kdforge data "
                       f"validate {samples} --tokenizer {tokenizer} lists every problem")
-    lines = sum(1 for line in samples.read_text(encoding="utf-8").splitlines() if line.strip())
-    inputs = [len(x["input_ids"]) for x in items]
-    targets = [int((x["labels"] != -100).sum()) for x in items]
+    with open(samples, encoding="utf-8") as f:
+        lines = sum(1 for line in f if line.strip())
+    # From the store's lengths, as item() truncates them: no example is materialised.
+    kept = [ds.kept(i) for i in range(len(ds))]
+    inputs = [p + r for p, r in kept]
+    targets = [r for _, r in kept]
     shown = ", ".join(f"{a}/{b}" for a, b in list(zip(inputs, targets))[:3])
     mean = sum(inputs) / max(1, len(inputs))
     evidence = (f"KDDataset({samples.name}, {tokenizer}, max_seq_length={max_seq_length}): {len(ds)} of {lines} "
