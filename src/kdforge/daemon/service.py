@@ -430,7 +430,8 @@ class Daemon:
         answered = [r for r in records if not r.prompt_only]
         with_topk = self.session.with_topk and op.fraction < 1 and bool(answered)
         ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
-                       with_topk=with_topk, strict=False, records=records)
+                       with_topk=with_topk, strict=False, records=records,
+                       topk_optional=bool(self.session.cfg.teacher.url))  # teacher.url scores the rest
         ds.problems = problems
         ds.prompts_only = without_answers(ds, records) == len(records)
         return ds, fp

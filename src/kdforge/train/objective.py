@@ -206,7 +206,9 @@ class DistillObjective(nn.Module):
         n = int(sel.sum())
         if self.kind == "ce":
             return n, 0
-        if self._teacher[0] is not None or "topk_ids" not in batch:
+        if getattr(self._teacher[0], "cross_tokenizer", False):  # another tokenizer: rows carried by bytes
+            batch = self._teacher[0].attach(batch)
+        elif self._teacher[0] is not None or "topk_ids" not in batch:
             return n, n
         return n, int(((batch["topk_ids"][:, 1:] >= 0).any(dim=-1) & sel).sum())
 
@@ -224,6 +226,8 @@ class DistillObjective(nn.Module):
         chunked = bool(chunk) and type(head) is nn.Linear
         kw = dict(kind=self.kind, temperature=self.temperature, beta=self.beta)
         teacher = self._teacher[0]
+        if getattr(teacher, "cross_tokenizer", False):  # train/cross_scoring.py: its top-K on our tokens
+            batch, teacher = teacher.attach(batch), None
         if self.kind != "ce":
             if teacher is not None:
                 with torch.no_grad():

@@ -112,6 +112,9 @@ class OnPolicy:
         scorer = None
         if not cfg.teacher.path:  # teacher.url (check_config guarantees one of the two)
             scorer = _step_scorer(cfg, session.world, log, state_dir, vocab_size=student_vocab(session.model))
+            from kdforge.train.cross_scoring import over_http  # another tokenizer: it scores text
+
+            scorer = over_http(cfg, scorer, session.tokenizer, log)
         pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
                    micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool,

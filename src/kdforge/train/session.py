@@ -310,7 +310,9 @@ def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
     cfg_model = _on_base(cfg, model_path) if model_path is not None else cfg
     tokenizer = tokenizer or load_tokenizer(cfg.io.tokenizer_path or cfg_model.model.path)
     model = load_student(cfg_model, tokenizer, t.seed).to(device)
-    teacher = load_teacher(cfg, device)
+    from kdforge.train.cross_scoring import local_teacher  # another tokenizer: carried by bytes
+
+    teacher = local_teacher(cfg, load_teacher(cfg, device), tokenizer, print if rank == 0 else None)
     objective = _objective(cfg, model, teacher)
     if rank == 0 and objective.vocab_note():  # a wider (padded) teacher vocabulary: said once
         print(objective.vocab_note(), flush=True)
