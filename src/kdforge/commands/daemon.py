@@ -26,6 +26,13 @@ def daemon(
 ):
     """Continuous training: train every *.jsonl batch dropped in BASE/inbox/, continuing from the
     newest checkpoint. Stop with `touch BASE/.stop`, SIGTERM or Ctrl-C (saves first)."""
+    from kdforge.daemon.infra import machine_errors
+
+    with machine_errors(f"kdforge daemon on {base_dir}"):  # a full disk at start: one line, exit 1
+        return _daemon(base_dir, config, once, overrides)
+
+
+def _daemon(base_dir: Path, config: List[Path], once: bool, overrides: Optional[List[str]]) -> int:
     from kdforge.config import check_config, load_config
     from kdforge.daemon.inbox import BaseDirLock
     from kdforge.daemon.layout import Layout

@@ -62,14 +62,17 @@ def train(
 ):
     """Train a student by knowledge distillation (torchrun-aware)."""
     from kdforge.config import load_config
+    from kdforge.daemon.infra import machine_errors
     from kdforge.stdout import line_printer
-    from kdforge.train.runner import run_training
 
     overrides = list(overrides or [])
     if output_dir is not None:
         overrides.append(f"io.output_dir={output_dir}")
     cfg = load_config(config, overrides)
-    run_training(cfg, resume=resume, log=line_printer())  # `| tee` then Ctrl-C: the pipe breaks before the save
+    with machine_errors("kdforge train"):  # a full disk: one line, exit 1, not a traceback chain
+        from kdforge.train.runner import run_training
+
+        run_training(cfg, resume=resume, log=line_printer())  # `| tee` then Ctrl-C: the pipe breaks before the save
 
 
 def smoke(workdir: Optional[Path] = typer.Option(None, "--workdir", help="default: a new temp dir")):

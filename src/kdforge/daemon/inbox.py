@@ -164,10 +164,14 @@ def open_regular(path: Path, max_bytes: int | None = None) -> int:
     """A read descriptor on `path`, which must be a regular file of at most `max_bytes`.
     O_NOFOLLOW: a symlink put in its place is refused, never followed out of the base dir;
     O_NONBLOCK: a FIFO put in its place cannot block the daemon in open()."""
+    from kdforge.daemon.infra import MACHINE_ERRNOS
+
     name = shown(path.name)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
     except OSError as e:
+        if e.errno in MACHINE_ERRNOS:  # no descriptors, a failing disk: the machine's, not the file's
+            raise
         raise DataError(f"cannot open it ({os.strerror(e.errno)}); drop a regular *.jsonl file", name) from None
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or (max_bytes is not None and st.st_size > max_bytes):

@@ -41,6 +41,7 @@ from kdforge.daemon import consolidate
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.dailylog import DailyLog
 from kdforge.daemon.heldout import HeldOut, describe, lowest, status_fields
+from kdforge.daemon.infra import InfrastructureError, infrastructure_fault
 from kdforge.daemon.inbox import (BaseDirLock, Fingerprint, batch_files, claim, claim_parts, fingerprint, move_to,
                                   next_ready, read_batch, reject, scan, shown)
 from kdforge.daemon.layout import Layout
@@ -57,6 +58,8 @@ from kdforge.train.schedule import LRMultiplier
 from kdforge.train.session import Session, StopFlag, build_session
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
+MACHINE_RETRY_MAX_S = 60.0  # longest wait between tries after a full disk (the wait doubles from poll_interval)
+UNKNOWN = ("?", -1)  # in_memory after a failed batch: equal to no checkpoint, and not the fresh base either
 PROMPT_ONLY_REFUSED = ("a prompt with no answer (a prompt-only line): the daemon trains such lines on-policy only "
                        "(the student answers, the teacher scores): configure on_policy (on_policy.fraction > 0 "
                        "with teacher.path or teacher.url), or add the teacher's answer (teacher_text, completion)")
@@ -106,6 +109,8 @@ class Daemon:
         self._stop_logged = False
         self._told_full = False
         self._queue_checked = 0.0
+        self._machine_failures = 0  # tries in a row the machine refused (the wait doubles with each)
+        self._once = False
 
     # ============================================================================ run
 
@@ -118,6 +123,7 @@ class Daemon:
         self.paths.stop_file.unlink(missing_ok=True)
         if self.handle_signals:
             self.stop_flag.install()
+        self._once = once
         try:
             self.log.info(f"daemon started: pid {os.getpid()}, base dir {self.paths.base}")
             self.status.update(status="starting")
@@ -140,9 +146,18 @@ class Daemon:
             self.status.update(status="stopped")
             raise
         except BaseException as e:
+            machine = infrastructure_fault(e)
+            if machine is not None and not isinstance(e, InfrastructureError):
+                e = InfrastructureError(f"daemon on {self.paths.base}: {machine}; free disk space (or descriptors), "
+                                        "then start it again: it goes on from its newest checkpoint")
             ours = isinstance(e, KdforgeError)  # the message says it all: no traceback
-            self._log_quietly(self.log.error, f"daemon failed: {e}", None if ours else e, echo=not ours)
-            self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
+            try:  # a full disk may refuse these too: the error below still reaches the caller, alone
+                self._log_quietly(self.log.error, f"daemon failed: {e}", None if ours else e, echo=not ours)
+                self.status.update(status="error", last_error=f"{type(e).__name__}: {e}")
+            except OSError:
+                pass
+            if machine is not None:
+                raise e from None
             raise
         finally:
             self.reporters.close()
@@ -349,17 +364,60 @@ class Daemon:
         claim_id, name = claim_parts(path)
         try:
             finished = self._train_claimed(path, claim_id, name)
-        except KdforgeError as e:
-            if not isinstance(e, DataError):
-                raise  # the config or the base dir, not this file: the daemon cannot go on
-            self._fail(path, claim_id, name, str(e), None)
         except Exception as e:  # noqa: BLE001 - see the docstring; a bug of ours still logs its traceback
-            self._fail(path, claim_id, name, f"{type(e).__name__}: {e}", e)
+            machine = infrastructure_fault(e)
+            if machine is not None:  # a full disk, no descriptors: the data is fine, keep it
+                self._machine_refused(name, machine)
+            elif isinstance(e, KdforgeError) and not isinstance(e, DataError):
+                raise  # the config or the base dir, not this file: the daemon cannot go on
+            elif isinstance(e, DataError):
+                self._fail(path, claim_id, name, str(e), None)
+            else:
+                self._fail(path, claim_id, name, f"{type(e).__name__}: {e}", e)
         else:
+            self._machine_failures = 0
             # Outside the try: once the file has left the inbox its batch is saved for good, so
             # nothing after it (consolidation) may roll that batch back or reject a file that is gone.
             if finished:
                 self._after_batch()
+
+    def _machine_refused(self, name: str, why: str) -> None:
+        """The machine failed the batch (disk full, I/O error, no descriptors): not the file's
+        fault, so it stays claimed and nothing is rolled back or deleted. The status says
+        `waiting` and why, and names only a checkpoint that is on disk; after a wait (doubling
+        from poll_interval up to a minute) the batch is tried again from the newest checkpoint,
+        which is loaded again (memory holds the steps the failed save lost). `--once`: stop (exit 1)."""
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
+        self.in_memory = UNKNOWN
+        self._machine_failures += 1
+        wait = min(MACHINE_RETRY_MAX_S, self.daemon_cfg.poll_interval * 2 ** self._machine_failures)
+        since = newest.name if newest else "the fresh base"
+        reason = (f"{why} (the machine's fault, not the data's: {shown(name)} stays in inbox/.claimed/ and "
+                  f"trains again from {since})")
+        if self._once:
+            raise InfrastructureError(f"{shown(name)}: {reason}; free disk space (or descriptors), then run again")
+        self._note(self.log.error, f"cannot go on with {shown(name)}: {reason}; retrying in {wait:.1f}s")
+        try:
+            saved = ckpt.read_state(newest) if newest else TrainState()  # what the next try starts from
+            self.reporters.rewind(saved.global_step)  # the lost steps leave the curves
+            self.status.update(status="waiting", current_file=None, last_error=f"waiting: {reason}",
+                               last_checkpoint=newest.name if newest else None, current_step=saved.global_step,
+                               batch_number=BatchState.from_extra(saved.extra).batch_number)
+        except OSError:
+            pass  # the status cannot be written either: the log line (or stdout) says it
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline and not self._stop_requested():
+            time.sleep(0.05)
+        if not self._stop_requested():
+            self._note(self.log.info, f"retrying {shown(name)} from {since}")
+
+    def _note(self, write, message: str) -> None:
+        """A log line that a full disk cannot turn into a second failure: printed when it cannot be written."""
+        try:
+            write(message)
+        except OSError:
+            if self.log.echo:
+                self.log.echo(message)
 
     def _fail(self, path: Path, claim_id: str | None, name: str, reason: str, exc: Exception | None) -> None:
         if exc is not None:
@@ -370,7 +428,9 @@ class Daemon:
             self._roll_back()
         self._reject(path, reason + ("\nRolled back: the model, optimizer, scheduler and RNG are as before this "
                                      f"batch (global_step {self.state.global_step})." if rolled else ""), name)
-        self.status.update(status="idle", current_file=None, current_step=self.state.global_step)
+        newest = ckpt.latest_checkpoint(self.paths.checkpoints)  # the batch's own are gone: never name one
+        self.status.update(status="idle", current_file=None, current_step=self.state.global_step,
+                           last_checkpoint=newest.name if newest else None)
 
     def _roll_back(self) -> None:
         """Undo the current batch: its checkpoints go, the one it started from is loaded again
@@ -441,6 +501,8 @@ class Daemon:
         already; a dict: its data position (it was cut short); None: a new batch."""
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         if newest is None:
+            if self.in_memory is not None:  # trained past the fresh base by a batch that failed
+                self._open_session(self._configured_base(), self.session.tokenizer)
             return None
         saved_state = ckpt.read_state(newest)
         saved = BatchState.from_extra(saved_state.extra)
