@@ -16,7 +16,13 @@ each row the exact body an online request would send). Per file, in this order:
    same ledger settle, cache and journal write as an online answer. The result files are the bill:
    a row that did not complete (in the error file, expired, cancelled, or in neither file) was not
    charged, and is retried in the next file or online (`batch_fallback`), at most MAX_BATCH_TRIES
-   times in batches.
+   times in batches. Result files are streamed to the checkpoint dir (never held in memory) and
+   cut at `len(rows) * row_cap()` bytes: a file past it is not a result file; the rows read
+   before the cap count, the others are charged at their worst case and retried.
+
+Every control-plane call has a deadline (`_deadline`: a hanging or dripping server is a timeout,
+retried) and is abandoned at once when the run stops (`Generator.halted`: a signal, a refusal);
+what it may have done at the provider is recovered by the next run, as after a kill.
 
 Crash safety: a re-run reads `batch.json` and the ledger's keyed holds. A file with an intent but
 no file id is uploaded again (an orphan upload costs nothing); one with a file id but no batch id

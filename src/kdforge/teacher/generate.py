@@ -23,8 +23,10 @@ Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused 
 requests cancelled at once, exit 4. SIGINT/SIGTERM -> no new dispatch, in-flight requests finish
 (a second signal cancels them), exit 130. Teacher down (3 samples in a row out of retries) or
 rejecting everything (10 requests in a row, or every request of a run) -> no new dispatch, exit 1
-with the teacher's own (masked) message; rejections in such a streak are not held against their
-prompts, so a re-run sends them again. Every path saves `state.json` and prints the summary; all
+with the teacher's own (masked) message; paid answers that cannot be stored (empty, cut by
+max_tokens before any text, filtered, quoting the key: `_unusable`) count in the same streak, and
+a thinking model whose thinking filled max_tokens is named with what it used and a --max-tokens
+that fits; the prompts of such a streak are not held against them, so a re-run sends them again. Every path saves `state.json` and prints the summary; all
 resume.
 """
 
