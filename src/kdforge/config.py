@@ -386,11 +386,13 @@ def load_config(paths: list[str | Path], overrides: list[str] | None = None) -> 
     return from_dict(merge_configs(paths, overrides), source)
 
 
-def load_section(paths: list[str | Path], name: str, values: dict[str, Any] | None = None):
-    """One section of the merged config files, with `values` (a command's flags that were given)
-    over the files' keys, type-checked with the whole tree. For commands that use one section
-    (`generate`) and so skip the training checks. Raises ConfigError listing everything."""
-    data = merge_configs(paths)
+def load_section(paths: list[str | Path], name: str, values: dict[str, Any] | None = None,
+                 overrides: list[str] | None = None):
+    """One section of the merged config files (`a.b=c` overrides applied), with `values` (a
+    command's flags that were given) over the files' keys, type-checked with the whole tree. For
+    commands that use one section (`generate`) and so skip the training checks. Raises
+    ConfigError listing everything."""
+    data = merge_configs(paths, overrides)
     data[name] = {**(data.get(name) or {}), **{k: v for k, v in (values or {}).items() if v is not None}}
     cfg, problems = _typed(data)
     if problems:

@@ -24,7 +24,10 @@ def preflight(
     price_output: Optional[float] = typer.Option(None, "--price-output", help="USD per million output tokens"),
     api_key_env: Optional[str] = typer.Option(None, "--api-key-env", help="variable holding the key "
                                                                            "(default: generate.api_key_env)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", min=1, help="per answer (default: "
+                                             "generate.max_tokens, 512); prompt + this must fit the teacher's context"),
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    overrides: List[str] = typer.Argument(None, help="section.key=value overrides, e.g. generate.max_tokens=48"),
 ):
     """The seed plan's checklist on your own teacher, tokenizer and config, for under $1."""
     from kdforge.preflight import PreflightOptions, run_preflight
@@ -34,7 +37,7 @@ def preflight(
     report = run_preflight(PreflightOptions(
         configs=list(config), teacher=teacher, model=model, prompts=list(prompts or []), budget_limit=budget_limit,
         samples=samples, only=only, workdir=workdir, price_input=price_input, price_output=price_output,
-        api_key_env=api_key_env, log=log))
+        api_key_env=api_key_env, max_tokens=max_tokens, overrides=list(overrides or []), log=log))
     print(render_json(report) if as_json else render_text(report), flush=True)
     if not as_json:
         print(f"report: {report.workdir}/preflight_report.md", flush=True)

@@ -20,6 +20,9 @@ from kdforge.config import Config, GenerateSection, from_dict, load_section, mer
 from kdforge.errors import ConfigError, KdforgeError, UsageError
 from kdforge.preflight import machine, teacher, training
 from kdforge.preflight.report import Item, Report, failed, render_json, render_markdown, skipped
+from kdforge.teacher.plan import ContextFit, build_jobs, context_fit, teacher_context
+from kdforge.teacher.pricing import unknown_price_fix
+from kdforge.teacher.prompts import plan_prompts
 
 PARTS = ("api", "generation", "budget", "config", "memory", "training", "pipeline")
 # Which items each part checks; `pipeline` is all of them.
@@ -43,6 +46,8 @@ class PreflightOptions:
     price_input: float | None = None
     price_output: float | None = None
     api_key_env: str | None = None
+    max_tokens: int | None = None  # per answer; None: generate.max_tokens
+    overrides: list[str] = field(default_factory=list)  # `a.b=c`, as train and daemon take them
     log: object = print  # progress lines
 
 
@@ -54,9 +59,9 @@ def parts_to_run(only: str) -> list[str]:
 
 
 def _generate_section(opts: PreflightOptions) -> GenerateSection:
-    flags = dict(teacher=opts.teacher, model=opts.model, prompts=opts.prompts or None,
+    flags = dict(teacher=opts.teacher, model=opts.model, prompts=opts.prompts or None, max_tokens=opts.max_tokens,
                  price_input=opts.price_input, price_output=opts.price_output, api_key_env=opts.api_key_env)
-    return load_section(opts.configs, "generate", flags)
+    return load_section(opts.configs, "generate", flags, opts.overrides)
 
 
 def _tokenizer_vocab(cfg: Config | None) -> int | None:
@@ -74,7 +79,7 @@ class Preflight:
     def __init__(self, opts: PreflightOptions, work: Path):
         self.opts, self.work, self.log = opts, work, opts.log
         self.items: dict[str, Item] = {}
-        self.merged = merge_configs(opts.configs)
+        self.merged = merge_configs(opts.configs, opts.overrides)
         self.cfg: Config | None = None
         self.config_error: ConfigError | None = None
         try:
@@ -93,6 +98,7 @@ class Preflight:
         self.samples = teacher.Samples(None, 0)
         self.student = None
         self.refused = False
+        self._context: list[ContextFit | None] = []  # read once, when a paid part first needs it
 
     # ---------------------------------------------------------------- parts
     def config(self) -> None:
@@ -111,8 +117,9 @@ class Preflight:
         item, self.student = machine.check_memory(self.cfg, _tokenizer_vocab(self.cfg))
         self.items["memory"] = item
 
-    def _teacher_problem(self) -> tuple[str, str] | None:
-        """(what is missing, the fix) when no teacher part can run."""
+    def _teacher_problem(self, context: bool = True) -> tuple[str, str] | None:
+        """(what is missing, the fix) when no teacher part can run; `context`: also when the planned
+        requests do not fit the teacher's advertised context (the api probe's few tokens do)."""
         if not self.gen.teacher or not self.gen.model:
             return ("no teacher configured",
                     "set generate.teacher and generate.model in the config, or pass --teacher URL --model NAME")
@@ -120,18 +127,29 @@ class Preflight:
             return str(self.price_error), "give both generate.price_input and generate.price_output, or neither"
         if self.prices is None:
             return (f"no prices for model {self.gen.model!r} (not in the shipped table): the preflight budget cannot "
-                    "be enforced", "set generate.price_input and generate.price_output (USD per million tokens; "
-                    "0 for a local server), or --price-input/--price-output")
+                    "be enforced", f"{unknown_price_fix(config=True)}; or {unknown_price_fix()}")
+        fit = self._context_fit() if context else None
+        if fit is not None and fit.over:
+            return fit.problem(), fit.fix()
         return None
 
-    def _needs_teacher(self, key: str) -> bool:
-        problem = self._teacher_problem()
+    def _context_fit(self) -> ContextFit | None:
+        """The planned requests against the context the teacher advertises (None: it does not say)."""
+        if not self._context:
+            context = teacher_context(self.gen, self.api_key)
+            jobs = build_jobs(self.gen, plan_prompts(self.gen.prompts, self.gen.mix, self.gen.seed,
+                                                     warn=lambda m: None))[:max(self.opts.samples, 20)]
+            self._context.append(context_fit(self.gen, jobs, context) if context else None)
+        return self._context[0]
+
+    def _needs_teacher(self, key: str, context: bool = True) -> bool:
+        problem = self._teacher_problem(context)
         if problem:
             self.items[key] = failed(key, f"cannot run: {problem[0]}", problem[1])
         return problem is None
 
     def api(self) -> None:
-        if self._needs_teacher("api"):
+        if self._needs_teacher("api", context=False):
             self.items["api"] = teacher.check_api(self.gen, self.work / "api", self.purse, self.api_key)
 
     def generation(self) -> None:

@@ -286,6 +286,12 @@ def check_budget(cfg: GenerateSection, work: Path, purse: Purse, api_key: str | 
     if isinstance(run.error, TeacherRefusedError):
         return refused_item("budget", run.error)
     spent = run.state.get("spent_usd")
+    if run.error is not None and not isinstance(run.error, BudgetExceededError):
+        # It stopped before the budget could: what the teacher answered is the cause, not the budget.
+        return failed("budget", f"the run stopped before reaching the limit, so the stop was not tested: {run.error}",
+                      "fix what the message names (often max_tokens: prompt + max_tokens must fit the teacher's "
+                      f"context; --max-tokens N), see {run.ckpt / 'failures.jsonl'}, then re-run",
+                      limit_usd=limit, worst_request_usd=worst, spent_usd=spent, requests=run.requests)
     again = generate(scratch_section(cfg, work, 1000, limit), purse, api_key)
     spent_again = again.state.get("spent_usd")
     nums = dict(limit_usd=limit, worst_request_usd=worst, spent_usd=spent, samples=run.samples,

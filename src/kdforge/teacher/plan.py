@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from kdforge.config import GenerateSection
 from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache, canonical, request_key
 from kdforge.teacher.journal import Journal
-from kdforge.teacher.pricing import NANO, Prices
+from kdforge.teacher.pricing import NANO, Prices, unknown_price_fix
 from kdforge.teacher.prompts import Prompt, prompt_key
 from kdforge.teacher.tokens import TokenEstimator
 
@@ -47,6 +48,79 @@ def build_jobs(cfg: GenerateSection, prompts: list[Prompt]) -> list[SampleReques
         sid = hashlib.sha256(canonical(body).encode()).hexdigest()[:20]
         jobs.append(SampleRequest(p, msgs, body, sid, prompt_key(p.messages), request_key(cfg.teacher, body)))
     return jobs
+
+
+# ----------------------------------------------------------------------------- the teacher's context
+
+CONTEXT_TIMEOUT_S = 5.0  # GET /models: a metadata call, never worth a long wait
+
+
+def teacher_context(cfg: GenerateSection, api_key: str | None = None) -> int | None:
+    """The context (prompt + completion tokens) the teacher advertises for `cfg.model` as
+    `max_model_len` at GET {teacher}/models (vLLM and kdforge serve do; OpenAI does not). None when
+    it says nothing, cannot be reached or refuses us: the requests themselves will tell then.
+    The key is `api_key`, else the variable `cfg.api_key_env` names."""
+    import httpx
+
+    key = api_key or os.environ.get(cfg.api_key_env) or ""
+    try:
+        r = httpx.get(f"{cfg.teacher.rstrip('/')}/models", timeout=CONTEXT_TIMEOUT_S,
+                      headers={"Authorization": f"Bearer {key}"} if key else {})
+        models = r.json().get("data") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
+    if not isinstance(models, list):
+        return None
+    rows = [m for m in models if isinstance(m, dict) and m.get("id") == cfg.model] or \
+        [m for m in models if isinstance(m, dict)][:1] * (len(models) == 1)
+    n = rows[0].get("max_model_len") if rows else None
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
+
+@dataclass
+class ContextFit:
+    """How the planned requests fit the teacher's context. Prompt lengths are estimates (~3 bytes a
+    token: the teacher's tokenizer is not at hand), so `over` counts requests that likely exceed."""
+
+    context: int
+    max_tokens: int
+    longest_prompt: int  # estimated tokens of the longest prompt, chat template included
+    over: int  # requests whose estimated prompt + max_tokens exceed the context
+    requests: int
+
+    @property
+    def room(self) -> int:
+        """The largest max_tokens that the longest prompt leaves room for."""
+        return self.context - self.longest_prompt
+
+    def fix(self) -> str:
+        if self.room < 1:
+            return (f"the longest prompt alone (~{self.longest_prompt} tokens) fills the {self.context}-token context: "
+                    "shorten the prompts or use a teacher with a longer context")
+        return f"lower max_tokens to at most {self.room} (--max-tokens {self.room} or generate.max_tokens={self.room})"
+
+    def problem(self) -> str | None:
+        """What is wrong, in words, or None when every request fits."""
+        if not self.over:
+            return None
+        return (f"max_tokens {self.max_tokens} plus the prompt (up to ~{self.longest_prompt} tokens) would exceed the "
+                f"teacher's context: its context is {self.context} tokens (max_model_len at GET /models), so "
+                f"{self.over} of {self.requests} requests would be refused (400 context_length_exceeded)")
+
+    def line(self) -> str:
+        """The dry run's `context:` line."""
+        if self.over:
+            return f"{self.problem()}: {self.fix()}"
+        return (f"{self.context} tokens (the teacher's max_model_len): every request fits (longest prompt "
+                f"~{self.longest_prompt} + max_tokens {self.max_tokens})")
+
+
+def context_fit(cfg: GenerateSection, jobs: list[SampleRequest], context: int) -> ContextFit:
+    """Check every planned request against the teacher's context."""
+    est = TokenEstimator()
+    lengths = [est.prompt_estimate(j.messages) for j in jobs] or [0]
+    over = sum(1 for n in lengths if n + cfg.max_tokens > context) if jobs else 0
+    return ContextFit(context, cfg.max_tokens, max(lengths), over, len(jobs))
 
 
 def projection(jobs: list[SampleRequest], cfg: GenerateSection, prices: Prices | None, tokens: TokenEstimator,
@@ -90,8 +164,9 @@ def dry_run_report(cfg: GenerateSection, jobs: list[SampleRequest], prices: Pric
     for j in todo:
         sources[j.prompt.source] = sources.get(j.prompt.source, 0) + 1
     (wi, wo), (ei, eo) = p["worst_tokens"], p["expected_tokens"]
+    context = teacher_context(cfg) if todo else None  # GET /models: free, and says nothing is generated
     lines = [
-        "dry run: nothing sent.",
+        "dry run: nothing sent to the model.",
         f"  plan:       {need} more samples for {out} ({journal.count} already there, --total {cfg.total}); "
         f"{len(jobs)} unique prompts, seed {cfg.seed}",
         f"  sources:    " + (", ".join(f"{s} {n}" for s, n in sorted(sources.items())) or "-"),
@@ -108,13 +183,17 @@ def dry_run_report(cfg: GenerateSection, jobs: list[SampleRequest], prices: Pric
         lines.append(f"  prices:     ${prices.input:g} / ${prices.output:g} per million input/output tokens "
                      f"({prices.source})")
     else:
-        lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected "
-                     "(pass --price-input/--price-output)")
+        lines.append(f"  prices:     unknown for {cfg.model!r}: cost cannot be projected ({unknown_price_fix()})")
     if cfg.budget_limit is not None:
         left = ledger.limit_nano - ledger.spent_nano
         verdict = "the worst case fits" if p["worst_nano"] <= left else "the run may stop at the budget (exit 3)"
         lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left / NANO:.4f} left: "
                      f"{verdict}")
+    if context is None and todo:
+        lines.append("  context:    not checked: the teacher does not advertise max_model_len at GET /models")
+    elif todo:
+        fit = context_fit(cfg, todo, context)
+        lines.append(f"  context:    {'warning: ' if fit.over else ''}{fit.line()}")
     if len(todo) < need:
         lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
     return "\n".join(lines)

@@ -72,3 +72,13 @@ def resolve_prices(model: str | None, price_input: float | None, price_output: f
     if price_input is not None:
         return Prices(price_input, price_output, "--price-input/--price-output")
     return lookup(model) if model else None
+
+
+def unknown_price_fix(config: bool = False) -> str:
+    """What to do when a model's price is unknown: give both prices; a local teacher is free (0).
+    `config`: name the config fields instead of the flags."""
+    if config:
+        return ("set generate.price_input and generate.price_output (USD per million tokens); a free local "
+                "teacher (kdforge serve, your own vLLM): generate.price_input: 0 and generate.price_output: 0")
+    return ("pass --price-input and --price-output (USD per million tokens); a free local teacher "
+            "(kdforge serve, your own vLLM): --price-input 0 --price-output 0")
