@@ -226,7 +226,8 @@ def test_estimate_matches_measured_peak_memory(case):
 # ----------------------------------------------------------------------------- CLI
 
 def test_cli_9b_says_how_the_number_was_reached():
-    p = run_cli("estimate-memory", "--preset", "9b", check=True)
+    # the seed's arithmetic is for bf16 weights (a GPU); without --dtype this machine's dtype leads
+    p = run_cli("estimate-memory", "--preset", "9b", "--dtype", "bfloat16", check=True)
     out = p.stdout
     est = estimate(PRESETS["9b"], Setup())
     n = f"{est.params:,}"
@@ -237,6 +238,39 @@ def test_cli_9b_says_how_the_number_was_reached():
     assert "AdamW moments in fp32" in out and "fp32 master" in out
     assert f"{est.total / GB:.2f} GB" in out
     assert "each layer" in out and "CE backward" in out  # the activation formula is shown
+
+
+def test_cli_leads_with_what_this_machine_trains(capsys):
+    """Issue 24 §6: without --dtype the estimate is of the setup `kdforge train` runs here (fp32 on
+    a CPU machine, bf16 on a GPU), the figure preflight's memory item uses, and it comes first."""
+    import torch
+
+    from conftest import REPO
+    from kdforge.config import load_config
+    from kdforge.data.vocab import tokenizer_vocab_size
+    from kdforge.model.memory import MB
+    from kdforge.preflight.machine import check_memory
+
+    small = REPO / "configs" / "small.yaml"
+    here = "bfloat16" if torch.cuda.is_available() else "float32"
+    rc, out, err = cli_inprocess(capsys, "estimate-memory", "--config", small, "--json")
+    assert rc == 0, err
+    j = json.loads(out)
+    assert j["setup"]["dtype"] == here
+    cfg = load_config([small])
+    item, _ = check_memory(cfg, tokenizer_vocab_size(cfg.io.tokenizer_path))
+    assert item.numbers["estimate_bytes"] == j["bytes"]["total"]
+    rc, out, err = cli_inprocess(capsys, "estimate-memory", "--config", small)
+    assert rc == 0, err
+    first = out.splitlines()[0]
+    assert first.startswith("on this machine") and here in first, out
+    total = j["bytes"]["total"]
+    assert f"{total / MB:.2f} MB" in first or f"{total / GB:.2f} GB" in first, out
+    # a preset alone: the same machine default; --dtype still wins
+    rc, out, err = cli_inprocess(capsys, "estimate-memory", "--preset", "toy", "--vocab-size", "300", "--json")
+    assert json.loads(out)["setup"]["dtype"] == here
+    rc, out, err = cli_inprocess(capsys, "estimate-memory", "--config", small, "--dtype", "bfloat16", "--json")
+    assert json.loads(out)["setup"]["dtype"] == "bfloat16"
 
 
 def cli_inprocess(capsys, *args) -> tuple[int, str, str]:

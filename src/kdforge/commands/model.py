@@ -125,10 +125,28 @@ def init_model(
 
 # ----------------------------------------------------------------------------- estimate-memory
 
-def _dtype_from_config(conf) -> str:
-    if conf.model.dtype != "auto":
-        return conf.model.dtype
-    return "float32" if conf.train.bf16 is False else "bfloat16"  # estimates target an accelerator
+def _machine_setup(conf):
+    """(Setup, words): how `kdforge train` would run here, the setup preflight's memory item
+    estimates: bf16 on a GPU, fp32 on a CPU, unless the config fixes model.dtype."""
+    from kdforge.model.memory import Setup
+    from kdforge.preflight.machine import training_setup, trains_on_gpu
+
+    on_gpu = trains_on_gpu(conf.train.device if conf is not None else "auto")
+    where = "this GPU" if on_gpu else "this CPU (no GPU)"
+    if conf is None:
+        return Setup(dtype="bfloat16" if on_gpu else "float32"), where
+    return training_setup(conf, on_gpu), where
+
+
+def _lead(total: int, dtype: str, where: str, given: bool) -> str:
+    """The first line: the total this machine will need, and for which dtype."""
+    from kdforge.model.memory import GB, MB
+
+    size = f"{total / GB:.2f} GB" if total >= GB else f"{total / MB:.2f} MB"
+    if given:
+        return f"total: {size} in {dtype}, as --dtype asks; other setups in the table below\n"
+    return (f"on this machine: {size} in {dtype}, what kdforge train runs on {where} and the figure preflight "
+            "uses; other setups in the table below\n")
 
 
 def estimate_memory(
@@ -149,16 +167,12 @@ def estimate_memory(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
-    from kdforge.model.memory import (LoraSetup, Setup, lora_field, lora_setup, model_json, model_report, report,
+    from kdforge.model.memory import (LoraSetup, estimate, estimate_model, lora_field, model_json, model_report, report,
                                       to_json)
 
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
     hf = _model_path_config(Path(conf.model.path)) if cfg is None else None  # validated, then traced
-    st = Setup()
-    if conf is not None:
-        st = Setup(micro_batch=conf.train.micro_batch_size, seq_len=max(conf.train.seq_lengths),
-                   dtype=_dtype_from_config(conf), gradient_checkpointing=conf.train.gradient_checkpointing,
-                   lora=lora_setup(conf.model.lora))
+    st, where = _machine_setup(conf)
     over = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "optimizer_dtype": optimizer_dtype,
             "gradient_checkpointing": gradient_checkpointing, "attention": attention,
             "master_weights": master_weights or None}
@@ -182,7 +196,11 @@ def estimate_memory(
         targets = conf.model.lora.target_modules if conf.model.lora else None
         args = (Path(conf.model.path), st, targets)
         try:
-            out = model_json(*args, name=name, conf=hf) if as_json else model_report(*args, name=name, conf=hf)
+            if as_json:
+                out = model_json(*args, name=name, conf=hf)
+            else:
+                total = estimate_model(*args, conf=hf).total
+                out = _lead(total, st.dtype, where, dtype is not None) + model_report(*args, name=name, conf=hf)
         except ValueError as e:  # PEFT: a target module not in the model; dropout on Mixtral's expert wrappers
             raise UsageError(f"{lora_field(e) if st.lora else 'model.path'}: {e}") from None
         print(json.dumps(out, indent=2) if as_json else out)
@@ -206,7 +224,8 @@ def estimate_memory(
     if as_json:
         print(json.dumps(to_json(cfg, st, vocab, name=name, notes=notes), indent=2))
     else:
-        print(report(cfg, st, vocab, name=name, notes=notes))
+        total = estimate(cfg, st, vocab).total
+        print(_lead(total, st.dtype, where, dtype is not None) + report(cfg, st, vocab, name=name, notes=notes))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,7 @@ architecture: when it does not fit, training runs it as it is at a smaller batch
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -80,6 +81,21 @@ def free_memory() -> tuple[int, str]:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free CPU RAM (no GPU)"
 
 
+GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")  # CUDA, ROCm, WSL's GPU
+
+
+def trains_on_gpu(device: str = "auto") -> bool:
+    """Whether `kdforge train` with this train.device puts the model on a GPU here. On Linux with no
+    GPU device node, False without importing torch (seconds on a small machine)."""
+    if device != "auto" and not device.startswith("cuda"):
+        return False
+    if sys.platform.startswith("linux") and not any(Path(p).exists() for p in GPU_NODES):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def training_setup(cfg: Config, on_gpu: bool) -> Setup:
     """How `kdforge train` would train this config here: dtype as the session picks it (bf16
     autocast on a GPU, fp32 on CPU), batch, longest sequence, LoRA, checkpointing."""
@@ -104,10 +120,8 @@ def _size(n: int) -> str:
 
 def check_memory(cfg: Config, tokenizer_vocab: int | None) -> tuple[Item, Student]:
     """The estimate (weights, gradients, optimizer, activations) against free memory here."""
-    import torch
-
     free, where = free_memory()
-    on_gpu = torch.cuda.is_available() and cfg.train.device in ("auto", "cuda")
+    on_gpu = trains_on_gpu(cfg.train.device)
     setup = training_setup(cfg, on_gpu)
     room = int(free * FIT_SHARE)
     if cfg.model.path:
