@@ -348,3 +348,43 @@ def test_packed_batches_give_on_policy_the_same_prompts_as_padded_ones(examples,
     padded = prompts_of(collate(items, 0))
     packed = prompts_of(collate(items, 0, packed_len=sum(len(x["input_ids"]) for x in items)))
     assert sorted(packed) == sorted(padded) == sorted(x["input_ids"][:p].tolist() for x, (p, _) in zip(items, examples))
+
+
+def test_teacher_url_scores_off_policy_steps_whose_records_carry_no_top_k(tmp_path, tokenizer_dir, data_file):
+    """teacher.url, loss rkl, half the steps on-policy, data without teacher_logprobs (issue 23 §3):
+    trains (was exit 2 "no teacher_logprobs in any record"); the off-policy steps are scored over
+    HTTP like the on-policy ones, through the same ledger (every $ of both kinds in one budget),
+    and the budget stops either kind with exit 3, never passed."""
+    from scoring_fault_server import ScoringFaultServer
+
+    from kdforge.teacher.budget import BudgetLedger
+    from kdforge.teacher.pricing import Prices
+
+    price = {"price_input": 1000.0, "price_output": 1000.0}  # $0.001 a token
+    with ScoringFaultServer(512, tokenizer_dir) as srv:
+        kw = dict(teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 0.5}, micro_batch_size=2,
+                  max_steps=6, save_steps=100)
+        cfg = op_config(tmp_path, tokenizer_dir, data_file, out="offurl", generate={**price, "budget_limit": 10.0}, **kw)
+        r = run_cli("train", "--config", cfg)
+        assert r.returncode == 0, r.stdout + r.stderr
+        m = metrics(tmp_path / "offurl")
+        off = [s for s in m if not m[s]["on_policy"]]
+        assert off and len(off) < 6, m
+        for s in off:  # scored over HTTP: KD on the teacher's text, priced
+            assert m[s]["kd_tokens"] > 0 and m[s]["teacher_tokens"] > 0 and m[s]["teacher_usd"] > 0, m[s]
+        ledger = BudgetLedger(tmp_path / "offurl" / "on_policy" / "budget.jsonl", Prices(1000.0, 1000.0, "t"),
+                              readonly=True)
+        # one ledger for both kinds (a tokenizer probe at start, if any, is paid from it too)
+        assert ledger.spent == pytest.approx(m[6]["teacher_usd_total"])
+        assert sum(m[s]["teacher_usd"] for s in m) <= ledger.spent + 1e-9
+
+        # a limit inside step 2 (past the probe, if any, and step 1): exit 3 with step 1 saved
+        limit = ledger.spent - sum(m[s]["teacher_usd"] for s in m) + m[1]["teacher_usd"] + m[2]["teacher_usd"] * 0.5
+        low = op_config(tmp_path, tokenizer_dir, data_file, out="offlow", generate={**price, "budget_limit": limit},
+                        **kw)
+        r = run_cli("train", "--config", low)
+        assert r.returncode == 3 and "budget exhausted" in r.stderr, r.stdout + r.stderr
+        spent = BudgetLedger(tmp_path / "offlow" / "on_policy" / "budget.jsonl", Prices(1000.0, 1000.0, "t"),
+                             readonly=True).spent
+        assert spent <= limit + 1e-12
+        assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "offlow")).global_step == 1

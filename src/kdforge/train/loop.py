@@ -132,9 +132,12 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
         if empty:
             reason = "exhausted"
             break
-        if op_step:  # the student answers, the teacher scores; nothing trained yet if scoring stops here
+        # the student answers and the teacher scores (on-policy), or teacher.url scores the records
+        # without stored top-k (off-policy); nothing trained yet if scoring stops here
+        if op_step or (on_policy is not None and on_policy.scores_data):
             try:
-                mine = on_policy.replace(state.global_step, mine, rank, world)
+                mine = (on_policy.replace(state.global_step, mine, rank, world) if op_step
+                        else on_policy.score_missing(mine, rank, world))
             except KdforgeError:  # budget, a refusing, lying or unreachable teacher: resumable from here
                 if hooks.save and state.global_step != saved_at:
                     hooks.save(state)  # the step before this one: a resume redoes this step whole
@@ -204,12 +207,13 @@ def train_steps(objective, optimizer, scheduler, stream: DataStream, state: Trai
             rec["kd_tokens"] = n_kd_global
         if grad_norm is not None:
             rec["grad_norm"] = round(grad_norm, 6)
-        if op_step and world > 1:  # every rank sampled its own micro-batches: log the step's totals
+        scored = op_step or (on_policy is not None and on_policy.scores_data)
+        if scored and world > 1:  # every rank scored its own micro-batches: log the step's totals
             rep = on_policy.last
             rep.teacher_tokens, rep.answer_tokens = (
                 int(x) for x in _all_sum([float(rep.teacher_tokens), float(rep.answer_tokens)], device))
         if on_policy is not None:  # on- and off-policy steps logged apart
-            rec.update(on_policy.step_metrics() if op_step else {"on_policy": False})
+            rec.update(on_policy.step_metrics(op_step))
         if state.global_step % lc.log_steps == 0:
             rec["tokens_per_s"] = round(tokens_since / max(now - t_last, 1e-9), 1)
             t_last, tokens_since = now, 0

@@ -45,8 +45,8 @@ class StepReport:
     usd: float = 0.0  # money this step's scoring charged (0 for a local teacher or a cache hit)
     cached: int = 0  # scoring requests the cache answered
 
-    def metrics(self, spent_total: float | None) -> dict:
-        rec = {"on_policy": True, "teacher_tokens": self.teacher_tokens, "answer_tokens": self.answer_tokens,
+    def metrics(self, spent_total: float | None, on_policy: bool = True) -> dict:
+        rec = {"on_policy": on_policy, "teacher_tokens": self.teacher_tokens, "answer_tokens": self.answer_tokens,
                "teacher_usd": round(self.usd, 9)}
         if spent_total is not None:
             rec["teacher_usd_total"] = round(spent_total, 9)
@@ -105,7 +105,7 @@ class OnPolicy:
         `fraction` replaces on_policy.fraction (the daemon's batch of prompts alone: 1)."""
         cfg = session.cfg
         op = cfg.on_policy
-        if op.fraction <= 0:
+        if op.fraction <= 0 and not scores_data(cfg):
             return None
         if fraction is not None:
             op = op.model_copy(update={"fraction": fraction})
@@ -119,6 +119,11 @@ class OnPolicy:
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
                    micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool,
                    fsdp_root=session.objective if session.fsdp else None)
+
+    @property
+    def scores_data(self) -> bool:
+        """teacher.url: off-policy micro-batches' records without stored top-k are scored over HTTP."""
+        return self.scorer is not None
 
     # ------------------------------------------------------------------ the draw
     def is_on_policy(self, step: int) -> bool:
@@ -159,6 +164,23 @@ class OnPolicy:
             for batch, rows in zip(out, scored, strict=True):
                 _attach_scores(batch, rows)
         return out
+
+    def score_missing(self, batches: list[dict], rank: int = 0, world: int = 1) -> list[dict]:
+        """Off-policy micro-batches (this rank's; batch j is micro-batch j * world + rank of the step)
+        with the teacher's top-K over HTTP for every example that carries no stored top-k (the whole
+        example scored, as an on-policy sequence is: same ledger, cache, prices and stop). Examples
+        with stored top-k keep theirs. Under torchrun every rank calls this at every off-policy step."""
+        self.last = StepReport()
+        spans = [unscored_spans(batch) for batch in batches]
+        sets = []
+        for j, (batch, found) in enumerate(zip(batches, spans)):
+            seqs = [batch["input_ids"][b][pos].tolist() for b, pos in found]
+            self.last.teacher_tokens += sum(len(x) for x in seqs)
+            sets.append((j * world + rank, seqs))
+        scored, self.last.usd, self.last.cached = self.scorer.score_step(sets)
+        for batch, found, rows_all in zip(batches, spans, scored, strict=True):
+            _fill_scores(batch, found, rows_all)
+        return batches
 
     def _match_sampling_calls(self, mine: int) -> None:
         """FSDP: every forward all-gathers, so every rank must sample as many times as the busiest
@@ -219,8 +241,12 @@ class OnPolicy:
             self.last.answer_tokens += len(a)
         return collate(items, self.pad_id), [p + a for p, a in zip(prompts, answers)]
 
-    def step_metrics(self) -> dict:
-        return self.last.metrics(self.scorer.spent if self.scorer is not None else None)
+    def step_metrics(self, on_policy: bool = True) -> dict:
+        """The step's record fields: on_policy, and what the teacher scored and cost (off-policy
+        steps: only when teacher.url scored their records)."""
+        if not on_policy and self.scorer is None:
+            return {"on_policy": False}
+        return self.last.metrics(self.scorer.spent if self.scorer is not None else None, on_policy)
 
     def describe(self) -> str:
         """One log line: what on-policy steps do here."""
@@ -231,12 +257,65 @@ class OnPolicy:
             priced = (f"${prices.input:g} per million scored tokens ({prices.source})" if prices is not None
                       else "priced on rank 0")
             teacher = f"teacher.url (top-K over HTTP, {priced})"
-        return (f"on-policy: {self.fraction:g} of steps; prompts from {where}; sampled at T {self.temperature:g}, "
+        line = (f"on-policy: {self.fraction:g} of steps; prompts from {where}; sampled at T {self.temperature:g}, "
                 f"top_p {self.top_p:g}, <= {self.max_new_tokens} tokens; scored by {teacher}")
+        if self.scores_data:
+            line += "; off-policy records without stored top-k are scored by it too"
+        return line
 
     def close(self) -> None:
         if self.scorer is not None:
             self.scorer.close()
+
+
+def scores_data(cfg) -> bool:
+    """Whether teacher.url scores off-policy KD steps (records without stored top-k)."""
+    return bool(cfg.teacher.url) and not cfg.teacher.path and cfg.loss.kind != "ce"
+
+
+def unscored_spans(batch: dict) -> list[tuple[int, torch.Tensor]]:
+    """(row, bool positions) of every example of a padded or packed micro-batch that has targets
+    and no stored top-k row at any of them (a record without teacher_logprobs)."""
+    labels, segs = batch["labels"], batch.get("seq_ids")
+    ids = batch.get("topk_ids")
+    out = []
+    for b in range(labels.shape[0]):
+        if segs is None:
+            spans = [batch["attention_mask"][b].bool()]
+        else:
+            spans = [segs[b] == s for s in segs[b].unique().tolist() if s >= 0]
+        for span in spans:
+            target = span & (labels[b] != IGNORE)
+            if target.any() and (ids is None or not (ids[b][target] >= 0).any()):
+                out.append((b, span))
+    return out
+
+
+def _fill_scores(batch: dict, spans: list, rows_all: list) -> None:
+    """Write the teacher's rows for each scored example (`rows_all[i]` row j: token j of span i)
+    at its target positions, widening the batch's top-k tensors (created if absent) to fit."""
+    B, L = batch["input_ids"].shape
+    K = max((len(r) for rows in rows_all for r in rows if r), default=1)
+    if "topk_ids" not in batch:
+        batch["topk_ids"] = torch.full((B, L, K), -1, dtype=torch.long)
+        batch["topk_logprobs"] = torch.zeros((B, L, K), dtype=torch.float32)
+    k0 = batch["topk_ids"].shape[-1]
+    if K > k0:
+        batch["topk_ids"] = torch.cat([batch["topk_ids"], torch.full((B, L, K - k0), -1, dtype=torch.long)], -1)
+        batch["topk_logprobs"] = torch.cat([batch["topk_logprobs"], torch.zeros((B, L, K - k0))], -1)
+    for (b, span), rows in zip(spans, rows_all, strict=True):
+        for t, r in zip(span.nonzero().flatten().tolist(), rows, strict=True):
+            if r and batch["labels"][b, t] != IGNORE:
+                _write_row(batch, b, t, r)
+
+
+def _write_row(batch: dict, b: int, t: int, row: dict) -> None:
+    """Row {id: logprob} as the batch's top-k at (b, t), best first (id -1 pads the rest)."""
+    top = sorted(row.items(), key=lambda kv: (-kv[1], kv[0]))
+    batch["topk_ids"][b, t] = -1
+    batch["topk_logprobs"][b, t] = 0.0
+    batch["topk_ids"][b, t, :len(top)] = torch.tensor([i for i, _ in top])
+    batch["topk_logprobs"][b, t, :len(top)] = torch.tensor([lp for _, lp in top])
 
 
 def _attach_scores(batch: dict, rows_all: list) -> None:
@@ -246,13 +325,11 @@ def _attach_scores(batch: dict, rows_all: list) -> None:
     K = max((len(r) for rows in rows_all for r in rows if r), default=1)
     ids = torch.full((B, L, K), -1, dtype=torch.long)
     lps = torch.zeros((B, L, K), dtype=torch.float32)
+    batch["topk_ids"], batch["topk_logprobs"] = ids, lps
     for b, rows in enumerate(rows_all):
         for t, r in enumerate(rows):
             if r and batch["labels"][b, t] != IGNORE:
-                top = sorted(r.items(), key=lambda kv: (-kv[1], kv[0]))
-                ids[b, t, :len(top)] = torch.tensor([i for i, _ in top])
-                lps[b, t, :len(top)] = torch.tensor([lp for _, lp in top])
-    batch["topk_ids"], batch["topk_logprobs"] = ids, lps
+                _write_row(batch, b, t, r)
 
 
 class StepScorer:
