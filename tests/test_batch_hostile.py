@@ -141,7 +141,7 @@ def test_a_hanging_poll_runs_into_its_deadline_and_the_run_stops_resumable(tmp_p
         assert len(srv.batches) == 1 and len(lines(tmp_path / "kd.jsonl")) == 3
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(endless=st.integers(0, 3), hang=st.booleans(), row_errors=st.sampled_from([0, 2]),
        fallback=st.sampled_from(["online", "batch"]), limit_rows=st.floats(1.0, 14), batch_size=st.integers(2, 5))
 def test_a_lying_batch_provider_never_passes_the_budget_and_the_rerun_recovers(
