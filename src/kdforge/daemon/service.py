@@ -489,9 +489,12 @@ class Daemon:
         # Stored top-k only serve off-policy steps: none when every step is on-policy (as kdforge train).
         answered = [r for r in records if not r.prompt_only]
         with_topk = self.session.with_topk and op.fraction < 1 and bool(answered)
+        # Kept in BASE/.store/ by the bytes read: a restart mid-batch maps it instead of tokenising again.
         ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
                        with_topk=with_topk, strict=False, records=records,
-                       topk_optional=bool(self.session.cfg.teacher.url))  # teacher.url scores the rest
+                       topk_optional=bool(self.session.cfg.teacher.url),  # teacher.url scores the rest
+                       settings={"prompt_only": True}, store_dir=self.paths.base / ".store",
+                       fingerprints=[{"file": shown(name), "size": fp.size, "sha256": fp.sha256}])
         ds.problems = problems
         ds.prompts_only = without_answers(ds, records) == len(records)
         return ds, fp
