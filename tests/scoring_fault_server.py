@@ -5,7 +5,8 @@
 Honest rows: for each sent token t >= 1, {ids[t]: log 0.5, ids[t]+1: log 0.3, ids[t]+2: log 0.1}
 (mod the vocabulary), `usage.prompt_tokens` = the number of ids. `faults` is a queue: each request
 takes the next fault (none left: honest). A fault is a name from `LIES` (a 200 whose rows cannot be
-true) or `STATUS` (429 / 500 / a slow drip), with an optional number (Retry-After seconds for 429).
+true) or `STATUS` (429 / 500 / a slow drip / not JSON / 300 alternatives), with an optional number
+(Retry-After seconds for 429).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODEL = "lying-scorer"
 LIES = ("bad_id", "abc_id", "list_value", "list_row", "missing_sent", "positive", "nan", "inf", "short",
         "no_choices", "mass", "string_logprob", "negative_id")
-STATUS = ("429", "500", "drip", "garbage")
+STATUS = ("429", "500", "drip", "garbage", "big_k")
 
 
 def honest_rows(ids: list[int], vocab: int) -> list:
@@ -177,6 +178,12 @@ def _handler(srv: ScoringFaultServer):
                 return self._send(200, None, raw=b"<html>not json")
             if name == "drip":
                 return self._send(200, answer(srv.rows_for(ids), ids), drip=0.5)
+            if name == "big_k":  # 300 alternatives per row, honest otherwise
+                rows = honest_rows(ids, srv.vocab)
+                for r in rows[1:]:
+                    for j in range(300):
+                        r.setdefault(str((j * 7) % srv.vocab), {"logprob": -20.0 - j / 100})
+                return self._send(200, answer(rows, ids))
             if name is not None:
                 return self._send(200, lie(name, ids, srv.vocab))
             self._send(200, answer(srv.rows_for(ids), ids))

@@ -138,7 +138,7 @@ def test_a_429_storm_past_the_retry_limit_stops_with_exit_1(tmp_path, server):
 
 
 FAULTS = st.one_of(st.tuples(st.sampled_from(LIES), st.none()),
-                   st.tuples(st.sampled_from(["429", "500", "garbage"]), st.just(0)),
+                   st.tuples(st.sampled_from(["429", "500", "garbage", "big_k", "drip"]), st.just(0)),
                    st.tuples(st.just("ok"), st.none()))
 
 
@@ -147,10 +147,14 @@ FAULTS = st.one_of(st.tuples(st.sampled_from(LIES), st.none()),
        seqs=st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=2, max_size=9), min_size=1, max_size=6))
 def test_whatever_the_teacher_does_the_budget_holds_and_only_true_rows_come_back(tmp_path_factory, server,
                                                                                  faults, limit, seqs):
+    """Lies, 429 storms, 5xx, garbage, 300 alternatives and drips in any order, any budget: the
+    budget is never passed, every answer that comes back is true (K capped), every stop says why,
+    and nothing the checks refuse is in the cache."""
     tmp = tmp_path_factory.mktemp("storm")
     server.faults.clear()
     server.faults.extend((None, None) if f == "ok" else (f, n) for f, n in faults)
-    s = scorer(tmp, server, limit=limit)
+    s = scorer(tmp, server, limit=limit,  # a drip runs into a 0.4 s deadline
+               retries=Retries(max_retries=2, retry_base=0.01, retry_max=0.05, timeout=0.4))
     for ids in seqs:
         try:
             rows, _, _ = s.score(ids)
