@@ -110,12 +110,16 @@ def test_topk_logprobs_align_to_response_tokens(tmp_path, tokenizer_dir):
     assert batch["topk_ids"].shape[:2] == batch["input_ids"].shape
 
 
-def test_topk_from_another_tokenizer_is_a_clear_error(tmp_path, tokenizer_dir):
+def test_topk_from_another_tokenizer_is_a_clear_error_with_cross_tokenizer_off(tmp_path, tokenizer_dir):
     rec = {"prompt": "hi", "teacher_text": "alpha echo",
            "teacher_logprobs": [{"token": "alp", "logprob": -0.1, "top": []},
                                 {"token": "ha echo", "logprob": -0.2, "top": []}]}
     with pytest.raises(DataError, match="same tokenizer"):
-        KDDataset(write_jsonl(tmp_path / "k.jsonl", [rec]), tokenizer_dir, 64, with_topk=True)
+        KDDataset(write_jsonl(tmp_path / "k.jsonl", [rec]), tokenizer_dir, 64, with_topk=True,
+                  settings={"alignment": {"cross_tokenizer": "off"}})
+    # auto (the default): carried onto the student's tokens by bytes (tests/test_cross_tokenizer.py)
+    ds = KDDataset(write_jsonl(tmp_path / "k2.jsonl", [rec]), tokenizer_dir, 64, with_topk=True)
+    assert ds.carried.records == 1 and not ds.misaligned
 
 
 # ---------------------------------------------------------------- hostile teacher_logprobs, CE-only rows

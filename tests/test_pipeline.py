@@ -58,10 +58,11 @@ def test_a_few_non_canonical_samples_keep_ce_many_mean_another_tokenizer(tmp_pat
         return {"prompt": "Sort these words: echo alpha", "teacher_text": text,
                 "teacher_logprobs": [{"token": t, "logprob": -0.1, "top": []} for t in toks]}
     good = [rec("alpha echo") for _ in range(39)]
+    off = {"alignment": {"cross_tokenizer": "off"}}  # auto (the default) carries such rows by bytes instead
     ds = KDDataset(write_jsonl(tmp_path / "a.jsonl", good + [rec("alpha echo delta", ok=False)]),
-                   tokenizer_dir, 64, with_topk=True)
+                   tokenizer_dir, 64, with_topk=True, settings=off)
     assert len(ds) == 40 and len(ds.misaligned) == 1  # kept, trains with CE only
     assert (ds[39]["topk_ids"] == -1).all() and (ds[0]["topk_ids"] >= 0).any()
     with pytest.raises(Exception, match="same tokenizer"):
         KDDataset(write_jsonl(tmp_path / "b.jsonl", good[:10] + [rec("alpha echo delta", ok=False)] * 5),
-                  tokenizer_dir, 64, with_topk=True)
+                  tokenizer_dir, 64, with_topk=True, settings=off)

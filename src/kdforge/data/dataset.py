@@ -27,7 +27,7 @@ import torch
 
 from kdforge.data.align import unique_keys as _unique
 from kdforge.data.records import Record
-from kdforge.data.tokenizer import token_bytes
+from kdforge.data.tokenizer import special_ids, token_bytes
 from kdforge.errors import DataError
 
 IGNORE = -100
@@ -81,6 +81,8 @@ class TokenMap:
 
     def __init__(self, tokenizer):
         self.bytes = token_bytes(tokenizer)
+        self.special = special_ids(tokenizer)
+        self.pieces = None  # align.StudentPieces: built when a record's rows are carried across tokenizers
         # The same bytes as lists of ints, the form JSON gives them: compared without building bytes.
         self.byte_lists = [list(b) if b is not None else None for b in self.bytes]
         self.by_bytes = _unique((b, i) for i, b in enumerate(self.bytes) if b is not None)
@@ -143,14 +145,18 @@ def align_record(tm: TokenMap, rec: Record, response_ids: list[int], settings: d
     tokenizer: one row per response token (no EOS here; the caller adds it and its empty row).
 
     The store's builder calls this ONE function per record (`settings`: the store's alignment
-    settings); a cross-tokenizer aligner with this signature replaces it. Raises DataError (the
-    record's file:line) when the rows do not align: such a record trains with CE only, and the
-    dataset refuses the data when more than MISALIGNED_SHARE of the records are so."""
+    settings). Rows that do not align 1:1 with the student's tokens come from a teacher with another
+    tokenizer: with `settings["alignment"]["cross_tokenizer"] == "auto"` they are carried by bytes
+    (`carry_record`, which adds a 4th item, its CarryCount); else DataError (the record's file:line):
+    such a record trains with CE only, and the dataset refuses the data when more than
+    MISALIGNED_SHARE of the records are so."""
     teacher = teacher_ids(tm, rec)
     if teacher is not None:  # the teacher's own tokens: exact even where text is lossy
         response_ids = teacher
     lp = rec.teacher_logprobs
     if len(lp) != len(response_ids) or not all(tm.matches(e, i) for e, i in zip(lp, response_ids)):
+        if ((settings or {}).get("alignment") or {}).get("cross_tokenizer") == "auto":
+            return carry_record(tm, rec, response_ids)  # another tokenizer: carried by bytes
         raise DataError(
             f"teacher_logprobs ({len(lp)} tokens) do not align with the student tokenizer's "
             f"{len(response_ids)} response tokens: logit KD needs the teacher's tokenizer; "
@@ -167,6 +173,40 @@ def align_record(tm: TokenMap, rec: Record, response_ids: list[int], settings: d
         ids.append(row_ids)
         lps.append(row_lp)
     return response_ids, ids, lps
+
+
+@dataclass
+class CarryCount:
+    """Records whose teacher rows were carried across tokenizers (loss.cross_tokenizer auto), their
+    response positions, and how many of those aligned 1:1 (the teacher's token was the student's)."""
+
+    records: int = 0
+    positions: int = 0
+    one_to_one: int = 0
+
+    def note(self) -> str | None:
+        """The log line saying that rows were carried, or None when no record needed it."""
+        if not self.records:
+            return None
+        return (f"the teacher's tokenizer is not the student's in {self.records:,} records: their top-k rows are "
+                f"carried onto the student's tokens by bytes (loss.cross_tokenizer auto); "
+                f"{self.one_to_one / max(self.positions, 1):.1%} of their {self.positions:,} positions aligned 1:1")
+
+
+def carry_record(tm: TokenMap, rec: Record, response_ids: list[int]):
+    """`align_record`'s result for a teacher with another tokenizer, plus its CarryCount: the rows
+    carried onto the student's tokens by bytes (`data.align`). DataError (file:line) when the
+    teacher's tokens do not spell the response."""
+    from kdforge.data.align import AlignError, StudentPieces, align_rows, teacher_tokens
+
+    if tm.pieces is None:
+        tm.pieces = StudentPieces(tm.bytes, tm.special)
+    try:
+        rows = align_rows(rec.response.encode("utf-8"), response_ids, tm.pieces, teacher_tokens(rec.teacher_logprobs))
+    except AlignError as e:
+        raise DataError(f"teacher_logprobs cannot be placed on the response: {e}",
+                        rec.metadata.get("_path"), rec.line) from None
+    return response_ids, rows.ids, rows.logprobs, CarryCount(1, rows.positions, rows.one_to_one)
 
 
 def _keep(n_prompt: int, n_resp: int, max_len: int) -> tuple[int, int]:
@@ -231,6 +271,7 @@ class KDDataset(torch.utils.data.Dataset):
         self._ex = store.examples
         self._cleared: set[int] = set()  # examples whose response was dropped (prompt-only, on-policy)
         self.problems: list[DataError] = iter_store_lines(store.meta.get("problems", []))
+        self.carried = CarryCount(*store.meta.get("carried", [0, 0, 0]))  # rows carried across tokenizers
         self.misaligned: list[DataError] = iter_store_lines(store.meta.get("misaligned", []))  # top-k rows that
         # did not match the response tokens; (file, line) of records without teacher_logprobs under sparse KD:
         # they train with CE only

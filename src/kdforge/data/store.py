@@ -49,7 +49,7 @@ STORE_VERSION = 1
 CHUNK_BYTES = 4 << 20  # a worker's unit: ~2,700 tokens of top-20 JSONL; bounds each worker's memory
 IN_PROCESS_BYTES = 8 << 20  # smaller inputs are built in this process: forking costs more than it saves
 STORE_ENV = "KDFORGE_STORE_DIR"  # where stores go when set (else beside the data, else the user cache)
-DEFAULT_SETTINGS = {"alignment": {"cross_tokenizer": "off"}, "reasoning": "think", "prompt_only": False}
+DEFAULT_SETTINGS = {"alignment": {"cross_tokenizer": "auto"}, "reasoning": "think", "prompt_only": False}
 FLAG_CE_ONLY, FLAG_MISALIGNED = 1, 2
 EX_COLS = 8  # columns of examples.bin
 ARRAYS = {"tokens": np.int32, "examples": np.int64, "row_len": np.uint16, "alt_ids": np.int32, "alt_lp": np.float16}
@@ -193,6 +193,7 @@ class Encoded:
     alt_lp: np.ndarray
     problems: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, message): unusable lines
     misaligned: list[tuple[str, int, str]] = field(default_factory=list)
+    carried: list[int] = field(default_factory=lambda: [0, 0, 0])  # dataset.CarryCount's fields
     lines: int = 0
     files: list[str] = field(default_factory=list)  # file index -> path (records read in memory)
 
@@ -222,6 +223,7 @@ class Encoder:
         self.alt_ids: list[int] = []
         self.alt_lp: list[float] = []
         self.misaligned: list[tuple[str, int, str]] = []
+        self.carried = [0, 0, 0]
 
     def add(self, rec, path: str, file_index: int) -> None:
         """Tokenise one record (prompt via the chat template, response + EOS) and align its rows."""
@@ -243,8 +245,12 @@ class Encoder:
                 flags = FLAG_CE_ONLY
             else:
                 try:
-                    resp, ids, lps = self.align(self.tm, rec, resp, self.settings)
+                    resp, ids, lps, *carried = self.align(self.tm, rec, resp, self.settings)
                     rows = ([[]] * len(think) + ids, [[]] * len(think) + lps)
+                    if carried:  # another tokenizer (dataset.carry_record): counted for the log
+                        c = carried[0]
+                        self.carried = [self.carried[0] + c.records, self.carried[1] + c.positions,
+                                        self.carried[2] + c.one_to_one]
                 except DataError as e:
                     flags = FLAG_MISALIGNED
                     self.misaligned.append((path, rec.line, bare_message(e)))
@@ -267,7 +273,8 @@ class Encoder:
         out = Encoded(np.asarray(self.tokens, dtype=np.int32),
                       np.asarray(self.ex, dtype=np.int64).reshape(-1, EX_COLS),
                       np.asarray(self.row_len, dtype=np.uint16), np.asarray(self.alt_ids, dtype=np.int32),
-                      np.asarray(self.alt_lp, dtype=np.float32).astype(np.float16), misaligned=self.misaligned)
+                      np.asarray(self.alt_lp, dtype=np.float32).astype(np.float16), misaligned=self.misaligned,
+                      carried=self.carried)
         self._reset()
         return out
 
@@ -524,6 +531,7 @@ class _Writer:
         self.n = {n: 0 for n in names}  # elements written
         self.problems: list = []
         self.misaligned: list = []
+        self.carried = [0, 0, 0]
         self.lines = 0
 
     def append(self, piece: Encoded) -> None:
@@ -539,6 +547,7 @@ class _Writer:
                 self.n[name] += len(arr)
         self.problems += piece.problems
         self.misaligned += piece.misaligned
+        self.carried = [a + b for a, b in zip(self.carried, piece.carried)]
         self.lines += piece.lines
 
     def finish(self, meta: dict) -> dict:
@@ -547,7 +556,8 @@ class _Writer:
             os.fsync(f.fileno())
             f.close()
         meta.update(n_examples=self.n["examples"], n_tokens=self.n["tokens"], lines=self.lines,
-                    lengths={k: v for k, v in self.n.items()}, problems=self.problems, misaligned=self.misaligned)
+                    lengths={k: v for k, v in self.n.items()}, problems=self.problems, misaligned=self.misaligned,
+                    carried=self.carried)
         from kdforge.atomic import atomic_write_text
 
         atomic_write_text(self.folder / "meta.json", json.dumps(meta))
@@ -657,7 +667,8 @@ class Store:
         arrays = {"tokens": piece.tokens, "examples": piece.examples}
         if with_topk:
             arrays.update(row_len=piece.row_len, alt_ids=piece.alt_ids, alt_lp=piece.alt_lp)
-        meta = {"problems": piece.problems, "misaligned": piece.misaligned, "with_topk": with_topk,
+        meta = {"problems": piece.problems, "misaligned": piece.misaligned, "carried": piece.carried,
+                "with_topk": with_topk,
                 "n_examples": len(piece.examples), "n_tokens": len(piece.tokens)}
         return cls(arrays, files, meta)
 

@@ -150,12 +150,15 @@ def _load_data(cfg: Config, session: Session, log) -> _Data:
     optional = bool(cfg.teacher.url)  # teacher.url scores the records that carry no top-k
     max_len = max(t.seq_lengths)
     fingerprint = data_fingerprint(cfg.io.train_shards)  # hashed once: the store's key and the checkpoint's
-    settings = {"reasoning": cfg.io.reasoning}  # a thinking teacher's reasoning: trained (think) or not (drop)
+    settings = {"reasoning": cfg.io.reasoning,  # a thinking teacher's reasoning: trained (think) or not (drop)
+                "alignment": {"cross_tokenizer": cfg.loss.cross_tokenizer}}  # a teacher with another tokenizer
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
                          with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False,
                          settings=settings)
     if session.rank == 0:
         _log_store(train_ds.store_info, log)
+        if train_ds.carried.note():
+            log(train_ds.carried.note())
     if train_ds.misaligned and session.rank == 0:
         log(f"note: {len(train_ds.misaligned)} of {len(train_ds)} samples' teacher logprobs do not align "
             f"with their tokens (first: {train_ds.misaligned[0]}); they train with CE only")
