@@ -146,6 +146,7 @@ OLD = """
 import importlib.util, json, resource, sys, time
 spec = importlib.util.spec_from_file_location("old_dataset", sys.argv[3])
 mod = importlib.util.module_from_spec(spec)
+sys.modules["old_dataset"] = mod  # dataclasses look their module up there
 spec.loader.exec_module(mod)
 tok = mod.load_tokenizer(sys.argv[2])
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -109,14 +109,17 @@ def test_built_once_reused_and_never_stale(tok, tmp_path):
         f.write(json.dumps(kd_record(tok, "juliet 🎉", seed=9)) + "\n")
     c = KDDataset(path, tokenizer=tok, with_topk=True)
     assert c.store_info.built and len(c) == len(a) + 1 and c.store_info.path != a.store_info.path
-    path.write_bytes(original)  # the old bytes again: the old store, not a rebuild
+    assert not a.store_info.path.exists()  # the superseded version's store is removed (disk)
+    same_items(a, b)  # ... while a process that mapped it reads on
+    path.write_bytes(original)  # the old bytes again: built again, the same store
     d = KDDataset(path, tokenizer=tok, with_topk=True)
-    assert not d.store_info.built and d.store_info.path == a.store_info.path
+    assert d.store_info.built and d.store_info.path == a.store_info.path and not c.store_info.path.exists()
+    same_items(a, d)
     # a new alignment/reasoning setting, or CE-only reading, is another store
     e = KDDataset(path, tokenizer=tok, with_topk=True, settings={"reasoning": "drop"})
     f = KDDataset(path, tokenizer=tok, with_topk=False)
     assert len({a.store_info.path, e.store_info.path, f.store_info.path}) == 3
-    assert store.BUILD_COUNT["n"] == before + 4
+    assert store.BUILD_COUNT["n"] == before + 5 and d.store_info.path.exists()  # other settings: kept
     # mapped, not loaded: the arrays are memmaps of the published files
     assert isinstance(d._store.alt_lp, np.memmap) and d._store.alt_lp.dtype == np.float16
     assert isinstance(d._store.alt_ids, np.memmap) and d._store.alt_ids.dtype == np.int32

@@ -485,7 +485,24 @@ def _build(final: Path, key: str, scans, tokenizer, with_topk: bool, settings: d
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(final.parent)
+    _prune_superseded(final.parent, meta)
     return meta["n_tokens"]
+
+
+def _prune_superseded(root: Path, meta: dict) -> None:
+    """Remove the stores of earlier versions of the same files (same paths, tokenizer and settings,
+    other bytes): never opened again (their key names bytes that are gone), they would only fill the
+    disk. A process that still maps one keeps reading it (the files live until unmapped)."""
+    same = ([f["file"] for f in meta["files"]], meta["tokenizer"], meta["with_topk"], meta["settings"])
+    for old in root.iterdir():
+        if old.name == meta["key"] or old.name.startswith(".") or not (old / "meta.json").is_file():
+            continue
+        try:
+            m = _meta(old)
+            if ([f["file"] for f in m["files"]], m["tokenizer"], m["with_topk"], m["settings"]) == same:
+                shutil.rmtree(old, ignore_errors=True)
+        except (OSError, ValueError, KeyError):
+            continue
 
 
 def _pieces(chunks: list[Chunk], tokenizer, with_topk: bool, settings: dict, n_workers: int):
