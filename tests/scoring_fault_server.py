@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 MODEL = "lying-scorer"
 LIES = ("bad_id", "abc_id", "list_value", "list_row", "missing_sent", "positive", "nan", "inf", "short",
         "no_choices", "mass", "string_logprob", "negative_id")
-STATUS = ("429", "500", "drip", "garbage", "big_k")
+STATUS = ("429", "500", "drip", "garbage", "big_k", "400")
 
 
 def honest_rows(ids: list[int], vocab: int) -> list:
@@ -172,6 +172,8 @@ def _handler(srv: ScoringFaultServer):
             if name == "429":
                 return self._send(429, {"error": {"message": "slow down", "type": "rate_limit"}},
                                   {"retry-after": str(n if n is not None else 0)})
+            if name == "400":
+                return self._send(400, {"error": {"message": "prompt_logprobs is not supported"}})
             if name == "500":
                 return self._send(500, {"error": {"message": "upstream fell over"}})
             if name == "garbage":

@@ -127,6 +127,16 @@ def test_a_slow_drip_hits_the_whole_request_deadline(tmp_path, server):
     s.close()
 
 
+def test_a_400_is_exit_2_quoting_the_teacher_and_costs_nothing(tmp_path, server):
+    s = scorer(tmp_path, server)
+    server.faults.append(("400", None))
+    with pytest.raises(KdforgeError) as e:
+        s.score(IDS)
+    assert e.value.exit_code == 2 and "prompt_logprobs is not supported" in str(e.value), str(e.value)
+    assert s.spent == 0 and server.calls >= 1
+    s.close()
+
+
 def test_a_429_storm_past_the_retry_limit_stops_with_exit_1(tmp_path, server):
     s = scorer(tmp_path, server, retries=Retries(max_retries=1, retry_base=0.01, retry_max=0.01, timeout=5.0))
     server.faults.extend([("429", 0)] * 10)

@@ -296,7 +296,7 @@ class PricedScorer:
             await self.limiter.acquire(prompt_tokens)
             try:
                 answer, headers = await self._attempt(body)
-            except TeacherRefusedError:
+            except (TeacherRefusedError, UsageError):  # refused (401/403/404, another 4xx): before any work
                 self.ledger.settle(res, 0, 0, "refused")
                 raise
             except AttemptFailed as e:
