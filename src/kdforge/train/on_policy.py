@@ -253,7 +253,9 @@ class OnPolicy:
         where = f"{len(self.pool):,} prompts of on_policy.prompts" if self.pool else "the step's data"
         teacher = "teacher.path (dense)"
         if self.scorer is not None:
-            prices = getattr(getattr(getattr(self.scorer, "scorer", None), "ledger", None), "prices", None)
+            priced = getattr(self.scorer, "scorer", None)  # rank 0's PricedScorer (or the cross scorer's)
+            priced = getattr(priced, "priced", priced)
+            prices = getattr(getattr(priced, "ledger", None), "prices", None)
             priced = (f"${prices.input:g} per million scored tokens ({prices.source})" if prices is not None
                       else "priced on rank 0")
             teacher = f"teacher.url (top-K over HTTP, {priced})"
