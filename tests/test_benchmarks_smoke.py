@@ -1,4 +1,6 @@
-"""`benchmarks/train_throughput.py --tiny` runs end to end and prints both tables.
+"""The benchmark scripts run end to end and print their tables.
+
+The speed-only ones are marked `benchmark` (deselected by default: `python -m pytest -m benchmark`).
 
 Speed is measured by the benchmark, never asserted here: the test only checks that every trainer
 trained (a positive token rate) and that the KD memory table is there.
@@ -25,6 +27,7 @@ def _rows(out: str) -> dict[str, list[str]]:
     return rows
 
 
+@pytest.mark.benchmark
 @pytest.mark.slow
 def test_train_throughput_tiny_prints_both_tables():
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--tiny", "--threads", "1"],
@@ -42,6 +45,7 @@ def test_train_throughput_tiny_prints_both_tables():
     assert "load average" in p.stdout
 
 
+@pytest.mark.benchmark
 def test_serve_throughput_quick_prints_its_table_and_the_load():
     """`serve_throughput.py --quick`: kdforge serve on the demo teacher, one short cell per level."""
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_throughput.py"), "--quick"],

@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, cli_env
 
 
+@pytest.mark.benchmark
 def test_gpu_check_cpu_tiny_writes_every_section(tmp_path):
     out = tmp_path / "check.json"
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu", "--tiny",
