@@ -75,4 +75,4 @@ def test_inspect_shows_samples_like_the_seed_snippet(tmp_path):
     assert p.returncode == 0, p.stderr
     assert [f"Sample {i}" in p.stdout for i in (1, 2, 3, 4)] == [True, True, True, False]
     assert "  Prompt: Prompt number 0 " in p.stdout and "..." in p.stdout  # cut at 100 characters
-    assert "  Response: Answer 0" in p.stdout and "  Tokens: {'prompt': 10, 'completion': 20, 'total': 30}" in p.stdout
+    assert "  Response: Answer 0" in p.stdout and "  Tokens: 10 prompt + 20 completion = 30" in p.stdout

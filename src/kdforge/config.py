@@ -565,10 +565,10 @@ def _lora_problems(model_path: str, lora) -> list[tuple[str, str]]:
     layers PEFT can adapt (the error lists those it can), or an adapter PEFT cannot build on this
     model (e.g. dropout on Mixtral's expert parameters). Built on the meta device: no weights read."""
     import torch
-    from peft import get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
 
+    from kdforge.model.adapters import with_lora
     from kdforge.model.memory import lora_field
     from kdforge.model.student import peft_lora_config
 
@@ -585,7 +585,7 @@ def _lora_problems(model_path: str, lora) -> list[tuple[str, str]]:
                      f"(Linear, Conv1D): {sorted(names)}; or leave target_modules unset for all of them but the "
                      "output head (PEFT's all-linear)")]
     try:
-        get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
+        with_lora(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
     except ValueError as e:  # PEFT's own refusal, e.g. lora_dropout on parameter (expert) wrappers
         field = lora_field(e)
         fix = "set model.lora.dropout: 0" if field == "model.lora.dropout" else "change model.lora.target_modules"

@@ -103,8 +103,11 @@ def init_model(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise UsageError(f"--out {out} exists and is not empty: choose another folder or pass --force")
 
+    from transformers.utils import logging as hf_logging
+
     from kdforge.model.student import write_student
 
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar for a one-file model
     # Written aside, then renamed: the folder appears whole or not at all.
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,7 @@ def preflight(
         samples=samples, only=only, workdir=workdir, price_input=price_input, price_output=price_output,
         api_key_env=api_key_env, max_tokens=max_tokens, overrides=list(overrides or []), log=log))
     print(render_json(report) if as_json else render_text(report), flush=True)
-    if not as_json:
+    if not as_json and report.kept:
         print(f"report: {report.workdir}/preflight_report.md", flush=True)
     return report.exit_code
 

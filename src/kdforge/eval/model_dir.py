@@ -128,7 +128,7 @@ def load_model(src: ModelSource, device, dtype=None):
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot load the model in {src.base}: {e}; give {_WHAT}") from None
     if src.adapter is not None:
-        from peft import PeftModel
+        from kdforge.model.adapters import merged_adapter
 
-        model = PeftModel.from_pretrained(model, str(src.adapter)).merge_and_unload()
+        model = merged_adapter(model, str(src.adapter))
     return model.to(device).eval()

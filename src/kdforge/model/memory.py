@@ -601,12 +601,11 @@ def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_
     params = sum(p.numel() for p in model.parameters())
     targets: tuple[str, ...] = ()
     if setup.lora is not None:
-        from peft import get_peft_model
-
+        from kdforge.model.adapters import with_lora
         from kdforge.model.student import peft_lora_config
 
-        model = get_peft_model(model, peft_lora_config(setup.lora.r, lora_alpha, setup.lora.dropout,
-                                                       lora_targets))
+        model = with_lora(model, peft_lora_config(setup.lora.r, lora_alpha, setup.lora.dropout,
+                                                  lora_targets))
         pc = model.peft_config["default"]
         targets = tuple(sorted(pc.target_modules or ())) + tuple(sorted(getattr(pc, "target_parameters", None) or ()))
     model.train()

@@ -76,6 +76,7 @@ class Report:
     configs: list[str]
     parts: list[str]
     seconds: float = 0.0
+    kept: bool = True  # the scratch dir is still there (False: a temp dir removed after a clean run)
 
     def ordered(self) -> list[Item]:
         return [self.items.get(k) or skipped(k, "not run") for k, _ in SETUP_ITEMS + CHECKLIST]
@@ -109,7 +110,7 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"exit_code": self.exit_code, "verdict": self.verdict(), "spent_usd": self.spent_usd,
-                "budget_usd": self.budget_usd, "workdir": self.workdir, "teacher": self.teacher,
+                "budget_usd": self.budget_usd, "workdir": self.workdir, "workdir_kept": self.kept, "teacher": self.teacher,
                 "model": self.model, "configs": self.configs, "parts": self.parts, "seconds": round(self.seconds, 1),
                 "items": [{"key": i.key, "title": i.title, **{k: v for k, v in asdict(i).items() if k != "key"}}
                           for i in self.ordered()]}
@@ -126,7 +127,8 @@ def render_text(r: Report) -> str:
     """What `kdforge preflight` prints: setup lines, the checklist, spend, verdict."""
     head = [f"kdforge preflight · teacher {r.teacher or '-'} (model {r.model or '-'}) · "
             f"config {', '.join(r.configs) or '-'} · parts {', '.join(r.parts)}",
-            f"scratch dir: {r.workdir} (nothing written elsewhere)", "", "Setup:"]
+            f"scratch dir: {r.workdir} (nothing written elsewhere"
+            + ("" if r.kept else "; removed: nothing failed, --workdir DIR keeps it") + ")", "", "Setup:"]
     body = []
     for key, _ in SETUP_ITEMS:
         body += _lines(r.items.get(key) or skipped(key, "not run"))

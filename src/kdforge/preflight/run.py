@@ -11,6 +11,7 @@ CLI), `preflight_report.md` and `preflight_report.json` there.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -217,7 +218,8 @@ class Preflight:
 
 
 def run_preflight(opts: PreflightOptions) -> Report:
-    """Run the chosen parts in a scratch dir; write the reports there; return the Report."""
+    """Run the chosen parts in a scratch dir; write the reports there (a temp dir, no --workdir, is
+    removed instead when nothing failed: only a failure needs its evidence); return the Report."""
     parts = parts_to_run(opts.only)
     if opts.samples <= 0:
         raise UsageError(f"--samples must be positive, got {opts.samples}")
@@ -235,6 +237,10 @@ def run_preflight(opts: PreflightOptions) -> Report:
                 pf.items.setdefault(key, skipped(key, f"not run (--only {opts.only})"))
     report = Report(pf.items, pf.purse.spent if pf.prices is not None else None, opts.budget_limit, str(work),
                     pf.gen.teacher, pf.gen.model, list(opts.configs), parts, time.perf_counter() - t0)
+    if opts.workdir is None and report.exit_code == 0:  # a temp dir: its evidence is needed only on failure
+        shutil.rmtree(work, ignore_errors=True)
+        report.kept = False
+        return report
     (work / "preflight_report.md").write_text(render_markdown(report), encoding="utf-8")
     (work / "preflight_report.json").write_text(render_json(report), encoding="utf-8")
     return report

@@ -119,9 +119,9 @@ def load_served_model(model_dir: str | Path, adapter: str | Path | None = None, 
     except OSError as e:
         raise UsageError(f"cannot load {f.base}: {e}") from None
     if f.adapter_dir is not None:
-        from peft import PeftModel
+        from kdforge.model.adapters import merged_adapter
 
-        model = PeftModel.from_pretrained(model, str(f.adapter_dir)).merge_and_unload()
+        model = merged_adapter(model, str(f.adapter_dir))
     model = model.to(device).eval()
     ctx = getattr(model.config, "max_position_embeddings", None) or min(tokenizer.model_max_length, 1 << 20)
     source = str(f.model_dir) + (f" + adapter {f.adapter_dir}" if adapter else "")

@@ -71,7 +71,10 @@ class Stats:
             f" of ${limit:.2f}" if limit is not None else "")
         errs = sum(self.retries.values()) + sum(self.failed.values())
         eta = self.eta()
-        return (f"{self.done}/{self.total} samples · {money} · {rpm:.0f} req/min · {tpm / 1000:.1f}k tok/min · "
+        pace = f"{rpm:.0f} req/min"
+        if self.note and not self._starts:  # --batch: rows go out in files, never one request at a time
+            pace = f"{self.written * 60 / max(self.elapsed, 1e-6):.0f} samples/min"
+        return (f"{self.done}/{self.total} samples · {money} · {pace} · {tpm / 1000:.1f}k tok/min · "
                 f"ETA {_hms(eta) if eta is not None else '-'} · errors {errs}" + (f" · {self.note}" if self.note else ""))
 
 

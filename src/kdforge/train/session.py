@@ -82,12 +82,11 @@ def load_student(cfg: Config, tokenizer, seed: int):
         model = build_student(mc, len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     if cfg.model.lora:
-        from peft import get_peft_model
-
+        from kdforge.model.adapters import with_lora
         from kdforge.model.student import peft_lora_config
 
         lora = cfg.model.lora
-        model = get_peft_model(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
+        model = with_lora(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False

@@ -7,6 +7,7 @@ that the resumed run continued (global_step 10, loss finite, every checkpoint fi
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +33,23 @@ def smoke_config(work: Path, max_steps: int) -> dict:
 
 
 def run_smoke(workdir: str | Path | None = None, log=print) -> dict:
+    """Run the smoke test in `workdir` (kept), or in a temp dir removed when it passes (kept, and
+    named in the error, when it fails: its files are the evidence)."""
+    if workdir:
+        return _smoke(Path(workdir), log)
+    work = Path(tempfile.mkdtemp(prefix="kdforge-smoke-"))
+    try:
+        result = _smoke(work, log)
+    except BaseException:
+        log(f"smoke: kept {work} (the failed run's files)")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    log(f"smoke: removed the temp dir {work} (--workdir DIR keeps the data, tokenizer and checkpoints)")
+    return result
+
+
+def _smoke(work: Path, log) -> dict:
     t0 = time.perf_counter()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kdforge-smoke-"))
     work.mkdir(parents=True, exist_ok=True)
     rows = toy_records(200, seed=0)
     (work / "toy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:160]))
