@@ -1,6 +1,6 @@
 """`kdforge generate --batch`: the same samples through the provider's Batch API, at its price.
 
-    BatchRun(cfg, jobs, ckpt, prices).run(gen)   # inside Generator.main (generate.py)
+    BatchRun(cfg, jobs, ckpt, prices, ledger, journal, stats, log).run(gen)   # inside Generator.main
 
 The pending samples go up in files of `batch_size` rows (`custom_id` = the sample's stable id,
 each row the exact body an online request would send). Per file, in this order:
@@ -12,7 +12,8 @@ each row the exact body an online request would send). Per file, in this order:
 4. upload (`POST /v1/files`, purpose=batch), then the file id is written;
 5. submit (`POST /v1/batches`, metadata = our run id and file number), then the batch id is written;
 6. poll (`GET /v1/batches/{id}`) with backoff, honouring Retry-After, until it ends;
-7. download the output and error files; each row goes through `Generator.deliver` / `reject`: the
+7. download the output and error files; each row goes through the host's `deliver` / `reject`
+   (`BatchHost`, the online `Generator`): the
    same ledger settle, cache and journal write as an online answer. The result files are the bill:
    a row that did not complete (in the error file, expired, cancelled, or in neither file) was not
    charged, and is retried in the next file or online (`batch_fallback`), at most MAX_BATCH_TRIES
@@ -42,14 +43,18 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable, Protocol
 
 from kdforge.atomic import atomic_write_json
 from kdforge.config import GenerateSection
 from kdforge.errors import BudgetExceededError, DataError, KdforgeError, TeacherRefusedError, UsageError
 from kdforge.teacher.budget import BudgetLedger, Reservation
-from kdforge.teacher.client import AttemptFailed, RateLimited, Rejected, Transient, _usage, backoff_delay
+from kdforge.teacher.client import AttemptFailed, RateLimited, Rejected, TeacherClient, Transient, _usage
+from kdforge.teacher.generate import StopReason
+from kdforge.teacher.journal import Journal
 from kdforge.teacher.plan import SampleRequest
 from kdforge.teacher.pricing import NANO, Prices
+from kdforge.teacher.progress import Stats
 from kdforge.teacher.tokens import TokenEstimator
 
 STATE_FILE = "batch.json"
@@ -84,13 +89,16 @@ class BatchFile:
 
 
 @dataclass
-class BatchState:
+class BatchRunState:
+    """A batch run's files and per-row tries, as `batch.json` records them (not the daemon's
+    `daemon.batch_state.BatchState`)."""
+
     run_id: str
     files: list[BatchFile] = field(default_factory=list)
     tries: dict[str, int] = field(default_factory=dict)  # sample id -> batches it went up in
 
     @classmethod
-    def load(cls, path: Path) -> "BatchState | None":
+    def load(cls, path: Path) -> "BatchRunState | None":
         if not path.exists():
             return None
         try:
@@ -126,6 +134,30 @@ def _http_errors() -> type[Exception]:
     return http.HTTPError
 
 
+class BatchHost(Protocol):
+    """What a batch run needs from the online generator (`generate.Generator` is the one): its stop
+    state, the online workers for rows retried online, and the steps every answer goes through
+    (settle, cache, write), so a result row is paid and written exactly as an online answer."""
+
+    stop_reason: StopReason | None
+    halted: asyncio.Event  # set by every stop but the budget's: abandon control-plane calls
+    client: TeacherClient
+    held_elsewhere: int  # samples the batches hold: the online workers do not claim them
+
+    def stop(self, reason: StopReason, err: Exception | None) -> None: ...
+    def backoff(self, attempt: int) -> float: ...
+    def throttled(self, wait: float, headers) -> None: ...
+    async def run_workers(self, jobs: list[SampleRequest] | None = None) -> None: ...
+    def is_finished(self, job: SampleRequest) -> bool: ...
+    def answer_from_cache(self, job: SampleRequest) -> bool: ...
+    def deliver(self, job: SampleRequest, res: Reservation, ans, attempts: int, cost: float = 0.0) -> None: ...
+    def reject(self, job: SampleRequest, res: Reservation, e: AttemptFailed, attempts: int) -> None: ...
+    def settle_ok(self, job: SampleRequest, res: Reservation, ans) -> float: ...
+    def settle_reported(self, res: Reservation, usage, outcome: str) -> tuple[float, int, int]: ...
+    def settle_worst(self, res: Reservation, outcome: str) -> None: ...
+    def fail(self, job: SampleRequest, reason: str, kind: str, attempts: int, permanent: bool) -> None: ...
+
+
 class _Halted(Exception):
     """The run is stopping (a signal, a refusal): a control-plane call was abandoned."""
 
@@ -134,11 +166,15 @@ class BatchRun:
     """Drives a generate run through the Batch API; see the module docstring."""
 
     def __init__(self, cfg: GenerateSection, jobs: list[SampleRequest], ckpt: Path, prices: Prices | None,
+                 ledger: BudgetLedger, journal: Journal, stats: Stats, log: Callable[[str], None],
                  cancel: bool = False):
+        """`ledger`, `journal`, `stats`: the run's, shared with the online workers (the batch holds
+        its rows' worst cases in the ledger under `hold_key`s); `log`: the progress view's."""
         self.cfg, self.ckpt, self.cancel = cfg, ckpt, cancel
+        self.ledger, self.journal, self.stats, self.log = ledger, journal, stats, log
         self.prices = prices.for_batch(cfg.batch_discount) if prices else None
         self.path = ckpt / STATE_FILE
-        self.state = BatchState.load(self.path) or BatchState(uuid.uuid4().hex[:16])
+        self.state = BatchRunState.load(self.path) or BatchRunState(uuid.uuid4().hex[:16])
         self.jobs = {j.id: j for j in jobs}
         self._todo = list(jobs)  # not yet in any file, in plan order
         self.tokens = TokenEstimator()
@@ -151,7 +187,8 @@ class BatchRun:
         self.api_calls = 0  # control-plane HTTP calls this run (upload, submit, list, poll, cancel, download)
 
     # ---------------------------------------------------------------- the loop
-    async def run(self, gen) -> None:
+    async def run(self, gen: BatchHost) -> None:
+        """Send, poll and collect until every sample is written or in a file, or the run stops."""
         self.gen, self.api = gen, gen.client
         self._recover()
         online: asyncio.Task | None = None
@@ -178,7 +215,7 @@ class BatchRun:
                         await self._submit(f)
                 if not self.open_files() and not busy and not self.online and not self.retry:
                     if self.budget_short is not None and self._need() > 0 and not self.cancel:
-                        gen._stop("budget", self.budget_short)
+                        gen.stop(StopReason.BUDGET, self.budget_short)
                     break
                 await self._poll_due()
                 self._update_held()
@@ -193,7 +230,7 @@ class BatchRun:
 
     def _need(self) -> int:
         """Samples still to send: neither written, nor in an open file, nor being retried online."""
-        j = self.gen.journal
+        j = self.journal
         online = sum(1 for job in self._online_jobs + self.online if not j.done(job.id, job.key))
         return self.cfg.total - j.count - self._held_rows() - online
 
@@ -201,7 +238,7 @@ class BatchRun:
         return [f for f in self.state.files if f.open]
 
     def _held_rows(self) -> int:
-        j = self.gen.journal
+        j = self.journal
         return sum(1 for f in self.open_files() for sid in f.rows if sid not in j.ids)
 
     def _update_held(self) -> None:
@@ -210,9 +247,9 @@ class BatchRun:
         self.gen.held_elsewhere = self._held_rows()
         files = self.state.files
         running = sum(1 for f in files if f.status == "submitted" and f.provider_status not in (None, "validating"))
-        self.gen.stats.note = (f"batch files {sum(1 for f in files if f.batch_id)} submitted / {running} in progress "
+        self.stats.note = (f"batch files {sum(1 for f in files if f.batch_id)} submitted / {running} in progress "
                                f"/ {sum(1 for f in files if f.status == 'done')} done · "
-                               f"${self.gen.ledger.reserved:.4f} held")
+                               f"${self.ledger.reserved:.4f} held")
 
     def _sleep_for(self) -> float:
         if not self._next_poll:
@@ -222,22 +259,19 @@ class BatchRun:
     def save(self) -> None:
         self.state.save(self.path)
 
-    def log(self, msg: str) -> None:
-        self.gen.view.log(msg)
-
     # ---------------------------------------------------------------- resume
     def _recover(self) -> None:
         """Match the ledger's keyed holds with batch.json: release what no open file holds."""
         files = {f.n: f for f in self.state.files}
-        for key in self.gen.ledger.held_keys():
+        for key in self.ledger.held_keys():
             owner = _file_of(key)
             if owner is None:
                 continue
             f = files.get(owner[1]) if owner[0] == self.state.run_id else None
             if f is None or not f.open:  # reserved, but the intent never written: nothing was sent
-                self.gen.ledger.settle(self.gen.ledger.held(key), 0, 0, "released")
+                self.ledger.settle(self.ledger.held(key), 0, 0, "released")
         in_files = {sid for f in self.open_files() for sid in f.rows}
-        strangers = sorted(in_files - self.jobs.keys() - self.gen.journal.ids)
+        strangers = sorted(in_files - self.jobs.keys() - self.journal.ids)
         if strangers and not self.cancel:
             raise UsageError(
                 f"{self.path} holds open batches with {len(strangers)} rows this command would not send (e.g. "
@@ -268,7 +302,7 @@ class BatchRun:
             if len(rows) >= min(need, self.cfg.batch_size):
                 break
             taken += 1
-            if gen.journal.done(job.id, job.key) or job.id in gen.failures.permanent:
+            if gen.is_finished(job):
                 continue
             if gen.answer_from_cache(job):  # a hit is never submitted
                 need -= 1
@@ -280,7 +314,7 @@ class BatchRun:
         n = max((f.n for f in self.state.files), default=0) + 1
         held = []
         for job in rows:
-            res = gen.ledger.try_reserve(self.tokens.prompt_bound(job.messages), self.cfg.max_tokens,
+            res = self.ledger.try_reserve(self.tokens.prompt_bound(job.messages), self.cfg.max_tokens,
                                          self.prices, hold_key(self.state.run_id, n, job.id))
             if res is None:
                 cut = job
@@ -293,8 +327,8 @@ class BatchRun:
         else:
             worst = self.prices.cost_nano(self.tokens.prompt_bound(cut.messages), self.cfg.max_tokens)
             self.budget_short = BudgetExceededError(
-                f"budget exhausted: spent ${gen.ledger.spent:.4f} of ${gen.ledger.limit:.4f} with "
-                f"${gen.ledger.reserved:.4f} held by batches; the next row may cost up to ${worst / NANO:.4f} "
+                f"budget exhausted: spent ${self.ledger.spent:.4f} of ${self.ledger.limit:.4f} with "
+                f"${self.ledger.reserved:.4f} held by batches; the next row may cost up to ${worst / NANO:.4f} "
                 "(prompt + max_tokens at the batch price)")
         if not held:
             return False
@@ -329,7 +363,7 @@ class BatchRun:
                 return
             f.batch_id, f.status, f.provider_status = found.id, "submitted", found.status
             self.save()
-            self.gen.stats.requests += len(f.rows)  # attempts sent: one per row, as online
+            self.stats.requests += len(f.rows)  # attempts sent: one per row, as online
             self._next_poll[f.n] = time.monotonic() + self.cfg.batch_poll
             self.log(f"batch file {f.n}: submitted as {found.id} ({len(f.rows)} rows, "
                      f"${self._held_usd(f):.4f} held at the batch price)")
@@ -347,7 +381,7 @@ class BatchRun:
         self._next_poll[f.n] = time.monotonic()
 
     def _held_usd(self, f: BatchFile) -> float:
-        led = self.gen.ledger
+        led = self.ledger
         return sum(r.nano for sid in f.rows if (r := led.held(hold_key(self.state.run_id, f.n, sid)))) / NANO
 
     async def _create(self, f: BatchFile):
@@ -407,7 +441,7 @@ class BatchRun:
         abandoned at once and `_Halted` raised; what was sent is recovered by the next run, as
         after a kill (module docstring)."""
         gen = self.gen
-        if gen.stop_reason is not None and gen.stop_reason != "budget":
+        if gen.stop_reason is not None and gen.stop_reason != StopReason.BUDGET:
             raise _Halted
         self.api_calls += 1
         limit = deadline if deadline is not None else self._deadline()
@@ -433,17 +467,16 @@ class BatchRun:
         if isinstance(e, Rejected):
             hint = (f"the teacher at {self.cfg.teacher} has no Batch API (or lost the object); drop --batch"
                     if e.status == 404 else "the request was refused")
-            gen._stop("refused", TeacherRefusedError(f"{what}: {e.reason}; {hint}"))
+            gen.stop(StopReason.REFUSED, TeacherRefusedError(f"{what}: {e.reason}; {hint}"))
             return False
         if attempt > self.cfg.max_retries:
-            gen._stop("unavailable", KdforgeError(f"{what} at {self.cfg.teacher} kept failing ({attempt} attempts, "
-                                                  f"last: {e.reason})"))
+            gen.stop(StopReason.UNAVAILABLE, KdforgeError(
+                f"{what} at {self.cfg.teacher} kept failing ({attempt} attempts, last: {e.reason})"))
             return False
-        wait = e.retry_after if e.retry_after is not None else \
-            backoff_delay(attempt, self.cfg.retry_base, self.cfg.retry_max, gen.rng)
+        wait = e.retry_after if e.retry_after is not None else gen.backoff(attempt)
         if isinstance(e, RateLimited):
-            gen.limiter.on_429(wait, e.headers)
-        gen.stats.retries[e.kind] += 1
+            gen.throttled(wait, e.headers)
+        self.stats.retries[e.kind] += 1
         end = time.monotonic() + wait
         while gen.stop_reason is None and time.monotonic() < end:  # an interrupt must not wait a backoff out
             await asyncio.sleep(min(0.2, end - time.monotonic()))
@@ -472,8 +505,8 @@ class BatchRun:
                 f.provider_status, f.counts = b.status, counts
                 self.save()
                 self.log(f"batch file {f.n}: {b.status}, {counts.get('completed', 0)}/{len(f.rows)} rows done "
-                         f"({counts.get('failed', 0)} failed) · ${self.gen.ledger.spent:.4f} spent, "
-                         f"${self.gen.ledger.reserved:.4f} held")
+                         f"({counts.get('failed', 0)} failed) · ${self.ledger.spent:.4f} spent, "
+                         f"${self.ledger.reserved:.4f} held")
             if b.status in TERMINAL:
                 await self._collect(f, b)
                 self._next_poll.pop(f.n, None)
@@ -561,11 +594,11 @@ class BatchRun:
         unread = out[1] or err[1]  # a file cut at its cap: an unseen row may be in the part not read
         for sid in f.rows:
             if sid not in seen:  # in neither file: the provider never ran it (failed or cancelled batch)
-                res = gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+                res = self.ledger.held(hold_key(self.state.run_id, f.n, sid))
                 if res is not None and unread:
-                    gen._charge(gen.ledger.settle_worst(res, "unread"), res.prompt_tokens, res.completion_tokens)
+                    gen.settle_worst(res, "unread")
                 elif res is not None:
-                    gen.ledger.settle(res, 0, 0, "not-run")
+                    self.ledger.settle(res, 0, 0, "not-run")
                 if sid in self.jobs:
                     self._again(self.jobs[sid], f"not run by batch {f.batch_id} ({b.status})" if not unread else
                                 f"not read: a result file of batch {f.batch_id} passed its cap")
@@ -583,7 +616,7 @@ class BatchRun:
 
     def _settle_row(self, f: BatchFile, job: SampleRequest, row: dict) -> None:
         gen = self.gen
-        res = gen.ledger.held(hold_key(self.state.run_id, f.n, job.id))
+        res = self.ledger.held(hold_key(self.state.run_id, f.n, job.id))
         if res is None:  # settled by a run killed before it wrote the sample: never charged twice
             res = Reservation(-1, 0, self.tokens.prompt_bound(job.messages), self.cfg.max_tokens, self.prices)
         tries = self.state.tries.get(job.id, 1)
@@ -598,11 +631,11 @@ class BatchRun:
                 # and the ledger charges its usage at the worst case (`budget.usage_problem`)
                 ans = self.api.answer(lambda: ChatCompletion.construct(**body))
             except Transient as e:  # billed (it completed) but unreadable: charged in full, retried
-                gen._charge(gen.ledger.settle_worst(res, e.kind), res.prompt_tokens, res.completion_tokens)
+                gen.settle_worst(res, e.kind)
                 self._again(job, e.reason)
                 return
-            if gen.journal.done(job.id, job.key):
-                gen._settle_ok(job, res, ans)  # written already (the same prompt twice): paid, not written
+            if self.journal.done(job.id, job.key):
+                gen.settle_ok(job, res, ans)  # written already (the same prompt twice): paid, not written
             else:
                 gen.deliver(job, res, ans, tries)
             return
@@ -614,39 +647,39 @@ class BatchRun:
             return
         # 429, 5xx, expired, or a row error: the provider did not complete it; the error file is the bill
         if usage is not None:
-            gen._settle_reported(res, usage, "batch-error")
+            gen.settle_reported(res, usage, "batch-error")
         else:
-            gen.ledger.settle(res, 0, 0, "batch-error")
+            self.ledger.settle(res, 0, 0, "batch-error")
         self._again(job, reason)
 
     def _settle_stranger(self, f: BatchFile, sid: str, row: dict) -> None:
-        res = self.gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+        res = self.ledger.held(hold_key(self.state.run_id, f.n, sid))
         if res is None:
             return
         resp = row.get("response") or {}
         if resp.get("status_code") == 200:
-            self.gen._settle_reported(res, _usage(resp.get("body")), "batch-other-plan")
+            self.gen.settle_reported(res, _usage(resp.get("body")), "batch-other-plan")
         else:
-            self.gen.ledger.settle(res, 0, 0, "batch-error")
+            self.ledger.settle(res, 0, 0, "batch-error")
 
     def _again(self, job: SampleRequest, reason: str) -> None:
         """Retry a row that did not complete: online or in the next file, or give up for this run."""
         gen = self.gen
-        if gen.journal.done(job.id, job.key) or self.cancel:  # cancelled: a re-run sends it again
+        if self.journal.done(job.id, job.key) or self.cancel:  # cancelled: a re-run sends it again
             return
         if self.cfg.batch_fallback == "online":
             self.online.append(job)
         elif self.state.tries.get(job.id, 0) < MAX_BATCH_TRIES:
             self.retry.append(job)
         else:
-            gen._fail(job, f"failed in {MAX_BATCH_TRIES} batches (last: {reason})", "batch",
+            gen.fail(job, f"failed in {MAX_BATCH_TRIES} batches (last: {reason})", "batch",
                       self.state.tries.get(job.id, 0), permanent=False)
 
     def _release(self, f: BatchFile, why: str) -> None:
         for sid in f.rows:
-            res = self.gen.ledger.held(hold_key(self.state.run_id, f.n, sid))
+            res = self.ledger.held(hold_key(self.state.run_id, f.n, sid))
             if res is not None:
-                self.gen.ledger.settle(res, 0, 0, "released")
+                self.ledger.settle(res, 0, 0, "released")
         f.status = "released"
         self.save()
         self.log(f"batch file {f.n}: {why}; its {len(f.rows)} holds released")
@@ -654,7 +687,7 @@ class BatchRun:
 
 def status_report(ckpt: Path, ledger: BudgetLedger, done: int, total: int | None) -> str:
     """What `--batch --status` prints: files and their provider status, rows, $ spent and held."""
-    state = BatchState.load(ckpt / STATE_FILE)
+    state = BatchRunState.load(ckpt / STATE_FILE)
     if state is None:
         return f"no batch run in {ckpt} (no {STATE_FILE}); start one with kdforge generate --batch"
     by = {}

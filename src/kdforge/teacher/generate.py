@@ -15,8 +15,8 @@ not yet in the file and:
    5xx/timeout/drop: backoff with jitter, retry up to `max_retries`; on other 4xx: record the
    failure (reason kept) and move on to the next prompt; on 401/403/404: stop everything.
 
-With `--batch` (kdforge.teacher.batch) the samples go up as Batch API files instead; every result
-row comes back through `Generator.deliver` / `reject`, the same settle, cache and journal steps as
+With `--batch` (kdforge.teacher.batch) the samples go up as Batch API files instead; the Generator
+is the batch run's `BatchHost`: every result row comes back through `Generator.deliver` / `reject`, the same settle, cache and journal steps as
 an online answer, and rows retried online run through these workers.
 
 Stopping: budget -> no new dispatch, in-flight requests finish, exit 3. Refused -> in-flight
@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 
 from kdforge.atomic import atomic_write_json
@@ -69,6 +70,24 @@ UNUSABLE = {"empty": "empty", "cut": "cut by --max-tokens", "content_filter": "s
             "key-in-answer": "quoting the API key"}  # paid answers that cannot be stored, by kind
 FINITE_FIELDS = ("budget_limit", "price_input", "price_output", "rpm", "tpm", "delay", "temperature", "timeout",
                  "retry_base", "retry_max")  # float settings where inf/nan would poison money or pacing
+
+
+
+class StopReason(str, Enum):
+    """Why a run stopped before its total (`Generator.stop_reason`; None while it runs). Each
+    maps to the exit code and the state.json status that `run_generate` reports."""
+
+    BUDGET = "budget"  # the next worst case would pass --budget-limit: in flight finishes, exit 3
+    REFUSED = "refused"  # 401/403/404 (online, or the Batch API's control plane): cancelled at once, exit 4
+    INTERRUPT = "interrupt"  # SIGINT/SIGTERM: in flight finishes (a second signal cancels it), exit 130
+    UNAVAILABLE = "unavailable"  # UNAVAILABLE_AFTER samples in a row out of retries: exit 1
+    REJECTING = "rejecting"  # REJECTING_AFTER rejected or unusable answers in a row: exit 1
+    ERROR = "error"  # a bug or unexpected fault in a worker: cancelled at once, raised (exit 1)
+
+
+STOP_STATUS = {StopReason.BUDGET: "budget_exhausted", StopReason.REFUSED: "refused",
+               StopReason.INTERRUPT: "interrupted", StopReason.UNAVAILABLE: "teacher_unavailable",
+               StopReason.REJECTING: "teacher_rejecting"}  # state.json's status (ERROR: "error", raised)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -184,7 +203,7 @@ class Generator:
         self.stats, self.view, self.api_key, self.prices, self.state_path = stats, view, api_key, prices, state_path
         self.tokens = TokenEstimator()
         self.rng = random.Random(cfg.seed)
-        self.stop_reason: str | None = None  # budget | refused | interrupt | unavailable | error
+        self.stop_reason: StopReason | None = None
         self.stop_error: Exception | None = None
         self._jobs = iter(jobs)
         self._claimed = 0  # samples taken and not finished
@@ -248,7 +267,7 @@ class Generator:
             try:
                 await self._process(job)
             except Exception as e:  # a bug or an unexpected fault: stop all, save, report it
-                self._stop("error", e)
+                self.stop(StopReason.ERROR, e)
                 raise
             finally:
                 self._claimed -= 1
@@ -259,11 +278,15 @@ class Generator:
             job = next(self._jobs, None)
             if job is None:
                 return None
-            if self.journal.done(job.id, job.key) or job.id in self.failures.permanent:
+            if self.is_finished(job):
                 continue
             self._claimed += 1
             return job
         return None
+
+    def is_finished(self, job: SampleRequest) -> bool:
+        """True if the sample is written, or failed for good (rejected): not to be sent this run."""
+        return self.journal.done(job.id, job.key) or job.id in self.failures.permanent
 
     # ---------------------------------------------------------------- one sample
     def answer_from_cache(self, job: SampleRequest) -> bool:
@@ -289,12 +312,12 @@ class Generator:
             try:
                 ans = await self.client.complete(job.body)
             except asyncio.CancelledError:  # refused elsewhere, or a second interrupt
-                self._charge(self.ledger.settle_worst(res, "cancelled"), res.prompt_tokens, res.completion_tokens)
+                self.settle_worst(res, "cancelled")
                 raise
             except TeacherRefusedError as e:
                 self.ledger.settle(res, 0, 0, "refused")
                 self.limiter.observe(None)
-                self._stop("refused", e)
+                self.stop(StopReason.REFUSED, e)
                 return
             except AttemptFailed as e:
                 self._state[me] = "waiting"
@@ -312,10 +335,10 @@ class Generator:
         """An answer came back (online, or a Batch API result row): settle its reservation at the
         checked usage, then cache it and write the sample, or record why it cannot be kept.
         `cost`: what earlier attempts of this sample cost."""
-        cost += self._settle_ok(job, res, ans)
+        cost += self.settle_ok(job, res, ans)
         unusable = self._unusable(ans)
         if unusable is not None:  # paid for, cannot be kept: counts toward the stop as rejections do
-            self._fail(job, unusable[1], unusable[0], attempts, permanent=True)
+            self.fail(job, unusable[1], unusable[0], attempts, permanent=True)
         else:
             self.cache.put(job.cache_key, ans.to_cache())
             self._write(job, ans, cost, cached=False)
@@ -347,7 +370,7 @@ class Generator:
         """The teacher refused this request (a 4xx, online or in a batch's error file): settle as
         `_settle_failed` does and record the sample as failed for good."""
         self._settle_failed(res, e)
-        self._fail(job, e.reason, e.kind, attempts, permanent=True)
+        self.fail(job, e.reason, e.kind, attempts, permanent=True)
 
     async def _admit(self, job: SampleRequest):
         """Wait for the rate limiter, then reserve the worst case. None: the run is stopping."""
@@ -359,36 +382,45 @@ class Generator:
         try:
             return await self.ledger.reserve(self.tokens.prompt_bound(job.messages), self.cfg.max_tokens)
         except BudgetExceededError as e:
-            self._stop("budget", e)
+            self.stop(StopReason.BUDGET, e)
             return None
 
     async def _retry_after_failure(self, job: SampleRequest, e: AttemptFailed, tries: Counter) -> bool:
         """Record a failed attempt; wait as the error asks. False: the sample failed for good."""
         cfg, attempts = self.cfg, tries["attempts"]
         if isinstance(e, Rejected):
-            self._fail(job, e.reason, e.kind, attempts, permanent=True)
+            self.fail(job, e.reason, e.kind, attempts, permanent=True)
             return False
         if isinstance(e, RateLimited):  # throttled: retried longer, and every worker waits
             tries["429"] += 1
             wait = e.retry_after if e.retry_after is not None else \
-                backoff_delay(tries["429"], cfg.retry_base, cfg.retry_max, self.rng)
-            self.limiter.on_429(wait, e.headers)  # acquire() honours it
+                self.backoff(tries["429"])
+            self.throttled(wait, e.headers)  # acquire() honours it
             gave_up = tries["429"] > RATE_LIMIT_RETRIES_PER_RETRY * max(1, cfg.max_retries)
         else:  # 5xx, timeout, dropped connection: this worker backs off
             tries["transient"] += 1
-            wait = max(e.retry_after or 0.0, backoff_delay(tries["transient"], cfg.retry_base, cfg.retry_max, self.rng))
+            wait = max(e.retry_after or 0.0, self.backoff(tries["transient"]))
             gave_up = tries["transient"] > cfg.max_retries
         if gave_up:
-            self._fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, permanent=False)
+            self.fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, permanent=False)
             return False
         self.stats.retries[e.kind] += 1
         if not isinstance(e, RateLimited):
             await asyncio.sleep(wait)
         return True
 
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before retry number `attempt` (exponential, capped, jittered by the run's
+        seeded rng)."""
+        return backoff_delay(attempt, self.cfg.retry_base, self.cfg.retry_max, self.rng)
+
+    def throttled(self, wait: float, headers) -> None:
+        """A 429: every worker pauses `wait` seconds, and the rate limiter learns from `headers`."""
+        self.limiter.on_429(wait, headers)
+
     def _settle_failed(self, res, e: AttemptFailed) -> float:
         if e.usage is not None:  # the answer says what it cost: checked like any usage
-            return self._settle_reported(res, e.usage, e.kind)[0]
+            return self.settle_reported(res, e.usage, e.kind)[0]
         if getattr(e, "billed", False):  # timeout / dropped / 5xx: unknown outcome, may be billed in full
             pt, ct = res.prompt_tokens, res.completion_tokens
         else:  # 429, 4xx: refused before any work
@@ -397,9 +429,11 @@ class Generator:
         self._charge(c, pt, ct)
         return c
 
-    def _settle_ok(self, job: SampleRequest, res, ans: Answer) -> float:
+    def settle_ok(self, job: SampleRequest, res, ans: Answer) -> float:
+        """Settle a completed answer's reservation at its checked usage (the answer then carries
+        what was charged); returns the USD charged."""
         reported = ans.prompt_tokens
-        c, ans.prompt_tokens, ans.completion_tokens = self._settle_reported(  # the record shows what was charged
+        c, ans.prompt_tokens, ans.completion_tokens = self.settle_reported(  # the record shows what was charged
             res, (ans.prompt_tokens, ans.completion_tokens), "ok")
         # A teacher counting more prompt tokens than our bound (a hidden system prompt, say) raises the
         # bound for later requests; an absurd count (over twice the bound) is a lie, not a template.
@@ -409,7 +443,7 @@ class Generator:
                                     f"{res.prompt_tokens}); the prompt bound now adds {self.tokens.extra} tokens")
         return c
 
-    def _settle_reported(self, res, usage, outcome: str) -> tuple[float, int, int]:
+    def settle_reported(self, res, usage, outcome: str) -> tuple[float, int, int]:
         """Settle at checked usage (see budget.settle_reported); returns (USD, tokens charged)."""
         c, pt, ct, problem = self.ledger.settle_reported(res, usage, outcome)
         if problem:
@@ -419,6 +453,11 @@ class Generator:
                        "case (prompt bound + max_tokens)")
         self._charge(c, pt, ct)
         return c, pt, ct
+
+    def settle_worst(self, res, outcome: str) -> None:
+        """Settle `res` at its worst case (prompt bound + max_tokens): an outcome that may have
+        been billed in full but says nothing of its usage."""
+        self._charge(self.ledger.settle_worst(res, outcome), res.prompt_tokens, res.completion_tokens)
 
     def _charge(self, cost: float, pt: int, ct: int) -> None:
         self.stats.on_usage(pt, ct, cost)
@@ -444,7 +483,9 @@ class Generator:
         self.stats.cached += cached
         self.view.refresh()
 
-    def _fail(self, job: SampleRequest, reason: str, kind: str, attempts: int, permanent: bool) -> None:
+    def fail(self, job: SampleRequest, reason: str, kind: str, attempts: int, permanent: bool) -> None:
+        """Record a failed sample (`permanent`: rejected or unusable, not sent again by a re-run);
+        a streak of them stops the run (REJECTING, UNAVAILABLE)."""
         self.failures.append(job.id, job.prompt.text, job.prompt.source, reason, kind, attempts, permanent)
         self.stats.failed[kind] += 1
         self.last_failure = reason
@@ -452,12 +493,12 @@ class Generator:
             self.rejected_in_row.append(job)
             self._streak[kind] += 1
             if len(self.rejected_in_row) >= REJECTING_AFTER:
-                self._stop("rejecting", KdforgeError(self._streak_text(reason)))
+                self.stop(StopReason.REJECTING, KdforgeError(self._streak_text(reason)))
         if not permanent:
             self.transient_kinds.add(kind)
             self._gave_up += 1
             if self._gave_up >= UNAVAILABLE_AFTER:  # the teacher is down, not this prompt
-                self._stop("unavailable", KdforgeError(
+                self.stop(StopReason.UNAVAILABLE, KdforgeError(
                     f"the teacher at {self.cfg.teacher} keeps failing: {self._gave_up} samples in a row ran out "
                     f"of retries (last: {reason})"))
 
@@ -476,12 +517,14 @@ class Generator:
             self.view.log(f"warning: {msg}")
 
     # ---------------------------------------------------------------- stopping
-    def _stop(self, reason: str, err: Exception | None) -> None:
+    def stop(self, reason: StopReason, err: Exception | None) -> None:
+        """Stop dispatching (the first reason given is kept): every reason but the budget's sets
+        `halted`; a refusal or an error cancels requests in flight, the others let them finish."""
         if self.stop_reason is None:
             self.stop_reason, self.stop_error = reason, err
-        if reason != "budget":
+        if reason != StopReason.BUDGET:
             self.halted.set()
-        at_once = reason in ("refused", "error")
+        at_once = reason in (StopReason.REFUSED, StopReason.ERROR)
         for task, state in list(self._state.items()):
             if task is not asyncio.current_task() and (at_once or state == "waiting"):
                 task.cancel()
@@ -491,9 +534,9 @@ class Generator:
         if self._interrupts == 1:
             n = sum(1 for s in self._state.values() if s == "sending")
             self.view.log(f"interrupted: finishing {n} request(s) in flight; interrupt again to abandon them")
-            self._stop("interrupt", None)
+            self.stop(StopReason.INTERRUPT, None)
         else:
-            self.stop_reason = "interrupt"
+            self.stop_reason = StopReason.INTERRUPT
             self.halted.set()
             for task in self._state:
                 task.cancel()
@@ -552,7 +595,8 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
         if cfg.batch or batch_action == "cancel":
             from kdforge.teacher.batch import BatchRun
 
-            batch = BatchRun(cfg, todo, ckpt, prices, cancel=batch_action == "cancel")
+            batch = BatchRun(cfg, todo, ckpt, prices, ledger, journal, stats, view.log,
+                             cancel=batch_action == "cancel")
         status = "error"
         try:
             if journal.repaired_bytes:
@@ -567,10 +611,9 @@ def run_generate(cfg: GenerateSection, api_key: str | None = None, *, dry_run: b
             if need > 0 or batch_action == "cancel":
                 with view:
                     asyncio.run(gen.main(batch))
-            if gen.stop_reason == "rejecting" or (stats.written == 0 and gen.rejected_in_row):
+            if gen.stop_reason == StopReason.REJECTING or (stats.written == 0 and gen.rejected_in_row):
                 failures.release([j.id for j in gen.rejected_in_row])  # the teacher's fault, not theirs
-            status = {"budget": "budget_exhausted", "refused": "refused", "interrupt": "interrupted",
-                      "unavailable": "teacher_unavailable", "rejecting": "teacher_rejecting"}.get(
+            status = STOP_STATUS.get(
                 gen.stop_reason, "cancelled" if batch_action == "cancel" else
                 "done" if journal.count >= cfg.total else "out_of_prompts")
         finally:
@@ -606,20 +649,20 @@ def _short_of_total(gen: Generator, stats: Stats, unique: int, out: Path, ckpt: 
 
 
 def _raise_for(gen: Generator, out: Path, ckpt: Path) -> None:
-    if gen.stop_reason == "refused":
+    if gen.stop_reason == StopReason.REFUSED:
         raise TeacherRefusedError(f"{gen.stop_error} (nothing was written for the refused request; "
                                   f"{gen.journal.count} samples in {out})")
-    if gen.stop_reason == "budget":
+    if gen.stop_reason == StopReason.BUDGET:
         raise BudgetExceededError(
             f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; spend is saved in "
             f"{ckpt / 'budget.jsonl'} and counts across runs. Re-run with a larger --budget-limit to continue.")
-    if gen.stop_reason == "rejecting":
+    if gen.stop_reason == StopReason.REJECTING:
         raise KdforgeError(f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}: a streak like "
                            "this is the endpoint or the request (--model, --max-tokens, --top-logprobs), not the "
                            "prompts; fix it and re-run the same command: those prompts are sent again")
-    if gen.stop_reason == "unavailable":
+    if gen.stop_reason == StopReason.UNAVAILABLE:
         raise KdforgeError(f"{gen.stop_error}. Stopped with {gen.journal.count} samples in {out}; check that the "
                            "teacher is up, then re-run the same command to resume")
-    if gen.stop_reason == "interrupt":
+    if gen.stop_reason == StopReason.INTERRUPT:
         raise Interrupted(f"interrupted: {gen.journal.count} samples saved in {out}; "
                           "re-run the same command to resume")
