@@ -259,6 +259,10 @@ class PricedScorer:
         return self.ledger.spent
 
     def score(self, ids: list[int]) -> tuple[Rows, float, bool]:
+        """The teacher's checked rows for `ids` (see `read_rows`), the USD this call charged and
+        whether the cache answered. Raises BudgetExceededError before a request the budget cannot
+        hold, TeacherAnswerError (exit 1) for rows that cannot be true (not cached), KdforgeError
+        past the retry limits, TeacherRefusedError / UsageError when the teacher refuses."""
         model = self.scorer.resolved_model()
         check = self.scorer.row_check(ids)
         # the cache key's body: what identifies the answer (the sent body adds logprobs/temperature)
