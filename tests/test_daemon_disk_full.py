@@ -179,3 +179,28 @@ def test_no_file_descriptors_is_not_the_files_fault(tmp_path):
     p = subprocess.run([sys.executable, "-c", probe, str(batch_file)], env=cli_env(), capture_output=True, text=True,
                        timeout=60)
     assert p.stdout.strip() == f"OSError | {os.strerror(errno.EMFILE)}: {batch_file}", p.stdout + p.stderr
+
+
+def test_a_rolled_back_batch_leaves_the_status_naming_the_checkpoint_restored(tmp_path, tiny_model_dir):
+    """A data fault after the batch saved its own checkpoints (its file changed under it): they are
+    rolled back, and the status names the checkpoint restored, not one that is gone."""
+    from kdforge.config import load_config
+    from kdforge.daemon.service import Daemon
+
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, save_steps=1)
+    base = tmp_path / "training"
+    drop(base, "a_first.jsonl", batch(8, seed=1))  # steps 1-2
+    later = drop(base, "b_changes.jsonl", batch(8, seed=2))  # steps 3-4, then rolled back
+    os.utime(later, (later.stat().st_mtime + 1, later.stat().st_mtime + 1))
+
+    def writer_goes_on(line: str) -> None:
+        if "Saved checkpoint: checkpoint-4" in line:
+            (claimed,) = (base / "inbox" / ".claimed").iterdir()
+            with open(claimed, "a") as f:
+                f.write('{"prompt": "noch eine Zeile", "teacher_text": "ja"}\n')
+
+    Daemon(base, load_config([cfg]), echo=writer_goes_on, handle_signals=False).run(once=True)
+    assert (base / "rejected" / "b_changes.jsonl").exists()
+    assert [c.name for c in ckpt.list_checkpoints(base / "current_model")] == ["checkpoint-2"]  # 3, 4 rolled back
+    s = status(base)
+    assert (s["last_checkpoint"], s["current_step"]) == ("checkpoint-2", 2), s  # was checkpoint-4: rolled back
