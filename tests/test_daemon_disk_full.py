@@ -204,3 +204,19 @@ def test_a_rolled_back_batch_leaves_the_status_naming_the_checkpoint_restored(tm
     assert [c.name for c in ckpt.list_checkpoints(base / "current_model")] == ["checkpoint-2"]  # 3, 4 rolled back
     s = status(base)
     assert (s["last_checkpoint"], s["current_step"]) == ("checkpoint-2", 2), s  # was checkpoint-4: rolled back
+
+
+def test_train_whose_save_fails_stops_in_one_line_with_no_torn_checkpoint(tmp_path, tokenizer_dir):
+    from conftest import synthetic_records, write_jsonl
+    from train_helpers import train_config
+
+    data = write_jsonl(tmp_path / "train.jsonl", synthetic_records(32))
+    cfg = train_config(tmp_path, tokenizer_dir, data, max_steps=4, save_steps=2)
+    p = kdforge(["train", "--config", cfg], subprocess.PIPE, max_file_bytes=CHECKPOINT_WONT_FIT)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "kdforge train" in errors[0] and "free disk space" in errors[0], text
+    assert "Traceback" not in text, text
+    out = tmp_path / "out"
+    assert ckpt.list_checkpoints(out) == [] and not list(out.glob(".tmp-*")), list(out.iterdir())
