@@ -7,8 +7,10 @@
 3. `kdforge data validate` on the result;
 4. students with <= 1/4 of the teacher's parameters, same shape and seed (`kdforge train`
    in-process): CE only; on-policy distillation (half the steps the student answers free prompts
-   and the teacher, loaded in-process, scores its tokens: JSD); and (not with --fast) CE + sparse
-   top-k forward KL on the stored logprobs;
+   and the teacher, loaded in-process, scores its tokens: JSD); (not with --fast) CE + sparse
+   top-k forward KL on the stored logprobs; and with `--student-tokenizer own` the on-policy
+   recipe once more on a student with a tokenizer of its own (`demo/own.py`: the teacher scores
+   its text in the teacher's tokens, rows carried back by bytes). Each prints its progress;
 5. greedy exact-match accuracy of teacher and students on the held-out prompts;
 6. a table, an honest verdict (the share of the CE-to-teacher gap on-policy closes, or "within the
    run-to-run spread"), `report.md` and `loss.png` in the work dir.
@@ -28,9 +30,10 @@ import time
 from pathlib import Path
 
 from kdforge.demo import EVAL_FILE, TEACHER_DIR, load_eval, teacher_info
+from kdforge.demo.own import own_tokenizer
 from kdforge.demo.settings import FAST, FULL, DemoSettings
 from kdforge.demo.task import evaluate, make_prompts
-from kdforge.errors import KdforgeError
+from kdforge.errors import KdforgeError, UsageError
 
 PRICE_IN, PRICE_OUT = 1.0, 4.0  # fictitious USD per million tokens (the ledger needs a price)
 BUDGET = 1.0  # USD: well above the run's cost, so the ledger is exercised but never binds
@@ -38,69 +41,118 @@ KEY_ENV = "KDFORGE_DEMO_KEY"
 
 
 # The students. On-policy is the best recipe on this task at a scarce budget (`kdforge bench
-# distill`); KD on the stored top-k is the classic one (not with --fast: its time goes to on-policy).
-STUDENTS = ("student-ce", "student-op", "student-kd")
+# distill`); KD on the stored top-k is the classic one (not with --fast: its time goes to on-policy);
+# student-own is on-policy with a tokenizer of its own (--student-tokenizer own).
+STUDENTS = ("student-ce", "student-op", "student-kd", "student-own")
+OWN = "student-own"
+OWN_BYTES = "student-own-bytes"  # benchmarks/onpolicy_cross_tokenizer.py only: letters split from their space
+PROGRESS_EVERY = 100  # steps between a student's progress lines
 
 
-def _student_config(s: DemoSettings, work: Path, data: Path, name: str, pool: Path) -> dict:
+def students_of(s: DemoSettings, own: bool) -> list[str]:
+    """The students a demo run trains, in table order."""
+    return [n for n in STUDENTS if (n != "student-kd" or s.kd_student) and (n != OWN or own)]
+
+
+def tokenizer_dir(work: Path, name: str) -> Path:
+    """The student's tokenizer: the teacher's, or its own (demo/own.py), trained into the work dir once."""
+    if name not in (OWN, OWN_BYTES):
+        return TEACHER_DIR
+    out = work / ("own_tokenizer" if name == OWN else "own_tokenizer_bytes")
+    if not (out / "tokenizer.json").is_file():
+        own_tokenizer(out, split_letters=name == OWN_BYTES)
+    return out
+
+
+def _student_config(s: DemoSettings, work: Path, data: Path, name: str, pool: Path, seed: int | None = None) -> dict:
     st = s.student
     cfg = {
         "model": {"preset": None, "d_model": st.d_model, "n_layers": st.n_layers, "n_heads": st.n_heads,
                   "n_kv_heads": st.n_kv_heads, "d_head": st.d_head, "ffn_dim": st.ffn_dim,
-                  "max_seq_len": st.max_seq_len},
-        "io": {"tokenizer_path": str(TEACHER_DIR), "train_shards": [str(data)],
+                  "max_seq_len": st.max_seq_len,
+                  # an own tokenizer's student keeps the teacher-tokenizer student's embedding size (300)
+                  **({"vocab_size": 300} if name in (OWN, OWN_BYTES) else {})},
+        "io": {"tokenizer_path": str(tokenizer_dir(work, name)), "train_shards": [str(data)],
                "output_dir": str(work / "students" / name)},
         "loss": {"kind": "ce"},
         "train": {"micro_batch_size": s.batch_size, "grad_accum": 1, "seq_lengths": [st.max_seq_len],
                   "max_steps": s.steps, "lr": s.lr, "warmup_steps": s.warmup, "schedule": "cosine",
                   "min_lr_ratio": 0.1, "weight_decay": 0.1, "betas": [0.9, 0.95], "grad_clip": 1.0,
-                  "save_steps": s.steps, "save_total_limit": 1, "seed": s.seed, "log_steps": 10},
+                  "save_steps": s.steps, "save_total_limit": 1, "seed": s.seed if seed is None else seed,
+                  "log_steps": 10},
     }
     if name == "student-kd":
         cfg["loss"] = {"kind": "fkl", "kd_weight": s.kd_weight, "temperature": s.temperature}
-    elif name == "student-op":
+    elif name in ("student-op", OWN, OWN_BYTES):
         # a dataset step is CE alone (kd_weight 0), an on-policy step the divergence alone
         cfg["loss"] = {"kind": "jsd", "kd_weight": 0.0, "beta": 0.5}
         cfg["teacher"] = {"path": str(TEACHER_DIR)}
-        cfg["on_policy"] = {"fraction": s.on_policy_fraction, "max_new_tokens": s.on_policy_tokens,
+        # own_tokenizer_bytes spells a spaced letter in 2 tokens: twice the room for the same answers
+        tokens = s.on_policy_tokens * (2 if name == OWN_BYTES else 1)
+        cfg["on_policy"] = {"fraction": s.on_policy_fraction, "max_new_tokens": tokens,
                             "temperature": 1.0, "prompts": [str(pool)]}
         cfg["train"]["log_steps"] = 1  # every step's record: the scored teacher tokens are summed from it
     return cfg
 
 
-def train_student(fast: bool, work: str, data: str, name: str, pool: str) -> dict:
+def _progress(name: str, log):
+    """The run's plain progress lines ("step 100/600 loss ... eta 40s"), one in PROGRESS_EVERY
+    steps and the last, prefixed with the student's name: step 4 is not minutes of silence."""
+    import re
+
+    def out(m: str) -> None:
+        got = re.match(r"step (\d+)/(\d+) ", m)
+        if got and (int(got.group(1)) % PROGRESS_EVERY == 0 or got.group(1) == got.group(2)):
+            log(f"    {name}: {m}")
+    return out
+
+
+def train_student(fast: bool, work: str, data: str, name: str, pool: str, seed: int | None = None,
+                  log=None) -> dict:
     """Train one student (`kdforge train` in-process) and score it: its table row, with its
-    on-policy spend and CE curve. Top level, so that a spawned worker can run it."""
+    on-policy spend, final losses and CE curve. Top level, so that a spawned worker can run it.
+    `seed`: the student's seed (default the settings'); `log`: where its progress lines go
+    (default this process's stdout, which a worker shares with the demo)."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from kdforge.config import from_dict
     from kdforge.train.on_policy import on_policy_spend
     from kdforge.train.runner import run_training
 
     torch.set_num_threads(1)  # tiny models: a second thread costs more than it gives on shared cores
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the demo's lines
+    os.environ["CI"] = "1"  # plain progress lines: two workers' live bars would share one terminal
     s = FAST if fast else FULL
     t0 = time.perf_counter()
-    cfg = from_dict(_student_config(s, Path(work), Path(data), name, Path(pool)), name)
-    res = run_training(cfg, resume="none", log=lambda m: None)
+    cfg = from_dict(_student_config(s, Path(work), Path(data), name, Path(pool), seed), name)
+    res = run_training(cfg, resume="none", log=_progress(name, log or (lambda m: print(m, flush=True))))
     seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
-    acc = _accuracy(res.last_checkpoint, load_eval(s.n_eval), s)
-    op_steps, scored = on_policy_spend(res.output_dir / "metrics.jsonl") if name == "student-op" else (0, 0)
+    acc = _accuracy(res.last_checkpoint, load_eval(s.n_eval), s, tokenizer_dir(Path(work), name))
+    op_steps, scored = on_policy_spend(res.output_dir / "metrics.jsonl")
     recs = [json.loads(x) for x in (res.output_dir / "metrics.jsonl").read_text().splitlines()]
+    off = [r for r in recs if "ce" in r and not r.get("on_policy")]
+    on = [r for r in recs if r.get("on_policy")]
     return {"model": name, "params": _n_params(res.last_checkpoint), "accuracy": acc,
             "tokens": res.state.tokens_seen, "seconds": seconds, "eval_seconds": time.perf_counter() - t1,
             # on-policy scoring priced as an API would bill it: the scored tokens at the input price
             "usd": scored * PRICE_IN / 1e6, "on_policy_steps": op_steps, "scored_tokens": scored,
             "steps": res.state.global_step,
-            "final_loss": [h["loss"] for h in res.state.log_history if "loss" in h][-1],
-            "curve": [(r["step"], r["ce"]) for r in recs if "ce" in r and not r.get("on_policy")]}
+            # the last logged CE of a dataset step (nats per target token) and, on-policy, the last
+            # step's divergence on the student's own tokens (an on-policy step has no CE target)
+            "final_ce": off[-1]["ce"] if off else None,
+            "final_kd": on[-1].get("kd_on_policy", on[-1].get("kd")) if on else None,
+            "curve": [(r["step"], r["ce"]) for r in off]}
 
 
 def _student_line(r: dict) -> str:
     extra = (f", {r['on_policy_steps']} on-policy steps scoring {r['scored_tokens']:,} teacher tokens"
-             if r["model"] == "student-op" else "")
+             if r["on_policy_steps"] else "")
+    losses = [f"final CE {r['final_ce']:.3f} nats/token" if r["final_ce"] is not None else "",
+              f"last on-policy JSD {r['final_kd']:.4f}" if r["final_kd"] is not None else ""]
     return (f"  {r['model']}: {r['steps']} steps{extra}, {r['tokens']:,} target tokens, {r['seconds']:.0f}s, "
-            f"final loss {r['final_loss']:.4f}; exact match {r['accuracy']:.1%}")
+            f"{', '.join(x for x in losses if x)}; exact match {r['accuracy']:.1%}")
 
 
 def _generate(server, s: DemoSettings, work: Path, prompts: Path, log, batch: bool = False) -> dict:
@@ -136,15 +188,17 @@ def _validate(data: Path, log) -> None:
     check_reports(reports)
 
 
-def _accuracy(model_dir: Path, records: list[dict], s: DemoSettings) -> float:
+def _accuracy(model_dir: Path, records: list[dict], s: DemoSettings, tok_dir: Path = TEACHER_DIR) -> float:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kdforge.demo.chat import greedy_answers
 
-    tok = AutoTokenizer.from_pretrained(str(TEACHER_DIR), trust_remote_code=False)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir), trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, trust_remote_code=False)
-    return evaluate(lambda ps: greedy_answers(model, tok, ps, s.max_new_tokens), records)
+    # own_tokenizer_bytes spells an answer in up to twice the teacher's tokens
+    limit = s.max_new_tokens * (2 if "bytes" in tok_dir.name else 1)
+    return evaluate(lambda ps: greedy_answers(model, tok, ps, limit), records)
 
 
 def _n_params(model_dir: Path) -> int:
@@ -175,12 +229,20 @@ def _plot(curves: dict[str, list[tuple[int, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, batch: bool = False) -> dict:
+def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, batch: bool = False,
+             student_tokenizer: str = "teacher") -> dict:
     """Run the demo; returns the results table as a dict. Raises KdforgeError if a step fails.
-    `batch`: the teacher data comes through the Batch API (kdforge generate --batch)."""
+    `batch`: the teacher data comes through the Batch API (kdforge generate --batch);
+    `student_tokenizer` "own": one more on-policy student, on a tokenizer of its own."""
+    from transformers.utils import logging as hf_logging
+
     from kdforge.serve import launch
 
     import torch
+
+    if student_tokenizer not in ("teacher", "own"):
+        raise UsageError(f"--student-tokenizer {student_tokenizer!r}: use teacher or own")
+    hf_logging.disable_progress_bar()  # no "Loading weights" bars between the demo's lines
 
     s = FAST if fast else FULL
     t_start = time.perf_counter()
@@ -193,10 +255,13 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
         raise KdforgeError(f"--workdir {work} is not empty: give a new folder (the demo starts from nothing)")
     work.mkdir(parents=True, exist_ok=True)
     info = teacher_info()
-    log(f"kdforge demo{' --fast' if fast else ''}{' --batch' if batch else ''}: work dir {work}")
+    students = students_of(s, student_tokenizer == "own")
+    flags = f"{' --fast' if fast else ''}{' --batch' if batch else ''}"
+    flags += " --student-tokenizer own" if student_tokenizer == "own" else ""
+    log(f"kdforge demo{flags}: work dir {work}")
     log(f"task: sort letters (e.g. 'Sort: q d m a x' -> 'a d m q x'); teacher {info.get('parameters', '?'):,} "
         f"params; {s.n_samples} teacher answers (a scarce budget); "
-        f"{2 + s.kd_student} students x {s.steps} steps")
+        f"{len(students)} students x {s.steps} steps")
 
     prompts = work / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "source": "sort"}) + "\n"
@@ -226,8 +291,9 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     _validate(gen["path"], log)
 
     # ---------------------------------------------------------------- students
-    students = [n for n in STUDENTS if n != "student-kd" or s.kd_student]
-    what = {"student-ce": "CE on the teacher's answers only",
+    what = {OWN: "on-policy as student-op, on a tokenizer of its own (demo/own.py: other merges and ids); the "
+                 "teacher scores its text in the teacher's tokens, rows carried back onto its tokens by bytes",
+            "student-ce": "CE on the teacher's answers only",
             "student-op": f"on-policy: on {s.on_policy_fraction:.0%} of steps the student answers {s.batch_size} "
                           "free prompts and the teacher (in-process) scores its tokens, JSD; other steps CE",
             "student-kd": f"CE + sparse top-{s.top_k} forward KL on the stored logprobs"}
@@ -250,7 +316,7 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
         ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
         import kdforge.train.runner  # noqa: F401  (imported once, here, for the forked workers)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
-            futs = [ex.submit(train_student, *a) for a in sorted(args, key=lambda a: a[3] != "student-op")]
+            futs = [ex.submit(train_student, *a) for a in sorted(args, key=lambda a: a[3] not in ("student-op", OWN))]
             acc_t = _accuracy(TEACHER_DIR, records, s)  # meanwhile, here
             for f in as_completed(futs):
                 r = f.result()
@@ -276,7 +342,7 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     table = _table(rows)
     for line in table.splitlines():
         log(line)
-    verdict = _verdict(s, by["teacher"], ce, op, by.get("student-kd"), scored)
+    verdict = _verdict(s, by["teacher"], ce, op, by.get("student-kd"), scored, by.get(OWN))
     for line in verdict:
         log(line)
     log(f"total wall time {total:.0f}s; report: {work / 'report.md'}")
@@ -295,7 +361,7 @@ def _gap(q: float, ce: float, teacher: float) -> float | None:
 
 
 def _verdict(s: DemoSettings, teacher: dict, ce: dict, op: dict, kd: dict | None,
-             scored: tuple[int, int]) -> list[str]:
+             scored: tuple[int, int], own: dict | None = None) -> list[str]:
     """What the numbers say, in sentences that do not claim more than one seed can show."""
     acc_t = teacher["accuracy"]
     n = f"{s.n_samples:,}"
@@ -325,7 +391,12 @@ def _verdict(s: DemoSettings, teacher: dict, ce: dict, op: dict, kd: dict | None
                  f"of its parameters ({'meets' if ratio >= 0.9 else 'misses'} the 90% goal); it cost "
                  f"{scored[0]} on-policy steps whose {scored[1]:,} scored teacher tokens would be "
                  f"${scored[1] * PRICE_IN / 1e6:.4f} at the fictitious input price (here the teacher is local)")
-    lines.append(f"one seed per student (seed {s.seed}); `kdforge bench distill` measures the spread over seeds")
+    if own is not None:
+        share = own["accuracy"] / op["accuracy"] if op["accuracy"] else 0.0
+        lines.append(f"student-own (its own tokenizer, the teacher's rows carried by bytes): {own['accuracy']:.1%}, "
+                     f"{share:.0%} of the same-tokenizer on-policy student's")
+    lines.append(f"one seed per student (seed {s.seed}): numbers move by several points from seed to seed "
+                 "(README 'The demo' gives the spread; benchmarks/onpolicy_cross_tokenizer.py, `kdforge bench distill`)")
     return lines
 
 
