@@ -8,7 +8,7 @@ first, `after`, `limit`), `POST /v1/batches/{id}/cancel`.
 
 A batch is validated (every line JSON with a unique `custom_id`, `method` POST, `url` the batch's
 endpoint; else the batch fails with the lines named), then its rows go through the route's own
-code (`chat_answer` / `completion_answer` in app.py) with no client attached, so the engine runs
+code (`chat_answer` / `completion_answer` in routes.py) with no client attached, so the engine runs
 them at low priority, beside online requests, and a greedy row equals the online answer to the
 same body. Rows that answer an error go to the error file with their status. Cancelling stops new
 rows; the rows done keep their results (output file), as OpenAI does. A batch that cannot be read

@@ -9,6 +9,8 @@
   first, `null` in `token_logprobs` / `top_logprobs` for the first (nothing predicts it);
 - vLLM's `prompt_logprobs`: `[null, {"<token id>": {"logprob", "rank", "decoded_token"}}, ...]`,
   each dict holding the prompt's own token and its top-K alternatives.
+
+`ChatFormat` and `TextFormat` turn a request's deltas into choices, whole or streamed chunks.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import codecs
 import math
 
+from kdforge.serve.output import Delta
 from kdforge.serve.sampling import TokenLogprob
+from kdforge.serve.schemas import ChatCompletionRequest, CompletionRequest
 from kdforge.serve.vocab import Vocab
 
 _FLOOR = -9999.0  # JSON has no -inf; OpenAI reports this for impossible tokens
@@ -97,3 +101,66 @@ def prompt_logprobs(scored: list[TokenLogprob | None], vocab: Vocab, k: int) -> 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ChatFormat:
+    """Choices of a chat completion (`/v1/chat/completions`): whole, or as streamed chunks."""
+
+    object, prefix = "chat.completion", "chatcmpl-"
+
+    def __init__(self, req: ChatCompletionRequest, vocab: Vocab):
+        self.req, self.vocab = req, vocab
+
+    def choice(self, index: int, delta: Delta) -> dict:
+        out = {"index": index, "message": {"role": "assistant", "content": delta.text},
+               "logprobs": chat_logprobs(delta.logprobs, self.vocab) if self.req.logprobs else None,
+               "finish_reason": delta.finish_reason}
+        return out | ({"token_ids": delta.token_ids} if self.req.return_token_ids else {})
+
+    def opening(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def chunk(self, index: int, delta: Delta) -> dict:
+        out = {"index": index, "delta": {"content": delta.text},
+               "logprobs": chat_logprobs(delta.logprobs, self.vocab) if self.req.logprobs else None,
+               "finish_reason": delta.finish_reason}
+        return out | ({"token_ids": delta.token_ids} if self.req.return_token_ids else {})
+
+
+class TextFormat:
+    """Choices of a legacy completion (`/v1/completions`), echo and prompt logprobs included."""
+
+    object, prefix = "text_completion", "cmpl-"
+
+    def __init__(self, req: CompletionRequest, vocab: Vocab, job_prompts: list[list[int]]):
+        self.req, self.vocab, self.job_prompts = req, vocab, job_prompts
+        self.sent: dict[int, int] = {}  # choice -> characters sent so far (text_offset), echo included
+
+    def choice(self, index: int, delta: Delta) -> dict:
+        """A choice's first delta (the whole of it, unless streamed) carries the echoed prompt."""
+        req, text, logprobs, extra = self.req, delta.text, None, {}
+        if index not in self.sent:
+            self.sent[index] = 0
+            if req.echo:
+                prompt_text, logprobs = echo(self.job_prompts[index], delta.prompt_logprobs, self.vocab,
+                                             req.logprobs or 0)
+                text, self.sent[index] = prompt_text + text, len(prompt_text)
+            if req.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = prompt_logprobs(delta.prompt_logprobs, self.vocab, req.prompt_logprobs)
+        eos_id, eos_logprob = delta.eos or (None, None)
+        if req.logprobs is not None:
+            generated = completion_logprobs(delta.logprobs, self.vocab, self.sent[index], eos_logprob)
+            logprobs = joined(logprobs, generated) if logprobs else generated
+        else:
+            logprobs = None
+        self.sent[index] += len(delta.text)
+        out = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason} | extra
+        # the eos was generated (usage counts it): its id is listed too, as vLLM does
+        ids = delta.token_ids + ([eos_id] if eos_id is not None else [])
+        return out | ({"token_ids": ids} if req.return_token_ids else {})
+
+    def opening(self, index: int) -> dict | None:
+        return None
+
+    chunk = choice
