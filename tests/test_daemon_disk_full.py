@@ -220,3 +220,18 @@ def test_train_whose_save_fails_stops_in_one_line_with_no_torn_checkpoint(tmp_pa
     assert "Traceback" not in text, text
     out = tmp_path / "out"
     assert ckpt.list_checkpoints(out) == [] and not list(out.glob(".tmp-*")), list(out.iterdir())
+
+
+def test_once_with_a_full_disk_stops_keeping_the_batch(tmp_path, tiny_model_dir):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "données.jsonl", batch(RECORDS, seed=1))
+    p = kdforge(["daemon", "--base-dir", base, "--config", cfg, "--once"], subprocess.PIPE, CHECKPOINT_WONT_FIT)
+    text, _ = p.communicate(timeout=300)
+    assert p.returncode == 1, text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "données.jsonl" in errors[0] and "not the data" in errors[0], text
+    assert "Traceback" not in text, text
+    assert claimed_files(base, "données.jsonl") and not list((base / "rejected").glob("*"))
+    s = status(base)
+    assert s["status"] == "error" and s["last_checkpoint"] is None, s

@@ -390,7 +390,7 @@ class Daemon:
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         self.in_memory = UNKNOWN
         self._machine_failures += 1
-        wait = min(MACHINE_RETRY_MAX_S, self.daemon_cfg.poll_interval * 2 ** self._machine_failures)
+        wait = min(MACHINE_RETRY_MAX_S, self.daemon_cfg.poll_interval * 2 ** min(self._machine_failures, 16))
         since = newest.name if newest else "the fresh base"
         reason = (f"{why} (the machine's fault, not the data's: {shown(name)} stays in inbox/.claimed/ and "
                   f"trains again from {since})")
