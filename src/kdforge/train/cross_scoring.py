@@ -14,9 +14,9 @@ Two teachers:
   `prompt`, `echo: true`, `max_tokens: 0`, `logprobs: K`; the echoed legacy logprobs give the
   teacher's tokens, their bytes (`tokens_bytes`, kdforge serve; else the echoed text cut at
   `text_offset`) and the alternatives by text (an alternative whose text is a fragment of a UTF-8
-  character has unknown bytes: its mass stays in the rest bucket). Priced, cached and rate limited
-  like same-tokenizer scoring (the PricedScorer's ledger, cache and limiter); the worst case
-  reserved is one token per byte of text (+2: a BOS or the like), settled at the reported usage.
+  character has unknown bytes: its mass stays in the rest bucket). Priced, cached, rate limited and
+  retried like same-tokenizer scoring (`PricedScorer.send`, its cache); the worst case reserved is
+  one token per byte of text (+2: a BOS or the like), settled at the reported usage.
 - `teacher.path` (`LocalCrossTeacher`): the teacher runs on its own tokenization of the same text
   (its special tokens added as it is used to), its top-K per position read with exact token bytes
   (`data.tokenizer.token_bytes`). It attaches rows to any batch, so on-policy and dataset batches
@@ -254,9 +254,8 @@ class CrossPricedScorer:
     def score_text(self, text: str, probe: bool = False) -> tuple[list[TeacherToken], float, bool]:
         """The teacher's tokens of `text` (priced, cached, rate limited), USD charged, cache hit.
         The answer's JSON (as cached) is kept in `last_answer`."""
-        from kdforge.errors import BudgetExceededError, KdforgeError
+        from kdforge.errors import KdforgeError
         from kdforge.teacher.cache import request_key
-        from kdforge.teacher.pricing import NANO
 
         p, body = self.priced, self.request(text, probe)
         key = request_key(p.scorer.url, body)
@@ -264,22 +263,9 @@ class CrossPricedScorer:
         if hit is not None:
             self.last_answer = hit
             return legacy_tokens(hit["logprobs"], text), 0.0, True
-        worst = len(text.encode("utf-8")) + 2
-        res = p.ledger.try_reserve(worst, 0)
-        if res is None:
-            raise BudgetExceededError(
-                f"budget exhausted: spent ${p.ledger.spent:.6f} of ${p.ledger.limit:.6f} (generate.budget_limit); "
-                f"scoring the next {len(text.encode('utf-8'))} bytes of text costs up to "
-                f"${p.ledger.cost_nano(worst, 0) / NANO:.6f}; the last finished step is saved: raise "
-                "generate.budget_limit and re-run with --resume auto")
-        p._loop.run_until_complete(p.limiter.acquire(worst))
-        try:
-            answer = _post(p.scorer, body)
-        except BaseException:
-            p.ledger.settle_worst(res, "error")
-            raise
-        u = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        usd, *_ = p.ledger.settle_reported(res, (u.get("prompt_tokens"), u.get("completion_tokens")), "ok")
+        # priced at its worst case, one token per byte (+2: a BOS or the like), settled at its usage;
+        # the ledger, limiter and retry rules of same-tokenizer scoring (PricedScorer.send)
+        answer, usd = p.send(body, len(text.encode("utf-8")) + 2)
         lp = (answer.get("choices") or [{}])[0].get("logprobs")
         try:
             toks = legacy_tokens(lp if isinstance(lp, dict) else {}, text)
@@ -305,20 +291,6 @@ class CrossPricedScorer:
         if self.log and self.stats.sequences:
             self.log(self.stats.line())
         self.priced.close()
-
-
-def _post(scorer, body: dict) -> dict:
-    """One POST {url}/completions through the TokenScorer's client and its refusal checks."""
-    import httpx
-
-    from kdforge.errors import UsageError
-
-    try:
-        r = scorer._http.post(f"{scorer.url}/completions", json=body)
-    except httpx.HTTPError as e:
-        raise UsageError(f"teacher.url {scorer.url} cannot be reached ({e}); start it (kdforge serve DIR)") from None
-    scorer._check(r)
-    return r.json()
 
 
 # ---------------------------------------------------------------------------------------- in-process
