@@ -155,3 +155,37 @@ def test_langx_student_splits_the_teachers_words_and_bits_per_byte_is_its_nll_pe
         nll -= sum(float(logp[len(p) - 1 + t, i]) for t, i in enumerate(a))
         n_bytes += len(r["teacher_text"].encode("utf-8"))
     assert bits_per_byte(teacher, ttok, path) == pytest.approx(nll / n_bytes / math.log(2), rel=1e-4)
+
+
+# ----------------------------------------------------------------------------- dense: teacher.path
+
+@pytest.fixture(scope="module")
+def coarse_teacher_dir(tok_dirs, tmp_path_factory):
+    """A tiny random teacher model on the coarse tokenizer (an HF folder with its tokenizer)."""
+    from kdforge.model import ModelCfg, write_student
+
+    out = tmp_path_factory.mktemp("teacher")
+    write_student(ModelCfg(d_model=32, n_layers=2, n_heads=2, n_kv_heads=1, d_head=16, vocab_size=None,
+                           ffn_dim=64, max_seq_len=256), tok_dirs[1], out, seed=1)
+    return out
+
+
+@pytest.mark.parametrize("cross", ["auto", "off"])
+def test_dense_kd_from_a_teacher_path_with_another_tokenizer(toks, tok_dirs, coarse_teacher_dir, tmp_path, cross):  # noqa: F811
+    """Dense KD (teacher.path) on dataset steps, teacher on the coarse tokenizer, student on the fine
+    one: auto scores the text in the teacher's tokens and trains on its carried top-K (a KD term on
+    every step); off is exit 2 naming loss.cross_tokenizer."""
+    data = write_jsonl(tmp_path / "kd.jsonl", [{k: r[k] for k in ("prompt", "teacher_text")} for r in _records(toks[1])])
+    cfg = yaml.safe_load(_config(tmp_path, tok_dirs[0], data, cross).read_text())
+    cfg["teacher"] = {"path": str(coarse_teacher_dir), "top_logprobs": 8}
+    path = tmp_path / "dense.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = run_cli("train", "--config", path, timeout=300)
+    if cross == "off":
+        assert r.returncode == 2 and "loss.cross_tokenizer" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
+        return
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "its own tokenizer" in r.stdout + r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    kd = [x["kd"] for x in rows if "kd" in x]
+    assert len(kd) == 3 and all(math.isfinite(v) and v > 0 for v in kd)
