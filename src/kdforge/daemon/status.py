@@ -1,7 +1,8 @@
 """`status/training_status.json`: what the daemon is doing, rewritten atomically on every change.
 
 Fields (SPEC "daemon", plus a few an operator wants): status (starting, idle, training,
-consolidating, stopping, stopped, error), current_step, total_steps (the global step the current
+consolidating, waiting (the machine refused: a full disk; last_error says why), stopping, stopped,
+error), current_step, total_steps (the global step the current
 batch ends at), batch_number, batch_step / batch_steps, batch_queue_size, current_file, loss,
 learning_rate, tokens_per_s, last_checkpoint, last_snapshot, base_model, generation, pid,
 started_at, updated_at, last_error; with `daemon.eval_file`, `eval` (the newest held-out numbers:
