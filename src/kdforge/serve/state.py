@@ -53,10 +53,17 @@ class ServeState:
                 "max_model_len": self.served.context_len}
 
     def chat_ids(self, messages: list[dict]) -> list[int]:
-        """The prompt's token ids: `messages` rendered by the model's chat template, generation
-        prompt added. 400 if the template rejects the conversation."""
+        """The prompt's token ids: `messages` rendered as training renders them (`prompt_text`: the
+        chat template, generation prompt added). 400 without a template (prompt_text's plain fallback
+        is for training data; a client sending chat to a base model should hear so) or when the
+        template rejects the conversation."""
+        from kdforge.data.dataset import prompt_text
+
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise invalid("messages", f"cannot apply the chat template: model {self.served.name} has no chat "
+                                      "template; use /v1/completions")
         try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = prompt_text(self.tokenizer, messages)
         except Exception as e:  # noqa: BLE001 - a template that rejects the conversation
             raise invalid("messages", f"cannot apply the chat template: {e}") from None
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
