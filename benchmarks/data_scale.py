@@ -17,6 +17,7 @@ accents, CJK and emoji). Every cell runs in a fresh process:
     python benchmarks/data_scale.py                  # 0.2M, 1M and 5M tokens (5M: ~7.5 GB of JSONL)
     python benchmarks/data_scale.py --sizes 0.2 1    # some sizes (millions of tokens)
     python benchmarks/data_scale.py --quick          # smoke: 5k tokens, build and reopen only
+    python benchmarks/data_scale.py --sizes 0.2 --arrow   # the store against HF datasets (Arrow)
 """
 
 from __future__ import annotations
@@ -156,6 +157,67 @@ print(json.dumps({"load": time.perf_counter() - t0, "examples": len(ds), "base_k
 """
 
 
+ARROW = """
+import json, random, sys, time
+t0 = time.perf_counter()
+import datasets
+import numpy as np
+t_import = time.perf_counter() - t0
+from kdforge.data.dataset import KDDataset
+from kdforge.data.store import Store
+st = Store.open(sys.argv[1])
+
+
+def rows():
+    for s, n_p, n_r, r0, a0, *_ in np.asarray(st.examples):
+        lens = np.asarray(st.row_len[r0:r0 + n_r])
+        n = int(lens.sum())
+        yield {"input_ids": np.asarray(st.tokens[s:s + n_p + n_r]), "n_prompt": int(n_p), "row_len": lens,
+               "alt_ids": np.asarray(st.alt_ids[a0:a0 + n]), "alt_lp": np.asarray(st.alt_lp[a0:a0 + n])}
+
+
+seq = datasets.Sequence
+feats = datasets.Features({"input_ids": seq(datasets.Value("int32")), "n_prompt": datasets.Value("int32"),
+                           "row_len": seq(datasets.Value("uint16")), "alt_ids": seq(datasets.Value("int32")),
+                           "alt_lp": seq(datasets.Value("float16"))})
+out = sys.argv[2]
+datasets.Dataset.from_generator(rows, features=feats, cache_dir=out + "/cache").save_to_disk(out + "/ds")
+size = sum(p.stat().st_size for p in __import__("pathlib").Path(out + "/ds").rglob("*") if p.is_file())
+t = time.perf_counter()
+d = datasets.load_from_disk(out + "/ds").with_format("numpy")
+t_open = time.perf_counter() - t
+t = time.perf_counter()
+m = Store.open(sys.argv[1])
+t_map = time.perf_counter() - t
+idx = [random.Random(0).randrange(len(d)) for _ in range(200)]
+t = time.perf_counter()
+for i in idx:
+    d[i]
+t_row = (time.perf_counter() - t) / len(idx)
+ds = KDDataset(sys.argv[3], tokenizer=sys.argv[4], max_seq_length=1024, with_topk=True)
+t = time.perf_counter()
+for i in idx:
+    ds[i]
+t_item = (time.perf_counter() - t) / len(idx)
+print(json.dumps({"arrow_bytes": size, "store_bytes": m.nbytes(), "alts": int(len(m.alt_ids)), "import": t_import,
+                  "arrow_open": t_open, "store_map": t_map, "arrow_row": t_row, "store_item": t_item}))
+"""
+
+
+def arrow(work: Path, tok_dir: Path) -> None:
+    """The same arrays as an HF `datasets` (Arrow) dataset: size, reopen, a row, the import."""
+    data = work / "kd.jsonl"
+    from kdforge.data.dataset import KDDataset
+
+    folder = KDDataset(data, tokenizer=str(tok_dir), max_seq_length=1024, with_topk=True).store_info.path
+    out, _, _ = run([sys.executable, "-c", ARROW, str(folder), str(work / "arrow"), str(data), str(tok_dir)])
+    a = json.loads(out.strip().splitlines()[-1])
+    print(f"\nArrow (HF datasets) with the same arrays: {a['arrow_bytes'] / 1e6:.1f} MB "
+          f"({a['arrow_bytes'] / a['alts']:.2f} B per alternative) vs the store's {a['store_bytes'] / 1e6:.1f} MB; "
+          f"reopen {a['arrow_open'] * 1e3:.1f} ms vs {a['store_map'] * 1e3:.2f} ms; a row {a['arrow_row'] * 1e3:.2f} ms "
+          f"vs KDDataset.item (padded tensors) {a['store_item'] * 1e3:.2f} ms; `import datasets` {a['import']:.1f} s")
+
+
 def train_config(work: Path, tok_dir: Path, data: Path) -> Path:
     import yaml
 
@@ -264,6 +326,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="5k tokens: build and reopen only (a smoke test)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--no-old", action="store_true", help="skip today's JSONL path")
+    ap.add_argument("--arrow", action="store_true", help="only: the first size's store against HF datasets "
+                    "(Arrow) holding the same arrays (needs `datasets`)")
     args = ap.parse_args(argv)
     sizes = [0.005] if args.quick else args.sizes
     work = args.work or Path(tempfile.mkdtemp(prefix="kdforge-data-scale-"))
@@ -275,9 +339,12 @@ def main(argv=None) -> None:
         rows, old = {}, None
         for size in sizes:
             tokens = int(size * 1e6)
-            rows[size] = cell(tokens, work / f"{size:g}M", work / "tok", tok, tb, args.quick)
+            rows[size] = cell(tokens, work / f"{size:g}M", work / "tok", tok, tb, args.quick or args.arrow)
             print(f"  {size:g}M done: {json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[size].items()})}",
                   flush=True)
+            if args.arrow:
+                arrow(work / f"{size:g}M", work / "tok")
+                return
             if size == sizes[0] and not args.quick and not args.no_old:
                 old = old_path(tokens, work / f"{size:g}M", work / "tok", tb)
             shutil.rmtree(work / f"{size:g}M" / "out", ignore_errors=True)

@@ -230,8 +230,6 @@ def test_data_build_then_train_and_its_resume_never_retokenise(tmp_path, tokeniz
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(60))
     r = run_cli("data", "build", data, "--tokenizer", tokenizer_dir, "--max-seq-length", 16, check=True)
     assert r.stdout.startswith("built token store") and "truncated when read" in r.stdout
-    again = run_cli("data", "build", data, "--tokenizer", tokenizer_dir, check=True)
-    assert again.stdout.startswith("reused token store")
     cfg = train_config(tmp_path, tokenizer_dir, data, max_steps=3, save_steps=3, packing=True)
     first = run_cli("train", "--config", cfg, check=True)
     log = first.stdout + first.stderr
@@ -294,3 +292,24 @@ def test_preflight_dataset_counts_from_the_store_what_items_hold(tokenizer_dir, 
     assert item.numbers["input_lens"] == [len(ds[i]["input_ids"]) for i in range(len(ds))]
     assert item.numbers["label_tokens"] == [int((ds[i]["labels"] != -100).sum()) for i in range(len(ds))]
     assert max(item.numbers["input_lens"]) == 32
+
+
+def test_a_quiet_file_is_not_hashed_again_and_any_write_is_seen(tok, tmp_path, monkeypatch):
+    """Reopening maps the store without reading the JSONL again when its stat is unchanged (the
+    sha256 memo); a same-size write in place moves mtime/ctime: hashed again, a new store."""
+    monkeypatch.setattr(store, "QUIET_S", 0.0)  # the file was written just now (the rule: quiet 2 s)
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS)])
+    a = KDDataset(path, tokenizer=tok, with_topk=True)
+    reads = []
+    real = store.scan_file
+    monkeypatch.setattr(store, "scan_file", lambda *args, **kw: reads.append(args) or real(*args, **kw))
+    b = KDDataset(path, tokenizer=tok, with_topk=True)
+    assert not reads and not b.store_info.built and b.store_info.path == a.store_info.path
+    assert store.file_fingerprints([path]) == [real(path)[0]]
+    raw = bytearray(path.read_bytes())
+    i = raw.index(b"Say it")
+    with open(path, "r+b") as f:  # same inode, same size, other bytes
+        f.seek(i)
+        f.write(b"Say IT")
+    c = KDDataset(path, tokenizer=tok, with_topk=True)
+    assert reads and c.store_info.built and c.store_info.path != a.store_info.path
