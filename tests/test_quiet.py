@@ -135,3 +135,24 @@ def test_batch_progress_shows_a_pace_not_zero_requests(tmp_path):
     assert progress, err
     assert not any(" 0 req/min" in x for x in progress), progress
     assert "samples/min" in progress[-1], progress
+
+
+def test_a_served_teacher_leaves_no_temp_folder(tmp_path, monkeypatch):
+    """`launch` (demo, preflight, tests) removes the log folder it made, and `kdforge serve` without
+    --batch-dir removes its Batch API folder when it stops (184 /tmp/kdforge-* folders piled up)."""
+    import tempfile
+
+    from conftest import cli_env
+    from kdforge.serve.launch import launch
+
+    mine, child = tmp_path / "mine", tmp_path / "child"
+    mine.mkdir()
+    child.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(mine))
+    def ours(folder):  # torch may leave its own cache folder (torchinductor_*): not ours to remove
+        return sorted(p.name.split("-")[1] for p in folder.glob("kdforge-*"))
+
+    with launch(TEACHER_DIR, env=cli_env(TMPDIR=child)) as server:
+        assert ours(mine) == ["serve"] and ours(child) == ["batches"]  # while it runs
+    assert server.process.returncode == 0
+    assert ours(mine) == [] and ours(child) == []

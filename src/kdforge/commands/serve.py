@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
         dtype: str = typer.Option("auto", "--dtype", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16."),
         max_body_bytes: int = typer.Option(DEFAULT_MAX_BODY_BYTES, "--max-body-bytes", help="Largest request body accepted (413 above)."),
-        batch_dir: Optional[str] = typer.Option(None, "--batch-dir", help="Folder for Batch API files and batches (default: a new temp dir); a restart on it resumes them."),
+        batch_dir: Optional[str] = typer.Option(None, "--batch-dir", help="Folder for Batch API files and batches (default: a temp dir removed when the server stops); a restart on it resumes them."),
     ) -> None:
         """Serve a local model with the OpenAI API (chat, completions, streaming, logprobs)."""
         from kdforge.serve.server import ServeOptions, run_server

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,8 +28,10 @@ READY = re.compile(r"kdforge serve: listening on (http://\S+/v1) \(model (.*)\)"
 class ServerHandle:
     """A running `kdforge serve`. `base_url` ends in /v1, ready for an OpenAI client."""
 
-    def __init__(self, process: subprocess.Popen, base_url: str, model: str, log_path: Path):
+    def __init__(self, process: subprocess.Popen, base_url: str, model: str, log_path: Path,
+                 owned_dir: Path | None = None):
         self.process, self.base_url, self.model, self.log_path = process, base_url, model, log_path
+        self.owned_dir = owned_dir  # the temp folder `launch` made for the log: removed by stop()
 
     @property
     def port(self) -> int:
@@ -46,6 +49,9 @@ class ServerHandle:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.owned_dir is not None:  # no /tmp/kdforge-serve-* left behind by a server stopped here
+            shutil.rmtree(self.owned_dir, ignore_errors=True)
+            self.owned_dir = None
         return self.process.returncode
 
     def __enter__(self) -> "ServerHandle":
@@ -77,8 +83,10 @@ def launch(model_dir: str | Path, port: int | None = None, env: dict | None = No
         if val is not None:
             cmd += [flag, str(val)]
     cmd += list(extra_args or [])
-    if log_path is None:
-        log_path = Path(tempfile.mkdtemp(prefix="kdforge-serve-")) / "serve.log"
+    owned_dir = None
+    if log_path is None:  # a temp folder of our own, removed when the handle stops the server
+        owned_dir = Path(tempfile.mkdtemp(prefix="kdforge-serve-"))
+        log_path = owned_dir / "serve.log"
     log_path = Path(log_path)
     child_env = dict(os.environ if env is None else env)
     child_env["PYTHONUNBUFFERED"] = "1"
@@ -90,7 +98,7 @@ def launch(model_dir: str | Path, port: int | None = None, env: dict | None = No
         while handle is None:
             m = READY.search(log_path.read_text(errors="replace"))
             if m:
-                handle = ServerHandle(proc, m.group(1), m.group(2), log_path)
+                handle = ServerHandle(proc, m.group(1), m.group(2), log_path, owned_dir)
             elif proc.poll() is not None:
                 cls = UsageError if proc.returncode == UsageError.exit_code else KdforgeError
                 raise cls(f"kdforge serve exited with status {proc.returncode} before it was ready; "

@@ -18,6 +18,7 @@ import ipaddress
 import os
 import socket
 import sys
+import tempfile
 from dataclasses import dataclass
 
 from kdforge.errors import UsageError
@@ -117,7 +118,11 @@ def run_server(opts: ServeOptions) -> None:
     served = load_served_model(opts.model_dir, opts.adapter, model_name=opts.model_name,
                                device=opts.device, dtype=opts.dtype)
     engine = Engine(served.model, served.tokenizer, max_batch_size=opts.max_batch_size)
-    app = build_app(engine, served, api_key=api_key, max_body_bytes=opts.max_body_bytes, batch_dir=opts.batch_dir)
+    # Without --batch-dir the Batch API's files live in a temp folder of this run, removed at the stop
+    # (a server killed with SIGKILL leaves it: pass --batch-dir to keep batches across restarts).
+    scratch = None if opts.batch_dir else tempfile.TemporaryDirectory(prefix="kdforge-batches-")
+    batch_dir = opts.batch_dir or scratch.name
+    app = build_app(engine, served, api_key=api_key, max_body_bytes=opts.max_body_bytes, batch_dir=batch_dir)
     port = sock.getsockname()[1]
     ready = f"kdforge serve: listening on http://{_url_host(opts.host)}:{port}/v1 (model {served.name})"
 
@@ -140,4 +145,6 @@ def run_server(opts: ServeOptions) -> None:
     finally:
         engine.close()
         sock.close()
+        if scratch is not None:
+            scratch.cleanup()
     print("kdforge serve: stopped", flush=True)
