@@ -69,3 +69,22 @@ def test_train_reads_io_reasoning(tmp_path, tokenizer_dir):
     assert json.loads((tmp_path / store / "meta.json").read_text())["settings"]["reasoning"] == "drop"
     think = KDDataset(data, tokenizer_dir, 256, settings={"reasoning": "think"})
     assert str(think.store_info.path) != store
+
+
+def test_the_daemon_reads_io_reasoning(tmp_path, tokenizer_dir, tiny_model_dir):
+    """A daemon batch goes through a store built with the configured io.reasoning (and the loss's
+    cross_tokenizer setting), as kdforge train's: drop here, not the default."""
+    import json
+
+    from daemon_helpers import daemon_config, drop as drop_file, run_in_process
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    base = tmp_path / "base"
+    (base / "inbox").mkdir(parents=True)
+    cfg = daemon_config(tmp_path / "daemon.yaml", tiny_model_dir, io={"reasoning": "drop"}, save_steps=100)
+    drop_file(base, "b1.jsonl", _rows(tok) * 2)
+    state = run_in_process(base, cfg)
+    assert state.global_step > 0
+    (meta,) = [json.loads(p.read_text()) for p in (base / ".store").rglob("meta.json")]
+    assert meta["settings"]["reasoning"] == "drop" and meta["settings"]["alignment"] == {"cross_tokenizer": "auto"}

@@ -493,7 +493,9 @@ class Daemon:
         ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
                        with_topk=with_topk, strict=False, records=records,
                        topk_optional=bool(self.session.cfg.teacher.url),  # teacher.url scores the rest
-                       settings={"prompt_only": True}, store_dir=self.paths.base / ".store",
+                       settings={"prompt_only": True, "reasoning": self.session.cfg.io.reasoning,  # as kdforge train
+                                 "alignment": {"cross_tokenizer": self.session.cfg.loss.cross_tokenizer}},
+                       store_dir=self.paths.base / ".store",
                        fingerprints=[{"file": shown(name), "size": fp.size, "sha256": fp.sha256}])
         ds.problems = problems
         ds.prompts_only = without_answers(ds, records) == len(records)
