@@ -435,6 +435,10 @@ def _report(work: Path, s: DemoSettings, fast: bool, rows, table, verdict, gen, 
         f"({scored[0]} here), samples its own answers (T 1, <= {s.on_policy_tokens} tokens) to "
         f"{s.batch_size} of {s.n_pool:,} free train-split prompts, which the teacher scores "
         f"({scored[1]:,} tokens in all): generalized JSD (beta 0.5) on its own tokens{kd}.",
+        *([f"- `student-own`: `student-op`'s recipe on a tokenizer of its own (`{tokenizer_dir(work, OWN).name}/`, "
+           "trained by `demo/own.py`: other merges and ids); the teacher scores its text in the teacher's own "
+           "tokens and its top-20 rows are carried onto the student's tokens by bytes (`train/cross_scoring.py`)."]
+          if any(r["model"] == OWN for r in rows) else []),
         f"- $ of a student: what its teacher scoring would cost at the fictitious input price "
         f"(${PRICE_IN}/M); the answers' $ is on the teacher row. Tokens for a student = target tokens trained "
         f"on; wall time of evaluation {times['eval']:.0f}s; whole demo {total:.0f}s.",
