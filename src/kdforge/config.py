@@ -1,9 +1,10 @@
 """Typed config tree (pydantic), YAML merge, `a.b=c` overrides and validation.
 
-Defaults live here and only here. Each component takes its own section. `load_config` merges
-YAML files left to right, applies overrides, and raises one ConfigError listing every problem
-(each naming its field); `check_config` adds the checks that need the filesystem (paths,
-tokenizer vocabulary, LoRA target modules).
+Defaults live here and only here (each field's docstring says what it means). Each component
+takes its own section. `load_config` merges YAML files left to right, applies overrides, and
+raises one ConfigError listing every problem (each naming its field); the checks that read
+files, models and prices (paths, tokenizer vocabulary, LoRA target modules, a scored teacher's
+price) are `kdforge.config_checks`.
 """
 
 from __future__ import annotations
@@ -14,39 +15,60 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from kdforge.errors import ConfigError, UsageError
+from kdforge.errors import ConfigError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring (the string under it) is its description, as litgpt's args.py.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class LoraCfg(Section):
+    """A LoRA adapter on a pretrained student (model.path); the base stays frozen."""
+
     r: int = Field(8, gt=0)
+    """Rank of the low-rank update."""
     alpha: float = Field(16, gt=0)
+    """Scale: the update is multiplied by alpha / r."""
     dropout: float = Field(0.0, ge=0, lt=1)
-    # None: PEFT's "all-linear", every Linear and Conv1D layer but the output head, whatever the
-    # architecture names them (q_proj in Llama, c_attn in GPT-2, dense/fc1 in Phi).
+    """Dropout on the adapter's input (0: none; PEFT refuses it on expert parameters)."""
     target_modules: list[str] | None = None
+    """Layer names to adapt. None: PEFT's "all-linear", every Linear and Conv1D layer but the
+    output head, whatever the architecture names them (q_proj in Llama, c_attn in GPT-2, dense/fc1
+    in Phi)."""
 
 
 class ModelSection(Section):
     """Either a preset/number-built student or `path` to any local causal LM."""
 
     preset: str | None = "toy"
+    """A named shape (model/shape.py PRESETS); the numbers below override it."""
     path: str | None = None
+    """A local Hugging Face causal LM folder to train instead of a built student."""
     d_model: int | None = None
+    """Hidden width."""
     n_layers: int | None = None
+    """Transformer blocks."""
     n_heads: int | None = None
+    """Query heads."""
     n_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention when fewer than n_heads)."""
     d_head: int | None = None
+    """Width of one head (default d_model // n_heads)."""
     vocab_size: int | None = None
+    """Embedding rows (default: the preset's, or the tokenizer's without a preset)."""
     ffn_dim: int | None = None
+    """MLP width (default: SwiGLU 8/3 * d_model rounded up to a multiple of 64)."""
     max_seq_len: int | None = None
+    """Longest sequence the positions cover (tokens)."""
     rope_theta: float | None = None
+    """RoPE base frequency."""
     tie_embeddings: bool | None = None
+    """Share the input embedding and the output head."""
     lora: LoraCfg | None = None
+    """Train a LoRA adapter instead of every weight (needs `path`)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights' dtype; auto: the folder's own, float32 for a built student."""
 
     def model_cfg(self):
         """The ModelCfg the numbers describe: the preset, overridden by any number given."""
@@ -61,10 +83,16 @@ class ModelSection(Section):
 
 
 class IOSection(Section):
+    """Where a run reads its tokenizer and data and writes its checkpoints."""
+
     tokenizer_path: str | None = None
+    """Tokenizer folder (default: model.path's own)."""
     train_shards: list[str] = []
+    """Training data: JSONL files (one name or a list)."""
     eval_shards: list[str] = []
+    """Held-out JSONL files for train.eval_steps."""
     output_dir: str = "runs/kdforge"
+    """Checkpoints, metrics.jsonl and the run's log."""
     reasoning: Literal["think", "drop"] = Field("think", description=(
         "a thinking teacher's teacher_reasoning: 'think' trains it before the answer (<think>...</think>, or the "
         "chat template's own thinking format), 'drop' trains the answer only (records.Record.training_response)"))
@@ -76,21 +104,33 @@ class IOSection(Section):
 
 
 class TeacherSection(Section):
-    path: str | None = None  # local teacher model for dense logit KD
-    url: str | None = None  # an OpenAI-compatible server that scores tokens (on-policy KD over HTTP)
-    model: str | None = None  # the model to ask `url` for; None: the server's only one
+    """The teacher distilled from during training (the data's stored top-k needs none)."""
+
+    path: str | None = None
+    """A local teacher model for dense logit KD."""
+    url: str | None = None
+    """An OpenAI-compatible server that scores tokens (on-policy KD over HTTP)."""
+    model: str | None = None
+    """The model to ask `url` for; None: the server's only one."""
     api_key_env: str = "OPENAI_API_KEY"
-    top_logprobs: int = Field(20, gt=0, le=20)  # teacher alternatives per scored token (K)
+    """The environment variable holding `url`'s API key (never stored)."""
+    top_logprobs: int = Field(20, gt=0, le=20)
+    """Teacher alternatives per scored token (K)."""
 
 
 class OnPolicySection(Section):
     """On-policy distillation: the student answers, the teacher scores the student's own tokens."""
 
-    fraction: float = Field(0.0, ge=0, le=1)  # probability that an optimizer step is on-policy
-    max_new_tokens: int = Field(128, gt=0)  # tokens the student samples per prompt
+    fraction: float = Field(0.0, ge=0, le=1)
+    """Probability that an optimizer step is on-policy."""
+    max_new_tokens: int = Field(128, gt=0)
+    """Tokens the student samples per prompt."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the student's answers."""
     top_p: float = Field(1.0, gt=0, le=1)
-    prompts: list[str] = []  # prompt-only files (JSONL prompt/messages, or text); else the step's data
+    """Nucleus sampling of the student's answers (1: off)."""
+    prompts: list[str] = []
+    """Prompt-only files (JSONL prompt/messages, or text); else the step's data."""
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -99,17 +139,23 @@ class OnPolicySection(Section):
 
 
 class LossSection(Section):
+    """The training objective: CE on the data, plus a divergence from the teacher."""
+
     kind: Literal["ce", "fkl", "rkl", "jsd"] = "ce"
+    """ce: cross-entropy only; fkl/rkl: forward/reverse KL to the teacher; jsd: generalised JSD."""
     kd_weight: float = Field(0.5, ge=0, le=1)
+    """Share of the divergence in the loss (the rest is CE)."""
     temperature: float = Field(1.0, gt=0)
+    """Softmax temperature of both distributions in the divergence."""
     beta: float = Field(0.5, ge=0, le=1)
-    # Tokens per chunk for the chunked loss (logits recomputed in backward); null = plain; "auto" =
-    # chunks of 256 once the labelled tokens x vocab would pass 16M logits (64 MB in fp32).
+    """jsd's mixing weight."""
     chunk_size: int | Literal["auto"] | None = "auto"
-    # A teacher with another tokenizer (stored top-k, or teacher.path): "auto" carries its
-    # distribution onto the student's tokens by bytes (data/align.py) and logs the share of
-    # positions that aligned 1:1; "off" refuses such data (exit 2), as before.
+    """Tokens per chunk for the chunked loss (logits recomputed in backward); null = plain; "auto" =
+    chunks of 256 once the labelled tokens x vocab would pass 16M logits (64 MB in fp32)."""
     cross_tokenizer: Literal["auto", "off"] = "auto"
+    """A teacher with another tokenizer (stored top-k, or teacher.path): "auto" carries its
+    distribution onto the student's tokens by bytes (data/align.py) and logs the share of
+    positions that aligned 1:1; "off" refuses such data (exit 2), as before."""
 
     @field_validator("chunk_size")
     @classmethod
@@ -120,32 +166,58 @@ class LossSection(Section):
 
 
 class TrainSection(Section):
+    """The optimizer, schedule, batches, checkpoints and logs of `kdforge train`."""
+
     micro_batch_size: int = Field(1, gt=0)
+    """Sequences per forward pass on one rank."""
     grad_accum: int = Field(1, gt=0)
+    """Micro-batches per optimizer step on one rank."""
     seq_lengths: list[int] = [512]
+    """Tokens per sequence; several: a curriculum from short to long over the steps."""
     max_steps: int | None = Field(None, gt=0)
+    """Optimizer steps to train (or set epochs)."""
     epochs: float | None = Field(None, gt=0)
+    """Passes over the data (or set max_steps)."""
     lr: float = Field(3e-4, gt=0)
+    """Peak learning rate."""
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    """The schedule's last learning rate as a share of lr."""
     schedule: Literal["cosine", "constant", "wsd"] = "cosine"
+    """Learning-rate shape after warmup; wsd: warmup, stable, decay."""
     warmup_steps: int = Field(0, ge=0)
-    decay_fraction: float = Field(0.2, gt=0, le=1)  # wsd: share of steps spent decaying
+    """Steps of linear warmup."""
+    decay_fraction: float = Field(0.2, gt=0, le=1)
+    """wsd: share of steps spent decaying."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
     grad_clip: float | None = Field(1.0, gt=0)
+    """Largest gradient norm (null: no clipping)."""
     save_steps: int = Field(100, gt=0)
+    """Steps between checkpoints."""
     save_total_limit: int = Field(3, gt=0)
+    """Checkpoints kept (the newest)."""
     eval_steps: int | None = Field(None, gt=0)
+    """Steps between held-out evaluations on io.eval_shards (null: never)."""
     eval_batches: int = Field(8, gt=0)
+    """Micro-batches per held-out evaluation."""
     log_steps: int = Field(1, gt=0)
+    """Steps between metrics records."""
     seed: int = 0
+    """Seed of the weights, data order and sampling."""
     packing: bool = False
+    """Pack several examples into one sequence (attention kept within each)."""
     gradient_checkpointing: bool = False
+    """Recompute activations in backward: less memory, more time."""
     bf16: bool | Literal["auto"] = "auto"
+    """Mixed precision in bfloat16; auto: where the device supports it."""
     device: str = "auto"
+    """cpu, cuda, cuda:N or mps; auto: the best one here."""
     fsdp: bool = False
-    # Experiment trackers fed every metrics.jsonl record (train/reporters.py), all offline-capable.
+    """Shard the model over ranks (torchrun) instead of replicating it."""
     report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = []
+    """Experiment trackers fed every metrics.jsonl record (train/reporters.py), all offline-capable."""
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -172,36 +244,47 @@ class TrainSection(Section):
             raise ValueError(f"sequence lengths must be positive, got {bad}")
         return v
 
-    @model_validator(mode="after")
-    def _steps_or_epochs(self):
-        return self
-
 
 class DaemonSection(Section):
+    """`kdforge daemon`: continuous training on the batches dropped in BASE/inbox/."""
+
     base_model: str | None = None
+    """The Hugging Face model folder the daemon trains."""
     save_steps: int = Field(100, gt=0)
+    """Steps between checkpoints within a batch."""
     save_total_limit: int = Field(3, gt=0)
+    """Checkpoints kept (the newest)."""
     epochs_per_batch: float = Field(1, gt=0)
+    """Passes over each inbox batch."""
     snapshot_time: str = "03:00"
+    """Daily snapshot time, HH:MM (24h, local)."""
     snapshot_keep: int = Field(7, gt=0)
+    """Daily snapshots kept."""
     consolidate_every_batches: int | None = Field(None, gt=0)
+    """Merge the adapter into the base every this many batches (null: never)."""
     consolidate_daily: bool = False
+    """Merge the adapter into the base at snapshot_time."""
     delete_processed: bool = True
-    archive_dir: str | None = None  # with delete_processed false: where trained files go (default BASE/processed)
-    # constant: train.lr from the first step; wsd: train.warmup_steps of warmup, then stable (an
-    # open-ended stream never reaches a decay phase). The scheduler state carries across batches.
+    """Delete a batch file once trained (false: move it to archive_dir)."""
+    archive_dir: str | None = None
+    """With delete_processed false: where trained files go (default BASE/processed)."""
     schedule: Literal["constant", "wsd"] = "constant"
-    poll_interval: float = Field(2.0, gt=0)  # seconds between inbox scans
-    settle_seconds: float = Field(2.0, ge=0)  # a file must be unchanged this long to be taken
-    # a bigger inbox file is rejected unread (1 GiB): one file must not exhaust memory or disk time
+    """constant: train.lr from the first step; wsd: train.warmup_steps of warmup, then stable (an
+    open-ended stream never reaches a decay phase). The scheduler state carries across batches."""
+    poll_interval: float = Field(2.0, gt=0)
+    """Seconds between inbox scans."""
+    settle_seconds: float = Field(2.0, ge=0)
+    """A file must be unchanged this long (seconds) to be taken."""
     max_batch_bytes: int = Field(1073741824, gt=0)
-    # held-out KD data (JSONL, as `kdforge eval --data`) scored after every batch and consolidation:
-    # ce, perplexity, kl (plus exact_match, token_f1, accuracy with eval_greedy, which generates: slower)
+    """A bigger inbox file is rejected unread (1 GiB): one file must not exhaust memory or disk time."""
     eval_file: str | None = None
+    """Held-out KD data (JSONL, as `kdforge eval --data`) scored after every batch and consolidation:
+    ce, perplexity, kl (plus exact_match, token_f1, accuracy with eval_greedy, which generates: slower)."""
     eval_greedy: bool = False
-    # `kdforge verify` fails when the latest held-out ce is more than this share above the lowest it
-    # reached (0.10: 10% relative): the student is forgetting what earlier batches taught it
+    """Also generate greedily on eval_file for the answer metrics."""
     forgetting_threshold: float = Field(0.10, gt=0)
+    """`kdforge verify` fails when the latest held-out ce is more than this share above the lowest it
+    reached (0.10: 10% relative): the student is forgetting what earlier batches taught it."""
 
     @field_validator("snapshot_time")
     @classmethod
@@ -215,39 +298,71 @@ class DaemonSection(Section):
 
 
 class GenerateSection(Section):
+    """`kdforge generate`: a teacher answers prompts into KD data, within a budget."""
+
     teacher: str | None = None
+    """Base URL of the OpenAI-compatible teacher."""
     model: str | None = None
+    """The teacher model to ask for."""
     api_key_env: str = "OPENAI_API_KEY"
+    """The environment variable holding the API key (never stored)."""
     out: str | None = None
+    """The output JSONL; re-running resumes it."""
     checkpoint_dir: str | None = None
+    """The run's journal and state (default: out's name + _checkpoints)."""
     cache_dir: str | None = None
+    """Answers cached by request (default: checkpoint_dir/cache)."""
     prompts: list[str] = []
-    mix: dict[str, float] = {}  # source/category -> weight
+    """Prompt files (JSONL prompt/messages, or text)."""
+    mix: dict[str, float] = {}
+    """source/category -> weight."""
     total: int | None = Field(None, gt=0)
+    """Samples the output file should hold."""
     budget_limit: float | None = Field(None, ge=0)
-    price_input: float | None = Field(None, ge=0)  # USD per million input tokens
-    price_output: float | None = Field(None, ge=0)  # USD per million output tokens
+    """USD; never exceeded, counts across resumes."""
+    price_input: float | None = Field(None, ge=0)
+    """USD per million input tokens."""
+    price_output: float | None = Field(None, ge=0)
+    """USD per million output tokens."""
     concurrency: int = Field(8, gt=0)
+    """Requests in flight."""
     rpm: float | None = Field(None, gt=0)
+    """Requests per minute at most (else learned from x-ratelimit headers)."""
     tpm: float | None = Field(None, gt=0)
-    delay: float = Field(0.0, ge=0)  # minimum seconds between request starts
+    """Tokens per minute at most (else learned from x-ratelimit headers)."""
+    delay: float = Field(0.0, ge=0)
+    """Minimum seconds between request starts."""
     max_tokens: int = Field(512, gt=0)
+    """Longest answer (tokens)."""
     temperature: float = Field(0.7, ge=0)
+    """The teacher's sampling temperature."""
     top_p: float | None = Field(None, gt=0, le=1)
+    """The teacher's nucleus sampling (null: the server's default)."""
     top_logprobs: int = Field(0, ge=0, le=20)
+    """The teacher's top-K logprobs stored per token (0: text only)."""
     timeout: float = Field(120.0, gt=0)
+    """Seconds a request may take."""
     max_retries: int = Field(8, ge=0)
-    retry_base: float = Field(1.0, gt=0)  # seconds: first backoff after a 5xx/timeout (doubles, jittered)
-    retry_max: float = Field(60.0, gt=0)  # seconds: longest backoff
+    """Retries of a request after a 5xx, timeout or rate limit."""
+    retry_base: float = Field(1.0, gt=0)
+    """Seconds: first backoff after a 5xx/timeout (doubles, jittered)."""
+    retry_max: float = Field(60.0, gt=0)
+    """Seconds: longest backoff."""
     seed: int = 0
+    """Prompt sampling order."""
     system_prompt: str | None = None
-    # Batch API (--batch): files of batch_size rows at batch_discount x the online price (unless the
-    # price table has a batch price); failed or expired rows retried online or in the next file.
+    """A system message put before every prompt."""
     batch: bool = False
-    batch_size: int = Field(1000, gt=0, le=50000)  # OpenAI's cap: 50,000 requests a file
+    """Batch API (--batch): files of batch_size rows at batch_discount x the online price (unless the
+    price table has a batch price); failed or expired rows retried online or in the next file."""
+    batch_size: int = Field(1000, gt=0, le=50000)
+    """Requests per batch file (OpenAI's cap: 50,000)."""
     batch_discount: float = Field(0.5, gt=0, le=1)
+    """The Batch API's price as a share of the online one."""
     batch_fallback: Literal["online", "batch"] = "online"
-    batch_poll: float = Field(10.0, gt=0)  # seconds before the first status poll; backs off to 60 s
+    """Where failed or expired batch rows are retried."""
+    batch_poll: float = Field(10.0, gt=0)
+    """Seconds before the first status poll; backs off to 60 s."""
 
     @field_validator("prompts", mode="before")
     @classmethod
@@ -256,14 +371,33 @@ class GenerateSection(Section):
 
 
 class Config(Section):
+    """The whole tree; each component takes only its own section."""
+
     model: ModelSection = ModelSection()
+    """The student."""
     io: IOSection = IOSection()
+    """Tokenizer, data and output folder."""
     teacher: TeacherSection = TeacherSection()
+    """The teacher during training."""
     on_policy: OnPolicySection = OnPolicySection()
+    """On-policy steps (the student's own answers)."""
     loss: LossSection = LossSection()
+    """The objective."""
     train: TrainSection = TrainSection()
+    """Optimizer, schedule, batches, checkpoints."""
     daemon: DaemonSection = DaemonSection()
+    """Continuous training."""
     generate: GenerateSection = GenerateSection()
+    """Data generation from a teacher."""
+
+
+Job = Literal["train", "daemon"]  # what a config is for: its checks differ
+
+
+def default(section: type[Section], name: str) -> Any:
+    """The default of field `name` in `section`, for code outside the tree that must agree with it
+    (LoopConfig, DistillObjective): the defaults are declared here only."""
+    return section.model_fields[name].get_default(call_default_factory=True)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -369,21 +503,27 @@ def _typed(data: dict) -> tuple[Config | None, list[tuple[str, str]]]:
 
 
 def from_dict(data: dict, source: str | None = None, check_files: bool = False,
-              for_run: bool = False) -> Config:
+              for_run: bool = False, job: Job | None = None) -> Config:
+    """Type-check and validate a config of `job` (None: guessed from its shape, `config_job`);
+    `check_files` adds the checks that read files, models and prices (`kdforge.config_checks`).
+    Raises one ConfigError listing everything."""
     cfg, problems = _typed(data)
     if cfg is not None:
-        problems += static_problems(cfg)
+        problems += static_problems(cfg, job)
         if check_files:
-            problems += check_config(cfg, for_run=for_run)
+            from kdforge.config_checks import check_config  # reads files and models: kept apart from the schema
+
+            problems += check_config(cfg, for_run=for_run, job=job)
     if problems:
         raise ConfigError(problems, source)
     return cfg
 
 
-def load_config(paths: list[str | Path], overrides: list[str] | None = None) -> Config:
-    """Merge, override, type-check and statically validate. Raises ConfigError listing everything."""
+def load_config(paths: list[str | Path], overrides: list[str] | None = None, job: Job | None = None) -> Config:
+    """Merge, override, type-check and statically validate a config of `job` (None: guessed from
+    its shape). Raises ConfigError listing everything."""
     source = ", ".join(str(p) for p in paths) or None
-    return from_dict(merge_configs(paths, overrides), source)
+    return from_dict(merge_configs(paths, overrides), source, job=job)
 
 
 def load_section(paths: list[str | Path], name: str, values: dict[str, Any] | None = None,
@@ -402,11 +542,21 @@ def load_section(paths: list[str | Path], name: str, values: dict[str, Any] | No
 
 # ----------------------------------------------------------------------------- validation
 
-def static_problems(cfg: Config) -> list[tuple[str, str]]:
-    """Checks that need no filesystem: shapes, batch arithmetic, sequence lengths."""
+def config_job(cfg: Config) -> Job:
+    """The job a config's shape says, for a caller that has only the file (`config validate`,
+    preflight, `kdforge train`): a base model and no training shards is a daemon's (the inbox is
+    the data); anything else a training run's."""
+    return "daemon" if cfg.daemon.base_model is not None and not cfg.io.train_shards else "train"
+
+
+def static_problems(cfg: Config, job: Job | None = None) -> list[tuple[str, str]]:
+    """Checks that need no filesystem: shapes, batch arithmetic, sequence lengths, for a config of
+    `job` (None: guessed from its shape). A daemon trains its base model on open-ended batches: it
+    needs no preset shape and no step count."""
     p: list[tuple[str, str]] = []
+    training = (job or config_job(cfg)) == "train"
     m = cfg.model
-    if m.path is None and not daemon_only(cfg):
+    if m.path is None and training:
         if m.preset is not None:
             from kdforge.model.shape import PRESETS
             if m.preset not in PRESETS:
@@ -419,7 +569,7 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
                 p.append(("train.seq_lengths", f"{L} is above the model's max_seq_len ({mc.max_seq_len}); "
                           f"lower it or raise model.max_seq_len"))
     t = cfg.train
-    if t.max_steps is None and t.epochs is None and not daemon_only(cfg):
+    if t.max_steps is None and t.epochs is None and training:
         p.append(("train.max_steps", "set train.max_steps or train.epochs"))
     if t.max_steps is not None and t.epochs is not None:
         p.append(("train.epochs", "set train.max_steps or train.epochs, not both"))
@@ -437,174 +587,14 @@ def static_problems(cfg: Config) -> list[tuple[str, str]]:
     return p
 
 
-def looks_like_hub_id(s: str) -> bool:
-    """'org/name' with no local file: a Hugging Face hub id (allowed where there is a network)."""
-    import re
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", s)) and not s.startswith((".", "/"))
+_MOVED = {"check_config", "config_notes", "validate_files", "looks_like_hub_id"}
 
 
-def _tokenizer_vocab(path: str) -> int | None:
-    from kdforge.data.vocab import tokenizer_vocab_size  # reads tokenizer.json without transformers
-    return tokenizer_vocab_size(path)
+def __getattr__(name: str):
+    # The file, model and price checks moved to kdforge.config_checks; old imports of them from
+    # here (e.g. daemon/service.py) keep working until they import from there.
+    if name in _MOVED:
+        import kdforge.config_checks as checks
 
-
-def _model_vocab(path: str) -> int | None:
-    from transformers import AutoConfig
-    return AutoConfig.from_pretrained(path, trust_remote_code=False).vocab_size
-
-
-def daemon_only(cfg: Config) -> bool:
-    """A `kdforge daemon` config: a base model and no training shards (the inbox is the data)."""
-    return cfg.daemon.base_model is not None and not cfg.io.train_shards
-
-
-def check_config(cfg: Config, for_run: bool = False, job: str = "train") -> list[tuple[str, str]]:
-    """Checks that touch the filesystem. `for_run=False` (config validate) lets outputs and
-    data shards that a run will create be absent; `for_run=True` requires every input."""
-    p: list[tuple[str, str]] = []
-    io = cfg.io
-    tok_vocab = None
-    if job == "train" and daemon_only(cfg):
-        job = "daemon"
-    if job == "daemon":
-        bm = cfg.daemon.base_model
-        if not bm and not cfg.model.path:
-            p.append(("daemon.base_model", "set the base model folder the daemon trains (a local HF model)"))
-        elif bm and not cfg.model.path and (Path(bm) / "config.json").is_file():
-            cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": bm})})
-        elif bm and not cfg.model.path and (for_run or Path(bm).exists()):
-            p.append(("daemon.base_model", f"no Hugging Face model folder (config.json) at {bm} "
-                      "(make one: kdforge init-model --preset toy --tokenizer DIR --out DIR)"))
-    if job == "train":
-        if cfg.model.lora and not cfg.model.path:
-            p.append(("model.lora", "LoRA needs a pretrained base: set model.path (or drop model.lora)"))
-        if not io.tokenizer_path and not cfg.model.path:
-            p.append(("io.tokenizer_path", "set a tokenizer folder (make one: kdforge tokenizer train ...)"))
-        elif io.tokenizer_path:
-            tp = Path(io.tokenizer_path)
-            if not tp.exists() and looks_like_hub_id(io.tokenizer_path):
-                pass  # fetched from the Hugging Face hub at run time (needs a network)
-            elif not tp.exists():
-                p.append(("io.tokenizer_path", f"not found: {tp} (make one: kdforge tokenizer train --out {tp} ...)"))
-            else:
-                try:
-                    tok_vocab = _tokenizer_vocab(str(tp))
-                except Exception as e:  # noqa: BLE001 - the message is what matters
-                    p.append(("io.tokenizer_path", f"cannot load a tokenizer from {tp}: {e}"))
-        if not io.train_shards:
-            p.append(("io.train_shards", "no training data: list one or more JSONL files"))
-        for i, s in enumerate(io.train_shards + io.eval_shards):
-            field = f"io.train_shards[{i}]" if i < len(io.train_shards) else f"io.eval_shards[{i - len(io.train_shards)}]"
-            if for_run and not Path(s).is_file():
-                p.append((field, f"not found: {s}"))
-    student_vocab = None
-    if cfg.model.path:
-        mp = Path(cfg.model.path)
-        if not (mp / "config.json").is_file():
-            p.append(("model.path", f"no Hugging Face model folder (config.json) at {mp}"))
-        else:
-            student_vocab = _model_vocab(str(mp))
-            if cfg.model.lora:
-                p += _lora_problems(str(mp), cfg.model.lora)
-    else:
-        mc = cfg.model.model_cfg()
-        student_vocab = mc.vocab_size or tok_vocab
-        if tok_vocab and mc.vocab_size and mc.vocab_size < tok_vocab:
-            p.append(("model.vocab_size", f"{mc.vocab_size} is smaller than the tokenizer's {tok_vocab} tokens"))
-        if cfg.model.lora:
-            known = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"}
-            bad = [t for t in cfg.model.lora.target_modules or [] if t not in known]
-            if bad:
-                p.append(("model.lora.target_modules", f"{bad} not in the model; it has {sorted(known)}"))
-    if cfg.teacher.path:
-        tp = Path(cfg.teacher.path)
-        if not (tp / "config.json").is_file():
-            p.append(("teacher.path", f"no Hugging Face model folder (config.json) at {tp}"))
-        elif cfg.loss.kind != "ce":
-            tv = _model_vocab(str(tp))
-            # wider is a padded embedding (or another tokenizer, carried by bytes): trained on the shared ids
-            if student_vocab and tv is not None and tv < student_vocab:
-                p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}): "
-                          "logit KD needs the same tokenizer on both sides"))
-    p += _on_policy_problems(cfg, for_run)
-    return p
-
-
-def _on_policy_problems(cfg: Config, for_run: bool) -> list[tuple[str, str]]:
-    """on_policy.fraction > 0 needs a teacher that scores tokens and a divergence to train on."""
-    op, p = cfg.on_policy, []
-    if op.fraction <= 0:
-        return p
-    if not cfg.teacher.path and not cfg.teacher.url:
-        p.append(("on_policy.fraction", f"{op.fraction} needs a teacher to score the student's answers: set "
-                  "teacher.path (a local model, dense) or teacher.url (kdforge serve, vLLM)"))
-    if cfg.loss.kind == "ce":
-        p.append(("loss.kind", "ce cannot train on the student's own answers (no teacher text there): "
-                  "use rkl (the usual for on-policy), fkl or jsd, or set on_policy.fraction=0"))
-    if cfg.teacher.url and not cfg.teacher.path and cfg.generate.budget_limit is not None:
-        from kdforge.teacher.pricing import resolve_prices
-
-        g = cfg.generate
-        try:
-            prices = resolve_prices(cfg.teacher.model or g.model, g.price_input, g.price_output)
-        except UsageError as e:  # one of the two prices given: its message names the fix
-            prices, why = None, str(e)
-        else:
-            why = (f"no price known for model {cfg.teacher.model or g.model!r}: set generate.price_input and "
-                   "generate.price_output (USD per million tokens)")
-        if prices is None:
-            p.append(("generate.budget_limit", f"a budget for scoring over teacher.url needs a price; {why}"))
-    for i, f in enumerate(op.prompts):
-        if for_run and not Path(f).is_file():
-            p.append((f"on_policy.prompts[{i}]", f"not found: {f}"))
-    return p
-
-
-def _lora_problems(model_path: str, lora) -> list[tuple[str, str]]:
-    """What PEFT would refuse when training starts, found now: given target names that are not
-    layers PEFT can adapt (the error lists those it can), or an adapter PEFT cannot build on this
-    model (e.g. dropout on Mixtral's expert parameters). Built on the meta device: no weights read."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.pytorch_utils import Conv1D
-
-    from kdforge.model.adapters import with_lora
-    from kdforge.model.memory import lora_field
-    from kdforge.model.student import peft_lora_config
-
-    conf = AutoConfig.from_pretrained(model_path, trust_remote_code=False)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(conf, trust_remote_code=False)
-    if lora.target_modules is not None:
-        # GPT-2's attention and MLP are Conv1D (a transposed Linear): PEFT adapts those too.
-        names = {n.rsplit(".", 1)[-1] for n, mod in model.named_modules()
-                 if isinstance(mod, (torch.nn.Linear, Conv1D))}
-        bad = [t for t in lora.target_modules if t not in names]
-        if bad:
-            return [("model.lora.target_modules", f"{bad} not in the model; the layers LoRA can adapt "
-                     f"(Linear, Conv1D): {sorted(names)}; or leave target_modules unset for all of them but the "
-                     "output head (PEFT's all-linear)")]
-    try:
-        with_lora(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
-    except ValueError as e:  # PEFT's own refusal, e.g. lora_dropout on parameter (expert) wrappers
-        field = lora_field(e)
-        fix = "set model.lora.dropout: 0" if field == "model.lora.dropout" else "change model.lora.target_modules"
-        return [(field, f"PEFT cannot build this adapter on {model_path}: {e}; {fix}")]
-    return []
-
-
-def config_notes(cfg: Config) -> list[tuple[str, str]]:
-    """Not errors: inputs absent now that a run will need (e.g. data `kdforge generate` will write)."""
-    notes = []
-    for name, shards in (("io.train_shards", cfg.io.train_shards), ("io.eval_shards", cfg.io.eval_shards)):
-        for i, s in enumerate(shards):
-            if not Path(s).is_file():
-                notes.append((f"{name}[{i}]", f"{s} does not exist yet (must exist before training)"))
-    return notes
-
-
-def validate_files(paths: list[str | Path], overrides: list[str] | None = None,
-                   for_run: bool = False) -> Config:
-    """`kdforge config validate`: every problem at once, static and filesystem, then raise."""
-    source = ", ".join(str(p) for p in paths) or None
-    return from_dict(merge_configs(paths, overrides), source, check_files=True, for_run=for_run)
+        return getattr(checks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

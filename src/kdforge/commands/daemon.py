@@ -33,7 +33,8 @@ def daemon(
 
 
 def _daemon(base_dir: Path, config: List[Path], once: bool, overrides: Optional[List[str]]) -> int:
-    from kdforge.config import check_config, load_config
+    from kdforge.config import load_config
+    from kdforge.config_checks import check_config
     from kdforge.daemon.inbox import BaseDirLock
     from kdforge.daemon.layout import Layout
     from kdforge.errors import ConfigError, UsageError
@@ -44,7 +45,7 @@ def _daemon(base_dir: Path, config: List[Path], once: bool, overrides: Optional[
         if not default.is_file():
             raise UsageError(f"no config: pass --config FILE or put one at {default} (example: configs/daemon.yaml)")
         config = [default]
-    cfg = load_config(config, list(overrides or []))
+    cfg = load_config(config, list(overrides or []), job="daemon")
     problems = check_config(cfg, for_run=True, job="daemon")
     if problems:  # before the lock, which would create the base dir for a start that is refused
         raise ConfigError(problems)

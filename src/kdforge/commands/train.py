@@ -31,15 +31,14 @@ def config_validate(
     overrides: List[str] = typer.Option([], "--set", help="key=value overrides"),
 ):
     """Report every config problem at once, each naming its field (exit 2 if any)."""
-    from kdforge.config import config_notes, validate_files
+    from kdforge.config import config_job
+    from kdforge.config_checks import config_notes, validate_files
 
-    cfg = validate_files(configs, overrides)
+    cfg = validate_files(configs, overrides)  # a file alone: its shape says its job (config_job)
     for field, note in config_notes(cfg):
         print(f"note: {field}: {note}")
-    from kdforge.config import daemon_only
-
     names = ", ".join(str(c) for c in configs)
-    if daemon_only(cfg):
+    if config_job(cfg) == "daemon":
         lora = f"LoRA r={cfg.model.lora.r}" if cfg.model.lora else "full training"
         print(f"ok: {names} (daemon on base model {cfg.daemon.base_model}, {lora})")
     elif cfg.model.path:

@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from kdforge.config import Config, check_config
+from kdforge.config import Config
+from kdforge.config_checks import check_config
 from kdforge.model.memory import (GB, MB, Estimate, LoraSetup, Setup, alternatives, estimate, estimate_model,
                                   hf_config, lora_field, lora_setup, model_alternatives)
 from kdforge.preflight.report import Item, failed, passed, warned

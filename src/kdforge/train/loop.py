@@ -28,6 +28,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from kdforge.config import LossSection, TrainSection, default
 from kdforge.errors import KdforgeError
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.data_stream import DataStream
@@ -41,16 +42,16 @@ MAX_LOG_HISTORY = 10_000  # trainer_state.json keeps the newest entries; metrics
 
 @dataclass
 class LoopConfig:
-    """What the loop needs from the config. Build it with `from_config` (the defaults live in
-    `kdforge.config`); the keyword defaults here only serve tests and library callers."""
+    """What the loop needs from the config. Build it with `from_config`; the keyword defaults,
+    for tests and library callers, are the config tree's (declared in `kdforge.config` only)."""
 
-    grad_accum: int = 1
-    grad_clip: float | None = 1.0
-    kd_weight: float = 0.5
-    kind: str = "ce"
-    save_steps: int = 100
-    eval_steps: int | None = None
-    log_steps: int = 1
+    grad_accum: int = default(TrainSection, "grad_accum")
+    grad_clip: float | None = default(TrainSection, "grad_clip")
+    kd_weight: float = default(LossSection, "kd_weight")
+    kind: str = default(LossSection, "kind")
+    save_steps: int = default(TrainSection, "save_steps")
+    eval_steps: int | None = default(TrainSection, "eval_steps")
+    log_steps: int = default(TrainSection, "log_steps")
 
     @classmethod
     def from_config(cls, train, loss, **overrides) -> LoopConfig:

@@ -22,6 +22,7 @@ import sys
 import torch
 from torch import nn
 
+from kdforge.config import LossSection, default
 from kdforge.data.dataset import IGNORE, block_causal_mask
 from kdforge.train import losses
 
@@ -167,8 +168,9 @@ class DistillObjective(nn.Module):
     AUTO_CHUNK = 256  # tokens per chunk in "auto" mode
     AUTO_THRESHOLD = 1 << 24  # labelled tokens x vocab above which "auto" chunks (16M fp32 logits, 64 MB)
 
-    def __init__(self, lm, kind: str = "ce", temperature: float = 1.0, beta: float = 0.5,
-                 chunk_size: int | str | None = "auto", teacher=None):
+    def __init__(self, lm, kind: str = default(LossSection, "kind"),
+                 temperature: float = default(LossSection, "temperature"), beta: float = default(LossSection, "beta"),
+                 chunk_size: int | str | None = default(LossSection, "chunk_size"), teacher=None):
         super().__init__()
         self.lm = lm
         self.kind = kind

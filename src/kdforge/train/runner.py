@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kdforge.config import Config, check_config
+from kdforge.config import Config
+from kdforge.config_checks import check_config
 from kdforge.errors import ConfigError, Interrupted, UsageError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
