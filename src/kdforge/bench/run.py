@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kdforge.bench import recipes as R
 from kdforge.errors import UsageError
+from kdforge.checkpoint_layout import checkpoint_folders
 from kdforge.bench.tasks import (TASKS, Task, eval_file, load_teacher, score, student_tokenizer, teacher_answers,
                                   write_jsonl)
 
@@ -116,7 +117,7 @@ def run_cell(c: dict) -> dict:
                                                     trust_remote_code=False)
     q = score(task, student, tok, Path(c["eval"]), teacher if task.name == "lang" else None)
     op_steps, scored = on_policy_spend(out / "metrics.jsonl")
-    for ck in out.glob("checkpoint-*"):  # weights are not needed once scored: keep the bench folder small
+    for ck in checkpoint_folders(out):  # weights are not needed once scored: keep the bench folder small
         shutil.rmtree(ck, ignore_errors=True)
     usd = _usd(c["answer_in"] + scored, c["answer_out"])
     return {**{k: c[k] for k in ("task", "recipe", "budget", "seed", "steps")}, **q,

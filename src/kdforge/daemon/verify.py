@@ -28,12 +28,7 @@ from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.inbox import claim_parts, scan, shown
 from kdforge.daemon.layout import Layout
 from kdforge.errors import UsageError
-
-# The file names kdforge.train.checkpoint writes, repeated here so that verify runs without
-# importing torch (a test keeps the two in step).
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors")
-REQUIRED = ("optimizer.pt", "scheduler.pt", "trainer_state.json")
+from kdforge.checkpoint_layout import CONFIG, STATE, checkpoint_folders, checkpoint_step, missing_files  # no torch
 
 ERROR_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d ERROR\b")
 JUMP_SHARE = 0.5  # a boundary fails if the loss climbs back more than this share of the way to the start
@@ -66,7 +61,7 @@ def _human(n: int) -> str:
 
 def _state(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / "trainer_state.json").read_text())
+        return json.loads((folder / STATE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -77,7 +72,7 @@ def _daemon_setting(folder: Path | None, key: str):
 
     default = getattr(DaemonSection(), key)
     try:
-        conf = yaml.safe_load((folder / "kdforge.yaml").read_text()) or {}
+        conf = yaml.safe_load((folder / CONFIG).read_text()) or {}
         return type(default)(conf["daemon"][key])
     except (OSError, TypeError, KeyError, ValueError, AttributeError):
         return default
@@ -203,23 +198,18 @@ def inbox_check(paths: Layout) -> Check:
 
 def checkpoint_checks(paths: Layout, lines: list[str]) -> tuple[list[Check], Path | None]:
     """Checkpoints present, within save_total_limit, each complete, global_step increasing; the newest."""
-    folders = []
-    if paths.checkpoints.is_dir():
-        found = ((CKPT_RE.match(p.name), p) for p in paths.checkpoints.iterdir() if p.is_dir())
-        folders = sorted((int(m.group(1)), p) for m, p in found if m)
+    folders = [(checkpoint_step(p), p) for p in checkpoint_folders(paths.checkpoints)]
     newest = folders[-1][1] if folders else None
     limit = _daemon_setting(newest, "save_total_limit")
     lines.append("Checkpoints:")
-    missing_files = []
+    incomplete = []
     for _, p in folders:
         lines.append(f"  {p.name}/")
         for f in sorted(p.iterdir()):
             lines.append(f"    {_human(f.stat().st_size):>7}  {f.name}")
-        lacks = [f for f in REQUIRED if not (p / f).is_file()]
-        if not any((p / w).is_file() for w in WEIGHT_FILES):
-            lacks.insert(0, " or ".join(WEIGHT_FILES))
+        lacks = missing_files(p)
         if lacks:
-            missing_files.append(f"{p.name} lacks {', '.join(lacks)}")
+            incomplete.append(f"{p.name} lacks {', '.join(lacks)}")
     if not folders:
         lines.append("  (none)")
     checks = [Check("checkpoints exist", bool(folders),
@@ -227,7 +217,7 @@ def checkpoint_checks(paths: Layout, lines: list[str]) -> tuple[list[Check], Pat
               Check(f"no more than save_total_limit ({limit}) checkpoints", len(folders) <= limit,
                     f"{len(folders)} present"),
               Check("each checkpoint has weights, optimizer.pt, scheduler.pt, trainer_state.json",
-                    bool(folders) and not missing_files, "; ".join(missing_files) or "all complete"),
+                    bool(folders) and not incomplete, "; ".join(incomplete) or "all complete"),
               step_check(folders, lines)]
     return checks, newest
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kdforge.errors import UsageError
+from kdforge.checkpoint_layout import STATE, checkpoint_folders
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 FOLDER_KINDS = ("a model folder (config.json + model.safetensors), a LoRA checkpoint (adapter_config.json + "
@@ -68,7 +69,7 @@ def daemon_base(ckpt: Path) -> str | None:
     """The base a daemon checkpoint trained on, or None (not a daemon checkpoint). Read here from
     the JSON, not through `kdforge.daemon.batch_state`: the daemon calls eval and serve, so they
     must not import the daemon."""
-    state = ckpt / "trainer_state.json"
+    state = ckpt / STATE
     if not state.is_file():
         return None
     extra = _read_json(state, "checkpoint").get("extra") or {}
@@ -84,12 +85,6 @@ def _local(name: str, ckpt: Path) -> Path | None:
         if (candidate / "config.json").is_file():
             return candidate.resolve()
     return None
-
-
-def _checkpoints(folder: Path) -> list[Path]:
-    """The `checkpoint-N` folders inside `folder`, by step."""
-    steps = (path for path in folder.glob("checkpoint-*") if path.name.split("-")[-1].isdigit())
-    return sorted(steps, key=lambda path: int(path.name.split("-")[-1]))
 
 
 def _adapter_base(adapter: Path, base: str | Path | None, allow_hub: bool, base_fix: str) -> Path | str:
@@ -128,7 +123,7 @@ def resolve_model_folder(model_dir: str | Path, *, base: str | Path | None = Non
         adapter_dir = folder
         model_base = _adapter_base(folder, base, allow_hub, base_fix)
     else:
-        checkpoints = _checkpoints(folder)
+        checkpoints = checkpoint_folders(folder)
         hint = f"; it holds checkpoints: use one, e.g. `{command} {checkpoints[-1]}`" if checkpoints else ""
         raise UsageError(f"MODEL_DIR {folder} is not a model (no config.json, no adapter_config.json); "
                          f"give {FOLDER_KINDS}{hint}")

@@ -1,15 +1,13 @@
-"""Checkpoints that appear whole or not at all.
+"""Checkpoints that appear whole or not at all: writing, loading, rotation, FSDP, the dir lock.
 
-`OUTPUT_DIR/checkpoint-{global_step}/` holds the weights (`model.safetensors` + `config.json`, or
-`adapter_model.safetensors` + `adapter_config.json` for LoRA), `optimizer.pt`, `scheduler.pt`,
-`rng_state.pth`, `trainer_state.json`, the tokenizer and the resolved config (`kdforge.yaml`). The
-names are Hugging Face Trainer's. A checkpoint is written into a hidden temp folder beside it, each
-file fsynced, then renamed into place: a crash mid-save leaves only a `.tmp-*` folder, which
-`latest_checkpoint` ignores and the next save removes (unlike Trainer, transformers #35782).
-Re-saving a step moves the old folder aside as `.replaced-checkpoint-N-*`, which still counts as
-step N until the new one is in place; a crash between the two renames is undone on the next start.
-Every file name in an output dir is spelt here, and only here. `OutputDirLock` keeps a second run
-off a dir a first one is writing.
+What a checkpoint folder is called and holds (`checkpoint-{global_step}/`, Trainer's file names,
+`TrainState`, list/latest/complete) is `kdforge/checkpoint_layout.py`, which needs no torch. A checkpoint
+is written into a hidden temp folder beside it, each file fsynced, then renamed into place: a crash
+mid-save leaves only a `.tmp-*` folder, which `latest_checkpoint` ignores and the next save removes
+(unlike Trainer, transformers #35782). Re-saving a step moves the old folder aside as
+`.replaced-checkpoint-N-*`, which still counts as step N until the new one is in place; a crash
+between the two renames is undone on the next start. `OutputDirLock` keeps a second run off a dir
+a first one is writing.
 """
 
 from __future__ import annotations
@@ -17,89 +15,22 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from kdforge.atomic import fsync_dir
 
-CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
-REPLACED_RE = re.compile(r"^\.replaced-checkpoint-(\d+)-")  # the previous save of a step being re-saved
-MODEL_WEIGHTS, ADAPTER_WEIGHTS = "model.safetensors", "adapter_model.safetensors"
-WEIGHT_FILES = (MODEL_WEIGHTS, ADAPTER_WEIGHTS)
-OPTIMIZER, SCHEDULER, RNG, STATE = "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"
-CONFIG = "kdforge.yaml"  # the resolved config: every default filled in
-LOCK = ".kdforge-train.lock"
-REQUIRED = (OPTIMIZER, SCHEDULER, STATE)
-
-
-@dataclass
-class TrainState:
-    """Everything about progress that is not a tensor. Saved as trainer_state.json."""
-
-    global_step: int = 0
-    epoch: float = 0.0
-    samples_seen: int = 0
-    tokens_seen: int = 0  # target (label) tokens trained on
-    data_position: dict[str, Any] = field(default_factory=dict)  # the data source's resume point
-    log_history: list[dict[str, Any]] = field(default_factory=list)
-    # [{file, size, sha256}] of the training data; empty in checkpoints made before it existed
-    data_fingerprint: list[dict[str, Any]] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # owner-defined (the daemon's batch info)
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict) -> "TrainState":
-        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        return cls(**known)
-
-
-def checkpoint_step(path: Path) -> int | None:
-    m = CKPT_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
-
-
-def is_complete(path: Path) -> bool:
-    """A checkpoint counts only if every required file is there (the rename makes this atomic;
-    the check also rejects folders made by hand or by other tools)."""
-    path = Path(path)
-    return (path.is_dir() and all((path / f).is_file() for f in REQUIRED)
-            and any((path / f).is_file() for f in WEIGHT_FILES))
-
-
-def _replaced_step(path: Path) -> int | None:
-    m = REPLACED_RE.match(path.name)
-    return int(m.group(1)) if m else None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (by global step). A step being re-saved counts through
-    its moved-aside folder while `checkpoint-N` is absent, so no reader ever sees it missing."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    found = {}
-    for p in sorted(d.iterdir()):
-        step = checkpoint_step(p)
-        if step is not None and is_complete(p):
-            found[step] = p
-    for p in sorted(d.iterdir()):
-        step = _replaced_step(p)
-        if step is not None and step not in found and is_complete(p):
-            found[step] = p
-    return [found[s] for s in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    ckpts = list_checkpoints(output_dir)
-    return ckpts[-1] if ckpts else None
+# The names and the read-only side (list, latest, complete, TrainState) live in checkpoint_layout,
+# which needs no torch; they are re-exported here for the writers' callers (`ckpt.latest_checkpoint`).
+from kdforge.checkpoint_layout import (ADAPTER_WEIGHTS, CKPT_RE, CONFIG, LOCK, MODEL_WEIGHTS,  # noqa: F401
+                                       OPTIMIZER, REPLACED_GLOB, REQUIRED, RNG, SCHEDULER, STALE_GLOBS, STATE,
+                                       TMP_GLOB, WEIGHT_FILES, TrainState, checkpoint_folders, checkpoint_name,
+                                       checkpoint_step, is_complete, latest_checkpoint, list_checkpoints,
+                                       missing_files, read_state, replaced_name, replaced_step, temp_name,
+                                       trash_name)
 
 
 def rng_state() -> dict:
@@ -147,8 +78,8 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    final = out / f"checkpoint-{state.global_step}"
-    tmp = out / f".tmp-checkpoint-{state.global_step}-{os.getpid()}-{int(time.time() * 1000)}"
+    final = out / checkpoint_name(state.global_step)
+    tmp = out / temp_name(state.global_step, f"{os.getpid()}-{int(time.time() * 1000)}")
     tmp.mkdir()
     try:
         m = _unwrap(model)
@@ -170,7 +101,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
             # Re-saving a step (a resume, a daemon consolidation). The old folder moves to a name
             # that list_checkpoints still counts as step N, and cleanup_partial puts it back if we
             # die before the new one is in place: there is never a moment without checkpoint N.
-            old = out / f".replaced-{final.name}-{os.getpid()}-{int(time.time() * 1000)}"
+            old = out / replaced_name(state.global_step, f"{os.getpid()}-{int(time.time() * 1000)}")
             os.replace(final, old)
             os.replace(tmp, final)
             fsync_dir(out)
@@ -192,18 +123,19 @@ def cleanup_partial(output_dir: Path, keep_pid: int | None = None) -> None:
     re-saved step's previous folder whose replacement never arrived. Call it holding the dir
     (OutputDirLock, the daemon's lock): another writer's `.tmp-*` is in progress, not torn."""
     out = Path(output_dir)
-    for p in out.glob(".tmp-checkpoint-*"):
+    for p in out.glob(TMP_GLOB):
         if keep_pid is not None and f"-{keep_pid}-" in p.name:
             continue
         shutil.rmtree(p, ignore_errors=True)
-    for p in sorted(out.glob(".replaced-checkpoint-*")):
-        final = out / f"checkpoint-{_replaced_step(p)}"
-        if _replaced_step(p) is not None and not final.exists() and is_complete(p):
+    for p in sorted(out.glob(REPLACED_GLOB)):
+        step = replaced_step(p)
+        final = out / checkpoint_name(step) if step is not None else None
+        if final is not None and not final.exists() and is_complete(p):
             os.replace(p, final)  # died between the renames of a re-save: the old one stands
             fsync_dir(out)
         else:
             shutil.rmtree(p, ignore_errors=True)
-    for p in list(out.glob(".old-checkpoint-*")) + list(out.glob(".trash-checkpoint-*")):
+    for p in [p for pattern in STALE_GLOBS for p in out.glob(pattern)]:
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -212,15 +144,11 @@ def rotate_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
     ckpts = list_checkpoints(output_dir)
     doomed = ckpts[:-keep] if keep > 0 else []
     for p in doomed:
-        step = checkpoint_step(p) if checkpoint_step(p) is not None else _replaced_step(p)
-        trash = p.with_name(f".trash-checkpoint-{step}-{os.getpid()}")
+        step = checkpoint_step(p) if checkpoint_step(p) is not None else replaced_step(p)
+        trash = p.with_name(trash_name(step, str(os.getpid())))
         os.replace(p, trash)  # rename first: a crash mid-delete never leaves a half checkpoint
         shutil.rmtree(trash, ignore_errors=True)
     return doomed
-
-
-def read_state(path: str | Path) -> TrainState:
-    return TrainState.from_json(json.loads((Path(path) / STATE).read_text()))
 
 
 def load_weights(path: str | Path, model) -> None:
