@@ -6,10 +6,8 @@ transformers are imported inside the commands, never at import time.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-from dataclasses import replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -141,17 +139,6 @@ def _machine_setup(conf):
     return training_setup(conf, on_gpu), where
 
 
-def _lead(total: int, dtype: str, where: str, given: bool) -> str:
-    """The first line: the total this machine will need, and for which dtype."""
-    from kdforge.model.memory import GB, MB
-
-    size = f"{total / GB:.2f} GB" if total >= GB else f"{total / MB:.2f} MB"
-    if given:
-        return f"total: {size} in {dtype}, as --dtype asks; other setups in the table below\n"
-    return (f"on this machine: {size} in {dtype}, what kdforge train runs on {where} and the figure preflight "
-            "uses; other setups in the table below\n")
-
-
 def estimate_memory(
     preset: Optional[str] = typer.Option(None, "--preset", help="toy, small, 125m, 1b, 9b"),
     config: List[Path] = typer.Option([], "--config", help="kdforge YAML config(s): model, train, lora"),
@@ -170,65 +157,21 @@ def estimate_memory(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ):
     """Parameters, weights, gradients, optimizer state, activations and total, with the formulas."""
-    from kdforge.model.memory import (LoraSetup, estimate, estimate_model, lora_field, model_json, model_report, report,
-                                      to_json)
+    from kdforge.model.memory.request import MemoryRequest, model_path_answer, requested_setup, student_answer
 
+    request = MemoryRequest(micro_batch=micro_batch, seq_len=seq_len, dtype=dtype, optimizer_dtype=optimizer_dtype,
+                            master_weights=master_weights, lora=lora, lora_r=lora_r,
+                            gradient_checkpointing=gradient_checkpointing, attention=attention,
+                            vocab_size=vocab_size, as_json=as_json)
     cfg, tok_dir, conf, name = _source(preset, config, tokenizer, "estimate-memory")
     hf = _model_path_config(Path(conf.model.path)) if cfg is None else None  # validated, then traced
-    st, where = _machine_setup(conf)
-    over = {"micro_batch": micro_batch, "seq_len": seq_len, "dtype": dtype, "optimizer_dtype": optimizer_dtype,
-            "gradient_checkpointing": gradient_checkpointing, "attention": attention,
-            "master_weights": master_weights or None}
-    st = replace(st, **{k: v for k, v in over.items() if v is not None})
-    if lora is False and lora_r is not None:
-        raise UsageError("--lora-r with --no-lora: drop one")
-    if lora is False:
-        st = replace(st, lora=None)
-    elif lora or lora_r is not None:
-        base = st.lora or LoraSetup()
-        st = replace(st, lora=replace(base, r=lora_r or base.r))
-    # a model.path model's own layer names are checked by PEFT, not against the student's
-    problems = [(f, m) for f, m in st.problems() if cfg is not None or f != "lora.target_modules"]
-    if problems:
-        raise UsageError("; ".join(f"--{f.replace('_', '-')}: {m}" for f, m in problems))
-
-    notes = []
+    machine, where = _machine_setup(conf)
+    setup = requested_setup(machine, request, built_student=cfg is not None)
     if cfg is None:  # model.path: any local causal LM, traced from its own config
-        if vocab_size is not None:
-            raise UsageError(f"--vocab-size: model.path ({conf.model.path}) fixes its vocab in its config.json")
         targets = conf.model.lora.target_modules if conf.model.lora else None
-        args = (Path(conf.model.path), st, targets)
-        try:
-            if as_json:
-                out = model_json(*args, name=name, conf=hf)
-            else:
-                total = estimate_model(*args, conf=hf).total
-                out = _lead(total, st.dtype, where, dtype is not None) + model_report(*args, name=name, conf=hf)
-        except ValueError as e:  # PEFT: a target module not in the model; dropout on Mixtral's expert wrappers
-            raise UsageError(f"{lora_field(e) if st.lora else 'model.path'}: {e}") from None
-        print(json.dumps(out, indent=2) if as_json else out)
-        return
-    vocab = None
-    if cfg.vocab_size is None:
-        if vocab_size is not None:
-            vocab = vocab_size
-        elif tok_dir is not None:
-            vocab = _tokenizer_size(tok_dir)
-            notes.append(f"vocab {vocab} from the tokenizer at {tok_dir}")
-        else:
-            vocab = 32000
-            notes.append(f"{name} takes its vocab from the tokenizer; assumed 32000 "
-                         "(pass --vocab-size N or --tokenizer DIR)")
-    elif vocab_size is not None:
-        raise UsageError(f"--vocab-size: {name} fixes its vocab at {cfg.vocab_size}")
-    if vocab is not None and vocab <= 0:
-        raise UsageError(f"--vocab-size must be positive, got {vocab}")
-
-    if as_json:
-        print(json.dumps(to_json(cfg, st, vocab, name=name, notes=notes), indent=2))
+        print(model_path_answer(Path(conf.model.path), hf, setup, targets, name, request, where))
     else:
-        total = estimate(cfg, st, vocab).total
-        print(_lead(total, st.dtype, where, dtype is not None) + report(cfg, st, vocab, name=name, notes=notes))
+        print(student_answer(cfg, setup, name, request, where, tok_dir, _tokenizer_size))
 
 
 def register(app: typer.Typer) -> None:
