@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kdforge.config import Config
+from kdforge.config import Config, LossSection, ModelSection, TeacherSection, TrainSection
 from kdforge.errors import UsageError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
@@ -55,9 +55,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def amp_dtype_for(cfg: Config, device: torch.device):
+def amp_dtype_for(train: TrainSection, device: torch.device):
     """bf16 autocast on a GPU that supports it (train.bf16: auto|true|false); none on CPU."""
-    want = cfg.train.bf16
+    want = train.bf16
     if device.type != "cuda" or want is False:
         return None
     if want == "auto" and not torch.cuda.is_bf16_supported():
@@ -67,60 +67,60 @@ def amp_dtype_for(cfg: Config, device: torch.device):
 
 # ============================================================================ models
 
-def load_student(cfg: Config, tokenizer, seed: int):
-    """The student: `model.path` (any local causal LM) or the preset/numbers; LoRA if configured."""
+def load_student(section: ModelSection, tokenizer, seed: int, gradient_checkpointing: bool):
+    """The student of the `model` section: `path` (any local causal LM) or the preset/numbers;
+    LoRA if configured; activations recomputed in backward with `gradient_checkpointing`."""
     from transformers import AutoModelForCausalLM
 
     from kdforge.model.student import build_student
 
-    if cfg.model.path:
+    if section.path:
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[cfg.model.dtype]
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=dtype, trust_remote_code=False)
+                 "float16": torch.float16}[section.dtype]
+        model = AutoModelForCausalLM.from_pretrained(section.path, dtype=dtype, trust_remote_code=False)
     else:
-        mc = cfg.model.model_cfg()
-        model = build_student(mc, len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
+        model = build_student(section.model_cfg(), len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id,
                               eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    if cfg.model.lora:
+    if section.lora:
         from kdforge.model.adapters import with_lora
         from kdforge.model.student import peft_lora_config
 
-        lora = cfg.model.lora
+        lora = section.lora
         model = with_lora(model, peft_lora_config(lora.r, lora.alpha, lora.dropout, lora.target_modules))
-    if cfg.train.gradient_checkpointing:
+    if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
 
 
-def load_teacher(cfg: Config, device):
+def load_teacher(section: TeacherSection, loss: LossSection, device):
     """The frozen local teacher for dense KD, or None (CE, or top-k logprobs from the data)."""
-    if not cfg.teacher.path or cfg.loss.kind == "ce":
+    if not section.path or loss.kind == "ce":
         return None
     from transformers import AutoModelForCausalLM
 
-    teacher = AutoModelForCausalLM.from_pretrained(cfg.teacher.path, dtype=torch.float32, trust_remote_code=False).to(device)
+    teacher = AutoModelForCausalLM.from_pretrained(section.path, dtype=torch.float32, trust_remote_code=False).to(device)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
 
 
-def make_optimizer(model, cfg: Config):
+def make_optimizer(model, train: TrainSection):
     """AdamW over the trainable parameters: matrices decay, norms and biases (group 1) do not."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay},
+    groups = [{"params": decay, "weight_decay": train.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused: one kernel for all parameters (CPU and CUDA); the per-tensor loop costs more than the
     # whole forward pass of a small student. Not with DTensor (FSDP) parameters.
-    fused = not cfg.train.fsdp
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=fused)
+    fused = not train.fsdp
+    return torch.optim.AdamW(groups, lr=train.lr, betas=tuple(train.betas), fused=fused)
 
 
-def _wrap_distributed(objective, cfg: Config, device):
-    if cfg.train.fsdp:  # FSDP2: shard each decoder layer, then the root (embeddings, head, loss)
+def _wrap_distributed(objective, fsdp: bool, device):
+    if fsdp:  # FSDP2: shard each decoder layer, then the root (embeddings, head, loss)
         from torch.distributed.fsdp import fully_shard
 
         from kdforge.train.objective import base_lm
@@ -240,10 +240,12 @@ class Session:
         position = self.scheduler.state_dict()
         if base_model is not None:
             self.model = None  # free the old student before loading the new one
-            self.model = load_student(_on_base(self.cfg, base_model), self.tokenizer, self.cfg.train.seed).to(self.device)
+            train = self.cfg.train
+            self.model = load_student(_on_base(self.cfg.model, base_model), self.tokenizer, train.seed,
+                                      train.gradient_checkpointing).to(self.device)
             self.base_model = base_model
-            self.objective = _objective(self.cfg, self.model, self.teacher)
-        self.optimizer, self.scheduler = _optimizer(self.cfg, self.model, self.schedule)
+            self.objective = DistillObjective.from_config(self.cfg.loss, self.model, self.teacher)
+        self.optimizer, self.scheduler = _optimizer(self.cfg.train, self.model, self.schedule)
         self.scheduler.load_state_dict(position)
         apply_schedule(self.scheduler, self.schedule)
 
@@ -270,28 +272,21 @@ class Session:
         self._owns_group = False
 
 
-def _on_base(cfg: Config, base_model: str) -> Config:
-    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"path": base_model})})
+def _on_base(section: ModelSection, base_model: str) -> ModelSection:
+    """The model section with the student loaded from `base_model` instead."""
+    return section.model_copy(update={"path": base_model})
 
 
-def _objective(cfg: Config, model, teacher) -> DistillObjective:
-    return DistillObjective.from_config(cfg.loss, model, teacher)
-
-
-def _optimizer(cfg: Config, model, schedule: LRMultiplier):
-    optimizer = make_optimizer(model, cfg)
+def _optimizer(train: TrainSection, model, schedule: LRMultiplier):
+    optimizer = make_optimizer(model, train)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-def loop_config(cfg: Config, save_steps: int | None = None) -> LoopConfig:
-    """The loop's settings from the train and loss sections (the daemon passes its own save_steps)."""
-    return LoopConfig.from_config(cfg.train, cfg.loss, save_steps=save_steps or cfg.train.save_steps)
 
 
 def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
                   schedule: LRMultiplier | None = None, save_steps: int | None = None,
                   install_signals: bool = True) -> Session:
-    """Assemble a run from `cfg` (checked already: `config.check_config`).
+    """Assemble a run from `cfg` (checked already: `config_checks.check_config`). Each part
+    takes its own section; the session keeps the whole tree, which every checkpoint saves.
 
     `model_path` loads the student from that folder instead of `model.path` (the daemon's
     `daemon.base_model`, or a consolidated base); `tokenizer` replaces loading one from
@@ -303,27 +298,28 @@ def build_session(cfg: Config, *, model_path: str | None = None, tokenizer=None,
     from kdforge.data.dataset import load_tokenizer
 
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between our log lines
-    t = cfg.train
-    rank, world, device, owns_group = setup_distributed(t.device)
-    torch.manual_seed(t.seed)
-    cfg_model = _on_base(cfg, model_path) if model_path is not None else cfg
-    tokenizer = tokenizer or load_tokenizer(cfg.io.tokenizer_path or cfg_model.model.path)
-    model = load_student(cfg_model, tokenizer, t.seed).to(device)
+    train = cfg.train
+    rank, world, device, owns_group = setup_distributed(train.device)
+    torch.manual_seed(train.seed)
+    student = _on_base(cfg.model, model_path) if model_path is not None else cfg.model
+    tokenizer = tokenizer or load_tokenizer(cfg.io.tokenizer_path or student.path)
+    model = load_student(student, tokenizer, train.seed, train.gradient_checkpointing).to(device)
     from kdforge.train.cross_scoring import local_teacher  # another tokenizer: carried by bytes
 
-    teacher = local_teacher(cfg, load_teacher(cfg, device), tokenizer, print if rank == 0 else None)
-    objective = _objective(cfg, model, teacher)
+    teacher = local_teacher(cfg, load_teacher(cfg.teacher, cfg.loss, device), tokenizer, print if rank == 0 else None)
+    objective = DistillObjective.from_config(cfg.loss, model, teacher)
     if rank == 0 and objective.vocab_note():  # a wider (padded) teacher vocabulary: said once
         print(objective.vocab_note(), flush=True)
     if world > 1:  # wrap before the optimizer exists: FSDP replaces parameters with sharded ones
-        objective = _wrap_distributed(objective, cfg, device)
-    schedule = schedule or train_schedule(t, t.max_steps)
-    optimizer, scheduler = _optimizer(cfg, model, schedule)
+        objective = _wrap_distributed(objective, train.fsdp, device)
+    schedule = schedule or train_schedule(train, train.max_steps)
+    optimizer, scheduler = _optimizer(train, model, schedule)
+    # the daemon saves at its own daemon.save_steps
+    loop = LoopConfig.from_config(train, cfg.loss, save_steps=save_steps or train.save_steps)
     session = Session(cfg=cfg, tokenizer=tokenizer, model=model, teacher=teacher, objective=objective,
                       optimizer=optimizer, scheduler=scheduler, schedule=schedule, device=device,
-                      amp_dtype=amp_dtype_for(cfg, device),
-                      loop=loop_config(cfg, save_steps),
-                      base_model=cfg_model.model.path, rank=rank, world=world, _owns_group=owns_group)
+                      amp_dtype=amp_dtype_for(train, device), loop=loop,
+                      base_model=student.path, rank=rank, world=world, _owns_group=owns_group)
     if rank == 0 and cfg.model.lora and cfg.model.lora.target_modules is None:
         print(f"LoRA on {', '.join(lora_targets(model))} (model.lora.target_modules unset: PEFT's all-linear)")
     if install_signals:
