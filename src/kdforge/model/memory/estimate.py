@@ -180,10 +180,10 @@ class Estimate(_Totals):
 
     @property
     def peak_per_token(self) -> int:
-        L, head = self.cfg.n_layers, self.head + self.ce_backward
+        n_layers, head = self.cfg.n_layers, self.head + self.ce_backward
         if self.setup.gradient_checkpointing:
-            return L * self.checkpoint + self.logits + max(head, self.layer + self.layer_backward)
-        return L * self.layer + self.logits + max(head, self.layer_backward)
+            return n_layers * self.checkpoint + self.logits + max(head, self.layer + self.layer_backward)
+        return n_layers * self.layer + self.logits + max(head, self.layer_backward)
 
     @property
     def activations(self) -> int:
@@ -212,95 +212,97 @@ class _Saved:
         self.kept[name] = Term(group, coef, sym, dim)
 
     def linear_input(self, module: str, name: str, group: str, sym: str, dim: int,
-                     p: int, lora: LoraSetup | None) -> None:
-        """What a linear (or its adapter) saves of its input."""
+                     act_bytes: int, lora: LoraSetup | None) -> None:
+        """What a linear (or its adapter) saves of its input (`act_bytes`: the activations' element size)."""
         if lora is None:
-            self.keep(name, group, p, sym, dim)
+            self.keep(name, group, act_bytes, sym, dim)
             return
         if module not in lora.target_modules:
             return  # frozen: backward needs only the weight
-        a = DTYPE_BYTES[lora.dtype]
+        adapter_bytes = DTYPE_BYTES[lora.dtype]
         if lora.dropout > 0:
-            self.keep(f"{module}.dropped", "LoRA", a, sym, dim)
+            self.keep(f"{module}.dropped", "LoRA", adapter_bytes, sym, dim)
             # CPU dropout saves its scaled mask in the input's dtype (CUDA's fused kernel: 1 B)
-            self.keep(f"{module}.mask", "LoRA", a, sym, dim)
-        elif a != p:
-            self.keep(f"{module}.cast", "LoRA", a, sym, dim)
+            self.keep(f"{module}.mask", "LoRA", adapter_bytes, sym, dim)
+        elif adapter_bytes != act_bytes:
+            self.keep(f"{module}.cast", "LoRA", adapter_bytes, sym, dim)
         else:
-            self.keep(name, group, p, sym, dim)
-        self.keep(f"{module}.hidden", "LoRA", a, "r", lora.r)
+            self.keep(name, group, act_bytes, sym, dim)
+        self.keep(f"{module}.hidden", "LoRA", adapter_bytes, "r", lora.r)
 
 
-def _norm(saved: _Saved, name: str, group: str, d: int, p: int, full: bool) -> None:
+def _norm(saved: _Saved, name: str, group: str, d: int, act_bytes: int, full: bool) -> None:
     saved.keep(f"{name}.x32", group, 4, "d", d)  # pow and x * rsqrt save the fp32 input
     saved.keep(f"{name}.rstd", group, 4, "1", 1)
     if full:  # weight * x_hat saves x_hat only when the weight learns
-        saved.keep(f"{name}.xhat", group, p, "d", d)
+        saved.keep(f"{name}.xhat", group, act_bytes, "d", d)
 
 
 def layer_terms(cfg: "ModelCfg", setup: Setup) -> tuple[Term, ...]:
     """What one decoder layer saves for backward, per token (cfg resolved)."""
-    p, s, lora = DTYPE_BYTES[setup.dtype], setup.seq_len, setup.lora
+    # d, q, kv, f, H: the widths the module docstring's formula names; p the activations' bytes
+    p, seq_len, lora = DTYPE_BYTES[setup.dtype], setup.seq_len, setup.lora
     d, H = cfg.d_model, cfg.n_heads
     q, kv, f = H * cfg.d_head, cfg.n_kv_heads * cfg.d_head, cfg.ffn_dim
-    sv = _Saved()
-    _norm(sv, "ln1", "norms", d, p, lora is None)
-    _norm(sv, "ln2", "norms", d, p, lora is None)
-    sv.keep("q", "attention", p, "q", q)
+    saved = _Saved()
+    _norm(saved, "ln1", "norms", d, p, lora is None)
+    _norm(saved, "ln2", "norms", d, p, lora is None)
+    saved.keep("q", "attention", p, "q", q)
     if setup.attention == "sdpa":
-        sv.keep("k", "attention", p, "kv", kv)
-        sv.keep("v", "attention", p, "kv", kv)
-        sv.keep("out", "attention", p, "q", q)
-        sv.keep("lse", "attention", 4, "H", H)
+        saved.keep("k", "attention", p, "kv", kv)
+        saved.keep("v", "attention", p, "kv", kv)
+        saved.keep("out", "attention", p, "q", q)
+        saved.keep("lse", "attention", 4, "H", H)
         o_in = "out"  # the kernel's output is laid out as o_proj's input: one tensor
     else:
-        sv.keep("k_rep", "attention", p, "q", q)
-        sv.keep("v_rep", "attention", p, "q", q)
-        sv.keep("probs32", "attention", 4, "Hs", H * s)
+        saved.keep("k_rep", "attention", p, "q", q)
+        saved.keep("v_rep", "attention", p, "q", q)
+        saved.keep("probs32", "attention", 4, "Hs", H * seq_len)
         if p < 4:
-            sv.keep("probs", "attention", p, "Hs", H * s)
+            saved.keep("probs", "attention", p, "Hs", H * seq_len)
         o_in = "o_in"
     for m in ("gate", "act", "up"):
-        sv.keep(m, "SwiGLU", p, "f", f)
+        saved.keep(m, "SwiGLU", p, "f", f)
     for m in ("q_proj", "k_proj", "v_proj"):
-        sv.linear_input(m, "ln1.y", "norms", "d", d, p, lora)
-    sv.linear_input("o_proj", o_in, "attention", "q", q, p, lora)
+        saved.linear_input(m, "ln1.y", "norms", "d", d, p, lora)
+    saved.linear_input("o_proj", o_in, "attention", "q", q, p, lora)
     for m in ("gate_proj", "up_proj"):
-        sv.linear_input(m, "ln2.y", "norms", "d", d, p, lora)
-    sv.linear_input("down_proj", "h", "SwiGLU", "f", f, p, lora)
-    return tuple(sv.kept.values())
+        saved.linear_input(m, "ln2.y", "norms", "d", d, p, lora)
+    saved.linear_input("down_proj", "h", "SwiGLU", "f", f, p, lora)
+    return tuple(saved.kept.values())
 
 
 def head_terms(cfg: "ModelCfg", setup: Setup) -> tuple[Term, ...]:
     """Final norm, lm_head input, token ids, the CE log-softmax: saved per token."""
-    p, lora = DTYPE_BYTES[setup.dtype], setup.lora
-    sv = _Saved()
-    _norm(sv, "norm", "final norm", cfg.d_model, p, lora is None)
-    sv.linear_input("lm_head", "norm.y", "final norm", "d", cfg.d_model, p, lora)
-    sv.keep("ids", "ids", 16, "1", 1)  # input_ids (embedding) + shifted labels (nll), int64
-    sv.keep("log_softmax", "CE log-softmax", 4, "V", cfg.vocab_size)
-    return tuple(sv.kept.values())
+    act_bytes, lora = DTYPE_BYTES[setup.dtype], setup.lora
+    saved = _Saved()
+    _norm(saved, "norm", "final norm", cfg.d_model, act_bytes, lora is None)
+    saved.linear_input("lm_head", "norm.y", "final norm", "d", cfg.d_model, act_bytes, lora)
+    saved.keep("ids", "ids", 16, "1", 1)  # input_ids (embedding) + shifted labels (nll), int64
+    saved.keep("log_softmax", "CE log-softmax", 4, "V", cfg.vocab_size)
+    return tuple(saved.kept.values())
 
 
 def estimate(cfg: "ModelCfg", setup: Setup = Setup(), vocab_size: int | None = None) -> Estimate:
     """Memory for training `cfg` as `setup` says. `vocab_size` fills a preset's open vocab."""
-    c = cfg.resolved(vocab_size)
-    p = DTYPE_BYTES[setup.dtype]
-    N = c.num_params()
+    resolved = cfg.resolved(vocab_size)
+    act_bytes = DTYPE_BYTES[setup.dtype]
+    params = resolved.num_params()
     if setup.lora is None:
-        T, tb = N, p
-        weights = N * p
+        trainable, trainable_bytes = params, act_bytes
+        weights = params * act_bytes
     else:
-        T, tb = lora_params(c, setup.lora), DTYPE_BYTES[setup.lora.dtype]
-        weights = N * p + T * tb
-    ob = DTYPE_BYTES[setup.optimizer_dtype] if setup.optimizer_dtype else tb
+        trainable, trainable_bytes = lora_params(resolved, setup.lora), DTYPE_BYTES[setup.lora.dtype]
+        weights = params * act_bytes + trainable * trainable_bytes
+    moment_bytes = DTYPE_BYTES[setup.optimizer_dtype] if setup.optimizer_dtype else trainable_bytes
     return Estimate(
-        cfg=c, setup=setup, params=N, trainable=T, weights=weights,
-        master=T * 4 if setup.master_weights and tb < 4 else 0,
-        gradients=T * tb, optimizer=T * 2 * ob,
-        layer_terms=layer_terms(c, setup), head_terms=head_terms(c, setup),
-        logits=p * c.vocab_size, ce_backward=8 * c.vocab_size, checkpoint=p * c.d_model,
-        layer_backward=2 * p * c.ffn_dim + p * c.d_model,
+        cfg=resolved, setup=setup, params=params, trainable=trainable, weights=weights,
+        master=trainable * 4 if setup.master_weights and trainable_bytes < 4 else 0,
+        gradients=trainable * trainable_bytes, optimizer=trainable * 2 * moment_bytes,
+        layer_terms=layer_terms(resolved, setup), head_terms=head_terms(resolved, setup),
+        logits=act_bytes * resolved.vocab_size, ce_backward=8 * resolved.vocab_size,
+        checkpoint=act_bytes * resolved.d_model,
+        layer_backward=2 * act_bytes * resolved.ffn_dim + act_bytes * resolved.d_model,
     )
 
 
@@ -312,7 +314,7 @@ def _short(dtype: str) -> str:
 
 def alternatives(cfg: "ModelCfg", setup: Setup, vocab_size: int | None = None) -> list[tuple[str, Estimate]]:
     """The same model and batch trained other common ways (the report's comparison rows)."""
-    return _alternatives(setup, lambda st: estimate(cfg, st, vocab_size))
+    return _alternatives(setup, lambda other: estimate(cfg, other, vocab_size))
 
 
 def _alternatives(setup: Setup, estimate_of) -> list:
@@ -340,8 +342,8 @@ def _alternatives(setup: Setup, estimate_of) -> list:
                  master_weights=False)),
     ]
     out, seen = [], []
-    for label, st in cands:
-        est = estimate_of(st)
+    for label, candidate in cands:
+        est = estimate_of(candidate)
         if est.breakdown() in seen:  # e.g. "fp32 moments" when the weights are fp32 already
             continue
         seen.append(est.breakdown())

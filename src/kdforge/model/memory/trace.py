@@ -87,8 +87,7 @@ def _to_fake(model) -> None:
 
 
 def _ffn_dim(conf) -> int:
-    d = conf.hidden_size
-    return getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * d
+    return getattr(conf, "intermediate_size", None) or getattr(conf, "n_inner", None) or 4 * conf.hidden_size
 
 
 def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_alpha: float = 16,
@@ -118,8 +117,9 @@ def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_
 
         model = with_lora(model, peft_lora_config(setup.lora.r, lora_alpha, setup.lora.dropout,
                                                   lora_targets))
-        pc = model.peft_config["default"]
-        targets = tuple(sorted(pc.target_modules or ())) + tuple(sorted(getattr(pc, "target_parameters", None) or ()))
+        adapter = model.peft_config["default"]
+        targets = (tuple(sorted(adapter.target_modules or ()))
+                   + tuple(sorted(getattr(adapter, "target_parameters", None) or ())))
     model.train()
     with FakeTensorMode(allow_non_fake_inputs=True), _as_in_eager_mode():
         _to_fake(model)
@@ -146,15 +146,15 @@ def trace_model(path, setup: Setup, lora_targets: list[str] | None = None, lora_
         hook.remove()
         sizes = list(saved.values())
         cut = head_from[0] if head_from[0] is not None else len(sizes)
-        lg = out.logits
-        logits = 0 if lg.untyped_storage()._cdata in saved else lg.untyped_storage().nbytes()
-        tdt = str(trainable[0].dtype).removeprefix("torch.") if trainable else setup.dtype
+        out_logits = out.logits
+        logits = 0 if out_logits.untyped_storage()._cdata in saved else out_logits.untyped_storage().nbytes()
+        trainable_dtype = str(trainable[0].dtype).removeprefix("torch.") if trainable else setup.dtype
         return Traced(
             model_type=conf.model_type, n_layers=conf.num_hidden_layers, d_model=conf.hidden_size,
             ffn_dim=_ffn_dim(conf), vocab_size=conf.vocab_size, params=params,
             trainable=sum(p.numel() for p in trainable),
             weight_bytes=weight_bytes, trainable_bytes=sum(p.numel() * p.element_size() for p in trainable),
-            trainable_dtype=tdt, targets=targets, saved_layers=sum(sizes[:cut]), saved_head=sum(sizes[cut:]),
+            trainable_dtype=trainable_dtype, targets=targets, saved_layers=sum(sizes[:cut]), saved_head=sum(sizes[cut:]),
             logits=logits)
 
 
@@ -193,8 +193,8 @@ class ModelEstimate(_Totals):
 
     @property
     def optimizer(self) -> int:
-        ob = DTYPE_BYTES[self.setup.optimizer_dtype] if self.setup.optimizer_dtype else self._tb
-        return self.trainable * 2 * ob
+        moment_bytes = DTYPE_BYTES[self.setup.optimizer_dtype] if self.setup.optimizer_dtype else self._tb
+        return self.trainable * 2 * moment_bytes
 
     @property
     def tokens(self) -> int:
@@ -206,8 +206,8 @@ class ModelEstimate(_Totals):
 
     @property
     def layer_backward(self) -> int:
-        p = DTYPE_BYTES[self.setup.dtype]
-        return self.tokens * (2 * p * self.traced.ffn_dim + p * self.traced.d_model)
+        act_bytes = DTYPE_BYTES[self.setup.dtype]
+        return self.tokens * (2 * act_bytes * self.traced.ffn_dim + act_bytes * self.traced.d_model)
 
     @property
     def checkpoint(self) -> int:
@@ -215,12 +215,12 @@ class ModelEstimate(_Totals):
 
     @property
     def activations(self) -> int:
-        t = self.traced
-        head = t.saved_head + self.ce_backward
+        traced = self.traced
+        head = traced.saved_head + self.ce_backward
         if self.setup.gradient_checkpointing:
-            one = t.saved_layers // max(t.n_layers, 1)
-            return self.checkpoint + t.logits + max(head, one + self.layer_backward)
-        return t.saved_layers + t.logits + max(head, self.layer_backward)
+            one_layer = traced.saved_layers // max(traced.n_layers, 1)
+            return self.checkpoint + traced.logits + max(head, one_layer + self.layer_backward)
+        return traced.saved_layers + traced.logits + max(head, self.layer_backward)
 
 
 def hf_config(path):
@@ -252,5 +252,5 @@ def model_alternatives(path, setup: Setup, lora_targets: list[str] | None = None
     """`alternatives` for a `model.path` model: its config.json read once for all the rows."""
     cache: dict = {}
     conf = conf if conf is not None else hf_config(path)
-    return _alternatives(setup, lambda st: estimate_model(path, st, lora_targets if st.lora else None, _cache=cache,
-                                                          conf=conf))
+    return _alternatives(setup, lambda other: estimate_model(path, other, lora_targets if other.lora else None,
+                                                             _cache=cache, conf=conf))
