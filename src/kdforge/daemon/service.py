@@ -7,7 +7,8 @@ oldest settled file; each batch resumes from the newest checkpoint (`Resuming fr
 checkpoint-N`: global_step, optimizer and scheduler carry over) and trains its own file from its
 first example (or, after a crash, from the data position the checkpoint saved: nothing twice,
 nothing skipped); checkpoints every `save_steps` and at its end, rotation to `save_total_limit`;
-only then does the file leave, and only if it still holds the bytes that were trained. Between
+only then does the file leave, and only if it still holds the bytes that were trained (one batch,
+start to finish or rollback, is a `ClaimedBatch`: claimed_batch.py). Between
 steps and batches: the daily snapshot, consolidation. `.stop`, SIGTERM or SIGINT: finish the step,
 save, status `stopped`, return 0.
 
@@ -36,23 +37,21 @@ from typing import Callable
 
 import torch
 
-from kdforge.config import Config, check_config
+from kdforge.config import Config
+from kdforge.config_checks import check_config
 from kdforge.daemon import consolidate
 from kdforge.daemon.batch_state import BatchState
+from kdforge.daemon.claimed_batch import ClaimedBatch
 from kdforge.daemon.dailylog import DailyLog
 from kdforge.daemon.heldout import HeldOut, describe, lowest, status_fields
 from kdforge.daemon.infra import InfrastructureError, infrastructure_fault
-from kdforge.daemon.inbox import (BaseDirLock, Fingerprint, batch_files, claim, claim_parts, fingerprint, move_to,
-                                  next_ready, read_batch, reject, scan, shown)
+from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, next_ready, reject, scan, shown
 from kdforge.daemon.layout import Layout
 from kdforge.daemon.snapshot import list_snapshots, snapshot_due, take_snapshot, time_reached
 from kdforge.daemon.status import StatusFile
 from kdforge.errors import ConfigError, DataError, KdforgeError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
-from kdforge.train.data_stream import DataStream
-from kdforge.train.loop import Hooks, train_steps
-from kdforge.train.on_policy import OnPolicy
 from kdforge.train.reporters import Reporters, check_installed
 from kdforge.train.schedule import LRMultiplier
 from kdforge.train.session import Session, StopFlag, build_session
@@ -60,10 +59,6 @@ from kdforge.train.session import Session, StopFlag, build_session
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
 MACHINE_RETRY_MAX_S = 60.0  # longest wait between tries after a full disk (the wait doubles from poll_interval)
 UNKNOWN = ("?", -1)  # in_memory after a failed batch: equal to no checkpoint, and not the fresh base either
-PROMPT_ONLY_REFUSED = ("a prompt with no answer (a prompt-only line): the daemon trains such lines on-policy only "
-                       "(the student answers, the teacher scores): configure on_policy (on_policy.fraction > 0 "
-                       "with teacher.path or teacher.url), or add the teacher's answer (teacher_text, completion)")
-MAX_LINES_NAMED = 20  # bad lines of one file named in the log and its reason; a million would drown both
 
 
 def _data_faults() -> tuple[type[BaseException], ...]:
@@ -75,12 +70,6 @@ def _data_faults() -> tuple[type[BaseException], ...]:
 
 
 DATA_FAULTS = _data_faults()
-
-
-def batch_steps(n_examples: int, epochs: float, micro_batch: int, grad_accum: int) -> int:
-    """Optimizer steps one batch file takes (the stream draws ceil(epochs * n) examples)."""
-    micro_batches = math.ceil(math.ceil(epochs * n_examples) / micro_batch)
-    return math.ceil(micro_batches / grad_accum)
 
 
 class Daemon:
@@ -128,7 +117,7 @@ class Daemon:
             self.log.info(f"daemon started: pid {os.getpid()}, base dir {self.paths.base}")
             self.status.update(status="starting")
             self._setup()
-            while not self._stop_requested():
+            while not self.stop_requested():
                 self._housekeeping()
                 path, wait = self._next_batch()
                 if path is not None:
@@ -174,7 +163,8 @@ class Daemon:
         finally:
             self.log.echo = shown_too
 
-    def _stop_requested(self) -> bool:
+    def stop_requested(self) -> bool:
+        """Whether `.stop` or a signal asked the daemon to stop (logged, and the status set, once)."""
         why = (f"signal {signal.Signals(self.stop_flag.signum).name}" if self.stop_flag()
                else ".stop file" if self.paths.stop_file.exists() else None)
         if why and not self._stop_logged:
@@ -186,7 +176,7 @@ class Daemon:
     def _idle(self, wait: float | None) -> None:
         self.status.update(status="idle", current_file=None, batch_queue_size=len(batch_files(self.paths.inbox)))
         deadline = time.monotonic() + min(self.daemon_cfg.poll_interval, wait if wait is not None else math.inf)
-        while time.monotonic() < deadline and not self._stop_requested():
+        while time.monotonic() < deadline and not self.stop_requested():
             time.sleep(0.05)
 
     # ============================================================================ setup
@@ -200,19 +190,19 @@ class Daemon:
         check_installed(self.train_cfg.report_to)  # before any model loads
         ckpt.cleanup_partial(self.paths.checkpoints)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        configured = self._configured_base()
+        configured = self.configured_base()
         tok_from = self.cfg.io.tokenizer_path or (newest if newest and (newest / "tokenizer_config.json").is_file()
                                                   else configured)
         tokenizer = load_tokenizer(str(tok_from))
         if self.daemon_cfg.eval_file:  # before any model: a bad file stops the start at once
             self.heldout = HeldOut(self.daemon_cfg.eval_file, tokenizer, self.seq_len, self.daemon_cfg.eval_greedy)
         if newest is None:
-            self._open_session(configured, tokenizer)
+            self.open_session(configured, tokenizer)
             self.log.info(f"no checkpoint in {self.paths.checkpoints}: the first batch starts from "
                           f"{configured} at step 0")
         else:
-            self._open_session(self._saved_base(newest), tokenizer)
-            self._load_checkpoint(newest)
+            self.open_session(self._saved_base(newest), tokenizer)
+            self.load_checkpoint(newest)
             base = self.batch.base_model
             if self.batch.generation == 0 and base != configured:
                 self.log.warning(f"daemon.base_model is {configured} but {newest.name} was trained on {base}: "
@@ -258,7 +248,8 @@ class Daemon:
         device = self.session.device
         return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
-    def _configured_base(self) -> str:
+    def configured_base(self) -> str:
+        """The base model folder the config names (daemon.base_model, else model.path), resolved."""
         base = self.daemon_cfg.base_model or self.cfg.model.path
         if not base:
             raise ConfigError([("daemon.base_model", "set the base model folder the daemon trains")])
@@ -266,14 +257,14 @@ class Daemon:
 
     def _saved_base(self, path: Path) -> str:
         """The base folder checkpoint `path` was trained on."""
-        return BatchState.from_extra(ckpt.read_state(path).extra).base_model or self._configured_base()
+        return BatchState.from_extra(ckpt.read_state(path).extra).base_model or self.configured_base()
 
     def _schedule(self) -> LRMultiplier:
         """Open-ended: total_steps None, so neither kind ever decays."""
         warmup = self.train_cfg.warmup_steps if self.daemon_cfg.schedule == "wsd" else 0
         return LRMultiplier(self.daemon_cfg.schedule, warmup, None)
 
-    def _open_session(self, base: str, tokenizer) -> None:
+    def open_session(self, base: str, tokenizer) -> None:
         """A fresh run on `base` at step 0 (seeded as every start is): student, optimizer, schedule."""
         self.session = None  # free the old student before the new one loads
         self.session = build_session(self.cfg, model_path=base, tokenizer=tokenizer, schedule=self._schedule(),
@@ -283,7 +274,7 @@ class Daemon:
         self.in_memory = None
         self._show_heldout()
 
-    def _load_checkpoint(self, path: Path, new_student: bool = False) -> None:
+    def load_checkpoint(self, path: Path, new_student: bool = False) -> None:
         """Weights, optimizer, scheduler, RNG and state from `path`, on the base it names (a new
         student if that differs from the loaded one, or if `new_student`: the loaded one is spent)."""
         base = self._saved_base(path)
@@ -328,7 +319,8 @@ class Daemon:
             self._named.add(path.name)
             self.log.warning(message)
 
-    def _queue_size(self, force: bool = False) -> int:
+    def queue_size(self, force: bool = False) -> int:
+        """Batches waiting in inbox/, recounted at most every QUEUE_RESCAN_S unless `force`."""
         if force or time.monotonic() - self._queue_checked > QUEUE_RESCAN_S:
             self._queue_checked = time.monotonic()
             self.status.data["batch_queue_size"] = len(batch_files(self.paths.inbox))
@@ -340,40 +332,25 @@ class Daemon:
         self.log.warning(f"rejected {shown(name or path.name)} -> {shown(str(dest))} "
                          f"(reason in {shown(dest.name)}.reason): {first}")
 
-    def _finish_file(self, path: Path, name: str) -> str:
-        """The batch is saved: the file leaves the inbox (deleted, or archived), unless it is not
-        the file that was trained (a writer went on after the claim): then nothing is deleted."""
-        now, b = fingerprint(path), self.batch
-        if (now.size, now.sha256) != (b.batch_bytes, b.batch_sha256):
-            raise DataError(f"changed after it was claimed (a writer went on writing): {b.batch_bytes:,} bytes "
-                            f"were trained, it now holds {now.size:,}; the batch was rolled back and the file "
-                            "kept whole: write it elsewhere, then move it into inbox/ when complete", shown(name))
-        dc = self.daemon_cfg
-        if dc.delete_processed:
-            path.unlink()
-            return "deleted"
-        dest = move_to(path, Path(dc.archive_dir) if dc.archive_dir else self.paths.processed, name)
-        return f"archived to {shown(str(dest))}"
-
     # ============================================================================ one batch
 
     def _train_batch(self, path: Path) -> None:
         """Train one claimed file. Whatever goes wrong with it (its data, or a bug its data
         triggers), the batch is rolled back to the checkpoint it started from and rejected with
         the reason: one file never stops the queue."""
-        claim_id, name = claim_parts(path)
+        batch = ClaimedBatch(self, path)
         try:
-            finished = self._train_claimed(path, claim_id, name)
+            finished = batch.train()
         except Exception as e:  # noqa: BLE001 - see the docstring; a bug of ours still logs its traceback
             machine = infrastructure_fault(e)
             if machine is not None:  # a full disk, no descriptors: the data is fine, keep it
-                self._machine_refused(name, machine)
+                self._machine_refused(batch.name, machine)
             elif isinstance(e, KdforgeError) and not isinstance(e, DataError):
                 raise  # the config or the base dir, not this file: the daemon cannot go on
             elif isinstance(e, DataError):
-                self._fail(path, claim_id, name, str(e), None)
+                self._fail(batch, str(e), None)
             else:
-                self._fail(path, claim_id, name, f"{type(e).__name__}: {e}", e)
+                self._fail(batch, f"{type(e).__name__}: {e}", e)
         else:
             self._machine_failures = 0
             # Outside the try: once the file has left the inbox its batch is saved for good, so
@@ -406,9 +383,9 @@ class Daemon:
         except OSError:
             pass  # the status cannot be written either: the log line (or stdout) says it
         deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and not self._stop_requested():
+        while time.monotonic() < deadline and not self.stop_requested():
             time.sleep(0.05)
-        if not self._stop_requested():
+        if not self.stop_requested():
             self._note(self.log.info, f"retrying {shown(name)} from {since}")
 
     def _note(self, write, message: str) -> None:
@@ -419,198 +396,24 @@ class Daemon:
             if self.log.echo:
                 self.log.echo(message)
 
-    def _fail(self, path: Path, claim_id: str | None, name: str, reason: str, exc: Exception | None) -> None:
+    def _fail(self, batch: ClaimedBatch, reason: str, exc: Exception | None) -> None:
+        """Roll the failed batch back (if it trained past its start) and move its file to rejected/."""
+        name = batch.name
         if exc is not None:
             ours = not isinstance(exc, DATA_FAULTS)  # e.g. an AttributeError: a bug the data triggered
             (self.log.error if ours else self.log.warning)(f"batch {shown(name)} failed in training: {reason}", exc)
-        rolled = claim_id is not None and self.batch.claim_id == claim_id
+        rolled = batch.owns_loaded_state()
         if rolled:
-            self._roll_back()
-        self._reject(path, reason + ("\nRolled back: the model, optimizer, scheduler and RNG are as before this "
-                                     f"batch (global_step {self.state.global_step})." if rolled else ""), name)
+            batch.roll_back()
+        back = (f"\nRolled back: the model, optimizer, scheduler and RNG are as before this batch "
+                f"(global_step {self.state.global_step})." if rolled else "")
+        self._reject(batch.path, reason + back, name)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)  # the batch's own are gone: never name one
         self.status.update(status="idle", current_file=None, current_step=self.state.global_step,
                            last_checkpoint=newest.name if newest else None)
 
-    def _roll_back(self) -> None:
-        """Undo the current batch: its checkpoints go, the one it started from is loaded again
-        (from the hard-linked copy in .batch_start/ if save_total_limit rotated it out)."""
-        start = self.batch.batch_start_step
-        target = self.paths.checkpoints / f"checkpoint-{start}"
-        kept = self.paths.batch_start / target.name
-        # The start checkpoint comes back before the batch's own go: a kill in between leaves a
-        # checkpoint of this claim as the newest, so the next start meets the failure and rolls back again.
-        if not ckpt.is_complete(target) and ckpt.is_complete(kept):
-            tmp = self.paths.checkpoints / f".tmp-checkpoint-{start}-restore"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(kept, tmp, copy_function=os.link)
-            os.rename(tmp, target)
-        for p in ckpt.list_checkpoints(self.paths.checkpoints):
-            if (ckpt.checkpoint_step(p) or 0) > start:
-                shutil.rmtree(p)
-        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if newest is not None:
-            self._load_checkpoint(newest)
-        else:  # the batch began on the fresh base: rebuild it as the start did
-            self._open_session(self._configured_base(), self.session.tokenizer)
-        self.reporters.rewind(self.state.global_step)  # the failed batch's points leave the curves
-        self.log.info(f"rolled back to {newest.name if newest else 'the fresh base'} "
-                      f"(global_step {self.state.global_step})")
-
-    def _keep_start(self) -> None:
-        """Hard-link the checkpoint this batch starts from into .batch_start/ (its rollback point)."""
-        shutil.rmtree(self.paths.batch_start, ignore_errors=True)
-        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if newest is not None and ckpt.checkpoint_step(newest) == self.state.global_step:
-            self.paths.batch_start.mkdir(parents=True)
-            shutil.copytree(newest, self.paths.batch_start / newest.name, copy_function=os.link)
-
-    def _load_batch(self, path: Path, name: str):
-        """The claimed file as a dataset, read once through a checked descriptor. Prompt-only lines
-        (a prompt, no answer) train on-policy only: without `on_policy` they are bad lines that say so."""
-        from kdforge.data.dataset import KDDataset
-        from kdforge.train.on_policy import without_answers
-
-        records, problems, fp = read_batch(path, shown(name), self.daemon_cfg.max_batch_bytes, prompt_only=True)
-        op = self.cfg.on_policy
-        if op.fraction <= 0 and any(r.prompt_only for r in records):
-            problems = sorted(problems + [DataError(PROMPT_ONLY_REFUSED, shown(name), r.line)
-                                          for r in records if r.prompt_only], key=lambda e: e.line or 0)
-            records = [r for r in records if not r.prompt_only]
-        for problem in problems[:MAX_LINES_NAMED]:
-            self.log.warning(f"skipped bad line {problem}")
-        more = (f"\n... and {len(problems) - MAX_LINES_NAMED} more bad lines (kdforge data validate lists them all)"
-                if len(problems) > MAX_LINES_NAMED else "")
-        if more:
-            self.log.warning(more.strip())
-        if not records:
-            reasons = "\n".join(str(p) for p in problems[:MAX_LINES_NAMED]) + more or f"{shown(name)}: no records"
-            raise DataError(f"no usable line in {shown(name)} ({len(problems)} bad):\n{reasons}")
-        # Stored top-k only serve off-policy steps: none when every step is on-policy (as kdforge train).
-        answered = [r for r in records if not r.prompt_only]
-        with_topk = self.session.with_topk and op.fraction < 1 and bool(answered)
-        # Kept in BASE/.store/ by the bytes read: a restart mid-batch maps it instead of tokenising again.
-        ds = KDDataset(path, tokenizer=self.session.tokenizer, max_seq_length=self.seq_len,
-                       with_topk=with_topk, strict=False, records=records,
-                       topk_optional=bool(self.session.cfg.teacher.url),  # teacher.url scores the rest
-                       settings={"prompt_only": True, "reasoning": self.session.cfg.io.reasoning,  # as kdforge train
-                                 "alignment": {"cross_tokenizer": self.session.cfg.loss.cross_tokenizer}},
-                       store_dir=self.paths.base / ".store",
-                       fingerprints=[{"file": shown(name), "size": fp.size, "sha256": fp.sha256}])
-        ds.problems = problems
-        ds.prompts_only = without_answers(ds, records) == len(records)
-        return ds, fp
-
-    def _resume_point(self, claim_id: str | None, name: str, fp: Fingerprint) -> dict | None | bool:
-        """Load the newest checkpoint if memory differs. True: this very claim was trained and saved
-        already; a dict: its data position (it was cut short); None: a new batch."""
-        newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if newest is None:
-            if self.in_memory is not None:  # trained past the fresh base by a batch that failed
-                self._open_session(self._configured_base(), self.session.tokenizer)
-            return None
-        saved_state = ckpt.read_state(newest)
-        saved = BatchState.from_extra(saved_state.extra)
-        same = (saved.claim_id == claim_id if claim_id is not None  # no id: claimed by an older daemon
-                else saved.claim_id is None and (saved.batch_file, saved.batch_sha256) == (name, fp.sha256))
-        if self.in_memory != (newest.name, saved_state.global_step):
-            self._load_checkpoint(newest)
-        if same and (saved.batch_sha256, saved.batch_bytes) not in ((fp.sha256, fp.size), (fp.sha256, None)):
-            raise DataError(f"changed since it was claimed (now {fp.size:,} bytes, {saved.batch_bytes} when "
-                            "training began); the batch was rolled back and the file kept whole: drop it "
-                            "again when it is complete", shown(name))
-        if same and saved.batch_done:
-            return True
-        self.log.info(f"Resuming from checkpoint: {newest.name}")
-        return self.state.data_position if same else None
-
-    def _train_claimed(self, path: Path, claim_id: str | None, name: str) -> bool:
-        """True when the batch is trained, saved and its file has left the inbox."""
-        t0 = time.perf_counter()
-        ds, fp = self._load_batch(path, name)
-        position = self._resume_point(claim_id, name, fp)
-        st, b = self.state, self.batch
-        if position is True:  # died after the final save, before the file left
-            how = self._finish_file(path, name)
-            self.log.info(f"{shown(name)} was already trained (checkpoint-{st.global_step}); file {how}")
-            return True
-        if position is None:
-            self._keep_start()
-            b.batch_number += 1
-            b.batch_file, b.claim_id, b.batch_sha256, b.batch_bytes = name, claim_id, fp.sha256, fp.size
-            b.batch_done, b.batch_start_step = False, st.global_step
-            b.batches.append({"number": b.batch_number, "file": name, "start_step": st.global_step})
-        tc, epochs = self.train_cfg, self.daemon_cfg.epochs_per_batch
-        stream = DataStream(ds, tc.micro_batch_size, tc.seed + b.batch_number, max_epochs=epochs, name=shown(name))
-        if position:
-            stream.restore(position)
-        n_steps = batch_steps(len(ds), epochs, tc.micro_batch_size, tc.grad_accum)
-        start, end = b.batch_start_step, b.batch_start_step + n_steps
-        where = (f"continuing at step {st.global_step} (example {position['consumed']} of the batch)"
-                 if position else f"global steps {start} -> {end}")
-        kind = ", prompts only: every step on-policy" if ds.prompts_only else ""
-        self.log.info(f"Batch {b.batch_number} start: {shown(name)} ({len(ds)} examples, "
-                      f"{len(ds.problems)} bad lines skipped{kind}), {n_steps} steps, {where}")
-        self.status.update(status="training", current_file=shown(name), batch_number=b.batch_number,
-                           current_step=st.global_step, total_steps=end, batch_step=st.global_step - start,
-                           batch_steps=n_steps, batch_queue_size=self._queue_size(force=True))
-        first_loss = self._run_steps(stream, start, ds.prompts_only)
-        if not stream.exhausted():
-            self.log.info(f"Batch {b.batch_number} interrupted at step {st.global_step}: {shown(name)} stays in "
-                          "inbox/.claimed/ and continues from its saved data position on the next start")
-            return False
-        how = self._finish_file(path, name)
-        last = next((h["loss"] for h in reversed(st.log_history) if "loss" in h), float("nan"))  # not an eval record
-        self.log.info(f"Batch {b.batch_number} done: {shown(name)}, global_step {st.global_step}, "
-                      f"loss {first_loss if first_loss is not None else float('nan'):.4f} -> {last:.4f}, "
-                      f"{time.perf_counter() - t0:.1f}s; file {how}")
-        return True
-
-    def _run_steps(self, stream: DataStream, start: int, prompts_only: bool = False) -> float | None:
-        """Train the stream to its end (or a stop request), saving as configured; the first loss.
-        `prompts_only`: a batch of prompts alone, trained on-policy at every step."""
-        first_loss = None
-
-        def on_log(rec: dict) -> None:
-            nonlocal first_loss
-            loss = rec.get("loss", rec.get("loss_on_policy"))  # an on-policy step logs its own quantity
-            first_loss = loss if first_loss is None else first_loss
-            policy = (f" on-policy ({rec.get('answer_tokens', 0)} answer tokens scored by the teacher"
-                      + (f", ${rec['teacher_usd']:.6f}" if rec.get("teacher_usd") else "") + ")"
-                      if rec.get("on_policy") else "")
-            self.log.info(f"step {rec['step']} loss {loss:.4f} lr {rec['lr']:.3g} "
-                          f"{rec.get('tokens_per_s', 0):,.0f} tok/s{policy}")
-            self.reporters.log(rec["step"], rec)
-
-        def on_step(state: TrainState, rec: dict) -> None:
-            self.status.update(current_step=state.global_step, batch_step=state.global_step - start,
-                               loss=rec.get("loss", rec.get("loss_on_policy")), learning_rate=rec["lr"],
-                               tokens_per_s=rec.get("tokens_per_s", self.status.data["tokens_per_s"]),
-                               batch_queue_size=self._queue_size())
-            if self.progress:
-                self.progress(self.status.data)
-
-        def save(state: TrainState) -> None:
-            self.batch.batch_done = stream.exhausted()
-            if self.batch.batch_done:  # scored into the batch's final checkpoint: rolled back with it
-                self._evaluate(f"batch {self.batch.batch_number}")
-            self._save(state)
-
-        s = self.session
-        # Built per batch: a consolidation gives the session a new student, which the sampler must use.
-        on_policy = OnPolicy.from_session(s, self.log.info, state_dir=self.paths.base / "on_policy",
-                                          fraction=1.0 if prompts_only else None)
-        try:
-            train_steps(s.objective, s.optimizer, s.scheduler, stream, self.state, s.loop, until_step=None,
-                        seq_len_at=lambda step: self.seq_len, device=s.device, amp_dtype=s.amp_dtype,
-                        hooks=Hooks(on_log=on_log, on_step=on_step, save=save, should_stop=self._stop_requested),
-                        on_policy=on_policy)
-        finally:
-            if on_policy is not None:
-                on_policy.close()
-        return first_loss
-
-    def _save(self, state: TrainState) -> None:
+    def save(self, state: TrainState) -> None:
+        """A checkpoint of the loaded state with the BatchState in it; the status and log name it."""
         t0 = time.perf_counter()
         state.extra = self.batch.into_extra(state.extra)
         path = self.session.save(self.paths.checkpoints, state, self.daemon_cfg.save_total_limit)
@@ -619,7 +422,7 @@ class Daemon:
         self.status.update(last_checkpoint=path.name)
         self._snapshot_if_due()
 
-    def _evaluate(self, after: str) -> None:
+    def evaluate(self, after: str) -> None:
         """Score the held-out data (daemon.eval_file) into log_history, the status and the log."""
         if self.heldout is None:
             return
@@ -638,7 +441,7 @@ class Daemon:
             self.status.update(**status_fields(self.state.log_history, self.batch.heldout_first))
 
     def _after_batch(self) -> None:
-        self.status.update(status="idle", current_file=None, batch_queue_size=self._queue_size(force=True))
+        self.status.update(status="idle", current_file=None, batch_queue_size=self.queue_size(force=True))
         every = self.daemon_cfg.consolidate_every_batches
         if every and self.batch.batch_number % every == 0:
             self._consolidate(f"every {every} batch(es)")
@@ -683,14 +486,14 @@ class Daemon:
         except Exception as e:  # noqa: BLE001 - fall back to the previous base, which is untouched
             self.log.error(f"consolidation failed ({e}); continuing on {old_base}", e)
             shutil.rmtree(out, ignore_errors=True)
-            self._load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints), new_student=True)
+            self.load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints), new_student=True)
             self.status.update(status="idle")
             return
         b.base_model, b.generation, b.consolidated_step = str(out), gen, step
         b.consolidated_on = f"{self.now():%Y%m%d}"
         b.consolidations.append({"generation": gen, "step": step, "base_model": str(out)})
-        self._evaluate(f"consolidation {gen}")
-        self._save(self.state)  # replaces checkpoint-{step}: same step, new base, fresh adapter
+        self.evaluate(f"consolidation {gen}")
+        self.save(self.state)  # replaces checkpoint-{step}: same step, new base, fresh adapter
         holders = ckpt.list_checkpoints(self.paths.checkpoints) + list_snapshots(self.paths.snapshots)
         gone = consolidate.prune_bases(self.paths.bases, {str(out)}, holders)
         self.log.info(f"Consolidated ({why}): adapter merged into {out} at global_step {step} "
