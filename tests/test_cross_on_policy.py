@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_env, run_cli, synthetic_records
+from conftest import cli_env, run_cli, synthetic_records, write_jsonl
 from train_helpers import metrics
 
 KEY_ENV = "KDFORGE_CROSS_KEY"
@@ -268,7 +268,6 @@ def test_train_on_policy_with_a_teacher_of_another_tokenizer(tmp_path, other_tok
     """`kdforge train` with the student on its own tokenizer: over teacher.url (kdforge serve) and
     with teacher.path in-process, on-policy steps train on carried teacher rows (a finite KD on
     teacher-covered tokens)."""
-    from conftest import write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{**r, "prompt": r["prompt"] + " — ça 東京"}
                                               for r in synthetic_records(16)])
@@ -282,3 +281,25 @@ def test_train_on_policy_with_a_teacher_of_another_tokenizer(tmp_path, other_tok
         # a random student samples bytes that are no UTF-8 (cut there, unscored): some steps have few rows
         assert all(m[s]["on_policy"] and math.isfinite(m[s].get("kd_on_policy", m[s].get("kd", 0))) for s in m), m
         assert sum(m[s]["kd_tokens"] for s in m) > 0, m
+
+
+def test_a_local_teacher_with_a_smaller_vocabulary_is_not_refused_when_carried(tmp_path, tiny_model_dir):
+    """teacher.path with fewer tokens than the student's own tokenizer: its rows are carried by
+    bytes (cross_tokenizer auto), so the config is valid; with cross_tokenizer off it is exit 2."""
+    from kdforge.config import from_dict
+    from kdforge.data.tokenizer import train_tokenizer
+    from kdforge.errors import ConfigError
+
+    tok = tmp_path / "wide_tok"
+    train_tokenizer([f"{w} {i}" for i in range(400) for w in ("ça", "東京", "🙂", "alpha")], 600, tok, min_frequency=1)
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(4))
+
+    def cfg(mode: str) -> dict:
+        return {"model": {"preset": "toy", "max_seq_len": 64, "vocab_size": 640},
+                "io": {"tokenizer_path": str(tok), "train_shards": [str(data)], "output_dir": str(tmp_path / "o")},
+                "teacher": {"path": str(tiny_model_dir)}, "on_policy": {"fraction": 1.0},
+                "loss": {"kind": "rkl", "cross_tokenizer": mode}, "train": {"max_steps": 1, "seq_lengths": [64]}}
+
+    from_dict(cfg("auto"), check_files=True)
+    with pytest.raises(ConfigError, match="loss.cross_tokenizer"):
+        from_dict(cfg("off"), check_files=True)

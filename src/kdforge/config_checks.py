@@ -123,9 +123,17 @@ def _teacher(cfg: Config, student_vocab: int | None, p: Problems) -> None:
     elif cfg.loss.kind != "ce":
         tv = _model_vocab(str(tp))
         # wider is a padded embedding (or another tokenizer, carried by bytes): trained on the shared ids
-        if student_vocab and tv is not None and tv < student_vocab:
-            p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}): "
-                      "logit KD needs the same tokenizer on both sides"))
+        # narrower: another tokenizer, whose rows loss.cross_tokenizer auto carries by bytes (train/cross_scoring.py)
+        # when the teacher folder has its tokenizer to read the student's text with
+        narrower = bool(student_vocab and tv is not None and tv < student_vocab)
+        if narrower and not any((tp / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            p.append(("teacher.path", f"teacher vocabulary ({tv}) differs from the student's ({student_vocab}) and "
+                      f"{tp} has no tokenizer to carry its rows by bytes: logit KD needs the same tokenizer on both "
+                      "sides, or the teacher's own tokenizer saved in its folder"))
+        elif narrower and cfg.loss.cross_tokenizer == "off":
+            p.append(("loss.cross_tokenizer", f"off, and the teacher.path vocabulary ({tv}) differs from the student's "
+                      f"({student_vocab}): set loss.cross_tokenizer: auto (its rows carried onto the student's "
+                      "tokens by bytes) or use the same tokenizer on both sides"))
 
 
 def _on_policy_problems(cfg: Config, for_run: bool) -> Problems:
