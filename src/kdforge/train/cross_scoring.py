@@ -304,6 +304,7 @@ class LocalCrossTeacher:
     student: StudentSide
     top_k: int = 20
     stats: CrossStats = field(default_factory=CrossStats)
+    log: object = None  # said once, after the first batch: how many of its answer tokens lined up 1:1
     cross_tokenizer = True  # what DistillObjective asks before calling attach
 
     def __post_init__(self):
@@ -378,6 +379,9 @@ class LocalCrossTeacher:
         _attach_scores(batch, per_row)
         for k in ("topk_ids", "topk_logprobs"):
             batch[k] = batch[k].to(batch["input_ids"].device)
+        if self.log:
+            self.log(f"first batch: {self.stats.line()}")
+            self.log = None
         return batch
 
 
@@ -429,7 +433,7 @@ def local_teacher(cfg, model, student_tokenizer, log=print):
         log(f"teacher.path has its own tokenizer ({len(tok):,} tokens; the student's {len(student_tokenizer):,}): "
             f"it scores the student's text in its tokens, its top-{cfg.teacher.top_logprobs} carried onto the "
             "student's tokens by bytes")
-    return LocalCrossTeacher(model, tok, StudentSide(student_tokenizer), cfg.teacher.top_logprobs)
+    return LocalCrossTeacher(model, tok, StudentSide(student_tokenizer), cfg.teacher.top_logprobs, log=log)
 
 
 def _tokenize(scorer, text: str) -> list[int] | None:
