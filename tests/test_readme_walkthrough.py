@@ -174,3 +174,19 @@ def test_first_hour_prompt_lines_run_as_written(tmp_path):
     assert all(p.startswith("Sort: ") for p in train + held)
     letter_sets = {frozenset(p.split()[1:]) for p in train}
     assert not letter_sets & {frozenset(p.split()[1:]) for p in held}
+
+
+def test_every_command_of_the_commands_table_exists_with_its_flags():
+    """The table's `kdforge ...` forms (placeholders like FILE, [optional] parts): each names a real
+    command, and each flag it shows is that command's."""
+    table = section(readme(), "Commands")
+    forms = re.findall(r"`(kdforge [^`]+)`", table)
+    assert len(forms) >= 18, forms
+    for form in forms:
+        words = [w for w in re.split(r"[\s\[\]]+", form.replace("\\|", "|"))[1:] if w]
+        cmd, names, _ = resolve(words)
+        assert not hasattr(cmd, "commands"), form
+        flags = {o for p in cmd.params for o in p.opts + p.secondary_opts}
+        for w in words:
+            if w.startswith("-") and w != "...":
+                assert w in flags, f"`{form}`: `{' '.join(names)}` has no flag {w}"
