@@ -83,3 +83,18 @@ def test_teacher_over_http_scores_tokens(tiny_model_dir, tmp_path, data, monkeyp
     assert same.kl_teacher == "url" and same.kl == pytest.approx(0.0, abs=1e-5)
     assert same.kl_tokens == same.tokens  # the server scores the EOS too
     assert dense.kl_teacher == "dense" and 0 < apart.kl <= dense.kl
+
+
+def test_teacher_over_http_with_another_tokenizer_is_exit_2_not_a_wrong_kl(tiny_model_dir, data):
+    """Eval over HTTP sends the student's ids: a teacher with another tokenizer (the demo's, served)
+    would score other tokens (a KL of 10.7 nats against 0.06 from the stored top-k). Refused, naming it."""
+    from kdforge.demo import TEACHER_DIR
+    from kdforge.errors import UsageError
+    from kdforge.serve.launch import launch
+
+    with launch(TEACHER_DIR, env=cli_env()) as server:
+        with pytest.raises(UsageError, match="another tokenizer than the student") as e:
+            evaluate_model(tiny_model_dir, data, server.base_url, greedy=False, device="cpu", top_k=5)
+        assert server.base_url in str(e.value)
+        same = evaluate_model(TEACHER_DIR, data, server.base_url, greedy=False, device="cpu", top_k=5)
+    assert same.kl_teacher == "url" and same.kl == pytest.approx(0.0, abs=1e-5)

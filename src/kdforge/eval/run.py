@@ -258,6 +258,24 @@ def _same_vocab(student_tok, teacher_tok, teacher_dir) -> None:
                          f"{len(student_tok)} tokens): logit KL needs the same tokenizer on both sides")
 
 
+def _same_tokens_over_http(student_tok, scorer, url) -> None:
+    """Scoring over HTTP sends the student's ids: a teacher with another tokenizer would score other
+    tokens and give a KL of nonsense (10.7 nats where the stored top-k gave 0.06). Where the server
+    tokenizes (vLLM's and kdforge serve's /tokenize, free), a probe of accents, CJK and emoji must
+    come back as the student's ids, else exit 2."""
+    from kdforge.data.dataset import prompt_text
+    from kdforge.train.cross_scoring import PROBE, _tokenize
+
+    text = prompt_text(student_tok, PROBE)
+    theirs = _tokenize(scorer, text)
+    if theirs is not None and theirs != student_tok(text)["input_ids"]:
+        scorer.close()
+        raise UsageError(f"--teacher {url} has another tokenizer than the student: eval scores the student's token "
+                         "ids, so its KL would compare other tokens. Leave --teacher out (the KL against the top-k "
+                         "stored in the data, carried onto the student's tokens by bytes) or evaluate a student "
+                         "on the teacher's tokenizer")
+
+
 def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str | Path], teacher: str | None = None,
                    *, base: str | None = None, device: str = "auto", max_records: int | None = None,
                    batch_size: int = 16, max_new_tokens: int | None = None, greedy: bool = True,
@@ -282,6 +300,7 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
         from kdforge.teacher.scoring import TokenScorer
 
         teacher_obj = scorer = TokenScorer(teacher, teacher_model, top_k, api_key_env)
+        _same_tokens_over_http(tokenizer, scorer, teacher)
     else:
         teacher_obj = None
     try:
