@@ -210,6 +210,9 @@ def test_a_batch_of_prompts_only_trains_on_policy_at_every_step(tmp_path, tiny_m
     on = [h["loss_on_policy"] for h in state.log_history if "loss_on_policy" in h]
     assert on and all(v > 0 for v in on)  # a teacher unlike the student
     assert "WARNING" not in log and not list((base / "rejected").iterdir())
+    # The batch's summary reads its own on-policy losses (it said "-> nan": no off-policy "loss" logged)
+    (done,) = [ln for ln in log.splitlines() if "Batch 1 done:" in ln]
+    assert f"-> {on[-1]:.4f}" in done, done
 
     drop(base, "mixed.jsonl", prompt_rows(4, seed=1) + batch(8, seed=2))
     state = run_in_process(base, cfg)

@@ -108,7 +108,10 @@ class ClaimedBatch:
                        "inbox/.claimed/ and continues from its saved data position on the next start")
             return False
         how = self.finish_file()
-        last = next((h["loss"] for h in reversed(st.log_history) if "loss" in h), float("nan"))  # not an eval record
+        # The batch's last training record (not an eval one), on- or off-policy as its first: a batch of
+        # prompts alone logs loss_on_policy only, and "loss" would be an earlier batch's or none.
+        last = next((h.get("loss", h.get("loss_on_policy")) for h in reversed(st.log_history)
+                     if "loss" in h or "loss_on_policy" in h), float("nan"))
         first = self.first_loss if self.first_loss is not None else float("nan")
         d.log.info(f"Batch {b.batch_number} done: {shown(name)}, global_step {st.global_step}, "
                    f"loss {first:.4f} -> {last:.4f}, {time.perf_counter() - t0:.1f}s; file {how}")
