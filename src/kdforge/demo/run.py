@@ -236,24 +236,20 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     `student_tokenizer` "own": one more on-policy student, on a tokenizer of its own."""
     from transformers.utils import logging as hf_logging
 
-    from kdforge.serve import launch
-
     import torch
 
     if student_tokenizer not in ("teacher", "own"):
         raise UsageError(f"--student-tokenizer {student_tokenizer!r}: use teacher or own")
     hf_logging.disable_progress_bar()  # no "Loading weights" bars between the demo's lines
 
+    # ---------------------------------------------------------------- setup
     s = FAST if fast else FULL
     t_start = time.perf_counter()
     if "OMP_NUM_THREADS" not in os.environ:
         # The demo's models are tiny: a second thread buys little and, on a busy 2-core machine,
         # makes each step several times slower (measured: scripts/distill_feasibility.py).
         torch.set_num_threads(1)
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kdforge-demo-"))
-    if work.exists() and any(work.iterdir()):
-        raise KdforgeError(f"--workdir {work} is not empty: give a new folder (the demo starts from nothing)")
-    work.mkdir(parents=True, exist_ok=True)
+    work = _new_workdir(workdir)
     info = teacher_info()
     students = students_of(s, student_tokenizer == "own")
     flags = f"{' --fast' if fast else ''}{' --batch' if batch else ''}"
@@ -262,72 +258,21 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     log(f"task: sort letters (e.g. 'Sort: q d m a x' -> 'a d m q x'); teacher {info.get('parameters', '?'):,} "
         f"params; {s.n_samples} teacher answers (a scarce budget); "
         f"{len(students)} students x {s.steps} steps")
-
-    prompts = work / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "source": "sort"}) + "\n"
-                               for r in make_prompts(s.n_samples, s.seed, "train")))
-    # on-policy prompts: more train-split prompts, no answers (a prompt costs nothing until scored)
-    pool = work / "on_policy_prompts.jsonl"
-    pool.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
-                            for r in make_prompts(s.n_pool, s.seed + 1, "train")))
+    prompts, pool = _write_prompts(work, s)
     os.environ[KEY_ENV] = secrets.token_hex(16)  # the server requires it; generate sends it
     times: dict[str, float] = {}
 
     # ---------------------------------------------------------------- teacher -> data
-    log("[1/5] starting kdforge serve on the teacher (127.0.0.1, free port)")
-    # One thread for the server: its batches of a 1M-parameter model gain nothing from a second,
-    # and two threads spin against the generate client (and anything else) on a 2-core machine.
-    with launch(TEACHER_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, api_key_env=KEY_ENV,
-                extra_args=["--batch-dir", str(work / "batches")] if batch else None) as server:
-        log(f"  {server.base_url} (model {server.model})")
-        log(f"[2/5] kdforge generate: {s.n_samples} answers, top-{s.top_k} logprobs, "
-            f"${PRICE_IN}/${PRICE_OUT} per M tokens (fictitious), budget ${BUDGET}")
-        gen = _generate(server, s, work, prompts, log, batch)
-        times["generate"] = gen["seconds"]
-    log(f"  {gen['samples']} samples, {gen['completion_tokens']:,} completion tokens, ${gen['cost_usd']:.4f}; "
-        "server stopped")
-
-    log("[3/5] kdforge data validate")
-    _validate(gen["path"], log)
+    gen = _teacher_data(work, s, prompts, log, batch)
+    times["generate"] = gen["seconds"]
 
     # ---------------------------------------------------------------- students
-    what = {OWN: "on-policy as student-op, on a tokenizer of its own (demo/own.py: other merges and ids); the "
-                 "teacher scores its text in the teacher's tokens, rows carried back onto its tokens by bytes",
-            "student-ce": "CE on the teacher's answers only",
-            "student-op": f"on-policy: on {s.on_policy_fraction:.0%} of steps the student answers {s.batch_size} "
-                          "free prompts and the teacher (in-process) scores its tokens, JSD; other steps CE",
-            "student-kd": f"CE + sparse top-{s.top_k} forward KL on the stored logprobs"}
-    jobs = min(2, os.cpu_count() or 1, len(students))
-    log(f"[4/5] training {len(students)} students x {s.steps} steps, {jobs} at a time (one thread each), "
-        "each then scored on the held-out prompts:")
-    for name in students:
-        log(f"  {name}: {what[name]}")
-    args = [(fast, str(work), str(gen["path"]), name, str(pool)) for name in students]
-    runs: dict[str, dict] = {}
     records = load_eval(s.n_eval)
     t0 = time.perf_counter()
-    if jobs > 1:  # on-policy (the longest) first: the other worker takes CE, then KD
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from multiprocessing import get_all_start_methods, get_context
-
-        # fork where there is one: a worker starts with torch and kdforge imported (spawn re-imports
-        # them, seconds of CPU each); this process has run no torch op on more than one thread
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's pool does not fork
-        ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
-        import kdforge.train.runner  # noqa: F401  (imported once, here, for the forked workers)
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
-            futs = [ex.submit(train_student, *a) for a in sorted(args, key=lambda a: a[3] not in ("student-op", OWN))]
-            acc_t = _accuracy(TEACHER_DIR, records, s)  # meanwhile, here
-            for f in as_completed(futs):
-                r = f.result()
-                runs[r["model"]] = r
-                log(_student_line(r))
-    else:
-        acc_t = _accuracy(TEACHER_DIR, records, s)
-        for a in args:
-            r = runs[a[3]] = train_student(*a)
-            log(_student_line(r))
+    runs, acc_t = _train_students(s, fast, work, gen, pool, students, records, log)
     times["students"] = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- results
     log(f"[5/5] exact-match accuracy on {len(records)} held-out prompts ({EVAL_FILE.name})")
     rows = [{"model": "teacher", "params": _n_params(TEACHER_DIR), "accuracy": acc_t,
              "tokens": gen["prompt_tokens"] + gen["completion_tokens"], "usd": gen["cost_usd"],
@@ -353,6 +298,89 @@ def run_demo(workdir: str | Path | None = None, fast: bool = False, log=print, b
     return {"rows": rows, "ratio_op": op["accuracy"] / acc_t if acc_t else 0.0,
             "ratio_ce": ce["accuracy"] / acc_t if acc_t else 0.0, "gap_closed": gap,
             "seconds": total, "workdir": str(work)}
+
+
+def _new_workdir(workdir: str | Path | None) -> Path:
+    """The demo's folder: the one given (it must be empty) or a new temp one (kept: it holds the report)."""
+    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="kdforge-demo-"))
+    if work.exists() and any(work.iterdir()):
+        raise KdforgeError(f"--workdir {work} is not empty: give a new folder (the demo starts from nothing)")
+    work.mkdir(parents=True, exist_ok=True)
+    return work
+
+
+def _write_prompts(work: Path, s) -> tuple[Path, Path]:
+    """The prompts the teacher answers, and the on-policy pool: more train-split prompts, no answers
+    (a prompt costs nothing until scored)."""
+    prompts = work / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"], "source": "sort"}) + "\n"
+                               for r in make_prompts(s.n_samples, s.seed, "train")))
+    pool = work / "on_policy_prompts.jsonl"
+    pool.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n"
+                            for r in make_prompts(s.n_pool, s.seed + 1, "train")))
+    return prompts, pool
+
+
+def _teacher_data(work: Path, s, prompts: Path, log, batch: bool) -> dict:
+    """Steps 1-3: serve the teacher, generate its answers (online or through the Batch API), validate."""
+    from kdforge.serve import launch
+
+    log("[1/5] starting kdforge serve on the teacher (127.0.0.1, free port)")
+    # One thread for the server: its batches of a 1M-parameter model gain nothing from a second,
+    # and two threads spin against the generate client (and anything else) on a 2-core machine.
+    with launch(TEACHER_DIR, env={**os.environ, "OMP_NUM_THREADS": "1"}, api_key_env=KEY_ENV,
+                extra_args=["--batch-dir", str(work / "batches")] if batch else None) as server:
+        log(f"  {server.base_url} (model {server.model})")
+        log(f"[2/5] kdforge generate: {s.n_samples} answers, top-{s.top_k} logprobs, "
+            f"${PRICE_IN}/${PRICE_OUT} per M tokens (fictitious), budget ${BUDGET}")
+        gen = _generate(server, s, work, prompts, log, batch)
+    log(f"  {gen['samples']} samples, {gen['completion_tokens']:,} completion tokens, ${gen['cost_usd']:.4f}; "
+        "server stopped")
+    log("[3/5] kdforge data validate")
+    _validate(gen["path"], log)
+    return gen
+
+
+def _train_students(s, fast: bool, work: Path, gen: dict, pool: Path, students: list[str], records, log
+                    ) -> tuple[dict[str, dict], float]:
+    """Step 4: every student trained and scored, `jobs` at a time in forked workers while this process
+    scores the teacher. Returns (results by student, the teacher's accuracy)."""
+    what = {OWN: "on-policy as student-op, on a tokenizer of its own (demo/own.py: other merges and ids); the "
+                 "teacher scores its text in the teacher's tokens, rows carried back onto its tokens by bytes",
+            "student-ce": "CE on the teacher's answers only",
+            "student-op": f"on-policy: on {s.on_policy_fraction:.0%} of steps the student answers {s.batch_size} "
+                          "free prompts and the teacher (in-process) scores its tokens, JSD; other steps CE",
+            "student-kd": f"CE + sparse top-{s.top_k} forward KL on the stored logprobs"}
+    jobs = min(2, os.cpu_count() or 1, len(students))
+    log(f"[4/5] training {len(students)} students x {s.steps} steps, {jobs} at a time (one thread each), "
+        "each then scored on the held-out prompts:")
+    for name in students:
+        log(f"  {name}: {what[name]}")
+    args = [(fast, str(work), str(gen["path"]), name, str(pool)) for name in students]
+    runs: dict[str, dict] = {}
+    if jobs <= 1:
+        acc_t = _accuracy(TEACHER_DIR, records, s)
+        for a in args:
+            r = runs[a[3]] = train_student(*a)
+            log(_student_line(r))
+        return runs, acc_t
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_all_start_methods, get_context
+
+    # fork where there is one: a worker starts with torch and kdforge imported (spawn re-imports
+    # them, seconds of CPU each); this process has run no torch op on more than one thread
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the tokenizer's pool does not fork
+    ctx = get_context("fork" if "fork" in get_all_start_methods() else "spawn")
+    import kdforge.train.runner  # noqa: F401  (imported once, here, for the forked workers)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as ex:
+        # on-policy (the longest) first: the other worker takes CE, then KD
+        futs = [ex.submit(train_student, *a) for a in sorted(args, key=lambda a: a[3] not in ("student-op", OWN))]
+        acc_t = _accuracy(TEACHER_DIR, records, s)  # meanwhile, here
+        for f in as_completed(futs):
+            r = f.result()
+            runs[r["model"]] = r
+            log(_student_line(r))
+    return runs, acc_t
 
 
 def _gap(q: float, ce: float, teacher: float) -> float | None:
