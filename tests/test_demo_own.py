@@ -44,6 +44,8 @@ def test_student_lines_say_real_losses_never_a_zero_final_loss():
     assert "final CE 0.012 nats/token, last on-policy JSD 0.0000" in op and "90 on-policy steps" in op
     assert "final CE 0.046 nats/token; exact match 80.0%" in ce and "on-policy" not in ce
     assert "final loss" not in op + ce
+    tiny = _student_line({**base, "model": "student-ce", "on_policy_steps": 0, "final_ce": 2.13e-05, "final_kd": None})
+    assert "final CE 2.1e-05 nats/token" in tiny  # a CE that rounds to 0.000 is still shown (the demo's CE student)
 
 
 def test_demo_help_says_how_many_students():

@@ -133,3 +133,22 @@ def test_unknown_price_error_names_the_free_local_teacher(tmp_path):
                 "--out", tmp_path / "kd.jsonl", "--budget-limit", "1", "--dry-run", cwd=tmp_path)
     assert p.returncode == 2
     assert "--price-input 0 --price-output 0" in p.stderr
+
+
+@pytest.mark.parametrize("body, want", [
+    ({"loss": {"kind": "fkl"}, "teacher": {"top_logprobs": 5}}, 5),  # sparse KD: the samples need top-k
+    ({"loss": {"kind": "rkl"}}, 20),  # teacher.top_logprobs' default
+    ({"loss": {"kind": "fkl"}, "generate": {"top_logprobs": 3}}, 3),  # said explicitly: kept
+    ({"loss": {"kind": "ce"}}, 0),  # CE needs no logprobs
+    ({"loss": {"kind": "fkl"}, "teacher": {"path": "t"}}, 0),  # a local teacher scores: none stored
+])
+def test_preflight_asks_for_the_top_k_a_kd_config_trains_on(tmp_path, body, want):
+    """A KD config's training item trains on the generated samples: they must carry top-k logprobs
+    (it failed with "no teacher_logprobs in any record" unless generate.top_logprobs was passed)."""
+    import yaml
+
+    from kdforge.preflight.run import PreflightOptions, _generate_section
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({"model": {"preset": "toy"}, **body}))
+    assert _generate_section(PreflightOptions([str(cfg)])).top_logprobs == want

@@ -149,7 +149,9 @@ def train_student(fast: bool, work: str, data: str, name: str, pool: str, seed: 
 def _student_line(r: dict) -> str:
     extra = (f", {r['on_policy_steps']} on-policy steps scoring {r['scored_tokens']:,} teacher tokens"
              if r["on_policy_steps"] else "")
-    losses = [f"final CE {r['final_ce']:.3f} nats/token" if r["final_ce"] is not None else "",
+    ce = r["final_ce"]  # a CE student overfits 250 answers to ~1e-5: "0.000" read as no loss at all
+    losses = [f"final CE {ce:.3f} nats/token" if ce is not None and ce >= 1e-3 else
+              f"final CE {ce:.1e} nats/token" if ce is not None else "",
               f"last on-policy JSD {r['final_kd']:.4f}" if r["final_kd"] is not None else ""]
     return (f"  {r['model']}: {r['steps']} steps{extra}, {r['tokens']:,} target tokens, {r['seconds']:.0f}s, "
             f"{', '.join(x for x in losses if x)}; exact match {r['accuracy']:.1%}")

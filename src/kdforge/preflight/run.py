@@ -61,8 +61,21 @@ def parts_to_run(only: str) -> list[str]:
 
 def _generate_section(opts: PreflightOptions) -> GenerateSection:
     flags = dict(teacher=opts.teacher, model=opts.model, prompts=opts.prompts or None, max_tokens=opts.max_tokens,
-                 price_input=opts.price_input, price_output=opts.price_output, api_key_env=opts.api_key_env)
+                 price_input=opts.price_input, price_output=opts.price_output, api_key_env=opts.api_key_env,
+                 top_logprobs=_kd_top_logprobs(merge_configs(opts.configs, opts.overrides)))
     return load_section(opts.configs, "generate", flags, opts.overrides)
+
+
+def _kd_top_logprobs(merged: dict) -> int | None:
+    """The top-k the samples need when the config trains sparse KD on stored logprobs (a KL loss, no
+    teacher.path or teacher.url to score): teacher.top_logprobs, unless generate.top_logprobs is set.
+    Without it the training item's samples carried none and KD stopped on "no teacher_logprobs"."""
+    loss, teacher = merged.get("loss") or {}, merged.get("teacher") or {}
+    if "top_logprobs" in (merged.get("generate") or {}) or loss.get("kind", "ce") == "ce":
+        return None
+    if teacher.get("path") or teacher.get("url"):
+        return None
+    return teacher.get("top_logprobs", 20)
 
 
 def _tokenizer_vocab(cfg: Config | None) -> int | None:
