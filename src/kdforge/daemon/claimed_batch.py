@@ -208,8 +208,7 @@ class ClaimedBatch:
         ds = KDDataset(self.path, tokenizer=session.tokenizer, max_seq_length=d.seq_len,
                        with_topk=with_topk, strict=False, records=records,
                        topk_optional=bool(session.cfg.teacher.url),  # teacher.url scores the rest
-                       settings={"prompt_only": True, "reasoning": session.cfg.io.reasoning,  # as kdforge train
-                                 "alignment": {"cross_tokenizer": session.cfg.loss.cross_tokenizer}},
+                       settings=session.store_settings(prompt_only=True),  # as kdforge train's
                        store_dir=d.paths.base / ".store",
                        fingerprints=[{"file": shown(name), "size": fp.size, "sha256": fp.sha256}])
         ds.problems = problems

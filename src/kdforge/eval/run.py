@@ -263,12 +263,10 @@ def _same_tokens_over_http(student_tok, scorer, url) -> None:
     tokens and give a KL of nonsense (10.7 nats where the stored top-k gave 0.06). Where the server
     tokenizes (vLLM's and kdforge serve's /tokenize, free), a probe of accents, CJK and emoji must
     come back as the student's ids, else exit 2."""
-    from kdforge.data.dataset import prompt_text
-    from kdforge.train.cross_scoring import PROBE, _tokenize
+    from kdforge.train.cross_scoring import probe
 
-    text = prompt_text(student_tok, PROBE)
-    theirs = _tokenize(scorer, text)
-    if theirs is not None and theirs != student_tok(text)["input_ids"]:
+    _, ids, theirs = probe(scorer, student_tok)
+    if theirs is not None and theirs != ids:
         scorer.close()
         raise UsageError(f"--teacher {url} has another tokenizer than the student: eval scores the student's token "
                          "ids, so its KL would compare other tokens. Leave --teacher out (the KL against the top-k "

@@ -456,6 +456,16 @@ def _tokenize(scorer, text: str) -> list[int] | None:
     return None
 
 
+def probe(scorer, student_tokenizer) -> tuple[str, list[int], list[int] | None]:
+    """(the probe text as the student renders it, the student's ids of it, the teacher's ids from the
+    server's free /tokenize, None where it has none): whether a teacher over HTTP shares the
+    student's tokenizer (on-policy scoring here, `kdforge eval --teacher URL`)."""
+    from kdforge.data.dataset import prompt_text
+
+    text = prompt_text(student_tokenizer, PROBE)
+    return text, student_tokenizer(text)["input_ids"], _tokenize(scorer, text)
+
+
 def over_http(cfg, step_scorer, student_tokenizer, log=print):
     """`step_scorer` (on_policy.StepScorer) made to score text when teacher.url has another
     tokenizer. A probe text (accents, CJK, emoji, the chat template) is tokenized by the teacher
@@ -466,12 +476,8 @@ def over_http(cfg, step_scorer, student_tokenizer, log=print):
     priced = getattr(step_scorer, "scorer", None)
     if priced is None:
         return step_scorer
-    from kdforge.data.dataset import prompt_text
-
     cross = CrossPricedScorer(priced, student_tokenizer, log)
-    text = prompt_text(student_tokenizer, PROBE)
-    ids = student_tokenizer(text)["input_ids"]
-    theirs = _tokenize(priced.scorer, text)  # free where the server has vLLM's /tokenize
+    text, ids, theirs = probe(priced.scorer, student_tokenizer)  # free where the server has vLLM's /tokenize
     if theirs is None:  # else one priced scoring request (cached: a resumed run does not pay again)
         toks, answer = cross.score_text(text, probe=True)[0], cross.last_answer or {}
         got = answer.get("prompt_token_ids")

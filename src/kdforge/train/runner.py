@@ -147,12 +147,11 @@ def _load_data(cfg: Config, session: Session, log) -> _Data:
 
     t = cfg.train
     # Every step on-policy: the data gives prompts only, its stored top-k (if any) is never used.
-    with_topk = cfg.loss.kind != "ce" and not cfg.teacher.path and cfg.on_policy.fraction < 1
+    with_topk = session.with_topk and cfg.on_policy.fraction < 1
     optional = bool(cfg.teacher.url)  # teacher.url scores the records that carry no top-k
     max_len = max(t.seq_lengths)
     fingerprint = data_fingerprint(cfg.io.train_shards)  # hashed once: the store's key and the checkpoint's
-    settings = {"reasoning": cfg.io.reasoning,  # a thinking teacher's reasoning: trained (think) or not (drop)
-                "alignment": {"cross_tokenizer": cfg.loss.cross_tokenizer}}  # a teacher with another tokenizer
+    settings = session.store_settings()
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
                          with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False,
                          settings=settings)

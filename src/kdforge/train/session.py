@@ -197,6 +197,15 @@ class Session:
         """Whether training data must carry the teacher's top-k: a KD loss with no local teacher."""
         return self.cfg.loss.kind != "ce" and not self.cfg.teacher.path
 
+    def store_settings(self, prompt_only: bool = False) -> dict:
+        """What the token store of this run's data is keyed and built by, the same for `kdforge train`
+        and the daemon: a thinking teacher's reasoning trained or not (io.reasoning), a teacher with
+        another tokenizer carried or refused (loss.cross_tokenizer); `prompt_only`: prompt-only lines
+        are records (the daemon's batches)."""
+        settings = {"reasoning": self.cfg.io.reasoning,
+                    "alignment": {"cross_tokenizer": self.cfg.loss.cross_tokenizer}}
+        return {**settings, "prompt_only": True} if prompt_only else settings
+
     def parameter_counts(self) -> tuple[int, int]:
         """(all parameters, trainable ones) of the student."""
         params = list(self.model.parameters())
