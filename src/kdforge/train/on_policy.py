@@ -275,21 +275,28 @@ def scores_data(cfg) -> bool:
     return bool(cfg.teacher.url) and not cfg.teacher.path and cfg.loss.kind != "ce"
 
 
+def example_spans(batch: dict):
+    """(row, bool positions) of every example of a padded micro-batch (its attention mask) or a packed
+    one (each `seq_ids` segment, in order; padding is -1)."""
+    segs = batch.get("seq_ids")
+    for b in range(batch["labels"].shape[0]):
+        if segs is None:
+            yield b, batch["attention_mask"][b].bool()
+        else:
+            for s in segs[b].unique().tolist():
+                if s >= 0:
+                    yield b, segs[b] == s
+
+
 def unscored_spans(batch: dict) -> list[tuple[int, torch.Tensor]]:
     """(row, bool positions) of every example of a padded or packed micro-batch that has targets
     and no stored top-k row at any of them (a record without teacher_logprobs)."""
-    labels, segs = batch["labels"], batch.get("seq_ids")
-    ids = batch.get("topk_ids")
+    labels, ids = batch["labels"], batch.get("topk_ids")
     out = []
-    for b in range(labels.shape[0]):
-        if segs is None:
-            spans = [batch["attention_mask"][b].bool()]
-        else:
-            spans = [segs[b] == s for s in segs[b].unique().tolist() if s >= 0]
-        for span in spans:
-            target = span & (labels[b] != IGNORE)
-            if target.any() and (ids is None or not (ids[b][target] >= 0).any()):
-                out.append((b, span))
+    for b, span in example_spans(batch):
+        target = span & (labels[b] != IGNORE)
+        if target.any() and (ids is None or not (ids[b][target] >= 0).any()):
+            out.append((b, span))
     return out
 
 
@@ -410,20 +417,14 @@ def prompts_of(batch: dict) -> list[list[int]]:
     before its first label (empty for a {"text"} record, which is all response; packed, its first
     label is erased, and `first_target` says it was one)."""
     out = []
-    ids, labels = batch["input_ids"], batch["labels"]
-    segs, starts = batch.get("seq_ids"), batch.get("first_target")
-    for b in range(ids.shape[0]):
-        if segs is None:
-            spans = [batch["attention_mask"][b].bool()]
-        else:
-            spans = [segs[b] == s for s in segs[b].unique().tolist() if s >= 0]
-        for span in spans:
-            x, y = ids[b][span].tolist(), labels[b][span].tolist()
-            if starts is not None and bool(starts[b][span][0]):
-                out.append([])
-                continue
-            first = next((i for i, v in enumerate(y) if v != IGNORE), len(y))
-            out.append(x[:first])
+    ids, labels, starts = batch["input_ids"], batch["labels"], batch.get("first_target")
+    for b, span in example_spans(batch):
+        x, y = ids[b][span].tolist(), labels[b][span].tolist()
+        if starts is not None and bool(starts[b][span][0]):
+            out.append([])
+            continue
+        first = next((i for i, v in enumerate(y) if v != IGNORE), len(y))
+        out.append(x[:first])
     return out
 
 
