@@ -362,8 +362,10 @@ class LocalCrossTeacher:
         """The batch with the teacher's carried rows (in place; a batch that has them is left as it is)."""
         if "topk_ids" in batch:
             return batch
+        from kdforge.train.on_policy import _attach_scores, example_spans  # rows as the sparse loss reads them
+
         seqs, where = [], []
-        for b, span in _spans(batch):
+        for b, span in example_spans(batch):
             x, y = batch["input_ids"][b][span].tolist(), batch["labels"][b][span].tolist()
             first = next((i for i, v in enumerate(y) if v >= 0), len(y))
             seqs.append((x, first))
@@ -374,8 +376,6 @@ class LocalCrossTeacher:
         for (b, cols), rows in zip(where, scored):
             for c, r in zip(cols, rows):
                 per_row[b][c] = r
-        from kdforge.train.on_policy import _attach_scores  # rows as the sparse loss reads them
-
         _attach_scores(batch, per_row)
         for k in ("topk_ids", "topk_logprobs"):
             batch[k] = batch[k].to(batch["input_ids"].device)
@@ -383,18 +383,6 @@ class LocalCrossTeacher:
             self.log(f"first batch: {self.stats.line()}")
             self.log = None
         return batch
-
-
-def _spans(batch: dict):
-    """(row, bool mask of one example's positions) for each example of a padded or packed batch."""
-    segs = batch.get("seq_ids")
-    for b in range(batch["input_ids"].shape[0]):
-        if segs is None:
-            yield b, batch["attention_mask"][b].bool()
-        else:
-            for s in segs[b].unique().tolist():
-                if s >= 0:
-                    yield b, segs[b] == s
 
 
 # ---------------------------------------------------------------------------------------- detection
