@@ -17,7 +17,7 @@ import torch
 
 from kdforge.atomic import fsync_dir
 from kdforge.daemon.batch_state import BatchState
-from kdforge.train.checkpoint import _fsync_tree, read_state
+from kdforge.train.checkpoint import fsync_tree, read_state
 
 REL_TOL = 1e-4  # max |logit difference| allowed, relative to the largest |logit| (at least 1)
 
@@ -53,7 +53,7 @@ def merge_into_folder(peft_model, out: Path, tokenizer) -> Path:
     try:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, out)
         fsync_dir(out.parent)
     except BaseException:

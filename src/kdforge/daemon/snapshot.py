@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 from kdforge.atomic import fsync_dir
-from kdforge.train.checkpoint import _fsync_tree, read_state
+from kdforge.train.checkpoint import fsync_tree as _fsync_tree, read_state
 
 DAY_RE = re.compile(r"^\d{8}$")
 

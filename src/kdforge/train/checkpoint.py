@@ -59,7 +59,10 @@ def is_peft(model) -> bool:
     return hasattr(_unwrap(model), "peft_config")
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
+    """fsync every file under `path`, then `path` itself, so a folder written in place (a checkpoint's
+    temp folder, a merged base, a snapshot) is on disk before it is renamed into view. Only `path`'s
+    own directory is synced, not its subfolders'."""
     for p in path.rglob("*"):
         if p.is_file():
             with open(p, "rb") as f:
@@ -96,7 +99,7 @@ def save_checkpoint(output_dir: str | Path, state: TrainState, model, optimizer,
             import yaml
             (tmp / CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
         (tmp / STATE).write_text(json.dumps(state.to_json(), indent=2, default=str))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if final.exists():
             # Re-saving a step (a resume, a daemon consolidation). The old folder moves to a name
             # that list_checkpoints still counts as step N, and cleanup_partial puts it back if we
