@@ -10,7 +10,9 @@ Each line of an eval file is one of
 Any record may carry `answer`, and then also counts for accuracy. An unusable line is a
 `DataError` naming file:line: eval data is small and hand-kept, so nothing is skipped silently.
 
-`load_eval_data` tokenises once; the daemon keeps the result and scores it after every batch.
+`load_eval_data` reads the KD records' tokens through the token store of the eval files (built on
+the first eval, memory-mapped by every later one: a second `kdforge eval` of the same bytes does not
+tokenise them again); the daemon keeps the result and scores it after every batch.
 """
 
 from __future__ import annotations
@@ -125,15 +127,15 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
     records: list[EvalRecord] = []
     for p in paths:
         records += read_eval_file(p)
-    if max_records is not None:
+    whole = max_records is None or max_records >= len(records)  # every line of the files is a record here
+    if not whole:
         records = records[:max_records]
     if not records:
         raise DataError("no records in the eval data (every line blank)", ", ".join(map(str, paths)))
     kd = [r.record for r in records if r.record is not None]
     asked = [Record(r.prompt_messages, r.answer or "", line=r.line) for r in records if r.record is None]
     with_topk = any(r.teacher_logprobs for r in kd)
-    scored_ds = (KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk, records=kd)
-                 if kd else None)
+    scored_ds = _scored_dataset(paths if whole else None, kd, tok, max_seq_length, with_topk) if kd else None
     asked_ds = KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, records=asked) if asked else None
     items, n_kd, n_asked = [], 0, 0
     for r in records:
@@ -144,3 +146,20 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
             items.append(("asked", n_asked))
             n_asked += 1
     return EvalData(records, scored_ds, asked_ds, items, [str(p) for p in paths])
+
+
+def _scored_dataset(paths: list | None, kd: list[Record], tok, max_seq_length: int, with_topk: bool):
+    """The KD records as the trainer's KDDataset: read through the token store of `paths` (the whole
+    files), so a later eval maps what the first one tokenised; its lines that are not KD records (a
+    prompt with only an answer) are the store's unusable lines, left out. Encoded in memory instead
+    when `paths` is None (max_records kept part of the files) or the store's examples are not exactly
+    `kd`, line for line."""
+    from kdforge.data.dataset import KDDataset
+
+    if paths is not None:
+        ds = KDDataset([str(p) for p in paths], tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk,
+                       strict=False)
+        where = [(str(Path(f).resolve()) if f else None, line) for f, line in map(ds.line_of, range(len(ds)))]
+        if where == [(str(Path(r.metadata["_path"]).resolve()), r.line) for r in kd]:
+            return ds
+    return KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk, records=kd)
