@@ -1,18 +1,21 @@
 """Chat-format encoding and batched greedy answering for the demo's models.
 
 The demo's models speak ChatML (`kdforge.data.tokenizer.CHAT_TEMPLATE`): a prompt is one user
-message, the answer is the assistant turn, ended by `<|im_end|>` (the EOS token).
+message, the answer is the assistant turn, ended by `<|im_end|>` (the EOS token). The prompt is
+rendered by `kdforge.data.dataset.prompt_text`, the one rendering training and on-policy use.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kdforge.data import dataset
+
 
 def prompt_text(tokenizer, prompt: str) -> str:
-    """The chat text up to and including the assistant header (what the model continues)."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                         add_generation_prompt=True)
+    """The chat text up to and including the assistant header (what the model continues): one user
+    message through `dataset.prompt_text` (its plain fallback where the tokenizer has no template)."""
+    return dataset.prompt_text(tokenizer, [{"role": "user", "content": prompt}])
 
 
 def example_ids(tokenizer, prompt: str, answer: str) -> tuple[list[int], int]:
