@@ -99,6 +99,7 @@ class Daemon:
         self._told_full = False
         self._queue_checked = 0.0
         self._machine_failures = 0  # tries in a row the machine refused (the wait doubles with each)
+        self._waits: dict[str, str] = {}  # what waits for the machine ("batch", "snapshot") -> its last_error
         self._once = False
 
     # ============================================================================ run
@@ -173,8 +174,13 @@ class Daemon:
             self.status.update(status="stopping")
         return why is not None
 
+    def _at_rest(self) -> str:
+        """The status between batches: `waiting` while something waits for the machine, else `idle`."""
+        return "waiting" if self._waits else "idle"
+
     def _idle(self, wait: float | None) -> None:
-        self.status.update(status="idle", current_file=None, batch_queue_size=len(batch_files(self.paths.inbox)))
+        self.status.update(status=self._at_rest(), current_file=None,
+                           batch_queue_size=len(batch_files(self.paths.inbox)))
         deadline = time.monotonic() + min(self.daemon_cfg.poll_interval, wait if wait is not None else math.inf)
         while time.monotonic() < deadline and not self.stop_requested():
             time.sleep(0.05)
@@ -353,6 +359,7 @@ class Daemon:
                 self._fail(batch, f"{type(e).__name__}: {e}", e)
         else:
             self._machine_failures = 0
+            self._wait_over("batch")
             # Outside the try: once the file has left the inbox its batch is saved for good, so
             # nothing after it (consolidation) may roll that batch back or reject a file that is gone.
             if finished:
@@ -367,17 +374,18 @@ class Daemon:
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
         self.in_memory = UNKNOWN
         self._machine_failures += 1
-        wait = min(MACHINE_RETRY_MAX_S, self.daemon_cfg.poll_interval * 2 ** min(self._machine_failures, 16))
+        wait = self._retry_wait(self._machine_failures)
         since = newest.name if newest else "the fresh base"
         reason = (f"{why} (the machine's fault, not the data's: {shown(name)} stays in inbox/.claimed/ and "
                   f"trains again from {since})")
         if self._once:
             raise InfrastructureError(f"{shown(name)}: {reason}; free disk space (or descriptors), then run again")
         self._note(self.log.error, f"cannot go on with {shown(name)}: {reason}; retrying in {wait:.1f}s")
+        self._waits["batch"] = f"waiting: {reason}"
         try:
             saved = ckpt.read_state(newest) if newest else TrainState()  # what the next try starts from
             self.reporters.rewind(saved.global_step)  # the lost steps leave the curves
-            self.status.update(status="waiting", current_file=None, last_error=f"waiting: {reason}",
+            self.status.update(status="waiting", current_file=None, last_error=self._waits["batch"],
                                last_checkpoint=newest.name if newest else None, current_step=saved.global_step,
                                batch_number=BatchState.from_extra(saved.extra).batch_number)
         except OSError:
@@ -387,6 +395,21 @@ class Daemon:
             time.sleep(0.05)
         if not self.stop_requested():
             self._note(self.log.info, f"retrying {shown(name)} from {since}")
+
+    def _retry_wait(self, failures: int) -> float:
+        """Seconds to wait after `failures` refusals in a row: doubling from poll_interval, at most a minute."""
+        return min(MACHINE_RETRY_MAX_S, self.daemon_cfg.poll_interval * 2 ** min(failures, 16))
+
+    def _wait_over(self, what: str) -> None:
+        """`what` ("batch", "snapshot") was written after waiting for the machine: its `waiting: ...`
+        leaves last_error (which names what still waits, if anything) for last_wait, with the time."""
+        reason = self._waits.pop(what, None)
+        if reason is None:
+            return
+        self.log.info(f"wait over: the {what} the machine refused is written")
+        ended = self.now().isoformat(timespec="seconds")
+        still = next(reversed(self._waits.values()), None)
+        self.status.update(last_error=still, last_wait=f"waited until {ended}: {reason.removeprefix('waiting: ')}")
 
     def _note(self, write, message: str) -> None:
         """A log line that a full disk cannot turn into a second failure: printed when it cannot be written."""
@@ -408,8 +431,9 @@ class Daemon:
         back = (f"\nRolled back: the model, optimizer, scheduler and RNG are as before this batch "
                 f"(global_step {self.state.global_step})." if rolled else "")
         self._reject(batch.path, reason + back, name)
+        self._wait_over("batch")  # it waited for the disk, then its data failed: done with either way
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)  # the batch's own are gone: never name one
-        self.status.update(status="idle", current_file=None, current_step=self.state.global_step,
+        self.status.update(status=self._at_rest(), current_file=None, current_step=self.state.global_step,
                            last_checkpoint=newest.name if newest else None)
 
     def save(self, state: TrainState) -> None:
@@ -441,7 +465,7 @@ class Daemon:
             self.status.update(**status_fields(self.state.log_history, self.batch.heldout_first))
 
     def _after_batch(self) -> None:
-        self.status.update(status="idle", current_file=None, batch_queue_size=self.queue_size(force=True))
+        self.status.update(status=self._at_rest(), current_file=None, batch_queue_size=self.queue_size(force=True))
         every = self.daemon_cfg.consolidate_every_batches
         if every and self.batch.batch_number % every == 0:
             self._consolidate(f"every {every} batch(es)")
@@ -487,7 +511,7 @@ class Daemon:
             self.log.error(f"consolidation failed ({e}); continuing on {old_base}", e)
             shutil.rmtree(out, ignore_errors=True)
             self.load_checkpoint(ckpt.latest_checkpoint(self.paths.checkpoints), new_student=True)
-            self.status.update(status="idle")
+            self.status.update(status=self._at_rest())
             return
         b.base_model, b.generation, b.consolidated_step = str(out), gen, step
         b.consolidated_on = f"{self.now():%Y%m%d}"
@@ -499,7 +523,7 @@ class Daemon:
         self.log.info(f"Consolidated ({why}): adapter merged into {out} at global_step {step} "
                       f"(max |logit diff| {diff:.2e}, {time.perf_counter() - t0:.1f}s); previous base {old_base} "
                       f"kept while checkpoints name it" + (f"; removed {', '.join(g.name for g in gone)}" if gone else ""))
-        self.status.update(status="idle", base_model=str(out), generation=gen)
+        self.status.update(status=self._at_rest(), base_model=str(out), generation=gen)
 
     def _merge_into(self, out: Path, gen: int) -> float:
         """Write base + adapter merged into `out`, load it with a fresh adapter and a fresh

@@ -1,7 +1,8 @@
 """`status/training_status.json`: what the daemon is doing, rewritten atomically on every change.
 
 Fields (SPEC "daemon", plus a few an operator wants): status (starting, idle, training,
-consolidating, waiting (the machine refused: a full disk; last_error says why), stopping, stopped,
+consolidating, waiting (the machine refused: a full disk; last_error says why, until what waited is
+written: then the wait moves to last_wait, "waited until TIME: why"), stopping, stopped,
 error), current_step, total_steps (the global step the current
 batch ends at), batch_number, batch_step / batch_steps, batch_queue_size, current_file, loss,
 learning_rate, tokens_per_s, last_checkpoint, last_snapshot, base_model, generation, pid,
@@ -32,6 +33,7 @@ class StatusFile:
             "loss": None, "learning_rate": None, "tokens_per_s": None, "last_checkpoint": None,
             "last_snapshot": None, "base_model": None, "generation": 0, "pid": os.getpid(),
             "started_at": now().isoformat(timespec="seconds"), "updated_at": None, "last_error": None,
+            "last_wait": None,
         }
 
     def update(self, **fields: Any) -> None:
@@ -74,7 +76,7 @@ INT_FIELDS = ("current_step", "total_steps", "batch_number", "batch_step", "batc
               "generation", "pid")
 FLOAT_FIELDS = ("loss", "learning_rate", "tokens_per_s")
 TEXT_FIELDS = ("status", "current_file", "last_checkpoint", "last_snapshot", "base_model", "started_at",
-               "updated_at", "last_error")
+               "updated_at", "last_error", "last_wait")
 TEXT_CAP = 2000  # characters of one field shown: a status file is not a place for megabytes
 
 
@@ -174,4 +176,6 @@ def render(status: dict) -> str:
     ]
     if s.get("last_error"):
         lines.append(f"last error:       {s['last_error']}")
+    if s.get("last_wait"):
+        lines.append(f"last wait:        {s['last_wait']}")
     return "\n".join(lines)

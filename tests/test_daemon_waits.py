@@ -1,0 +1,54 @@
+"""What the daemon waited for, and the end of the wait: once a full disk has room again and the
+batch (or the day's snapshot) it waited for is saved, `last_error` no longer says `waiting: ...`;
+the wait moves to `last_wait` with the time it ended. The disk fills for real, as in
+test_daemon_disk_full.py: the daemon is a `kdforge daemon` process under RLIMIT_FSIZE, lifted
+with prlimit while it waits; nothing of kdforge is mocked."""
+
+from __future__ import annotations
+
+import resource
+
+from daemon_helpers import batch, daemon_config, daemon_log, drop, output, status, wait_until
+from test_daemon_disk_full import CHECKPOINT_WONT_FIT, RECORDS, STEPS, kdforge
+
+
+def lift_file_limit(pid: int) -> None:
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+
+def test_a_batch_saved_after_a_full_disk_clears_the_waiting_error(tmp_path, tiny_model_dir):
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0)
+    base = tmp_path / "training"
+    drop(base, "ßeptember_九月.jsonl", batch(RECORDS, seed=3))
+    with open(tmp_path / "training.daemon.out", "w") as out:
+        p = kdforge(["daemon", "--base-dir", base, "--config", cfg], out, CHECKPOINT_WONT_FIT)
+        try:
+            wait_until(lambda: status(base).get("status") == "waiting", p, base, "status waiting")
+            waited = status(base)["last_error"]
+            assert waited.startswith("waiting: ") and "ßeptember_九月.jsonl" in waited, waited
+
+            lift_file_limit(p.pid)
+            wait_until(lambda: status(base).get("status") == "idle" and status(base).get("batch_number") == 1,
+                       p, base, "the batch trained")
+            s = status(base)
+            assert s["last_error"] is None, s  # was still "waiting: ..." after the batch was saved
+            assert s["last_wait"].startswith("waited until ") and waited[len("waiting: "):] in s["last_wait"], s
+            assert s["current_step"] == STEPS and s["last_checkpoint"] == f"checkpoint-{STEPS}", s
+            (base / ".stop").touch()
+            assert p.wait(timeout=120) == 0, output(base)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert status(base)["last_error"] is None and status(base)["status"] == "stopped"
+    assert "wait over" in daemon_log(base), daemon_log(base)
+
+
+def test_status_shows_the_last_wait_beside_the_last_error():
+    import os
+
+    from kdforge.daemon.status import render
+
+    shown = render({"status": "idle", "pid": os.getpid(), "last_error": None,
+                    "last_wait": "waited until 2026-12-06T01:30:00: No space left on device: /données/snapshots"})
+    assert "last wait:        waited until 2026-12-06T01:30:00: No space left on device: /données/snapshots" in shown
+    assert "last error" not in shown
