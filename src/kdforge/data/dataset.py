@@ -93,6 +93,15 @@ class TokenMap:
         self.fast = {t: i for t, i in self.by_text.items()
                      if self.bytes[i] is not None and self.by_bytes.get(self.bytes[i]) == i}
 
+    @property
+    def by_raw(self) -> dict[bytes, int]:
+        """JSON text of a token's bytes -> id (the store's fast path, data/rows.py), built on first use."""
+        if getattr(self, "_by_raw", None) is None:
+            from kdforge.data.rows import raw_bytes_index
+
+            self._by_raw = raw_bytes_index(self.bytes, self.by_bytes)
+        return self._by_raw
+
     def __call__(self, entry: dict) -> int | None:
         b = entry.get("bytes")
         if b is not None:

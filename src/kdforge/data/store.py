@@ -38,6 +38,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -97,7 +98,9 @@ class Chunk:
 
 def _newlines(block: bytes, after_cr: bool) -> int:
     """Line ends in `block` as Python's text mode counts them (\\n, \\r, \\r\\n: `iter_lines` reads so)."""
-    n = block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    n = block.count(b"\n")
+    if b"\r" in block:
+        n += block.count(b"\r") - block.count(b"\r\n")
     return n - (1 if after_cr and block[:1] == b"\n" else 0)
 
 
@@ -267,9 +270,8 @@ class Encoder:
     def _reset(self) -> None:
         self.tokens: list[int] = []
         self.ex: list[tuple] = []
-        self.row_len: list[int] = []
-        self.alt_ids: list[int] = []
-        self.alt_lp: list[float] = []
+        self.n_rows = self.n_alts = 0
+        self.rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # per record: row_len, ids, logprobs
         self.misaligned: list[tuple[str, int, str]] = []
         self.carried = [0, 0, 0]
 
@@ -293,38 +295,56 @@ class Encoder:
                 flags = FLAG_CE_ONLY
             else:
                 try:
-                    resp, ids, lps, *carried = self.align(self.tm, rec, resp, self.settings)
-                    rows = ([[]] * len(think) + ids, [[]] * len(think) + lps)
-                    if carried:  # another tokenizer (dataset.carry_record): counted for the log
-                        c = carried[0]
-                        self.carried = [self.carried[0] + c.records, self.carried[1] + c.positions,
-                                        self.carried[2] + c.one_to_one]
+                    resp, rows = self._align(rec, resp)
                 except DataError as e:
                     flags = FLAG_MISALIGNED
                     self.misaligned.append((path, rec.line, bare_message(e)))
         resp = [*think, *resp, self.eos]
-        self.ex.append((len(self.tokens), len(prompt), len(resp), len(self.row_len), len(self.alt_ids),
+        self.ex.append((len(self.tokens), len(prompt), len(resp), self.n_rows, self.n_alts,
                         file_index, rec.line, flags))
         self.tokens += prompt
         self.tokens += resp
         if self.with_topk:
-            if rows is None:
-                self.row_len += [0] * len(resp)
-            else:
-                for r_ids, r_lp in zip(*rows):
-                    self.row_len.append(len(r_ids))
-                    self.alt_ids += r_ids
-                    self.alt_lp += r_lp
-                self.row_len.append(0)  # EOS: no teacher row (APIs do not report the stop token)
+            row_len, ids, lps = rows if rows is not None else (_EMPTY_I, _EMPTY_I, _EMPTY_F)
+            pad = len(resp) - len(row_len)  # thinking before, EOS after: no teacher row
+            row_len = np.concatenate([np.zeros(len(think), np.int64), row_len,
+                                      np.zeros(pad - len(think), np.int64)])
+            self.rows.append((row_len, ids, lps))
+            self.n_rows += len(row_len)
+            self.n_alts += len(ids)
+
+    def _align(self, rec, resp: list[int]):
+        """(response ids, (row_len, ids, logprobs)) of a record with teacher rows: `TeacherRows` (the
+        fast path, data/rows.py) where they line up 1:1, else the ONE aligner `self.align` on dicts."""
+        from kdforge.data.rows import TeacherRows
+
+        lp = rec.teacher_logprobs
+        if isinstance(lp, TeacherRows):
+            fast = lp.align(self.tm, rec.response, resp)
+            if fast is not None:
+                return fast[0], fast[1:]
+            rec.teacher_logprobs = lp.entries()
+        resp, ids, lps, *carried = self.align(self.tm, rec, resp, self.settings)
+        if carried:  # another tokenizer (dataset.carry_record): counted for the log
+            c = carried[0]
+            self.carried = [self.carried[0] + c.records, self.carried[1] + c.positions,
+                            self.carried[2] + c.one_to_one]
+        return resp, (np.fromiter(map(len, ids), np.int64, len(ids)),
+                      np.fromiter(chain.from_iterable(ids), np.int64),
+                      np.fromiter(chain.from_iterable(lps), np.float64))
 
     def take(self) -> Encoded:
+        rows = self.rows
+        cat = (lambda k, dt: np.concatenate([r[k] for r in rows]).astype(dt) if rows else np.zeros(0, dt))
         out = Encoded(np.asarray(self.tokens, dtype=np.int32),
                       np.asarray(self.ex, dtype=np.int64).reshape(-1, EX_COLS),
-                      np.asarray(self.row_len, dtype=np.uint16), np.asarray(self.alt_ids, dtype=np.int32),
-                      np.asarray(self.alt_lp, dtype=np.float32).astype(np.float16), misaligned=self.misaligned,
-                      carried=self.carried)
+                      cat(0, np.uint16), cat(1, np.int32), cat(2, np.float32).astype(np.float16),
+                      misaligned=self.misaligned, carried=self.carried)
         self._reset()
         return out
+
+
+_EMPTY_I, _EMPTY_F = np.zeros(0, np.int64), np.zeros(0, np.float64)
 
 
 def encode_records(records, tokenizer, with_topk: bool, *, settings: dict | None = None, path: str = "",
@@ -386,21 +406,53 @@ def encode_chunk(chunk: Chunk) -> Encoded:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {chunk.start + e.start})", chunk.path) from None
     enc: Encoder = _WORK["encoder"]
     prompt_only = bool(enc.settings.get("prompt_only"))
+    by_raw = enc.tm.by_raw if enc.with_topk else None
     problems = []
     n_lines = 0
-    for lineno, line in enumerate(io.StringIO(text, newline=None), chunk.first_line):
-        s = line.strip()
-        if not s:
-            continue
+    for lineno, line in _chunk_lines(raw, text, chunk.first_line):
+        fast = _fast(line, lineno, by_raw, prompt_only) if by_raw is not None else None
+        if fast is None:  # the general path: any line, and every error message
+            s = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
+            if not s:
+                continue
+            recs, probs = parse_lines([(lineno, s)], chunk.path, strict=False, prompt_only=prompt_only)
+            problems += [(chunk.path, p.line, bare_message(p)) for p in probs]
+        else:
+            recs = fast
         n_lines += 1
-        recs, probs = parse_lines([(lineno, s)], chunk.path, strict=False, prompt_only=prompt_only)
-        problems += [(chunk.path, p.line, bare_message(p)) for p in probs]
         for r in recs:
             r.metadata = {**r.metadata, "_path": chunk.path}
             enc.add(r, chunk.path, chunk.file_index)
     out = enc.take()
     out.problems, out.lines = problems, n_lines
     return out
+
+
+def _chunk_lines(raw: bytes, text: str, first: int):
+    """(line number, line) of a chunk as `records.iter_lines` numbers them: bytes split at \n where
+    the chunk has no \r (msgspec reads bytes without a copy to str), else universal-newline text.
+    A line is given unstripped of non-ASCII whitespace: the caller strips it as text when needed."""
+    if b"\r" in raw:
+        for lineno, line in enumerate(io.StringIO(text, newline=None), first):
+            yield lineno, line
+        return
+    for lineno, line in enumerate(raw.split(b"\n"), first):
+        yield lineno, line.strip()
+
+
+def _fast(text: str | bytes, lineno: int, by_raw: dict, prompt_only: bool) -> list | None:
+    """[the line's Record] by data/rows.py's fast path, or None for the general path (also when the
+    line is unusable: parse_lines then names the reason as it always has)."""
+    from kdforge.data.rows import fast_record
+
+    try:
+        rec = fast_record(text, by_raw, prompt_only)
+    except ValueError:
+        return None
+    if rec is None:
+        return None
+    rec.line = lineno
+    return [rec]
 
 
 class FileChanged(Exception):
