@@ -586,15 +586,3 @@ def static_problems(cfg: Config, job: Job | None = None) -> list[tuple[str, str]
         p.append(("loss.kd_weight", f"loss.kind={cfg.loss.kind} with kd_weight 0 trains no KD; use kind: ce"))
     return p
 
-
-_MOVED = {"check_config", "config_notes", "validate_files", "looks_like_hub_id"}
-
-
-def __getattr__(name: str):
-    # The file, model and price checks moved to kdforge.config_checks; old imports of them from
-    # here (e.g. daemon/service.py) keep working until they import from there.
-    if name in _MOVED:
-        import kdforge.config_checks as checks
-
-        return getattr(checks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
