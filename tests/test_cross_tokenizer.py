@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 
 import pytest
 import yaml
@@ -181,3 +182,13 @@ def test_dense_kd_from_a_teacher_path_with_another_tokenizer(toks, tok_dirs, coa
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     kd = [x["kd"] for x in rows if "kd" in x]
     assert len(kd) == 2 and all(math.isfinite(v) and v > 0 for v in kd)
+
+
+def test_data_build_says_how_much_of_another_tokenizers_rows_aligned_1to1(toks, tok_dirs, tmp_path):  # noqa: F811
+    """`kdforge data build` on a teacher with another tokenizer prints train's carried line."""
+    fine_dir, _ = tok_dirs
+    data = write_jsonl(tmp_path / "kd.jsonl", _records(toks[1]))
+    r = run_cli("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
+    assert re.search(r"not the student's in 24 records: .* \d+\.\d% of their [\d,]+ positions aligned 1:1", r.stdout)
+    same = run_cli("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
+    assert "reused" in same.stdout and "aligned 1:1" in same.stdout  # read back from the store's meta

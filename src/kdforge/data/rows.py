@@ -28,13 +28,13 @@ from kdforge.data.records import LOGPROB_SLACK, Record, parse_record
 _NO_BYTES = msgspec.Raw(b"")
 
 
-class _Alt(msgspec.Struct):
+class _Alt(msgspec.Struct, gc=False):  # not tracked: ~20% faster to make and free millions
     token: str
     logprob: float
     bytes: msgspec.Raw = _NO_BYTES
 
 
-class _Entry(msgspec.Struct):
+class _Entry(msgspec.Struct, gc=False):
     token: str
     logprob: float
     bytes: msgspec.Raw = _NO_BYTES

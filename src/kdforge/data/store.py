@@ -823,7 +823,7 @@ def build_command(files: Sequence[str | Path], tokenizer_dir: str | Path, *, max
                   out: str | Path | None = None, topk: bool | None = None) -> str:
     """`kdforge data build`: build (or find) the store of `files` and say what it holds. Raises
     DataError (exit 2) for a bad line, naming file:line, as training would."""
-    from kdforge.data.dataset import KDDataset
+    from kdforge.data.dataset import CarryCount, KDDataset
 
     if topk is None:
         topk = first_has_topk(files[0]) if Path(files[0]).is_file() else False
@@ -840,6 +840,9 @@ def build_command(files: Sequence[str | Path], tokenizer_dir: str | Path, *, max
     per_alt = f", {s.nbytes() / n_alt:.2f} B per stored alternative" if n_alt else ""
     lines.append(f"{len(ds):,} examples, {info.tokens:,} tokens, {n_alt:,} stored alternatives: {s.nbytes():,} bytes "
                  f"({s.nbytes() / max(info.tokens, 1):.1f} B/token{per_alt})")
+    carried = CarryCount(*s.meta.get("carried", [0, 0, 0])).note()
+    if carried:  # a teacher with another tokenizer: how much of it lines up 1:1, as train logs it
+        lines.append(carried)
     if ds.misaligned:
         lines.append(f"{len(ds.misaligned)} records' top-k rows do not align (CE only); first: {ds.misaligned[0]}")
     if ds.ce_only:
