@@ -6,9 +6,14 @@ with prlimit while it waits; nothing of kdforge is mocked."""
 
 from __future__ import annotations
 
+import re
 import resource
+from datetime import datetime
 
-from daemon_helpers import batch, daemon_config, daemon_log, drop, output, status, wait_until
+from daemon_helpers import one_thread  # noqa: F401 - autouse fixture: one torch thread
+from daemon_helpers import (FakeClock, batch, daemon_config, daemon_log, drop, output, run_in_process, status,
+                            wait_until)
+from kdforge.train import checkpoint as ckpt
 from test_daemon_disk_full import CHECKPOINT_WONT_FIT, RECORDS, STEPS, kdforge
 
 
@@ -52,3 +57,47 @@ def test_status_shows_the_last_wait_beside_the_last_error():
                     "last_wait": "waited until 2026-12-06T01:30:00: No space left on device: /données/snapshots"})
     assert "last wait:        waited until 2026-12-06T01:30:00: No space left on device: /données/snapshots" in shown
     assert "last error" not in shown
+
+
+def snapshot_folders(base) -> list[str]:
+    """Every entry of snapshots/: complete days and temp copies alike."""
+    folder = base / "snapshots"
+    return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+
+def test_a_snapshot_on_a_full_disk_waits_keeps_nothing_partial_and_is_taken_later(tmp_path, tiny_model_dir):
+    """The checkpoint is on disk (trained in this process, before the snapshot time); the daemon that
+    starts past the snapshot time cannot copy its optimizer.pt: it waits instead of stopping."""
+    base = tmp_path / "training"
+    drop(base, "før_snapshot.jsonl", batch(RECORDS, seed=4))
+    run_in_process(base, daemon_config(tmp_path / "early.yaml", tiny_model_dir, settle_seconds=0,
+                                       snapshot_time="03:00"), FakeClock(datetime(2025, 1, 1, 2, 0)))
+    assert ckpt.latest_checkpoint(base / "current_model").name == f"checkpoint-{STEPS}" and not snapshot_folders(base)
+
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, snapshot_time="00:00")
+    with open(tmp_path / "training.daemon.out", "w") as out:
+        p = kdforge(["daemon", "--base-dir", base, "--config", cfg], out, CHECKPOINT_WONT_FIT)
+        try:
+            wait_until(lambda: status(base).get("status") == "waiting", p, base, "status waiting")
+            s = status(base)
+            assert s["last_error"].startswith("waiting: snapshot ") and "File too large" in s["last_error"], s
+            assert str(base / "snapshots") in s["last_error"] and s["last_snapshot"] is None, s
+            assert snapshot_folders(base) == [], snapshot_folders(base)  # no partial copy, no day folder
+            wait_until(lambda: daemon_log(base).count("retrying in") >= 2, p, base, "a second try")
+            assert p.poll() is None and snapshot_folders(base) == [], (snapshot_folders(base), output(base))
+
+            lift_file_limit(p.pid)
+            wait_until(lambda: status(base).get("last_snapshot") is not None and status(base)["status"] == "idle",
+                       p, base, "the snapshot taken")
+            s = status(base)
+            assert s["last_error"] is None and "File too large" in s["last_wait"], s
+            (day,) = snapshot_folders(base)
+            assert re.fullmatch(r"\d{8}", day) and s["last_snapshot"] == day
+            snap = base / "snapshots" / day
+            assert ckpt.is_complete(snap) and ckpt.read_state(snap).global_step == STEPS
+            (base / ".stop").touch()
+            assert p.wait(timeout=120) == 0, output(base)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    assert "daemon failed" not in daemon_log(base) and "Traceback" not in output(base), output(base)

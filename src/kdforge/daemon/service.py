@@ -100,6 +100,7 @@ class Daemon:
         self._queue_checked = 0.0
         self._machine_failures = 0  # tries in a row the machine refused (the wait doubles with each)
         self._waits: dict[str, str] = {}  # what waits for the machine ("batch", "snapshot") -> its last_error
+        self._snapshot_failures, self._snapshot_retry_at = 0, 0.0  # a refused snapshot: tries, next try (monotonic)
         self._once = False
 
     # ============================================================================ run
@@ -483,11 +484,35 @@ class Daemon:
         now = self.now()
         day = snapshot_due(now, self.daemon_cfg.snapshot_time, self.paths.snapshots)
         newest = ckpt.latest_checkpoint(self.paths.checkpoints)
-        if day is None or newest is None:
+        if day is None or newest is None or time.monotonic() < self._snapshot_retry_at:
             return
-        path = take_snapshot(newest, self.paths.snapshots, day, self.daemon_cfg.snapshot_keep, now)
+        try:
+            path = take_snapshot(newest, self.paths.snapshots, day, self.daemon_cfg.snapshot_keep, now)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is the machine's
+            why = infrastructure_fault(e)
+            if why is None:
+                raise
+            self._snapshot_refused(f"snapshot {day} of {newest.name}", why)
+            return
+        self._snapshot_failures, self._snapshot_retry_at = 0, 0.0
         self.log.info(f"snapshot {path.name}: {newest.name} -> {path}")
         self.status.update(last_snapshot=path.name)
+        self._wait_over("snapshot")
+
+    def _snapshot_refused(self, what: str, why: str) -> None:
+        """The disk refused the day's snapshot (take_snapshot left nothing of it): the daemon goes on
+        training, the status says `waiting` and why, and the snapshot is tried again after a wait
+        that doubles from poll_interval up to a minute (at the next start, with `--once`)."""
+        self._snapshot_failures += 1
+        wait = self._retry_wait(self._snapshot_failures)
+        self._snapshot_retry_at = time.monotonic() + wait
+        self._waits["snapshot"] = (f"waiting: {what} could not be written in {self.paths.snapshots}: {why} "
+                                   f"(the machine's fault: nothing of it was kept, the checkpoints are untouched)")
+        self._note(self.log.error, f"{self._waits['snapshot'].removeprefix('waiting: ')}; retrying in {wait:.1f}s")
+        try:
+            self.status.update(last_error=self._waits["snapshot"])
+        except OSError:
+            pass  # the status cannot be written either: the log line (or stdout) says it
 
     def _consolidate(self, why: str) -> None:
         """Merge the adapter into a new base (bases/gen-K), continue with a fresh adapter on it;

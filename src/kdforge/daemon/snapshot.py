@@ -3,7 +3,9 @@
 
 A snapshot is due once the daemon's clock has passed today's snapshot time and today has none,
 so a daemon that was down (or busy training) at 03:00 takes the day's snapshot as soon as it
-can, like anacron, instead of skipping the day.
+can, like anacron, instead of skipping the day. A copy the disk refuses (full, failing) raises
+the OSError with its errno and the file it was writing, and leaves nothing behind: the daemon
+waits and tries again (service.py).
 """
 
 from __future__ import annotations
@@ -42,6 +44,22 @@ def list_snapshots(snapshots: Path) -> list[Path]:
     return sorted(p for p in snapshots.iterdir() if p.is_dir() and DAY_RE.match(p.name))
 
 
+def _copy_tree(src: Path, dst: Path) -> None:
+    """`src` copied into the new folder `dst`, stopping at the first failure with an OSError that keeps
+    its errno and names the file written (shutil.copytree folds every failure into one shutil.Error
+    text, which no caller can tell a full disk by; sendfile's error names the source)."""
+    dst.mkdir()
+    for item in sorted(src.iterdir()):
+        target = dst / item.name
+        if item.is_dir():
+            _copy_tree(item, target)
+            continue
+        try:
+            shutil.copy2(item, target)
+        except OSError as e:
+            raise OSError(e.errno, e.strerror or str(e), str(target)) from e
+
+
 def take_snapshot(checkpoint: Path, snapshots: Path, day: str, keep: int, now: datetime) -> Path:
     """Copy `checkpoint` to snapshots/day (temp folder, then rename); keep the newest `keep`."""
     snapshots.mkdir(parents=True, exist_ok=True)
@@ -49,16 +67,20 @@ def take_snapshot(checkpoint: Path, snapshots: Path, day: str, keep: int, now: d
         shutil.rmtree(stale, ignore_errors=True)
     final = snapshots / day
     tmp = snapshots / f".tmp-{day}-{os.getpid()}"
+    moved = False
     try:
-        shutil.copytree(checkpoint, tmp)
+        _copy_tree(checkpoint, tmp)
         info = {"checkpoint": checkpoint.name, "global_step": read_state(checkpoint).global_step,
                 "taken_at": now.isoformat(timespec="seconds")}
         (tmp / "snapshot.json").write_text(json.dumps(info, indent=2) + "\n")
         _fsync_tree(tmp)
         os.replace(tmp, final)
+        moved = True
         fsync_dir(snapshots)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if moved:  # renamed, but the rename is not known to be on disk: not a snapshot to rely on
+            shutil.rmtree(final, ignore_errors=True)
         raise
     for old in list_snapshots(snapshots)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
