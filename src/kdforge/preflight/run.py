@@ -21,7 +21,7 @@ from kdforge.config import Config, GenerateSection, from_dict, load_section, mer
 from kdforge.errors import ConfigError, KdforgeError, UsageError
 from kdforge.preflight import machine, teacher, training
 from kdforge.preflight.report import Item, Report, failed, render_json, render_markdown, skipped
-from kdforge.teacher.plan import ContextFit, build_jobs, context_fit, teacher_context
+from kdforge.teacher.plan import ContextFit, build_jobs, context_fit, plan_context_fit
 from kdforge.teacher.pricing import unknown_price_fix
 from kdforge.teacher.prompts import plan_prompts
 
@@ -112,7 +112,7 @@ class Preflight:
         self.samples = teacher.Samples(None, 0)
         self.student = None
         self.refused = False
-        self._context: list[ContextFit | None] = []  # read once, when a paid part first needs it
+        self._context: list[ContextFit | None] = []  # [sent, whole]: read once, when a paid part first needs it
 
     # ---------------------------------------------------------------- parts
     def config(self) -> None:
@@ -147,14 +147,34 @@ class Preflight:
             return fit.problem(), fit.fix()
         return None
 
-    def _context_fit(self) -> ContextFit | None:
-        """The planned requests against the context the teacher advertises (None: it does not say)."""
+    def _context_fit(self, whole: bool = False) -> ContextFit | None:
+        """The requests the preflight sends (the plan's first max(samples, 20)), or with `whole` the
+        real run's (the plan's first generate.total), against the context the teacher advertises
+        (None: it does not say). Prompts are counted by the teacher's /tokenize where it has one."""
         if not self._context:
-            context = teacher_context(self.gen, self.api_key)
             jobs = build_jobs(self.gen, plan_prompts(self.gen.prompts, self.gen.mix, self.gen.seed,
-                                                     warn=lambda m: None))[:max(self.opts.samples, 20)]
-            self._context.append(context_fit(self.gen, jobs, context) if context else None)
-        return self._context[0]
+                                                     warn=lambda m: None))
+            sent = max(self.opts.samples, 20)
+            plan = jobs[:max(self.gen.total or len(jobs), sent)]
+            fit, counts = plan_context_fit(self.gen, plan, self.api_key)
+            self._context += [fit and context_fit(self.gen, plan[:sent], fit.context, counts, fit.source), fit]
+        return self._context[1 if whole else 0]
+
+    def _with_context(self, item: Item) -> Item:
+        """The generation item, told how the real run's prompts fit the context: a warning naming
+        those that do not (the preflight's own requests fit, or it would not have run)."""
+        fit = self._context_fit(whole=True)
+        if fit is None or item.status not in ("pass", "warn"):
+            return item
+        item.numbers.update(longest_prompt_tokens=fit.longest_prompt, prompt_tokens_exact=fit.exact,
+                            prompts_over_context=fit.over)
+        if not fit.over:
+            item.evidence += f"; context: {fit.line()}"
+            return item
+        item.evidence += f"; the real run: {fit.problem()}"
+        item.fix = f"{item.fix}; {fit.fix()}" if item.fix else fit.fix()
+        item.status = "warn"
+        return item
 
     def _needs_teacher(self, key: str, context: bool = True) -> bool:
         problem = self._teacher_problem(context)
@@ -171,7 +191,7 @@ class Preflight:
             return
         item, self.samples = teacher.check_generation(self.gen, self.work / "generation", self.purse,
                                                       self.api_key, self.opts.samples)
-        self.items["generation"] = item
+        self.items["generation"] = self._with_context(item)
         self._dataset_items()
 
     def _dataset_items(self) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from kdforge.config import GenerateSection
@@ -14,8 +15,8 @@ from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache, canonical, request_key
 from kdforge.teacher.journal import Journal
 from kdforge.teacher.pricing import NANO, Prices, unknown_price_fix
-from kdforge.teacher.prompts import Prompt, prompt_key
-from kdforge.teacher.tokens import TokenEstimator
+from kdforge.teacher.prompts import BUILTIN_SOURCES, Prompt, prompt_key, read_prompt_file
+from kdforge.teacher.tokens import PromptCounts, TokenEstimator, count_prompt_tokens
 
 
 @dataclass
@@ -78,49 +79,122 @@ def teacher_context(cfg: GenerateSection, api_key: str | None = None) -> int | N
 
 
 @dataclass
+class Offender:
+    """A planned prompt too long for the context with max_tokens: its place in the plan, its
+    tokens (exact: counted by the teacher, else estimated) and, where found, its file:line."""
+
+    index: int
+    tokens: int
+    exact: bool
+    where: str | None = None
+
+    def name(self) -> str:
+        return (f"{self.where or f'prompt #{self.index + 1} of the plan'} "
+                f"({'' if self.exact else '~'}{self.tokens} tokens)")
+
+
+SHOWN_OFFENDERS = 5  # named in a verdict; the rest are counted
+
+
+@dataclass
 class ContextFit:
-    """How the planned requests fit the teacher's context. Prompt lengths are estimates (~3 bytes a
-    token: the teacher's tokenizer is not at hand), so `over` counts requests that likely exceed."""
+    """How the planned requests fit the teacher's context. Prompt lengths are the teacher's exact
+    counts where its /tokenize answered (`how` says), else estimates (~3 bytes a token)."""
 
     context: int
     max_tokens: int
-    longest_prompt: int  # estimated tokens of the longest prompt, chat template included
-    over: int  # requests whose estimated prompt + max_tokens exceed the context
+    longest_prompt: int  # tokens of the longest prompt, chat template included
+    over: int  # requests whose prompt + max_tokens exceed the context
     requests: int
+    how: str = "estimated at ~3 bytes a token"
+    exact: bool = False  # the longest prompt's length is the teacher's count
+    offenders: list[Offender] = field(default_factory=list)
+    source: str = "max_model_len at GET /models"
 
     @property
     def room(self) -> int:
         """The largest max_tokens that the longest prompt leaves room for."""
         return self.context - self.longest_prompt
 
+    def _longest(self) -> str:
+        return f"{'' if self.exact else '~'}{self.longest_prompt}"
+
+    def named(self) -> str:
+        """The prompts that do not fit, by file:line (or place in the plan), longest first."""
+        worst = sorted(self.offenders, key=lambda o: (-o.tokens, o.index))[:SHOWN_OFFENDERS]
+        more = len(self.offenders) - len(worst)
+        return ", ".join(o.name() for o in worst) + (f" and {more} more" if more > 0 else "")
+
     def fix(self) -> str:
         if self.room < 1:
-            return (f"the longest prompt alone (~{self.longest_prompt} tokens) fills the {self.context}-token context: "
-                    "shorten the prompts or use a teacher with a longer context")
-        return f"lower max_tokens to at most {self.room} (--max-tokens {self.room} or generate.max_tokens={self.room})"
+            return (f"the longest prompt alone ({self._longest()} tokens) fills the {self.context}-token context: "
+                    "shorten or drop the prompts named, or use a teacher with a longer context")
+        return (f"lower max_tokens to at most {self.room} (--max-tokens {self.room} or generate.max_tokens="
+                f"{self.room}), or shorten or drop the prompts named")
 
     def problem(self) -> str | None:
-        """What is wrong, in words, or None when every request fits."""
+        """What is wrong, in words (the prompts that do not fit named), or None when every request fits."""
         if not self.over:
             return None
-        return (f"max_tokens {self.max_tokens} plus the prompt (up to ~{self.longest_prompt} tokens) would exceed the "
-                f"teacher's context: its context is {self.context} tokens (max_model_len at GET /models), so "
-                f"{self.over} of {self.requests} requests would be refused (400 context_length_exceeded)")
+        return (f"max_tokens {self.max_tokens} plus the prompt (up to {self._longest()} tokens) would exceed the "
+                f"teacher's context: its context is {self.context} tokens ({self.source}), so "
+                f"{self.over} of {self.requests} requests would be refused (400 context_length_exceeded): "
+                f"{self.named()}; prompt tokens {self.how}")
 
     def line(self) -> str:
         """The dry run's `context:` line."""
         if self.over:
             return f"{self.problem()}: {self.fix()}"
-        return (f"{self.context} tokens (the teacher's max_model_len): every request fits (longest prompt "
-                f"~{self.longest_prompt} + max_tokens {self.max_tokens})")
+        return (f"{self.context} tokens ({self.source}): every request fits (longest prompt "
+                f"{self._longest()} + max_tokens {self.max_tokens}; prompt tokens {self.how})")
 
 
-def context_fit(cfg: GenerateSection, jobs: list[SampleRequest], context: int) -> ContextFit:
-    """Check every planned request against the teacher's context."""
-    est = TokenEstimator()
-    lengths = [est.prompt_estimate(j.messages) for j in jobs] or [0]
-    over = sum(1 for n in lengths if n + cfg.max_tokens > context) if jobs else 0
-    return ContextFit(context, cfg.max_tokens, max(lengths), over, len(jobs))
+def teacher_counts(cfg: GenerateSection, jobs: list[SampleRequest], api_key: str | None = None) -> PromptCounts:
+    """The planned prompts' tokens from the teacher's free /tokenize, as many as a few seconds allow
+    (`tokens.count_prompt_tokens`). The key is `api_key`, else the variable `cfg.api_key_env` names."""
+    key = api_key or os.environ.get(cfg.api_key_env) or None
+    return count_prompt_tokens(cfg.teacher, cfg.model, [j.messages for j in jobs], key)
+
+
+def context_fit(cfg: GenerateSection, jobs: list[SampleRequest], context: int, counts: PromptCounts | None = None,
+                source: str = "max_model_len at GET /models") -> ContextFit:
+    """Check every planned request against the teacher's context: exact lengths where `counts` has
+    them (index i: jobs[i]), else estimates; each prompt that does not fit named by file:line."""
+    est, counts = TokenEstimator(), counts or PromptCounts()
+    lengths = [counts.length(i, j.messages, est) for i, j in enumerate(jobs)] or [(0, False)]
+    offenders = [Offender(i, n, exact) for i, (n, exact) in enumerate(lengths[:len(jobs)])
+                 if n + cfg.max_tokens > context]
+    if offenders:
+        where = prompt_lines(cfg)
+        for o in offenders:
+            o.where = where.get(jobs[o.index].key)
+    longest = max(lengths, key=lambda pair: pair[0])
+    return ContextFit(context, cfg.max_tokens, longest[0], len(offenders), len(jobs), counts.how(len(jobs)),
+                      longest[1], offenders, source)
+
+
+def plan_context_fit(cfg: GenerateSection, jobs: list[SampleRequest],
+                     api_key: str | None = None) -> tuple[ContextFit | None, PromptCounts]:
+    """`jobs` against the teacher's context (GET /models' max_model_len, else the one /tokenize reports),
+    their prompts counted by the teacher where it can (`teacher_counts`). The fit is None when the
+    teacher advertises no context: the requests themselves will tell then."""
+    context, source = teacher_context(cfg, api_key), "max_model_len at GET /models"
+    counts = teacher_counts(cfg, jobs, api_key)
+    if context is None and counts.max_model_len:
+        context, source = counts.max_model_len, "max_model_len at POST /tokenize"
+    return (context_fit(cfg, jobs, context, counts, source) if context else None), counts
+
+
+def prompt_lines(cfg: GenerateSection) -> dict[str, str]:
+    """`file:line` of each prompt of `cfg.prompts` and the built-in files, by prompt key: the first
+    occurrence, the one `plan_prompts` keeps. Each non-empty line of a prompts file is one prompt."""
+    folder = resources.files("kdforge.teacher").joinpath("prompts")
+    where: dict[str, str] = {}
+    for path in [Path(f) for f in cfg.prompts] + [Path(str(folder.joinpath(f"{n}.jsonl"))) for n in BUILTIN_SOURCES]:
+        lines = [i for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+        for line, p in zip(lines, read_prompt_file(path)):
+            where.setdefault(prompt_key(p.messages), f"{path}:{line}")
+    return where
 
 
 def projection(jobs: list[SampleRequest], cfg: GenerateSection, prices: Prices | None, tokens: TokenEstimator,
@@ -164,7 +238,6 @@ def dry_run_report(cfg: GenerateSection, jobs: list[SampleRequest], prices: Pric
     for j in todo:
         sources[j.prompt.source] = sources.get(j.prompt.source, 0) + 1
     (wi, wo), (ei, eo) = p["worst_tokens"], p["expected_tokens"]
-    context = teacher_context(cfg) if todo else None  # GET /models: free, and says nothing is generated
     lines = [
         "dry run: nothing sent to the model.",
         f"  plan:       {need} more samples for {out} ({journal.count} already there, --total {cfg.total}); "
@@ -189,11 +262,10 @@ def dry_run_report(cfg: GenerateSection, jobs: list[SampleRequest], prices: Pric
         verdict = "the worst case fits" if p["worst_nano"] <= left else "the run may stop at the budget (exit 3)"
         lines.append(f"  budget:     ${ledger.spent:.4f} spent of ${cfg.budget_limit:.2f}, ${left / NANO:.4f} left: "
                      f"{verdict}")
-    if context is None and todo:
-        lines.append("  context:    not checked: the teacher does not advertise max_model_len at GET /models")
-    elif todo:
-        fit = context_fit(cfg, todo, context)
-        lines.append(f"  context:    {'warning: ' if fit.over else ''}{fit.line()}")
+    if todo:  # GET /models and POST /tokenize: free, and say nothing is generated
+        fit = plan_context_fit(cfg, todo)[0]
+        lines.append("  context:    " + ("not checked: the teacher advertises no max_model_len (GET /models, POST "
+                                         "/tokenize)" if fit is None else f"{'warning: ' if fit.over else ''}{fit.line()}"))
     if len(todo) < need:
         lines.append(f"  warning:    only {len(todo)} unused prompts for {need} samples; add --prompts or lower --total")
     return "\n".join(lines)

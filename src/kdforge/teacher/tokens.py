@@ -8,9 +8,16 @@
   English, which costs little because max_tokens usually dominates the worst case.
 - `prompt_estimate`: ~3 bytes a token (a slight overestimate for English), used to pace
   tokens-per-minute, where reserving 4x would waste the teacher's allowance.
+- `count_prompt_tokens`: the exact count, where the teacher has vLLM's free `POST /tokenize`
+  (vLLM, kdforge serve): what a plan checks against the teacher's context, since the estimate is
+  no bound (a tokenizer of few merges spends ~1 token a byte: 3x the estimate).
 """
 
 from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 
 class TokenEstimator:
@@ -39,3 +46,124 @@ class TokenEstimator:
             self.extra += over
             return True
         return False
+
+
+# ----------------------------------------------------------------------------- exact counts from the teacher
+
+COUNT_BUDGET_S = 5.0  # seconds a plan may spend counting its prompts at the teacher's /tokenize
+FIND_TIMEOUT_S = 5.0  # the first /tokenize request, which finds the route
+COUNT_WORKERS = 4  # /tokenize requests in flight (free, but the teacher serves others too)
+ABSENT = (404, 405)  # no such route: an API teacher (OpenAI), or a server without vLLM's /tokenize
+
+
+@dataclass
+class PromptCounts:
+    """Prompt tokens as the teacher counts them: `exact[i]` for the i-th messages list that its
+    `POST /tokenize` (at `url`) counted: a chat body, rendered by the teacher's own template with the
+    generation prompt, as its chat route renders it. The rest keep the estimate (`why`: no route)."""
+
+    exact: dict[int, int] = field(default_factory=dict)
+    url: str | None = None  # None: not counted, see `why`
+    why: str = "the teacher was not asked"
+    budget_s: float = COUNT_BUDGET_S
+    max_model_len: int | None = None  # the context /tokenize reports beside the count (vLLM, kdforge serve)
+
+    def length(self, i: int, messages: list[dict], est: TokenEstimator) -> tuple[int, bool]:
+        """(tokens of the i-th prompt, whether exact)."""
+        n = self.exact.get(i)
+        return (n, True) if n is not None else (est.prompt_estimate(messages), False)
+
+    def how(self, n: int) -> str:
+        """How the first `n` prompts' lengths were had, in words."""
+        if self.url is None:
+            return f"estimated at ~3 bytes a token ({self.why})"
+        k = sum(1 for i in self.exact if i < n)
+        said = f"counted exactly by the teacher's POST {self.url}"
+        return said if k >= n else f"{said} for {k} of {n} prompts (a {self.budget_s:g}s budget), the rest estimated"
+
+
+def tokenize_urls(teacher: str) -> list[str]:
+    """Where vLLM's /tokenize may be: at the server's root (vLLM, kdforge serve), else beside /v1."""
+    base = teacher.rstrip("/")
+    root = base[:-3] if base.endswith("/v1") else base
+    return list(dict.fromkeys([f"{root}/tokenize", f"{base}/tokenize"]))
+
+
+def _count(answer) -> int | None:
+    if not isinstance(answer, dict):
+        return None
+    n = answer.get("count")
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    tokens = answer.get("tokens")
+    return len(tokens) if isinstance(tokens, list) and tokens else None
+
+
+class _Tokenizer:
+    """One teacher's /tokenize over one HTTP client."""
+
+    def __init__(self, client, model: str | None):
+        self.client, self.model, self.url, self.max_model_len, self.error = client, model, None, None, None
+
+    def ask(self, url: str, messages: list[dict], timeout: float):
+        """(status, count or None); status 0: no answer (unreachable, timed out)."""
+        import httpx
+
+        body = {"messages": messages, "add_generation_prompt": True, **({"model": self.model} if self.model else {})}
+        try:
+            r = self.client.post(url, json=body, timeout=timeout)
+            answer = r.json() if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError) as e:
+            self.error = type(e).__name__
+            return 0, None
+        if isinstance(answer, dict) and isinstance(answer.get("max_model_len"), int):
+            self.max_model_len = answer["max_model_len"]
+        return r.status_code, _count(answer)
+
+    def find(self, teacher: str, messages: list[dict], timeout: float) -> tuple[int | None, str | None]:
+        """Count the first prompt, finding the route: (count, None), or (None, why there is none)."""
+        why = None
+        for url in tokenize_urls(teacher):
+            status, n = self.ask(url, messages, timeout)
+            if n is not None:
+                self.url = url
+                return n, None
+            if status in ABSENT:
+                why = why or f"the teacher has no /tokenize (POST {url}: {status})"
+                continue
+            return None, (f"POST {url} answered {status} to a chat body" if status else
+                          f"POST {url} got no answer: {self.error}")
+        return None, why
+
+
+def count_prompt_tokens(teacher: str, model: str | None, prompts: list[list[dict]], api_key: str | None = None,
+                        budget_s: float = COUNT_BUDGET_S) -> PromptCounts:
+    """Count `prompts` (messages lists, as sent) at the teacher's free `POST /tokenize`, in order,
+    for at most `budget_s` seconds; prompts left uncounted (time ran out, or a server without the
+    route: 404/405, an API teacher) keep the estimate, and `how` says so."""
+    import httpx
+
+    out = PromptCounts(budget_s=budget_s)
+    if not prompts:
+        return out
+    deadline = time.monotonic() + budget_s
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    with httpx.Client(headers=headers) as client:
+        tok = _Tokenizer(client, model)
+        first, why = tok.find(teacher, prompts[0], timeout=FIND_TIMEOUT_S)  # whatever the budget: one try
+        if first is None:
+            out.why = why or "no answer"
+            return out
+        out.exact[0], out.url = first, tok.url
+
+        def one(i: int) -> None:
+            left = deadline - time.monotonic()
+            if left > 0.05:
+                n = tok.ask(tok.url, prompts[i], timeout=left)[1]
+                if n is not None:
+                    out.exact[i] = n
+
+        with ThreadPoolExecutor(COUNT_WORKERS) as pool:
+            list(pool.map(one, range(1, len(prompts))))
+    out.max_model_len = tok.max_model_len
+    return out
