@@ -139,15 +139,22 @@ def file_fingerprints(paths: Sequence[str | Path]) -> list[dict]:
     """[{file, size, sha256}] per file, in order: the trainer's data fingerprint. A file hashed
     before whose stat (device, inode, size, mtime, ctime) is unchanged is not read again (`_memo_get`):
     reopening a 5M-token store then costs no pass over 7.5 GB of JSONL."""
-    out = []
-    for p in paths:
+    return _fingerprint_scans(paths, 1 << 62)[0]
+
+
+def _fingerprint_scans(paths: Sequence[str | Path], chunk_bytes: int) -> tuple[list[dict], dict[int, tuple]]:
+    """(fingerprints, {file index: scan_file's result}): a file the memo does not know is hashed by
+    `scan_file`, whose chunks a first build then uses (one pass over new data, not two)."""
+    out, scans = [], {}
+    for i, p in enumerate(paths):
         fp = _memo_get(p)
         if fp is None:
             st, t = os.stat(p), time.time()
-            fp = scan_file(p, 0, 1 << 62)[0]
+            scans[i] = scan_file(p, i, chunk_bytes)
+            fp = scans[i][0]
             _memo_put(p, fp, st, t)
         out.append(fp)
-    return out
+    return out, scans
 
 
 MEMO_NAME = "sha256-memo.json"
@@ -514,7 +521,8 @@ def ensure_store(paths: Sequence[str | Path], tokenizer, *, with_topk: bool, set
     settings = merged_settings(settings)
     tok_fp = tokenizer_fingerprint(tokenizer)
     for attempt in range(2):
-        files = fingerprints if fingerprints is not None and not attempt else file_fingerprints(paths)
+        files, scanned = ((fingerprints, {}) if fingerprints is not None and not attempt
+                          else _fingerprint_scans(paths, chunk_bytes))
         key = store_key(files, tok_fp, with_topk, settings)
         final = root / key
         if (final / "meta.json").is_file():
@@ -524,11 +532,12 @@ def ensure_store(paths: Sequence[str | Path], tokenizer, *, with_topk: bool, set
             if (final / "meta.json").is_file():  # another process built it while we waited
                 return BuildInfo(final, False, time.perf_counter() - t0, _meta(final)["n_tokens"], note)
             began = [(os.stat(p), time.time()) for p in paths]
-            scans = [scan_file(p, i, chunk_bytes) for i, p in enumerate(paths)]
+            scans = [scanned.get(i) or scan_file(p, i, chunk_bytes) for i, p in enumerate(paths)]
             if [s[0] for s in scans] != files:
                 continue  # the file changed since it was fingerprinted: fingerprint it again
-            for p, (st, t), (fp, _) in zip(paths, began, scans):
-                _memo_put(p, fp, st, t)
+            for i, (p, (st, t), (fp, _)) in enumerate(zip(paths, began, scans)):
+                if i not in scanned:
+                    _memo_put(p, fp, st, t)
             try:
                 n = _build(final, key, scans, tokenizer, with_topk, settings, workers, progress, tok_fp)
             except FileChanged as e:
