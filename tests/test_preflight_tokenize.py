@@ -41,9 +41,10 @@ def small_teacher(tmp_path_factory):
 
 class NoTokenize:
     """A real HTTP proxy on 127.0.0.1 in front of a teacher that answers 404 at every /tokenize, as an
-    API teacher (OpenAI) or a gateway without the route does; everything else is forwarded."""
+    API teacher (OpenAI) or a gateway without the route does (or `status` and `body`: a broken one);
+    everything else is forwarded."""
 
-    def __init__(self, upstream: str):
+    def __init__(self, upstream: str, status: int = 404, body: bytes = b'{"detail": "Not Found"}'):
         root = upstream[:-3]
         proxy = self
 
@@ -54,9 +55,9 @@ class NoTokenize:
             def _forward(self, method: str) -> None:
                 if self.path.rstrip("/").endswith("/tokenize"):
                     proxy.refused += 1
-                    return self._send(404, b'{"detail": "Not Found"}')
-                body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                r = httpx.request(method, root + self.path, content=body or None,
+                    return self._send(status, body)
+                sent = self.rfile.read(int(self.headers.get("content-length") or 0))
+                r = httpx.request(method, root + self.path, content=sent or None,
                                   headers={"content-type": "application/json"}, timeout=60)
                 self._send(r.status_code, r.content)
 
@@ -193,3 +194,18 @@ def test_a_teacher_without_tokenize_is_checked_by_the_estimate_and_says_so(tmp_p
     assert item.status == "pass", text
     assert "context: 64 tokens" in item.evidence and "estimated at ~3 bytes a token" in item.evidence, text
     assert item.numbers["prompt_tokens_exact"] is False, text
+
+
+@pytest.mark.parametrize("status, body, said", [
+    (200, '{"count": "beaucoup", "tokens": "ça"}'.encode(), "answered 200 without a token count"),
+    (200, b"<html>\xc3\xa9</html>", "answered 200 without a token count"),
+    (500, b'{"error": "boom"}', "answered 500 to a chat body"),
+    (405, b"", "no /tokenize"),
+])
+def test_a_broken_tokenize_falls_back_to_the_estimate_naming_why(small_teacher, status, body, said):
+    prompts = [[{"role": "user", "content": LONG}]] * 3
+    with NoTokenize(small_teacher.base_url, status, body) as proxy:
+        counts = count_prompt_tokens(proxy.url, small_teacher.model, prompts)
+    assert counts.exact == {} and counts.url is None
+    assert said in counts.how(3) and "estimated at ~3 bytes a token" in counts.how(3), counts.how(3)
+    assert proxy.refused == (1 if status != 405 else 2)  # the root, then beside /v1 where it is absent

@@ -112,10 +112,13 @@ class _Tokenizer:
         body = {"messages": messages, "add_generation_prompt": True, **({"model": self.model} if self.model else {})}
         try:
             r = self.client.post(url, json=body, timeout=timeout)
-            answer = r.json() if r.status_code == 200 else None
-        except (httpx.HTTPError, ValueError) as e:
+        except httpx.HTTPError as e:
             self.error = type(e).__name__
             return 0, None
+        try:
+            answer = r.json() if r.status_code == 200 else None
+        except ValueError:  # not JSON: no count in it
+            answer = None
         if isinstance(answer, dict) and isinstance(answer.get("max_model_len"), int):
             self.max_model_len = answer["max_model_len"]
         return r.status_code, _count(answer)
@@ -131,6 +134,8 @@ class _Tokenizer:
             if status in ABSENT:
                 why = why or f"the teacher has no /tokenize (POST {url}: {status})"
                 continue
+            if status == 200:
+                return None, f"POST {url} answered 200 without a token count (`count` or `tokens`)"
             return None, (f"POST {url} answered {status} to a chat body" if status else
                           f"POST {url} got no answer: {self.error}")
         return None, why
