@@ -154,12 +154,13 @@ def _rows(entries: list[_Entry], by_raw: dict[bytes, int], text: str) -> Teacher
     if None in tops:
         tops = [t or () for t in tops]
     flat = list(chain.from_iterable(tops))
-    top_ids = list(map(by_raw.get, map(bytes, map(_BYTES, flat))))
-    if None in top_ids:
+    try:
+        top_ids = np.fromiter(map(by_raw.get, map(bytes, map(_BYTES, flat))), dtype=np.int64, count=len(flat))
+    except TypeError:  # an alternative by_raw does not know (None)
         return None
     top_lp = np.fromiter(map(_LP, flat), dtype=np.float64, count=len(flat))
     chosen_lp = np.fromiter(map(_LP, entries), dtype=np.float64, count=len(entries))
     if (top_lp > LOGPROB_SLACK).any() or (chosen_lp > LOGPROB_SLACK).any():
         return None  # the general path names the entry
     return TeacherRows(chosen, np.fromiter(map(len, tops), dtype=np.int64, count=len(tops)),
-                       np.asarray(top_ids, dtype=np.int64), top_lp, chosen_lp, text)
+                       top_ids, top_lp, chosen_lp, text)
