@@ -127,6 +127,43 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> 
     return d / 2 + rng.uniform(0, d / 2)
 
 
+RATE_LIMIT_RETRIES_PER_RETRY = 4  # a request may see 4x max_retries 429s: being throttled is not failing
+
+
+class RetryCount:
+    """One request's failed attempts under generate's retry rules, shared by generate's samples and
+    the priced scorer (teacher/scoring.py): `after(e)` -> (seconds to wait, out of retries?).
+
+    A 429 (`RateLimited`) waits its Retry-After, else a backoff, and is retried up to
+    `RATE_LIMIT_RETRIES_PER_RETRY * max(1, max_retries)` times; any other failure (5xx, timeouts,
+    dropped connections) waits the longer of its Retry-After and a backoff, up to `max_retries`
+    times. The backoff (`backoff_delay`) counts each kind's own attempts and draws its jitter from
+    `rng` (the caller's seeded one, shared across its requests). What a wait means (every worker
+    pauses for a 429, this request sleeps otherwise) and what giving up does are the caller's."""
+
+    def __init__(self, max_retries: int, base: float, cap: float, rng: random.Random):
+        self.max_retries, self.base, self.cap, self.rng = max_retries, base, cap, rng
+        self.rate_limited = 0  # 429s seen
+        self.transient = 0  # other retryable failures seen
+
+    @property
+    def failures(self) -> int:
+        return self.rate_limited + self.transient
+
+    def after(self, e: AttemptFailed) -> tuple[float, bool]:
+        """Count the failed attempt `e`; -> (seconds to wait before the next one, True when that
+        was one too many of its kind). The wait is drawn even then, as the rules always did."""
+        if isinstance(e, RateLimited):
+            self.rate_limited += 1
+            n, limit = self.rate_limited, RATE_LIMIT_RETRIES_PER_RETRY * max(1, self.max_retries)
+            wait = e.retry_after if e.retry_after is not None else backoff_delay(n, self.base, self.cap, self.rng)
+        else:
+            self.transient += 1
+            n, limit = self.transient, self.max_retries
+            wait = max(e.retry_after or 0.0, backoff_delay(n, self.base, self.cap, self.rng))
+        return wait, n > limit
+
+
 def mask_secret(text: str, secret: str | None, limit: int = REASON_CHARS) -> str:
     """`text` with every copy of `secret` replaced by ***, then cut to `limit` characters.
 

@@ -53,7 +53,8 @@ from kdforge.config import GenerateSection
 from kdforge.errors import BudgetExceededError, Interrupted, KdforgeError, TeacherRefusedError, UsageError
 from kdforge.teacher.budget import BudgetLedger
 from kdforge.teacher.cache import ResponseCache
-from kdforge.teacher.client import Answer, AttemptFailed, RateLimited, Rejected, TeacherClient, backoff_delay
+from kdforge.teacher.client import (Answer, AttemptFailed, RateLimited, Rejected, RetryCount, TeacherClient,
+                                    backoff_delay)
 from kdforge.teacher.journal import FailureLog, Journal
 from kdforge.teacher.plan import SampleRequest, build_jobs, dry_run_report
 from kdforge.teacher.pricing import Prices, resolve_prices
@@ -62,7 +63,6 @@ from kdforge.teacher.prompts import plan_prompts
 from kdforge.teacher.ratelimit import RateLimiter
 from kdforge.teacher.tokens import TokenEstimator
 
-RATE_LIMIT_RETRIES_PER_RETRY = 4  # a sample may see 4x max_retries 429s: being throttled is not failing
 STATE_EVERY = 5.0  # seconds between state.json writes
 UNAVAILABLE_AFTER = 3  # samples in a row giving up on transient errors: the teacher is down, stop (exit 1)
 REJECTING_AFTER = 10  # samples in a row rejected (4xx): the endpoint or the request is wrong, not the prompts
@@ -300,14 +300,15 @@ class Generator:
     async def _process(self, job: SampleRequest) -> None:
         if self.answer_from_cache(job):
             return
-        me, tries, cost = asyncio.current_task(), Counter(), 0.0
+        me, attempts, cost = asyncio.current_task(), 0, 0.0
+        tries = RetryCount(self.cfg.max_retries, self.cfg.retry_base, self.cfg.retry_max, self.rng)
         while True:
             self._state[me] = "waiting"
             res = await self._admit(job)
             if res is None:
                 return  # stopping
             self._state[me] = "sending"
-            tries["attempts"] += 1
+            attempts += 1
             self.stats.on_start()
             try:
                 ans = await self.client.complete(job.body)
@@ -323,12 +324,12 @@ class Generator:
                 self._state[me] = "waiting"
                 cost += self._settle_failed(res, e)
                 self.limiter.observe(e.headers or None)
-                if await self._retry_after_failure(job, e, tries):
+                if await self._retry_after_failure(job, e, tries, attempts):
                     continue
                 return
             self._state[me] = "waiting"
             self.limiter.observe(ans.headers)
-            self.deliver(job, res, ans, tries["attempts"], cost)
+            self.deliver(job, res, ans, attempts, cost)
             return
 
     def deliver(self, job: SampleRequest, res, ans: Answer, attempts: int, cost: float = 0.0) -> None:
@@ -385,22 +386,16 @@ class Generator:
             self.stop(StopReason.BUDGET, e)
             return None
 
-    async def _retry_after_failure(self, job: SampleRequest, e: AttemptFailed, tries: Counter) -> bool:
-        """Record a failed attempt; wait as the error asks. False: the sample failed for good."""
-        cfg, attempts = self.cfg, tries["attempts"]
+    async def _retry_after_failure(self, job: SampleRequest, e: AttemptFailed, tries: RetryCount,
+                                   attempts: int) -> bool:
+        """Record a failed attempt; wait as the error asks (`RetryCount`'s rules). False: the sample
+        failed for good."""
         if isinstance(e, Rejected):
             self.fail(job, e.reason, e.kind, attempts, permanent=True)
             return False
+        wait, gave_up = tries.after(e)
         if isinstance(e, RateLimited):  # throttled: retried longer, and every worker waits
-            tries["429"] += 1
-            wait = e.retry_after if e.retry_after is not None else \
-                self.backoff(tries["429"])
             self.throttled(wait, e.headers)  # acquire() honours it
-            gave_up = tries["429"] > RATE_LIMIT_RETRIES_PER_RETRY * max(1, cfg.max_retries)
-        else:  # 5xx, timeout, dropped connection: this worker backs off
-            tries["transient"] += 1
-            wait = max(e.retry_after or 0.0, self.backoff(tries["transient"]))
-            gave_up = tries["transient"] > cfg.max_retries
         if gave_up:
             self.fail(job, f"gave up after {attempts} attempts: {e.reason}", e.kind, attempts, permanent=False)
             return False

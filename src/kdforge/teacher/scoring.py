@@ -291,9 +291,10 @@ class PricedScorer:
         return self._loop.run_until_complete(self._send(body, prompt_tokens))
 
     async def _send(self, body: dict, prompt_tokens: int) -> tuple[dict, float]:
-        from kdforge.teacher.client import AttemptFailed, RateLimited
+        from kdforge.teacher.client import AttemptFailed, RateLimited, RetryCount
 
-        tries = {"429": 0, "transient": 0}
+        r = self.retries
+        tries = RetryCount(r.max_retries, r.retry_base, r.retry_max, self._rng)
         usd = 0.0
         while True:
             res = self._reserve(prompt_tokens)
@@ -306,7 +307,9 @@ class PricedScorer:
             except AttemptFailed as e:
                 usd += self._settle_failed(res, e)
                 self.limiter.observe(e.headers or None)
-                wait = self._retry_wait(e, tries)  # raises when out of retries
+                wait, gave_up = tries.after(e)  # generate's rules
+                if gave_up:
+                    raise self._gave_up(e, tries)
                 if isinstance(e, RateLimited):
                     self.limiter.on_429(wait, e.headers)  # acquire() waits it out
                 else:
@@ -373,26 +376,11 @@ class PricedScorer:
             return self.ledger.settle_worst(res, e.kind)
         return self.ledger.settle(res, 0, 0, e.kind)
 
-    def _retry_wait(self, e, tries: dict) -> float:
-        """Seconds to wait before the next attempt, as generate waits; raises KdforgeError (exit 1)
-        when the teacher stays throttled or down past generate's retry limits."""
-        from kdforge.teacher.client import RateLimited, backoff_delay
-        from kdforge.teacher.generate import RATE_LIMIT_RETRIES_PER_RETRY
-
-        r = self.retries
-        if isinstance(e, RateLimited):
-            tries["429"] += 1
-            limit, n = RATE_LIMIT_RETRIES_PER_RETRY * max(1, r.max_retries), tries["429"]
-            wait = e.retry_after if e.retry_after is not None else backoff_delay(n, r.retry_base, r.retry_max, self._rng)
-        else:
-            tries["transient"] += 1
-            limit, n = r.max_retries, tries["transient"]
-            wait = max(e.retry_after or 0.0, backoff_delay(n, r.retry_base, r.retry_max, self._rng))
-        if n > limit:
-            raise KdforgeError(f"the teacher at {self.scorer.url} gave no scores after {tries['429'] + tries['transient']} "
-                               f"attempts (last: {e.reason}); generate.max_retries is {r.max_retries}. The last "
-                               "finished step is saved: re-run with --resume auto once the teacher answers")
-        return wait
+    def _gave_up(self, e, tries) -> KdforgeError:
+        """The error (exit 1) for a teacher that stays throttled or down past generate's retry limits."""
+        return KdforgeError(f"the teacher at {self.scorer.url} gave no scores after {tries.failures} attempts (last: "
+                            f"{e.reason}); generate.max_retries is {self.retries.max_retries}. The last finished step "
+                            "is saved: re-run with --resume auto once the teacher answers")
 
     def _say(self, what: str, message: str) -> None:
         if what not in self._said:
