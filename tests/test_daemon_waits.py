@@ -101,3 +101,43 @@ def test_a_snapshot_on_a_full_disk_waits_keeps_nothing_partial_and_is_taken_late
             if p.poll() is None:
                 p.kill()
     assert "daemon failed" not in daemon_log(base) and "Traceback" not in output(base), output(base)
+
+
+def test_a_snapshot_refused_at_a_batch_save_keeps_the_batch(tmp_path, tiny_model_dir):
+    """The day's snapshot is taken right after a batch's checkpoint: when the disk refuses it there,
+    the batch (saved) is neither failed nor rejected; the snapshot waits and is taken on a later try.
+    This process's own file size limit is lowered between the two, from the daemon's log echo."""
+    from kdforge.config import load_config
+    from kdforge.daemon.service import Daemon
+
+    cfg = daemon_config(tmp_path / "d.yaml", tiny_model_dir, settle_seconds=0, snapshot_time="03:00")
+    base = tmp_path / "training"
+    drop(base, "snapshot_à_midi.jsonl", batch(RECORDS, seed=5))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    seen = []
+
+    def disk(line: str) -> None:
+        seen.append(line)
+        if f"Saved checkpoint: checkpoint-{STEPS}" in line:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (CHECKPOINT_WONT_FIT, hard))  # full from here
+        elif "retrying in" in line:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again
+            seen.append(("waiting", dict(status(base))))
+        elif "wait over" in line or "rejected" in line or "failed" in line:  # done, or failed: stop either way
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            (base / ".stop").touch()
+
+    try:
+        d = Daemon(base, load_config([cfg]), now=FakeClock(datetime(2025, 6, 1, 12, 0)), echo=disk,
+                   handle_signals=False)
+        assert d.run() == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    (waiting,) = [x[1] for x in seen if isinstance(x, tuple)]
+    assert waiting["last_error"].startswith("waiting: snapshot 20250601 of checkpoint-5"), waiting
+    assert "File too large" in waiting["last_error"], waiting
+    assert not list((base / "rejected").glob("*")) and not list((base / "inbox").rglob("*.jsonl"))
+    assert snapshot_folders(base) == ["20250601"] and ckpt.read_state(base / "snapshots" / "20250601").global_step == STEPS
+    s = status(base)
+    assert (s["status"], s["last_error"], s["last_snapshot"], s["batch_number"]) == ("stopped", None, "20250601", 1), s
+    assert "File too large" in s["last_wait"] and "failed" not in daemon_log(base), daemon_log(base)

@@ -508,11 +508,11 @@ class Daemon:
         self._snapshot_retry_at = time.monotonic() + wait
         self._waits["snapshot"] = (f"waiting: {what} could not be written in {self.paths.snapshots}: {why} "
                                    f"(the machine's fault: nothing of it was kept, the checkpoints are untouched)")
-        self._note(self.log.error, f"{self._waits['snapshot'].removeprefix('waiting: ')}; retrying in {wait:.1f}s")
         try:
             self.status.update(last_error=self._waits["snapshot"])
         except OSError:
             pass  # the status cannot be written either: the log line (or stdout) says it
+        self._note(self.log.error, f"{self._waits['snapshot'].removeprefix('waiting: ')}; retrying in {wait:.1f}s")
 
     def _consolidate(self, why: str) -> None:
         """Merge the adapter into a new base (bases/gen-K), continue with a fresh adapter on it;
