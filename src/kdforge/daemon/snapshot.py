@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from kdforge.atomic import fsync_dir
-from kdforge.train.checkpoint import fsync_tree as _fsync_tree, read_state
+from kdforge.train.checkpoint import fsync_tree, read_state
 
 DAY_RE = re.compile(r"^\d{8}$")
 
@@ -73,7 +73,7 @@ def take_snapshot(checkpoint: Path, snapshots: Path, day: str, keep: int, now: d
         info = {"checkpoint": checkpoint.name, "global_step": read_state(checkpoint).global_step,
                 "taken_at": now.isoformat(timespec="seconds")}
         (tmp / "snapshot.json").write_text(json.dumps(info, indent=2) + "\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         os.replace(tmp, final)
         moved = True
         fsync_dir(snapshots)
