@@ -148,3 +148,18 @@ def test_foreground_daemon_on_a_terminal_shows_a_batch_bar(tmp_path, tiny_model_
     text = plain.stdout + plain.stderr
     assert "Batch 2 done: second.jsonl" in text, text
     assert "batch #2" not in text and "\x1b[" not in text  # no bar, no escape codes
+
+
+def test_watch_shows_the_last_wait_once_a_wait_ended(tmp_path):
+    """The live view shows `last_wait` (a full disk waited out) as `kdforge status` does."""
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kdforge.daemon.watch import _Rate, view
+
+    status = {"status": "idle", "pid": os.getpid(), "last_error": None,
+              "last_wait": "waited until 2026-12-06T01:50:00: disk full writing café.jsonl"}
+    out = StringIO()
+    Console(file=out, width=160).print(view(status, [], _Rate(), tmp_path / "status.json"))
+    assert "last wait" in out.getvalue() and "disk full writing café.jsonl" in out.getvalue()

@@ -121,6 +121,8 @@ def view(status: dict | None, lines: list[str], rate: _Rate, where: Path):
         grid.add_row("queue", f"{s.get('batch_queue_size') or 0} file(s) waiting in inbox/")
         grid.add_row("last checkpoint", s.get("last_checkpoint") or "-")
         grid.add_row("last error", Text(s.get("last_error") or "-", style="red" if s.get("last_error") else ""))
+        if s.get("last_wait"):  # a wait for the machine that ended (kdforge status shows it too)
+            grid.add_row("last wait", s["last_wait"])
     log = Text("\n".join(lines[-LOG_LINES_SHOWN:]) or "(no log yet)", overflow="ellipsis", no_wrap=True)
     foot = Text(f"q or Ctrl-C to quit · read {datetime.now():%H:%M:%S}", style="dim")
     return Group(Panel(grid, title="kdforge daemon"), Panel(log, title="newest log lines"), foot)
