@@ -86,22 +86,20 @@ def tokenizer_fingerprint(tok) -> str:
 
 @dataclass
 class Chunk:
-    """A run of whole lines of one file: bytes [start, end), its first line's number, a checksum."""
+    """A run of whole lines of one file: bytes [start, end) and a checksum. Its lines are numbered
+    from 1 by the worker and rebased by the parent (`Encoded.line_ends`), so the scan counts none."""
 
     file_index: int
     path: str
     start: int
     end: int
-    first_line: int
     crc: int
 
 
-def _newlines(block: bytes, after_cr: bool) -> int:
-    """Line ends in `block` as Python's text mode counts them (\\n, \\r, \\r\\n: `iter_lines` reads so)."""
-    n = block.count(b"\n")
-    if b"\r" in block:
-        n += block.count(b"\r") - block.count(b"\r\n")
-    return n - (1 if after_cr and block[:1] == b"\n" else 0)
+def _newlines(block: bytes) -> int:
+    """Line ends in a chunk as Python's text mode counts them (\\n, \\r, \\r\\n: `iter_lines` reads
+    so). A chunk ends at a \\n, so no \\r\\n is split between two."""
+    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
 
 
 def scan_file(path: str | Path, file_index: int = 0, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict, list[Chunk]]:
@@ -111,8 +109,7 @@ def scan_file(path: str | Path, file_index: int = 0, chunk_bytes: int = CHUNK_BY
     if not p.is_file():
         raise DataError("file not found", str(p))
     h, chunks = hashlib.sha256(), []
-    pos = start = crc = lines = 0  # bytes read; current chunk's start, CRC, and line ends so far
-    first, after_cr = 1, False
+    pos = start = crc = 0  # bytes read; current chunk's start and CRC
     with open(p, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
@@ -123,15 +120,13 @@ def scan_file(path: str | Path, file_index: int = 0, chunk_bytes: int = CHUNK_BY
                 end = len(block) if cut < 0 else cut + 1
                 piece = block[off:end]
                 crc = zlib.crc32(piece, crc)
-                lines += _newlines(piece, after_cr)
-                after_cr = piece[-1:] == b"\r"
                 off = end
                 if cut >= 0:
-                    chunks.append(Chunk(file_index, str(p), start, pos + end, first, crc))
-                    start, crc, first, lines = pos + end, 0, first + lines, 0
+                    chunks.append(Chunk(file_index, str(p), start, pos + end, crc))
+                    start, crc = pos + end, 0
             pos += len(block)
     if pos > start or not chunks:
-        chunks.append(Chunk(file_index, str(p), start, pos, first, crc))
+        chunks.append(Chunk(file_index, str(p), start, pos, crc))
     return {"file": str(p), "size": pos, "sha256": h.hexdigest()}, chunks
 
 
@@ -253,6 +248,7 @@ class Encoded:
     misaligned: list[tuple[str, int, str]] = field(default_factory=list)
     carried: list[int] = field(default_factory=lambda: [0, 0, 0])  # dataset.CarryCount's fields
     lines: int = 0
+    line_ends: int = 0  # a chunk's line ends: what the next chunk's line numbers are rebased by
     files: list[str] = field(default_factory=list)  # file index -> path (records read in memory)
 
 
@@ -432,7 +428,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     by_raw = enc.tm.by_raw if enc.with_topk else None
     problems, kept = [], []
     n_lines = 0
-    for lineno, line in _chunk_lines(raw, text, chunk.first_line):
+    for lineno, line in _chunk_lines(raw, text):
         fast = _fast(line, lineno, by_raw, prompt_only) if by_raw is not None else None
         if fast is None:  # the general path: any line, and every error message
             s = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
@@ -449,10 +445,11 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     enc.add_all(kept, chunk.path, chunk.file_index)
     out = enc.take()
     out.problems, out.lines = problems, n_lines
+    out.line_ends = _newlines(raw)
     return out
 
 
-def _chunk_lines(raw: bytes, text: str, first: int):
+def _chunk_lines(raw: bytes, text: str, first: int = 1):
     """(line number, line) of a chunk as `records.iter_lines` numbers them: bytes split at \n where
     the chunk has no \r (msgspec reads bytes without a copy to str), else universal-newline text.
     A line is given unstripped of non-ASCII whitespace: the caller strips it as text when needed."""
@@ -595,8 +592,11 @@ def _build(final: Path, key: str, scans, tokenizer, with_topk: bool, settings: d
         writer = _Writer(tmp, with_topk)
         bar = _Bar(total, progress, f"token store ({len(files)} file{'s' * (len(files) > 1)})")
         try:
+            lines_before = {}  # file index -> line ends in its chunks appended so far
             for piece, chunk in _pieces(chunks, tokenizer, with_topk, settings, _n_workers(workers, total)):
-                writer.append(piece)
+                before = lines_before.get(chunk.file_index, 0)
+                writer.append(piece, before)
+                lines_before[chunk.file_index] = before + piece.line_ends
                 bar.advance(chunk.end - chunk.start)
         finally:
             bar.close()
@@ -678,9 +678,11 @@ class _Writer:
         self.carried = [0, 0, 0]
         self.lines = 0
 
-    def append(self, piece: Encoded) -> None:
+    def append(self, piece: Encoded, lines_before: int = 0) -> None:
+        """Append a piece; `lines_before`: the lines of its file before it (a chunk numbers from 1)."""
         ex = piece.examples.copy()
         ex[:, 0] += self.n["tokens"]
+        ex[:, 6] += lines_before
         if "row_len" in self.files:
             ex[:, 3] += self.n["row_len"]
             ex[:, 4] += self.n["alt_ids"]
@@ -689,8 +691,8 @@ class _Writer:
             if name in self.files:
                 self.files[name].write(np.ascontiguousarray(arr, dtype=ARRAYS[name]).tobytes())
                 self.n[name] += len(arr)
-        self.problems += piece.problems
-        self.misaligned += piece.misaligned
+        self.problems += [(p, line + lines_before, m) for p, line, m in piece.problems]
+        self.misaligned += [(p, line + lines_before, m) for p, line, m in piece.misaligned]
         self.carried = [a + b for a, b in zip(self.carried, piece.carried)]
         self.lines += piece.lines
 
