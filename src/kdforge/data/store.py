@@ -99,7 +99,8 @@ class Chunk:
 def _newlines(block: bytes) -> int:
     """Line ends in a chunk as Python's text mode counts them (\\n, \\r, \\r\\n: `iter_lines` reads
     so). A chunk ends at a \\n, so no \\r\\n is split between two."""
-    return block.count(b"\n") + block.count(b"\r") - block.count(b"\r\n")
+    n = block.count(b"\n")
+    return n + block.count(b"\r") - block.count(b"\r\n") if b"\r" in block else n
 
 
 def scan_file(path: str | Path, file_index: int = 0, chunk_bytes: int = CHUNK_BYTES) -> tuple[dict, list[Chunk]]:
