@@ -20,9 +20,12 @@ save). On such a step `train_steps` hands its micro-batches to `OnPolicy.replace
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
 from kdforge.data.dataset import IGNORE, collate
@@ -77,7 +80,7 @@ class OnPolicy:
     `teacher.url`, else None (the objective's dense teacher scores in-process)."""
 
     def __init__(self, section, seed: int, model, tokenizer, *, micro_batch_size: int, scorer=None,
-                 prompt_pool: list[list[int]] | None = None, fsdp_root=None):
+                 prompt_pool: "PromptPool | Sequence[Sequence[int]] | None" = None, fsdp_root=None):
         self.fraction = section.fraction
         self.max_new_tokens = section.max_new_tokens
         self.temperature = section.temperature
@@ -88,7 +91,7 @@ class OnPolicy:
         self.eos_id = tokenizer.eos_token_id
         self.mbs = micro_batch_size
         self.scorer = scorer
-        self.pool = prompt_pool or []
+        self.pool = prompt_pool if isinstance(prompt_pool, PromptPool) else PromptPool.of(prompt_pool or [])
         self.last = StepReport()
         self.fsdp_root = fsdp_root  # FSDP2: the sharded root (objective) whose parameters sampling needs
         if fsdp_root is not None:
@@ -428,32 +431,67 @@ def prompts_of(batch: dict) -> list[list[int]]:
     return out
 
 
-def without_answers(ds, records) -> int:
-    """Give the prompt-only records of `ds` (the KDDataset built from `records`, in order) no target
-    at all (the dataset gave them a lone EOS to learn): such an example trains on on-policy steps
-    only, where its prompt is answered by the student (an off-policy step gets nothing from it, as
-    an on-policy step gets nothing from a {"text"} record). Returns how many there are."""
-    n = 0
-    for i, rec in zip(range(len(ds)), records, strict=True):
-        if rec.prompt_only:
-            ds.clear_response(i)
-            n += 1
-    asked = {r.line for r in records if r.prompt_only}  # one file: a line number names one record
-    ds.ce_only_lines = [(p, ln) for p, ln in ds.ce_only_lines if ln not in asked]  # not "CE only": on-policy
-    return n
+def without_answers(ds, asked: Sequence[int]) -> int:
+    """Give the prompt-only examples `asked` of `ds` (indices; a daemon batch's records, in order) no
+    target at all (the dataset gave them a lone EOS to learn): such an example trains on on-policy
+    steps only, where its prompt is answered by the student (an off-policy step gets nothing from it,
+    as an on-policy step gets nothing from a {"text"} record). Returns how many there are."""
+    for i in asked:
+        ds.clear_response(i)
+    lines = {ds.line_of(i)[1] for i in asked}  # one file: a line number names one record
+    ds.ce_only_lines = [(p, ln) for p, ln in ds.ce_only_lines if ln not in lines]  # not "CE only": on-policy
+    return len(asked)
 
 
-def read_prompt_pool(files: list[str], tokenizer) -> list[list[int]]:
-    """Prompt-only files (generate's --prompts formats) as token ids, rendered like dataset prompts."""
+class PromptPool:
+    """On-policy prompts as token ids, compactly: one flat int32 array of every prompt's ids back to
+    back and int64 offsets (prompt i is ids[offsets[i]:offsets[i + 1]]), ~4 bytes per token where a
+    list of Python ints takes ~36. `pool[i]` is prompt i as a list of ints."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = ids, offsets
+
+    @classmethod
+    def of(cls, prompts: Sequence[Sequence[int]]) -> "PromptPool":
+        ids, offsets = array("i"), array("q", [0])
+        for p in prompts:
+            ids.extend(p)
+            offsets.append(len(ids))
+        return cls(np.frombuffer(ids, dtype=np.int32) if ids else np.zeros(0, np.int32),
+                   np.frombuffer(offsets, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> list[int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"prompt {i} of a pool of {len(self)}")
+        i %= len(self)
+        return self.ids[self.offsets[i]:self.offsets[i + 1]].tolist()
+
+    def nbytes(self) -> int:
+        return self.ids.nbytes + self.offsets.nbytes
+
+
+_POOL_BATCH = 512  # prompts tokenised per tokenizer call while a pool is read
+
+
+def read_prompt_pool(files: list[str], tokenizer) -> PromptPool:
+    """Prompt-only files (generate's --prompts formats) as token ids, rendered like dataset prompts,
+    in file order, into a compact `PromptPool` (a batch of prompts is tokenised at a time and appended:
+    the pool grows by ~4 bytes per token; only one batch is ever Python lists)."""
     from kdforge.data.dataset import prompt_text  # the dataset's own rendering
     from kdforge.teacher.prompts import read_prompt_file
 
-    pool = []
-    for f in files:
-        for p in read_prompt_file(f):
-            msgs = [{"role": r, "content": c} for r, c in p.messages]
-            pool.append(tokenizer(prompt_text(tokenizer, msgs), add_special_tokens=False)["input_ids"])
-    return pool
+    def tokenised():
+        for f in files:
+            prompts = read_prompt_file(f)
+            for b in range(0, len(prompts), _POOL_BATCH):
+                texts = [prompt_text(tokenizer, [{"role": r, "content": c} for r, c in p.messages])
+                         for p in prompts[b:b + _POOL_BATCH]]
+                yield from tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    return PromptPool.of(tokenised())
 
 
 def student_vocab(model) -> int:
