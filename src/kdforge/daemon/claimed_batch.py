@@ -13,17 +13,20 @@ evaluating, the status and the log, and what to do when a batch fails.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kdforge.daemon.batch_state import BatchState
-from kdforge.daemon.inbox import Fingerprint, claim_parts, fingerprint, move_to, read_batch, shown
+from kdforge.atomic import atomic_write_text
+from kdforge.daemon.inbox import (Fingerprint, batch_fingerprint, claim_parts, fingerprint, move_to, read_batch,
+                                  shown)
 from kdforge.errors import DataError
 from kdforge import checkpoint_layout as layout
 from kdforge.checkpoint_layout import TrainState
@@ -38,6 +41,8 @@ PROMPT_ONLY_REFUSED = ("a prompt with no answer (a prompt-only line): the daemon
                        "(the student answers, the teacher scores): configure on_policy (on_policy.fraction > 0 "
                        "with teacher.path or teacher.url), or add the teacher's answer (teacher_text, completion)")
 MAX_LINES_NAMED = 20  # bad lines of one file named in the log and its reason; a million would drown both
+INDEX_NAME = "batch-index.json"  # in BASE/.store/: what parsing the batch whose store is kept there found
+PARSED = {"n": 0}  # batch files parsed into records in this process: tests count them (a restart maps the store)
 
 
 def batch_steps(n_examples: int, epochs: float, micro_batch: int, grad_accum: int) -> int:
@@ -58,6 +63,49 @@ class Resume(Enum):
 class ResumePoint:
     how: Resume
     data_position: dict = field(default_factory=dict)  # CONTINUE: where the stream stopped ({}: its start)
+
+
+@dataclass
+class BatchIndex:
+    """What parsing a claimed batch found, kept beside its store (BASE/.store/INDEX_NAME) so that a
+    restart mid-batch needs neither parse nor tokenise it: the claim's file name and the bytes read,
+    whether prompt-only lines were refused (no on_policy), whether any record has an answer, which
+    records (in store order) are prompts only, and the bad lines as (line, message). Bytes per
+    record, never the records."""
+
+    file: str
+    size: int
+    sha256: str
+    refused: bool
+    answered: bool
+    n_records: int
+    prompt_only: list[int]
+    problems: list[tuple[int | None, str]]
+
+    @classmethod
+    def of(cls, file: str, fp: Fingerprint, refused: bool, records: list, problems: list) -> "BatchIndex":
+        from kdforge.data.store import bare_message
+
+        return cls(file, fp.size, fp.sha256, refused, any(not r.prompt_only for r in records), len(records),
+                   [i for i, r in enumerate(records) if r.prompt_only], [(p.line, bare_message(p)) for p in problems])
+
+    @classmethod
+    def read(cls, root: Path) -> "BatchIndex | None":
+        try:
+            raw = json.loads((root / INDEX_NAME).read_text(encoding="utf-8"))
+            return cls(**{**raw, "problems": [tuple(p) for p in raw["problems"]]})
+        except (OSError, ValueError, TypeError, KeyError):
+            return None  # none, or not one this daemon wrote: the batch is parsed
+
+    def write(self, root: Path) -> None:
+        atomic_write_text(root / INDEX_NAME, json.dumps(asdict(self), ensure_ascii=False))
+
+    def errors(self, name: str) -> list[DataError]:
+        return [DataError(msg, name, line) for line, msg in self.problems]
+
+    def store_fingerprint(self) -> dict:
+        """The store's key file entry: named by the claim, as the daemon names it."""
+        return {"file": shown(claim_parts(Path(self.file))[1]), "size": self.size, "sha256": self.sha256}
 
 
 class ClaimedBatch:
@@ -188,34 +236,62 @@ class ClaimedBatch:
     def load(self):
         """The claimed file as a dataset, read once through a checked descriptor, and its
         fingerprint. Prompt-only lines (a prompt, no answer) train on-policy only: without
-        `on_policy` they are bad lines that say so."""
+        `on_policy` they are bad lines that say so. A restart mid-batch finds the batch's store and
+        its `BatchIndex` kept by these very bytes and parses nothing: the store is mapped again."""
         from kdforge.data.dataset import KDDataset
         from kdforge.train.on_policy import without_answers
 
         d, name = self.daemon, self.name
-        records, problems, fp = read_batch(self.path, shown(name), d.daemon_cfg.max_batch_bytes, prompt_only=True)
-        op = d.cfg.on_policy
-        if op.fraction <= 0 and any(r.prompt_only for r in records):
-            problems = sorted(problems + [DataError(PROMPT_ONLY_REFUSED, shown(name), r.line)
-                                          for r in records if r.prompt_only], key=lambda e: e.line or 0)
-            records = [r for r in records if not r.prompt_only]
-        self._name_problems(problems, records)
-        # Stored top-k only serve off-policy steps: none when every step is on-policy (as kdforge train).
-        session = d.session
-        answered = [r for r in records if not r.prompt_only]
-        with_topk = session.with_topk and op.fraction < 1 and bool(answered)
+        session, refused = d.session, d.cfg.on_policy.fraction <= 0
+        root = d.paths.base / ".store"
+        settings = session.store_settings(prompt_only=True)  # as kdforge train's
+        index, records = self._kept_index(root, refused, settings), []
+        if index is None:
+            records, problems, fp = read_batch(self.path, shown(name), d.daemon_cfg.max_batch_bytes, prompt_only=True)
+            PARSED["n"] += 1
+            if refused and any(r.prompt_only for r in records):
+                problems = sorted(problems + [DataError(PROMPT_ONLY_REFUSED, shown(name), r.line)
+                                              for r in records if r.prompt_only], key=lambda e: e.line or 0)
+                records = [r for r in records if not r.prompt_only]
+            index = BatchIndex.of(self.path.name, fp, refused, records, problems)
+        self._name_problems(index.errors(shown(name)), index.n_records)
         # Kept in BASE/.store/ by the bytes read: a restart mid-batch maps it instead of tokenising again.
         ds = KDDataset(self.path, tokenizer=session.tokenizer, max_seq_length=d.seq_len,
-                       with_topk=with_topk, strict=False, records=records,
+                       with_topk=self._with_topk(index), strict=False, records=records,
                        topk_optional=bool(session.cfg.teacher.url),  # teacher.url scores the rest
-                       settings=session.store_settings(prompt_only=True),  # as kdforge train's
-                       store_dir=d.paths.base / ".store",
-                       fingerprints=[{"file": shown(name), "size": fp.size, "sha256": fp.sha256}])
-        ds.problems = problems
-        ds.prompts_only = without_answers(ds, records) == len(records)
-        return ds, fp
+                       settings=settings, store_dir=root, fingerprints=[index.store_fingerprint()])
+        if records:
+            index.write(root)
+        ds.problems = index.errors(shown(name))
+        ds.prompts_only = without_answers(ds, index.prompt_only) == index.n_records
+        return ds, Fingerprint(index.size, index.sha256)
 
-    def _name_problems(self, problems: list, records: list) -> None:
+    def _with_topk(self, index: "BatchIndex") -> bool:
+        """Stored top-k only serve off-policy steps: none when every step is on-policy (as kdforge train)."""
+        return self.daemon.session.with_topk and self.daemon.cfg.on_policy.fraction < 1 and index.answered
+
+    def _kept_index(self, root: Path, refused: bool, settings: dict) -> "BatchIndex | None":
+        """The index kept for this claim's current bytes, parsed under the same refusal of prompt-only
+        lines, whose store exists; None otherwise (then the file is parsed). Hashes the file only when
+        an index of this claim and size is there (a new batch is read once)."""
+        from kdforge.data import store as st
+
+        index = BatchIndex.read(root)
+        if index is None or index.file != self.path.name or index.refused != refused:
+            return None
+        try:
+            if self.path.lstat().st_size != index.size:
+                return None
+        except OSError:
+            return None
+        fp = batch_fingerprint(self.path, self.daemon.daemon_cfg.max_batch_bytes)
+        if (fp.size, fp.sha256) != (index.size, index.sha256):
+            return None
+        key = st.store_key([index.store_fingerprint()], st.tokenizer_fingerprint(self.daemon.session.tokenizer),
+                           self._with_topk(index), st.merged_settings(settings))
+        return index if (root / key / "meta.json").is_file() else None
+
+    def _name_problems(self, problems: list, n_records: int) -> None:
         """The first bad lines into the log; no usable line at all fails the batch, naming them."""
         log = self.daemon.log
         for problem in problems[:MAX_LINES_NAMED]:
@@ -224,7 +300,7 @@ class ClaimedBatch:
                 if len(problems) > MAX_LINES_NAMED else "")
         if more:
             log.warning(more.strip())
-        if not records:
+        if not n_records:
             reasons = "\n".join(str(p) for p in problems[:MAX_LINES_NAMED]) + more or f"{shown(self.name)}: no records"
             raise DataError(f"no usable line in {shown(self.name)} ({len(problems)} bad):\n{reasons}")
 

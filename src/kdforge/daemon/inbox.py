@@ -224,6 +224,15 @@ def read_batch(path: Path, name: str, max_bytes: int,
     return records, problems, d.result()
 
 
+def batch_fingerprint(path: Path, max_bytes: int) -> Fingerprint:
+    """The fingerprint `read_batch` would give (the same descriptor checks, size cap and UTF-8
+    errors), without parsing a line: whether a batch's kept store holds these very bytes."""
+    d = Digest()
+    for _ in read_lines(path, max_bytes, d):
+        pass
+    return d.result()
+
+
 def free_name(folder: Path, name: str) -> Path:
     """folder/name, or folder/stem.2.suffix, ... if taken: never overwrite a kept file."""
     dest = folder / name
