@@ -14,6 +14,7 @@ from test_eval import NON_ASCII, student, topk_rows  # noqa: F401 (fixture)
 from kdforge.data import store
 from kdforge.data.dataset import KDDataset
 from kdforge.eval import evaluate_loaded, load_eval_data
+from kdforge.eval.data import read_eval_file
 
 
 def _eval_file(model, tok, tmp_path):
@@ -39,7 +40,8 @@ def test_second_eval_maps_the_store_and_numbers_are_unchanged(student, tmp_path)
     second = load_eval_data(path, tok)
     assert store.BUILD_COUNT["n"] == before + 1, "a second eval of the same bytes must not tokenise again"
     assert not second.scored.store_info.built
-    kd = [r.record for r in second.records if r.record is not None]
+    assert all(r.record.teacher_logprobs is None for r in second.records if r.record)  # the store holds them
+    kd = [r.record for r in read_eval_file(path) if r.record is not None]  # as eval read them before
     in_memory = replace(second, scored=KDDataset(None, tokenizer=tok, max_seq_length=4096, with_topk=True, records=kd))
     got = evaluate_loaded(model, tok, second, max_new_tokens=4)
     want = evaluate_loaded(model, tok, in_memory, max_new_tokens=4)

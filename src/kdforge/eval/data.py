@@ -35,6 +35,7 @@ class EvalRecord:
     record: Record | None
     prompt_messages: list[dict] | None  # None: a text record (nothing to answer)
     answer: str | None = None
+    has_topk: bool = False  # the line carries teacher_logprobs (kept in `record` only when read with rows)
 
 
 def _answer(obj: dict, path: str, line: int) -> str | None:
@@ -47,18 +48,20 @@ def _answer(obj: dict, path: str, line: int) -> str | None:
     return str(a)
 
 
-def read_eval_file(path: str | Path) -> list[EvalRecord]:
-    """Every line of one eval file, strictly: the first unusable line raises DataError (file:line)."""
+def read_eval_file(path: str | Path, rows: bool = True) -> list[EvalRecord]:
+    """Every line of one eval file, strictly: the first unusable line raises DataError (file:line).
+    `rows=False`: each record's teacher_logprobs are dropped as it is read (the token store holds
+    them compactly; parsed, they take ~40x their tokens' bytes)."""
     p = Path(path)
     if not p.is_file():
         raise DataError("eval data file not found (give JSONL records, e.g. kdforge generate's output)", str(p))
     try:
-        return [_eval_record(str(p), lineno, text) for lineno, text in iter_lines(p)]
+        return [_eval_record(str(p), lineno, text, rows) for lineno, text in iter_lines(p)]
     except UnicodeDecodeError as e:
         raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", str(p)) from None
 
 
-def _eval_record(path: str, line: int, text: str) -> EvalRecord:
+def _eval_record(path: str, line: int, text: str, rows: bool = True) -> EvalRecord:
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
@@ -81,7 +84,10 @@ def _eval_record(path: str, line: int, text: str) -> EvalRecord:
                         path, line)
     rec.line = line
     rec.metadata = {**rec.metadata, "_path": path}  # KDDataset names file:line in its errors
-    return EvalRecord(path, line, rec, rec.prompt_messages, answer)
+    has_topk = bool(rec.teacher_logprobs)
+    if not rows:
+        rec.teacher_logprobs = None
+    return EvalRecord(path, line, rec, rec.prompt_messages, answer, has_topk)
 
 
 @dataclass
@@ -125,8 +131,8 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
     if not paths:
         raise DataError("no eval data: give --data FILE (JSONL)")
     records: list[EvalRecord] = []
-    for p in paths:
-        records += read_eval_file(p)
+    for p in paths:  # without max_records, the store holds the rows: none are kept parsed
+        records += read_eval_file(p, rows=max_records is not None)
     whole = max_records is None or max_records >= len(records)  # every line of the files is a record here
     if not whole:
         records = records[:max_records]
@@ -134,7 +140,7 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
         raise DataError("no records in the eval data (every line blank)", ", ".join(map(str, paths)))
     kd = [r.record for r in records if r.record is not None]
     asked = [Record(r.prompt_messages, r.answer or "", line=r.line) for r in records if r.record is None]
-    with_topk = any(r.teacher_logprobs for r in kd)
+    with_topk = any(r.has_topk for r in records)
     scored_ds = _scored_dataset(paths if whole else None, kd, tok, max_seq_length, with_topk) if kd else None
     asked_ds = KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, records=asked) if asked else None
     items, n_kd, n_asked = [], 0, 0
@@ -162,4 +168,5 @@ def _scored_dataset(paths: list | None, kd: list[Record], tok, max_seq_length: i
         where = [(str(Path(f).resolve()) if f else None, line) for f, line in map(ds.line_of, range(len(ds)))]
         if where == [(str(Path(r.metadata["_path"]).resolve()), r.line) for r in kd]:
             return ds
+        kd = [r.record for p in paths for r in read_eval_file(p) if r.record is not None]  # with their rows
     return KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk, records=kd)
