@@ -90,3 +90,19 @@ def test_prompt_only_examples_stay_without_target_after_a_restart(tmp_path, tiny
     ce, _ = ClaimedBatch(d2, other).load()
     assert claimed_batch.PARSED["n"] == parsed + 1 and len(ce) == 4 and len(ce.problems) == 4
     assert np.all(np.asarray([ce.kept(i)[1] for i in range(len(ce))]) > 1)
+
+
+def test_switching_on_policy_off_in_the_same_base_does_not_reuse_the_prompt_only_store(tmp_path, tiny_model_dir,
+                                                                                        tokenizer_dir):
+    """The same claimed bytes, the same BASE, on_policy switched off between two loads: the batch's
+    store is not the one built with its prompt-only examples (they are refused now)."""
+    base = tmp_path / "training"
+    teacher = teacher_model(tmp_path / "teacher", tokenizer_dir)
+    d = _daemon(base, on_policy_config(tmp_path / "d.yaml", tiny_model_dir, teacher, fraction=0.5))
+    path = _claimed(base, prompt_rows(3) + batch(4, seed=5), [])
+    first, _ = ClaimedBatch(d, path).load()
+    assert len(first) == 7
+    d2 = _daemon(base, daemon_config(tmp_path / "ce.yaml", tiny_model_dir))
+    ce, _ = ClaimedBatch(d2, path).load()
+    assert len(ce) == 4 and len(ce.problems) == 3
+    assert all(ce.item(i)["labels"].ne(-100).sum() > 0 for i in range(len(ce)))

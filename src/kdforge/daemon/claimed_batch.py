@@ -244,7 +244,9 @@ class ClaimedBatch:
         d, name = self.daemon, self.name
         session, refused = d.session, d.cfg.on_policy.fraction <= 0
         root = d.paths.base / ".store"
-        settings = session.store_settings(prompt_only=True)  # as kdforge train's
+        # as kdforge train's; whether prompt-only lines are refused decides which records the store
+        # holds, so it is in the key (on_policy switched off in the same BASE must not map the old one)
+        settings = {**session.store_settings(prompt_only=True), "prompt_only_refused": refused}
         index, records = self._kept_index(root, refused, settings), []
         if index is None:
             records, problems, fp = read_batch(self.path, shown(name), d.daemon_cfg.max_batch_bytes, prompt_only=True)

@@ -64,8 +64,7 @@ def prompt_text(tokenizer, msgs: list[dict]) -> str:
     """A prompt's messages as the student sees them before its answer: the tokenizer's chat template
     with the generation prompt; without a template (some base models), a plain documented fallback.
     Dataset records and on-policy prompt pools both go through it, so the student samples from the
-    prompts it trains on. (data/quality.py's length report renders templated prompts the same way but
-    counts a template-less prompt's bare text.)"""
+    prompts it trains on, and data/quality.py's length report counts the same text."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     return "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in msgs) + "Assistant: "
