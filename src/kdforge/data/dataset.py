@@ -98,7 +98,7 @@ class TokenMap:
         if getattr(self, "_by_raw", None) is None:
             from kdforge.data.rows import raw_bytes_index
 
-            self._by_raw = raw_bytes_index(self.bytes, self.by_bytes)
+            self._by_raw = raw_bytes_index(self.by_bytes)
         return self._by_raw
 
     def __call__(self, entry: dict) -> int | None:

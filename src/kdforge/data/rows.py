@@ -62,7 +62,7 @@ _FIELDS = _Line.__struct_fields__
 _BYTES, _LP, _TOP = attrgetter("bytes"), attrgetter("logprob"), attrgetter("top")
 
 
-def raw_bytes_index(token_bytes: list[bytes | None], by_bytes: dict[bytes, int]) -> dict[bytes, int]:
+def raw_bytes_index(by_bytes: dict[bytes, int]) -> dict[bytes, int]:
     """JSON text of a token's bytes -> its id, for every id its bytes name alone (`by_bytes`), in the
     two spellings writers use: `json.dumps` ("[104, 105]") and compact ("[104,105]")."""
     out = {}

@@ -38,7 +38,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, groupby
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -280,7 +280,7 @@ class Encoder:
         self.carried = [0, 0, 0]
 
     def add_all(self, recs: list, path: str, file_index: int) -> None:
-        """`add` every record of one file, their prompts and responses tokenised in two batched calls
+        """Add every record of one file, their prompts and responses tokenised in two batched calls
         (a tokenizer call's own overhead is ~0.1 ms: per record, it was a tenth of a build)."""
         from kdforge.data.dataset import prompt_text
 
@@ -291,20 +291,12 @@ class Encoder:
         prompts = iter(tok(texts, add_special_tokens=False)["input_ids"] if texts else ())
         resps = tok([r.response for r in recs], add_special_tokens=False)["input_ids"]
         for r, resp in zip(recs, resps):
-            self.add(r, path, file_index, ([] if r.is_text else next(prompts), resp))
+            self._add(r, path, file_index, [] if r.is_text else next(prompts), resp)
 
-    def add(self, rec, path: str, file_index: int, ids: tuple[list[int], list[int]] | None = None) -> None:
-        """Tokenise one record (prompt via the chat template, response + EOS) and align its rows.
-        `ids`: its (prompt, response) ids, tokenised already (`add_all`)."""
-        from kdforge.data.dataset import prompt_text
-
+    def _add(self, rec, path: str, file_index: int, prompt: list[int], resp: list[int]) -> None:
+        """One record, its prompt (rendered by the chat template) and response tokenised by `add_all`:
+        its example (response + EOS) and its aligned rows."""
         tok = self.tok
-        if ids is not None:
-            prompt, resp = ids
-        else:
-            prompt = [] if rec.is_text else tok(prompt_text(tok, rec.prompt_messages),
-                                                add_special_tokens=False)["input_ids"]
-            resp = tok(rec.response, add_special_tokens=False)["input_ids"]
         # io.reasoning: a thinking teacher's reasoning before the answer (think) or not (drop), tokenised
         # apart: the teacher's top-k rows cover the answer only (the thinking trains with CE)
         think = rec.thinking_prefix(self.settings["reasoning"], tok)
@@ -373,9 +365,9 @@ def encode_records(records, tokenizer, with_topk: bool, *, settings: dict | None
     store's chunks are. A record's file is its `metadata['_path']` when set, else `path`."""
     enc = Encoder(tokenizer, with_topk, settings, token_map)
     files: dict[str, int] = {}
-    for r in records:
-        p = r.metadata.get("_path", path) if r.metadata else path
-        enc.add(r, p, files.setdefault(p, len(files)))
+    of_file = (lambda r: r.metadata.get("_path", path) if r.metadata else path)
+    for p, run in groupby(records, key=of_file):  # each run of one file's records: tokenised together
+        enc.add_all(list(run), p, files.setdefault(p, len(files)))
     out = enc.take()
     out.files = list(files)
     return out
@@ -450,15 +442,15 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     return out
 
 
-def _chunk_lines(raw: bytes, text: str, first: int = 1):
+def _chunk_lines(raw: bytes, text: str):
     """(line number, line) of a chunk as `records.iter_lines` numbers them: bytes split at \n where
     the chunk has no \r (msgspec reads bytes without a copy to str), else universal-newline text.
     A line is given unstripped of non-ASCII whitespace: the caller strips it as text when needed."""
     if b"\r" in raw:
-        for lineno, line in enumerate(io.StringIO(text, newline=None), first):
+        for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
             yield lineno, line
         return
-    for lineno, line in enumerate(raw.split(b"\n"), first):
+    for lineno, line in enumerate(raw.split(b"\n"), 1):
         yield lineno, line.strip()
 
 
