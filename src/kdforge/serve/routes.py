@@ -222,7 +222,8 @@ async def health(request: Request):
 @router.get("/stats")
 async def stats(request: Request):
     state = serve_state(request)
-    return state.engine.stats() | {"tokenize_jobs": state.tokenize_jobs}
+    return state.engine.stats() | {"tokenize_jobs": state.tokenize_jobs,
+                                   "tokenize_running": state.tokenize_running}
 
 
 @router.get("/v1/models")

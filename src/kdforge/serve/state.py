@@ -34,11 +34,16 @@ class ServeState:
         # a time is what the engine could use anyway. The engine decodes with its own copy.
         self.tokenize_pool = ThreadPoolExecutor(1, thread_name_prefix="kdforge-tokenize")
         self.tokenize_jobs = 0  # calls run on the pool (GET /stats shows them)
+        self.tokenize_running = 0  # of those, started and not yet ended
 
     async def off_loop(self, fn, *args):
         """`fn(*args)` on the tokenizer's thread, awaited without holding the event loop."""
         self.tokenize_jobs += 1
-        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+        self.tokenize_running += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, fn, *args)
+        finally:
+            self.tokenize_running -= 1
 
     def check_model(self, name: str | None, *, optional: bool = False) -> None:
         """404 unless `name` is the served model's name (`optional`: None passes too)."""
