@@ -63,12 +63,12 @@ def make_tokenizer(out: Path):
     return tok, token_bytes(tok)
 
 
-def _entry(tb: list, i: int) -> str:
-    """A token entry's fields but its logprob, as generate writes them (json.dumps of the API's)."""
-    return f'"token": {json.dumps(tb[i].decode("utf-8", "replace"))}, "bytes": {json.dumps(list(tb[i]))}'
+def _entry(tb: list, i: int, lp: float) -> str:
+    """A token entry's fields, in generate's order (client._token: token, logprob, bytes)."""
+    return f'"token": {json.dumps(tb[i].decode("utf-8", "replace"))}, "logprob": {lp!r}, "bytes": {json.dumps(list(tb[i]))}'
 
 
-def _answer(rng: random.Random, tb: list, whole: list[int], fields: list[str]) -> tuple[str, str]:
+def _answer(rng: random.Random, tb: list, whole: list[int]) -> tuple[str, str]:
     """(teacher_text, teacher_logprobs JSON) of one ~200-token answer with top-20 rows."""
     ids = [rng.choice(whole) for _ in range(ANSWER_TOKENS)]
     rows = []
@@ -79,8 +79,8 @@ def _answer(rng: random.Random, tb: list, whole: list[int], fields: list[str]) -
             alts[rng.randrange(len(alts))] = i
         lps = sorted((round(-rng.expovariate(0.4), 8) for _ in alts), reverse=True)
         chosen = lps[alts.index(i)]
-        top = ", ".join(f'{{{fields[a]}, "logprob": {lp!r}}}' for a, lp in zip(alts, lps))
-        rows.append(f'{{{fields[i]}, "logprob": {chosen!r}, "top": [{top}]}}')
+        top = ", ".join(f"{{{_entry(tb, a, lp)}}}" for a, lp in zip(alts, lps))
+        rows.append(f'{{{_entry(tb, i, chosen)}, "top": [{top}]}}')
     text = b"".join(tb[i] for i in ids).decode("utf-8")
     return text, "[" + ", ".join(rows) + "]"
 
@@ -89,8 +89,7 @@ def write_data(path: Path, tokens: int, tb: list) -> int:
     """generate-format JSONL of about `tokens` answer tokens; returns the records written."""
     rng = random.Random(1)
     whole = [i for i, b in enumerate(tb) if b and _decodes(b)]
-    fields = [_entry(tb, i) if tb[i] else "" for i in range(len(tb))]
-    pool = [_answer(rng, tb, whole, fields) for _ in range(min(POOL, max(1, tokens // ANSWER_TOKENS)))]
+    pool = [_answer(rng, tb, whole) for _ in range(min(POOL, max(1, tokens // ANSWER_TOKENS)))]
     n = max(1, round(tokens / ANSWER_TOKENS))
     with open(path, "w", encoding="utf-8") as f:
         for r in range(n):

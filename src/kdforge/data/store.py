@@ -421,7 +421,8 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     by_raw = enc.tm.by_raw if enc.with_topk else None
     problems, kept = [], []
     n_lines = 0
-    for lineno, line in _chunk_lines(raw, text):
+    lines, line_ends = _chunk_lines(raw, text)
+    for lineno, line in lines:
         fast = _fast(line, lineno, by_raw, prompt_only) if by_raw is not None else None
         if fast is None:  # the general path: any line, and every error message
             s = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
@@ -438,20 +439,19 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     enc.add_all(kept, chunk.path, chunk.file_index)
     out = enc.take()
     out.problems, out.lines = problems, n_lines
-    out.line_ends = _newlines(raw)
+    out.line_ends = line_ends
     return out
 
 
-def _chunk_lines(raw: bytes, text: str):
-    """(line number, line) of a chunk as `records.iter_lines` numbers them: bytes split at \n where
-    the chunk has no \r (msgspec reads bytes without a copy to str), else universal-newline text.
-    A line is given unstripped of non-ASCII whitespace: the caller strips it as text when needed."""
+def _chunk_lines(raw: bytes, text: str) -> tuple[Iterable, int]:
+    """((line number, line) of a chunk as `records.iter_lines` numbers them, the chunk's line ends):
+    bytes split at \n where the chunk has no \r (msgspec reads bytes without a copy to str; the split
+    counts the line ends too), else universal-newline text. A line is given unstripped of non-ASCII
+    whitespace: the caller strips it as text when needed."""
     if b"\r" in raw:
-        for lineno, line in enumerate(io.StringIO(text, newline=None), 1):
-            yield lineno, line
-        return
-    for lineno, line in enumerate(raw.split(b"\n"), 1):
-        yield lineno, line.strip()
+        return enumerate(io.StringIO(text, newline=None), 1), _newlines(raw)
+    parts = raw.split(b"\n")
+    return enumerate(map(bytes.strip, parts), 1), len(parts) - 1
 
 
 def _fast(text: str | bytes, lineno: int, by_raw: dict, prompt_only: bool) -> list | None:
@@ -630,8 +630,10 @@ def _pieces(chunks: list[Chunk], tokenizer, with_topk: bool, settings: dict, n_w
     2 x workers chunks in flight (memory stays bounded when the parent writes slower)."""
     from kdforge.data.dataset import TokenMap
 
-    _WORK["encoder"] = Encoder(tokenizer, with_topk, settings,
-                               token_map=TokenMap(tokenizer) if with_topk else None)
+    enc = _WORK["encoder"] = Encoder(tokenizer, with_topk, settings,
+                                     token_map=TokenMap(tokenizer) if with_topk else None)
+    if with_topk:
+        enc.tm.by_raw  # built once here, before the workers fork (a 150k vocabulary: ~0.3 s each)
     try:
         if n_workers <= 1 or len(chunks) <= 1:
             for c in chunks:
