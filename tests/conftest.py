@@ -96,3 +96,43 @@ def run_cli(*args, cwd=None, env=None, timeout=300, check=False) -> subprocess.C
     if check and p.returncode != 0:
         raise AssertionError(f"kdforge {' '.join(map(str, args))} -> {p.returncode}\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def cli_here(*args, env: dict | None = None, check=False) -> subprocess.CompletedProcess:
+    """`kdforge ARGS` through the real entry point (kdforge.cli.main) in this process: what run_cli
+    returns, without a Python and torch start-up (3-7 s a run). For a run whose subject is not the
+    process: no signal, no second process racing it, no resume that must start cold (a resume
+    proves what a checkpoint restores only in a new process: run those with run_cli). As run_cli's
+    processes run: one torch thread (OMP_NUM_THREADS=1), `env` over os.environ; signal handlers,
+    threads, os.environ and the cwd are put back after."""
+    import contextlib
+    import io
+    import signal
+
+    import torch
+
+    from kdforge.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    os.environ.update({k: str(v) for k, v in (env or {}).items()})
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    code = 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    p = subprocess.CompletedProcess(["kdforge", *map(str, args)], code, out.getvalue(), err.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"kdforge {' '.join(map(str, args))} -> {code}\n{p.stdout}\n{p.stderr}")
+    return p

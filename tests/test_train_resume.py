@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from kdforge.train import checkpoint as ckpt
 from train_helpers import kill9, metrics, popen_train, train_config, wait_for, weights
 
@@ -17,7 +17,7 @@ STEPS = 30
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, tokenizer_dir, data_file):
     # Uninterrupted reference.
     ref_cfg = train_config(tmp_path, tokenizer_dir, data_file, out="ref", max_steps=STEPS, save_steps=5)
-    r = run_cli("train", "--config", ref_cfg)
+    r = cli_here("train", "--config", ref_cfg)
     assert r.returncode == 0, r.stdout + r.stderr
     ref = tmp_path / "ref"
 
@@ -65,7 +65,7 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_wrong_checkpoint(tmp_pa
             if d.name.startswith("checkpoint-"):
                 assert ckpt.is_complete(d), f"incomplete {d.name} after SIGKILL: {sorted(x.name for x in d.iterdir())}"
         resumed_from.append(ckpt.latest_checkpoint(out).name)
-    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    r = cli_here("train", "--config", cfg, "--resume", "auto")  # this process never ran it: a cold resume
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"Resuming from checkpoint: {resumed_from[-1]}" in r.stdout
     assert not list(out.glob(".tmp-*")), "torn saves are cleaned up on the next run"
@@ -77,14 +77,14 @@ def test_resume_skips_incomplete_folders(tmp_path, tokenizer_dir, data_file):
     """A folder named like a newer checkpoint but missing files (another tool's crash, or a
     hand-made copy) is never picked by --resume auto."""
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=10, save_steps=5)
-    assert run_cli("train", "--config", cfg, "train.max_steps=5").returncode == 0
+    assert cli_here("train", "--config", cfg, "train.max_steps=5").returncode == 0
     out = tmp_path / "o"
     fake = out / "checkpoint-9"
     fake.mkdir()
     (fake / "model.safetensors").write_bytes(b"torn")
     (out / ".tmp-checkpoint-8-1-1").mkdir()
     assert ckpt.latest_checkpoint(out).name == "checkpoint-5"
-    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    r = cli_here("train", "--config", cfg, "--resume", "auto")  # which folder it picks, not what it restores
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resuming from checkpoint: checkpoint-5" in r.stdout
     assert ckpt.read_state(ckpt.latest_checkpoint(out)).global_step == 10
@@ -110,23 +110,23 @@ def test_sigterm_saves_and_exits_130(tmp_path, tokenizer_dir, data_file):
 
 def test_fresh_run_refuses_to_mix_with_existing_checkpoints(tmp_path, tokenizer_dir, data_file):
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=5, save_steps=5)
-    assert run_cli("train", "--config", cfg).returncode == 0
-    r = run_cli("train", "--config", cfg, "--resume", "none")
+    assert cli_here("train", "--config", cfg).returncode == 0
+    r = cli_here("train", "--config", cfg, "--resume", "none")
     assert r.returncode == 2
     assert "already holds checkpoints" in r.stderr and "--resume auto" in r.stderr
-    r = run_cli("train", "--config", cfg, "--resume", str(tmp_path / "nope"))
+    r = cli_here("train", "--config", cfg, "--resume", str(tmp_path / "nope"))
     assert r.returncode == 2 and "not a complete checkpoint" in r.stderr
 
 
 def test_empty_data_and_changed_data_are_usage_errors(tmp_path, tokenizer_dir, data_file):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    r = run_cli("train", "--config", train_config(tmp_path, tokenizer_dir, empty, out="e"))
+    r = cli_here("train", "--config", train_config(tmp_path, tokenizer_dir, empty, out="e"))
     assert r.returncode == 2 and "no usable examples" in r.stderr and "Traceback" not in r.stderr
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=5, save_steps=5)
-    assert run_cli("train", "--config", cfg).returncode == 0
+    assert cli_here("train", "--config", cfg).returncode == 0
     data_file.write_text(data_file.read_text() + data_file.read_text().splitlines()[0] + "\n")
-    r = run_cli("train", "--config", cfg, "train.max_steps=8")
+    r = cli_here("train", "--config", cfg, "train.max_steps=8")
     assert r.returncode == 2 and "the data changed since the checkpoint" in r.stderr
 
 
@@ -141,9 +141,10 @@ def test_resume_with_dropout_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, 
                             schedule="constant", lr=1e-2)
     halves = train_config(tmp_path, tokenizer_dir, data_file, out="halves", max_steps=10, save_steps=5,
                           schedule="constant", lr=1e-2)
-    assert run_cli("train", "--config", straight, *lora).returncode == 0
-    r = run_cli("train", "--config", halves, *lora, "train.max_steps=5")
+    assert cli_here("train", "--config", straight, *lora).returncode == 0
+    r = cli_here("train", "--config", halves, *lora, "train.max_steps=5")
     assert r.returncode == 0, r.stdout + r.stderr
+    # the resume in a new process: in this one, the RNG would go on from step 5 even if it were not restored
     r = run_cli("train", "--config", halves, *lora, "--resume", "auto")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resuming from checkpoint: checkpoint-5" in r.stdout
