@@ -11,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, cli_here, run_cli
 from kdforge.train import checkpoint as ckpt
 from train_helpers import kill9, metrics, popen_train, wait_for, weights
 
@@ -57,7 +57,7 @@ def test_sigkill_resume_of_an_on_policy_run_is_bitwise_an_uninterrupted_one(tmp_
     steps = 14
     kw = dict(teacher={"path": str(tiny_model_dir)}, on_policy={"fraction": 0.5}, max_steps=steps, save_steps=4)
     ref = op_config(tmp_path, tokenizer_dir, data_file, out="ref", **kw)
-    assert (r := run_cli("train", "--config", ref)).returncode == 0, r.stdout + r.stderr
+    assert (r := cli_here("train", "--config", ref)).returncode == 0, r.stdout + r.stderr
     cfg = op_config(tmp_path, tokenizer_dir, data_file, out="crash", **kw)
     out = tmp_path / "crash"
     killed_at = _sigkill_once_saved(cfg, out)
@@ -143,7 +143,7 @@ def test_over_http_the_loss_is_the_served_teachers(tmp_path, tokenizer_dir, tiny
     cfg_path = op_config(tmp_path, tokenizer_dir, data_file, out="http", max_steps=2,
                          teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
                          on_policy={"fraction": 1.0}, generate=FREE)
-    r = run_cli("train", "--config", cfg_path)
+    r = cli_here("train", "--config", cfg_path)
     assert r.returncode == 0, r.stdout + r.stderr
     m = metrics(tmp_path / "http")
     assert all(m[s]["on_policy"] and m[s]["teacher_tokens"] > 0 for s in m)
@@ -174,7 +174,7 @@ def test_a_priced_scoring_run_stops_at_its_budget_with_exit_3_and_resumes(tmp_pa
     kw = dict(teacher={"url": served_teacher.base_url, "api_key_env": KEY_ENV, "top_logprobs": 5},
               on_policy={"fraction": 1.0}, max_steps=6, save_steps=100)
     cfg = op_config(tmp_path, tokenizer_dir, data_file, out="priced", generate={**price, "budget_limit": limit}, **kw)
-    r = run_cli("train", "--config", cfg)
+    r = cli_here("train", "--config", cfg)
     assert r.returncode == 3, r.stdout + r.stderr
     assert "budget exhausted" in r.stderr + r.stdout
     out = tmp_path / "priced"
@@ -189,6 +189,7 @@ def test_a_priced_scoring_run_stops_at_its_budget_with_exit_3_and_resumes(tmp_pa
     paid_in_stopped = ledger.prompt_tokens - sum(m["teacher_tokens"] for m in metrics(out).values())
     assert paid_in_stopped > 0, "the limit should cut a step in the middle: the test proves less"
 
+    # the resume in a new process: only the cache on disk can say what the stopped step paid for
     r = run_cli("train", "--config", cfg, "--resume", "auto", "generate.budget_limit=10")
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"Resuming from checkpoint: checkpoint-{stopped_at}" in r.stdout
@@ -201,11 +202,11 @@ def test_a_priced_scoring_run_stops_at_its_budget_with_exit_3_and_resumes(tmp_pa
 
 def test_config_rules_exit_2_naming_the_field(tmp_path, tokenizer_dir, data_file):
     cfg = op_config(tmp_path, tokenizer_dir, data_file, out="nope", teacher={}, on_policy={"fraction": 0.5})
-    r = run_cli("train", "--config", cfg, "loss.kind=ce")
+    r = cli_here("train", "--config", cfg, "loss.kind=ce")
     assert r.returncode == 2 and "on_policy.fraction" in r.stderr and "loss.kind" in r.stderr, r.stderr
-    r = run_cli("train", "--config", cfg, "on_policy.fraction=1.5")
+    r = cli_here("train", "--config", cfg, "on_policy.fraction=1.5")
     assert r.returncode == 2 and "on_policy.fraction" in r.stderr, r.stderr
-    r = run_cli("train", "--config", cfg, "teacher.url=http://127.0.0.1:9/v1", "teacher.model=no-such-model",
+    r = cli_here("train", "--config", cfg, "teacher.url=http://127.0.0.1:9/v1", "teacher.model=no-such-model",
                 "generate.budget_limit=1")
     assert r.returncode == 2 and "generate.budget_limit" in r.stderr and "price" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
@@ -231,7 +232,7 @@ def test_under_torchrun_http_scoring_goes_through_rank_0s_one_ledger(tmp_path, t
     two = op_config(tmp_path, tokenizer_dir, data_file, out="two", generate={**price, "budget_limit": 10.0}, **kw)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                 "-m", "kdforge", "train", "--config"]
-    r = run_cli("train", "--config", one)
+    r = cli_here("train", "--config", one)  # the one-process reference
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([*torchrun, str(two)], env=cli_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -273,7 +274,7 @@ def test_under_fsdp_on_policy_steps_match_one_process(tmp_path, tokenizer_dir, t
               save_steps=steps, micro_batch_size=2)
     one = op_config(tmp_path, tokenizer_dir, data_file, out="one", grad_accum=2, **kw)
     fs = op_config(tmp_path, tokenizer_dir, data_file, out="fsdp", fsdp=True, **kw)
-    r = run_cli("train", "--config", one)
+    r = cli_here("train", "--config", one)  # the one-process reference
     assert r.returncode == 0, r.stdout + r.stderr
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "-m", "kdforge", "train", "--config", str(fs)],
