@@ -90,7 +90,8 @@ class TeacherRows:
         """The entries as dicts, exactly as `json.loads` gives them (the general path's input)."""
         import json
 
-        return json.loads(self.line)["teacher_logprobs"]
+        line = self.line
+        return json.loads(line if isinstance(line, (str, bytes)) else bytes(line))["teacher_logprobs"]
 
     def align(self, tm, response: str, response_ids: list[int]):
         """(response ids, row lengths, alternative ids, alternative logprobs) as `align_record` makes

@@ -425,7 +425,7 @@ def encode_chunk(chunk: Chunk) -> Encoded:
     for lineno, line in lines:
         fast = _fast(line, lineno, by_raw, prompt_only) if by_raw is not None else None
         if fast is None:  # the general path: any line, and every error message
-            s = (line.decode("utf-8") if isinstance(line, bytes) else line).strip()
+            s = (str(line, "utf-8") if isinstance(line, memoryview) else line).strip()
             if not s:
                 continue
             recs, probs = parse_lines([(lineno, s)], chunk.path, strict=False, prompt_only=prompt_only)
@@ -445,16 +445,39 @@ def encode_chunk(chunk: Chunk) -> Encoded:
 
 def _chunk_lines(raw: bytes, text: str) -> tuple[Iterable, int]:
     """((line number, line) of a chunk as `records.iter_lines` numbers them, the chunk's line ends):
-    bytes split at \n where the chunk has no \r (msgspec reads bytes without a copy to str; the split
-    counts the line ends too), else universal-newline text. A line is given unstripped of non-ASCII
-    whitespace: the caller strips it as text when needed."""
+    views of the bytes between \n where the chunk has no \r (msgspec reads them in place: no copy of
+    a 300 KB line), else universal-newline text. A line is given unstripped of non-ASCII whitespace:
+    the caller strips it as text when needed."""
     if b"\r" in raw:
         return enumerate(io.StringIO(text, newline=None), 1), _newlines(raw)
-    parts = raw.split(b"\n")
-    return enumerate(map(bytes.strip, parts), 1), len(parts) - 1
+    ends = list(_find_all(raw, 10))
+    starts = [0, *(e + 1 for e in ends)]
+    view = memoryview(raw)
+    return enumerate((_stripped(view, a, b) for a, b in zip(starts, [*ends, len(raw)])), 1), len(ends)
 
 
-def _fast(text: str | bytes, lineno: int, by_raw: dict, prompt_only: bool) -> list | None:
+_ASCII_SPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() strips
+
+
+def _stripped(view: memoryview, a: int, b: int) -> memoryview:
+    """view[a:b] without ASCII whitespace at either end (bytes.strip, without a copy)."""
+    while a < b and view[a] in _ASCII_SPACE:
+        a += 1
+    while b > a and view[b - 1] in _ASCII_SPACE:
+        b -= 1
+    return view[a:b]
+
+
+def _find_all(raw: bytes, byte: int):
+    """Positions of `byte` in `raw` (bytes.find from each one: lines are long, so few calls)."""
+    sep = bytes([byte])
+    i = raw.find(sep)
+    while i >= 0:
+        yield i
+        i = raw.find(sep, i + 1)
+
+
+def _fast(text: str | memoryview, lineno: int, by_raw: dict, prompt_only: bool) -> list | None:
     """[the line's Record] by data/rows.py's fast path, or None for the general path (also when the
     line is unusable: parse_lines then names the reason as it always has)."""
     from kdforge.data.rows import fast_record
