@@ -190,3 +190,15 @@ def test_generated_hostile_lines_agree(tok, tmp_path_factory, lines):
         out.append(s)
     built, general, problems = both_paths(tok, tmp_path_factory.mktemp("rows"), out)
     assert_same(built, general, problems)
+
+
+def test_whitespace_around_and_between_lines_agrees(tok, tmp_path):
+    """Lines read as views of the chunk (no copy): ASCII whitespace around a line, blank and
+    whitespace-only lines, a line padded with an ideographic space (U+3000, stripped as text only)
+    give the general path's examples and line numbers."""
+    lines = [json.dumps(line(tok, t, i), ensure_ascii=False) for i, t in enumerate(TEXTS)]
+    padded = [" \t" + lines[0] + "  ", "", "   \t", lines[1] + "\x0b", "\u3000" + lines[2] + "\u3000", "\x0c",
+              lines[3], lines[4] + " "]
+    built, general, problems = both_paths(tok, tmp_path, padded)
+    assert len(built.examples) == 5 and np.asarray(built.examples)[:, 6].tolist() == [1, 4, 5, 7, 8]
+    assert_same(built, general, problems)
