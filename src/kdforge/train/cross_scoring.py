@@ -233,6 +233,7 @@ class CrossPricedScorer:
         self.side = StudentSide(student_tokenizer)
         self.stats = CrossStats()
         self.last_answer: dict | None = None
+        self.last_tokens = 0  # the teacher's tokens of the last sequence scored (what it billed)
         self.log = log
 
     @property
@@ -283,14 +284,22 @@ class CrossPricedScorer:
         text, n_ok = self.text_of(ids)
         if not text:
             self.stats.unscored += len(ids) - n_prompt
+            self.last_tokens = 0
             return [None] * len(ids), 0.0, False
         toks, usd, hit = self.score_text(text)
+        self.last_tokens = len(toks)
         return carry(ids, n_prompt, self.side, toks, self.stats), usd, hit
 
     def close(self) -> None:
         if self.log and self.stats.sequences:
             self.log(self.stats.line())
         self.priced.close()
+
+
+def scored_tokens(scorer, ids: list[int]) -> int:
+    """Tokens the teacher scored (and bills) for the sequence `scorer.score(ids)` just sent: the
+    teacher's own tokens of its text for a CrossPricedScorer, the ids themselves otherwise."""
+    return scorer.last_tokens if isinstance(scorer, CrossPricedScorer) else len(ids)
 
 
 # ---------------------------------------------------------------------------------------- in-process
@@ -345,15 +354,21 @@ class LocalCrossTeacher:
             return self.student_stop
         return self.table[i] if i < len(self.table) else None
 
+    def text(self, ids: list[int]) -> str:
+        """What the teacher is sent for the student's `ids`: their text up to the last whole UTF-8
+        token boundary, the student's EOS as the teacher's."""
+        parts, n = self.student.spelled(ids)
+        pieces = [self.eos_text.encode("utf-8") if i == self.student.eos_id and self.eos_text else p
+                  for i, p in zip(ids[:n], parts[:n])]
+        return b"".join(pieces).decode("utf-8")
+
+    def count(self, ids: list[int]) -> int:
+        """How many of its own tokens the teacher scores for the student's `ids` (as `score` sends them)."""
+        return len(self.tokenizer(self.text(ids) or " ")["input_ids"])
+
     def score(self, seqs: list[tuple[list[int], int]]) -> list[Rows]:
         """Rows for each (student ids, prompt length)."""
-        texts, keep = [], []
-        for ids, n_prompt in seqs:
-            parts, n = self.student.spelled(ids)
-            pieces = [self.eos_text.encode("utf-8") if i == self.student.eos_id and self.eos_text else p
-                      for i, p in zip(ids[:n], parts[:n])]
-            texts.append(b"".join(pieces).decode("utf-8"))
-            keep.append(n)
+        texts = [self.text(ids) for ids, _ in seqs]
         toks = self.teacher_tokens([t if t else " " for t in texts]) if seqs else []
         return [carry(ids, n_prompt, self.student, tt if text else [], self.stats)
                 for (ids, n_prompt), tt, text in zip(seqs, toks, texts)]

@@ -43,7 +43,7 @@ def _seed(seed: int, step: int, salt: int, m: int = 0) -> int:
 class StepReport:
     """What one on-policy step cost: for the step's metrics record."""
 
-    teacher_tokens: int = 0  # tokens the teacher scored (prompt + answer, every sequence)
+    teacher_tokens: int = 0  # tokens the teacher scored (prompt + answer, every sequence; in ITS tokens)
     answer_tokens: int = 0  # tokens the student sampled (EOS included)
     usd: float = 0.0  # money this step's scoring charged (0 for a local teacher or a cache hit)
     cached: int = 0  # scoring requests the cache answered
@@ -77,10 +77,13 @@ class OnPolicy:
     """Decides which steps are on-policy and builds their micro-batches (see the module docstring).
 
     `model`: the student itself (not a DDP wrapper); `scorer`: a PricedScorer when the teacher is
-    `teacher.url`, else None (the objective's dense teacher scores in-process)."""
+    `teacher.url`, else None (the objective's dense teacher scores in-process); `teacher`: that
+    in-process teacher (the session's), which counts the tokens it scores when it has another
+    tokenizer (a LocalCrossTeacher)."""
 
     def __init__(self, section, seed: int, model, tokenizer, *, micro_batch_size: int, scorer=None,
-                 prompt_pool: "PromptPool | Sequence[Sequence[int]] | None" = None, fsdp_root=None):
+                 prompt_pool: "PromptPool | Sequence[Sequence[int]] | None" = None, fsdp_root=None,
+                 teacher=None):
         self.fraction = section.fraction
         self.max_new_tokens = section.max_new_tokens
         self.temperature = section.temperature
@@ -93,6 +96,7 @@ class OnPolicy:
         self.scorer = scorer
         self.pool = prompt_pool if isinstance(prompt_pool, PromptPool) else PromptPool.of(prompt_pool or [])
         self.last = StepReport()
+        self.cross_teacher = teacher if getattr(teacher, "cross_tokenizer", False) else None
         self.fsdp_root = fsdp_root  # FSDP2: the sharded root (objective) whose parameters sampling needs
         if fsdp_root is not None:
             # FSDP2 names its root at the first forward through it; sampling calls the student's
@@ -121,7 +125,7 @@ class OnPolicy:
         pool = read_prompt_pool(op.prompts, session.tokenizer) if op.prompts else None
         return cls(op, cfg.train.seed, session.model, session.tokenizer,
                    micro_batch_size=cfg.train.micro_batch_size, scorer=scorer, prompt_pool=pool,
-                   fsdp_root=session.objective if session.fsdp else None)
+                   fsdp_root=session.objective if session.fsdp else None, teacher=getattr(session, "teacher", None))
 
     @property
     def scores_data(self) -> bool:
@@ -164,8 +168,13 @@ class OnPolicy:
             self._match_sampling_calls(len(sets))
         if self.scorer is not None:
             scored, self.last.usd, self.last.cached = self.scorer.score_step(seqs)
+            self.last.teacher_tokens = self.scorer.tokens  # in the teacher's own tokens (another tokenizer)
             for batch, rows in zip(out, scored, strict=True):
                 _attach_scores(batch, rows)
+        elif self.cross_teacher is not None:  # the objective's teacher re-tokenises the text: its count
+            self.last.teacher_tokens = sum(self.cross_teacher.count(s) for _, ss in seqs for s in ss)
+        else:
+            self.last.teacher_tokens = sum(len(s) for _, ss in seqs for s in ss)
         return out
 
     def score_missing(self, batches: list[dict], rank: int = 0, world: int = 1) -> list[dict]:
@@ -178,9 +187,9 @@ class OnPolicy:
         sets = []
         for j, (batch, found) in enumerate(zip(batches, spans)):
             seqs = [batch["input_ids"][b][pos].tolist() for b, pos in found]
-            self.last.teacher_tokens += sum(len(x) for x in seqs)
             sets.append((j * world + rank, seqs))
         scored, self.last.usd, self.last.cached = self.scorer.score_step(sets)
+        self.last.teacher_tokens = self.scorer.tokens
         for batch, found, rows_all in zip(batches, spans, scored, strict=True):
             _fill_scores(batch, found, rows_all)
         return batches
@@ -240,7 +249,6 @@ class OnPolicy:
         for p, a in zip(prompts, answers):
             items.append({"input_ids": torch.tensor(p + a, dtype=torch.long),
                           "labels": torch.tensor([IGNORE] * len(p) + a, dtype=torch.long)})
-            self.last.teacher_tokens += len(p) + len(a)
             self.last.answer_tokens += len(a)
         return collate(items, self.pad_id), [p + a for p, a in zip(prompts, answers)]
 
@@ -354,28 +362,33 @@ class StepScorer:
     def __init__(self, scorer, rank: int = 0, world: int = 1):
         self.scorer, self.rank, self.world = scorer, rank, world  # scorer None on ranks > 0
         self._spent = scorer.spent if scorer is not None else 0.0
+        self.tokens = 0  # tokens the teacher scored for this rank's sequences at the last score_step
 
     @property
     def spent(self) -> float:
         return self._spent
 
-    def _score(self, sets: list[tuple[int, list[list[int]]]]) -> tuple[dict, float, int]:
-        """{global micro-batch index: rows per sequence}, $ charged, cache hits (rank 0)."""
-        out, usd, cached = {}, 0.0, 0
+    def _score(self, sets: list[tuple[int, list[list[int]]]]) -> tuple[dict, float, int, dict]:
+        """{global micro-batch index: rows per sequence}, $ charged, cache hits, {index: tokens the
+        teacher scored} (its own tokens: a teacher with another tokenizer re-tokenises the text) (rank 0)."""
+        from kdforge.train.cross_scoring import scored_tokens
+
+        out, usd, cached, tokens = {}, 0.0, 0, {}
         for m, seqs in sorted(sets, key=lambda x: x[0]):
-            out[m] = []
+            out[m], tokens[m] = [], 0
             for s in seqs:
                 rows, u, hit = self.scorer.score(s)
                 out[m].append(rows)
-                usd, cached = usd + u, cached + int(hit)
-        return out, usd, cached
+                usd, cached, tokens[m] = usd + u, cached + int(hit), tokens[m] + scored_tokens(self.scorer, s)
+        return out, usd, cached, tokens
 
     def score_step(self, sets: list[tuple[int, list[list[int]]]]) -> tuple[list, float, int]:
         """`sets`: this rank's (global micro-batch index, sequences). Rows per set, in order; the
-        step's $ (every rank's sequences) and cache hits."""
+        step's $ (every rank's sequences) and cache hits. `tokens`: what the teacher scored of this
+        rank's sequences."""
         if self.world == 1:
-            got, usd, cached = self._score(sets)
-            self._spent = self.scorer.spent
+            got, usd, cached, tokens = self._score(sets)
+            self._spent, self.tokens = self.scorer.spent, sum(tokens[m] for m, _ in sets)
             return [got[m] for m, _ in sets], usd, cached
         import torch.distributed as dist
 
@@ -385,15 +398,16 @@ class StepScorer:
         if self.rank == 0:
             error = None
             try:
-                got, usd, cached = self._score([x for part in gathered for x in part])
+                got, usd, cached, tokens = self._score([x for part in gathered for x in part])
             except Exception as e:  # every rank must hear of it, or they would wait forever
-                error, got, usd, cached = e, {}, 0.0, 0
+                error, got, usd, cached, tokens = e, {}, 0.0, 0, {}
             spent = self.scorer.spent
             replies = [(None if error else [got[m] for m, _ in part], usd, cached, spent,
-                        None if error is None else (type(error).__name__, str(error))) for part in gathered]
+                        None if error is None else (type(error).__name__, str(error)),
+                        sum(tokens.get(m, 0) for m, _ in part)) for part in gathered]
         mine = [None]
         dist.scatter_object_list(mine, replies, src=0)
-        rows, usd, cached, self._spent, err = mine[0]
+        rows, usd, cached, self._spent, err, self.tokens = mine[0]
         if err is not None:
             if self.rank == 0:
                 raise error
