@@ -99,11 +99,40 @@ def _count(answer) -> int | None:
     return len(tokens) if isinstance(tokens, list) and tokens else None
 
 
+def model_refusal(answer) -> str | None:
+    """The server's message when a 404 answer is about the MODEL (vLLM: "The model `x` does not
+    exist."; kdforge serve: code `model_not_found`, param `model`), not about a missing route
+    (FastAPI's {"detail": "Not Found"}); else None."""
+    from kdforge.teacher.client import _error_detail
+
+    if not isinstance(answer, dict):
+        return None
+    msg, code = _error_detail(answer)
+    err = answer.get("error") if isinstance(answer.get("error"), dict) else answer
+    low = msg.lower()
+    about_model = code == "model_not_found" or err.get("param") == "model" or (
+        "model" in low and ("does not exist" in low or "not found" in low))
+    return msg[:300] if about_model else None
+
+
+def served_models(client, teacher: str, timeout: float) -> list[str]:
+    """The model ids GET {teacher}/models lists ([] when it does not answer with a list)."""
+    import httpx
+
+    try:
+        r = client.get(f"{teacher.rstrip('/')}/models", timeout=timeout)
+        data = r.json().get("data") if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return []
+    return [str(m["id"]) for m in data if isinstance(m, dict) and m.get("id")] if isinstance(data, list) else []
+
+
 class _Tokenizer:
     """One teacher's /tokenize over one HTTP client."""
 
     def __init__(self, client, model: str | None):
         self.client, self.model, self.url, self.max_model_len, self.error = client, model, None, None, None
+        self.refusal: str | None = None  # the last 404's message when it was about the model
 
     def ask(self, url: str, messages: list[dict], timeout: float):
         """(status, count or None); status 0: no answer (unreachable, timed out)."""
@@ -116,8 +145,11 @@ class _Tokenizer:
             self.error = type(e).__name__
             return 0, None
         try:
-            answer = r.json() if r.status_code == 200 else None
+            answer = r.json() if r.status_code in (200, 404) else None
         except ValueError:  # not JSON: no count in it
+            answer = None
+        self.refusal = model_refusal(answer) if r.status_code == 404 else None
+        if r.status_code != 200:
             answer = None
         if isinstance(answer, dict) and isinstance(answer.get("max_model_len"), int):
             self.max_model_len = answer["max_model_len"]
@@ -131,6 +163,8 @@ class _Tokenizer:
             if n is not None:
                 self.url = url
                 return n, None
+            if status == 404 and self.refusal:  # the route is there; the model name is not
+                return None, self.wrong_model(teacher, url, timeout)
             if status in ABSENT:
                 why = why or f"the teacher has no /tokenize (POST {url}: {status})"
                 continue
@@ -139,6 +173,15 @@ class _Tokenizer:
             return None, (f"POST {url} answered {status} to a chat body" if status else
                           f"POST {url} got no answer: {self.error}")
         return None, why
+
+    def wrong_model(self, teacher: str, url: str, timeout: float) -> str:
+        """Why nothing was counted when /tokenize refused the model: its name, the server's words,
+        what it serves (GET /models, where its message does not say), and the fix."""
+        served = [m for m in served_models(self.client, teacher, timeout) if f"`{m}`" not in self.refusal]
+        names = f"; it serves {', '.join(f'`{m}`' for m in served[:5])}" if served else ""
+        return (f"the teacher does not serve the model `{self.model}` (POST {url}: 404: {self.refusal}{names}): "
+                "set generate.model (--model) to a model it serves; its generation requests would be refused "
+                "the same way")
 
 
 def count_prompt_tokens(teacher: str, model: str | None, prompts: list[list[dict]], api_key: str | None = None,
