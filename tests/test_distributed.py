@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import cli_env
+from conftest import cli_env, cli_here
 from kdforge.train import checkpoint as ckpt
 from train_helpers import metrics, train_config
 
@@ -21,8 +21,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, tokenizer_dir, data_file)
                        max_steps=steps, save_steps=3)
     two = train_config(tmp_path, tokenizer_dir, data_file, out="two", micro_batch_size=2, grad_accum=1,
                        max_steps=steps, save_steps=3)
-    r1 = subprocess.run([sys.executable, "-m", "kdforge", "train", "--config", str(one)],
-                        env=cli_env(), capture_output=True, text=True, timeout=300)
+    r1 = cli_here("train", "--config", one)  # the one-process reference
     assert r1.returncode == 0, r1.stdout + r1.stderr
     r2 = subprocess.run([*TORCHRUN, "-m", "kdforge", "train", "--config", str(two)],
                         env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -57,7 +56,7 @@ def test_fsdp_on_cpu_matches_one_process_saves_full_weights_and_resumes(tmp_path
     fs = train_config(tmp_path, tokenizer_dir, data_file, out="fsdp", micro_batch_size=2, grad_accum=1,
                       max_steps=steps, save_steps=steps, fsdp=True)
     run = lambda *a: subprocess.run(a, env=cli_env(), capture_output=True, text=True, timeout=300)  # noqa: E731
-    r1 = run(sys.executable, "-m", "kdforge", "train", "--config", str(one))
+    r1 = cli_here("train", "--config", one)  # the one-process reference
     assert r1.returncode == 0, r1.stdout + r1.stderr
     r2 = run(*TORCHRUN, "-m", "kdforge", "train", "--config", str(fs))
     assert r2.returncode == 0, r2.stdout + r2.stderr

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from kdforge.train import checkpoint as ckpt
 from test_on_policy import FREE, op_config
 from train_helpers import metrics
@@ -23,12 +23,13 @@ def test_a_lying_teacher_stops_training_with_exit_1_and_a_fixed_one_resumes(tmp_
                         teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 1.0}, generate=FREE,
                         micro_batch_size=2)
         srv.faults.extend([(None, None)] * 2 + [("nan", None)])  # step 1's two sequences, then a lie
-        r = run_cli("train", "--config", cfg)
+        r = cli_here("train", "--config", cfg)
         assert r.returncode == 1, r.stdout + r.stderr
         assert srv.url in r.stderr and "cannot be true" in r.stderr and "Traceback" not in r.stderr, r.stderr
         out = tmp_path / "lied"
         assert ckpt.read_state(ckpt.latest_checkpoint(out)).global_step == 1
         calls = srv.calls
+        # the resume in a new process: only what is on disk can carry a cached lie
         r = run_cli("train", "--config", cfg, "--resume", "auto")
         assert r.returncode == 0, r.stdout + r.stderr
         assert srv.calls >= calls + 2, "the lied-about sequence was scored again"
@@ -46,7 +47,7 @@ def test_an_unknown_price_is_exit_2_unless_the_teacher_is_said_to_be_free(tmp_pa
     with ScoringFaultServer(512, tokenizer_dir) as srv:
         cfg = op_config(tmp_path, tokenizer_dir, data_file, out="unpriced", max_steps=1,
                         teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 1.0}, micro_batch_size=2)
-        r = run_cli("train", "--config", cfg)
+        r = cli_here("train", "--config", cfg)
         assert r.returncode == 2, r.stdout + r.stderr
         assert "generate.price_input" in r.stderr and "lying-scorer" in r.stderr and "Traceback" not in r.stderr
         assert srv.calls == 0, "nothing is scored for a teacher without a price"
@@ -67,7 +68,7 @@ def test_teacher_url_scores_off_policy_steps_whose_records_carry_no_top_k(tmp_pa
         kw = dict(teacher={"url": srv.url, "top_logprobs": 3}, on_policy={"fraction": 0.5}, micro_batch_size=2,
                   max_steps=6, save_steps=100)
         cfg = op_config(tmp_path, tokenizer_dir, data_file, out="offurl", generate={**price, "budget_limit": 10.0}, **kw)
-        r = run_cli("train", "--config", cfg)
+        r = cli_here("train", "--config", cfg)
         assert r.returncode == 0, r.stdout + r.stderr
         m = metrics(tmp_path / "offurl")
         off = [s for s in m if not m[s]["on_policy"]]
@@ -84,7 +85,7 @@ def test_teacher_url_scores_off_policy_steps_whose_records_carry_no_top_k(tmp_pa
         limit = ledger.spent - sum(m[s]["teacher_usd"] for s in m) + m[1]["teacher_usd"] + m[2]["teacher_usd"] * 0.5
         low = op_config(tmp_path, tokenizer_dir, data_file, out="offlow", generate={**price, "budget_limit": limit},
                         **kw)
-        r = run_cli("train", "--config", low)
+        r = cli_here("train", "--config", low)
         assert r.returncode == 3 and "budget exhausted" in r.stderr, r.stdout + r.stderr
         spent = BudgetLedger(tmp_path / "offlow" / "on_policy" / "budget.jsonl", Prices(1000.0, 1000.0, "t"),
                              readonly=True).spent
