@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import cli_here
 from kdforge.config import load_config
 from kdforge.model import ModelCfg, build_student
 from kdforge.train import checkpoint as ckpt
@@ -28,7 +28,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer_dir,
     try:
         assert wait_for(lambda: (out / "metrics.jsonl").exists() and len(metrics(out)) >= 1), \
             first.communicate()[0]
-        r = run_cli("train", "--config", cfg, "--resume", "auto", "train.max_steps=3")
+        r = cli_here("train", "--config", cfg, "--resume", "auto", "train.max_steps=3")  # here: the lock is the other's
         assert r.returncode == 2, r.stdout + r.stderr
         assert str(out) in r.stderr and f"pid {first.pid}" in r.stderr, r.stderr
         assert first.poll() is None, "the first run goes on"
@@ -37,7 +37,7 @@ def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path, tokenizer_dir,
         first.communicate(timeout=120)
     assert first.returncode == 130
     # the lock dies with its holder: the next run takes the dir
-    r = run_cli("train", "--config", cfg, "--resume", "auto",
+    r = cli_here("train", "--config", cfg, "--resume", "auto",
                 f"train.max_steps={ckpt.read_state(ckpt.latest_checkpoint(out)).global_step + 1}")
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -89,14 +89,14 @@ def test_a_crash_between_the_renames_of_a_resave_keeps_the_checkpoint(tmp_path, 
 def test_a_data_file_edited_in_place_is_refused_on_resume(tmp_path, tokenizer_dir, data_file):
     """Same number of lines, other content: resuming would continue on other data."""
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=8, save_steps=4)
-    assert run_cli("train", "--config", cfg, "train.max_steps=4").returncode == 0
+    assert cli_here("train", "--config", cfg, "train.max_steps=4").returncode == 0
     lines = data_file.read_text().splitlines()
     rec = json.loads(lines[3])
     rec["teacher_text"] = rec["teacher_text"][::-1]
     lines[3] = json.dumps(rec)
     original = data_file.read_text()
     data_file.write_text("\n".join(lines) + "\n")
-    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    r = cli_here("train", "--config", cfg, "--resume", "auto")
     assert r.returncode == 2, r.stdout + r.stderr
     assert str(data_file) in r.stderr and "--output-dir" in r.stderr and "Traceback" not in r.stderr, r.stderr
     # A checkpoint written before fingerprints existed still resumes (on the unchanged data).
@@ -105,7 +105,7 @@ def test_a_data_file_edited_in_place_is_refused_on_resume(tmp_path, tokenizer_di
     st = json.loads(st_path.read_text())
     st.pop("data_fingerprint", None)
     st_path.write_text(json.dumps(st))
-    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    r = cli_here("train", "--config", cfg, "--resume", "auto")
     assert r.returncode == 0, r.stdout + r.stderr
     assert ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "o")).data_fingerprint
 
@@ -130,13 +130,13 @@ def test_resume_with_a_raised_max_steps_reshapes_every_param_groups_schedule(tmp
 
 def test_checkpoint_holds_the_resolved_config_and_config_validate_reads_it(tmp_path, tokenizer_dir, data_file):
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", max_steps=2, save_steps=2, warmup_steps=1)
-    assert run_cli("train", "--config", cfg).returncode == 0
+    assert cli_here("train", "--config", cfg).returncode == 0
     saved = yaml.safe_load((tmp_path / "o" / "checkpoint-2" / "kdforge.yaml").read_text())
     assert saved == load_config([cfg]).model_dump(mode="json")  # every default filled in
     assert saved["train"]["weight_decay"] == 0.0 and "daemon" in saved and saved["model"]["lora"] is None
-    r = run_cli("config", "validate", tmp_path / "o" / "checkpoint-2" / "kdforge.yaml")
+    r = cli_here("config", "validate", tmp_path / "o" / "checkpoint-2" / "kdforge.yaml")
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_cli("train", "--config", tmp_path / "o" / "checkpoint-2" / "kdforge.yaml", "--resume", "auto",
+    r = cli_here("train", "--config", tmp_path / "o" / "checkpoint-2" / "kdforge.yaml", "--resume", "auto",
                 "train.max_steps=3")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resuming from checkpoint: checkpoint-2" in r.stdout
@@ -146,5 +146,5 @@ def test_lora_without_model_path_is_refused_by_config_validate_too(tmp_path, tok
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o")
     for cmd in (("config", "validate", cfg, "--set", "model.lora={r: 4}"),
                 ("train", "--config", cfg, "model.lora={r: 4}")):
-        r = run_cli(*cmd)
+        r = cli_here(*cmd)
         assert r.returncode == 2 and "model.lora" in r.stderr and "model.path" in r.stderr, (cmd, r.stderr)
