@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, synthetic_records, write_jsonl
+from conftest import cli_here, synthetic_records, write_jsonl
 from kdforge.config import from_dict
 from kdforge.data.dataset import KDDataset, collate
 from kdforge.model import ModelCfg, build_student
@@ -84,7 +84,7 @@ def _topk_data(tmp_path, teacher_dir, tokenizer_dir, n=24, k=4):
 def test_sparse_kd_on_stored_topk_trains(tmp_path, tokenizer_dir, tiny_model_dir):
     data = _topk_data(tmp_path, tiny_model_dir, tokenizer_dir)
     cfg = train_config(tmp_path, tokenizer_dir, data, max_steps=6, save_steps=6)
-    r = run_cli("train", "--config", cfg, "loss.kind=fkl", "loss.kd_weight=1.0")
+    r = cli_here("train", "--config", cfg, "loss.kind=fkl", "loss.kd_weight=1.0")
     assert r.returncode == 0, r.stdout + r.stderr
     m = metrics(tmp_path / "out")
     assert all(m[s]["kd"] > 0 for s in m) and m[6]["kd"] < m[1]["kd"]
@@ -114,7 +114,7 @@ def test_every_kd_kind_from_topk_and_from_a_dense_teacher(tmp_path, tokenizer_di
 
 def test_dense_kd_from_a_local_teacher(tmp_path, tokenizer_dir, tiny_model_dir, data_file):
     cfg = train_config(tmp_path, tokenizer_dir, data_file, max_steps=6, save_steps=6)
-    r = run_cli("train", "--config", cfg, "loss.kind=fkl", f"teacher.path={tiny_model_dir}",
+    r = cli_here("train", "--config", cfg, "loss.kind=fkl", f"teacher.path={tiny_model_dir}",
                 "loss.temperature=2.0", "loss.kd_weight=1.0")
     assert r.returncode == 0, r.stdout + r.stderr
     m = metrics(tmp_path / "out")
@@ -122,7 +122,7 @@ def test_dense_kd_from_a_local_teacher(tmp_path, tokenizer_dir, tiny_model_dir, 
 
 
 def test_kd_without_teacher_or_topk_is_a_clear_error(tmp_path, tokenizer_dir, data_file):
-    r = run_cli("train", "--config", train_config(tmp_path, tokenizer_dir, data_file), "loss.kind=fkl")
+    r = cli_here("train", "--config", train_config(tmp_path, tokenizer_dir, data_file), "loss.kind=fkl")
     assert r.returncode == 2
     assert "teacher_logprobs" in r.stderr and "--top-logprobs" in r.stderr and f"{data_file}:1" in r.stderr
 
@@ -131,7 +131,7 @@ def test_saved_student_loads_with_plain_transformers(tmp_path, tokenizer_dir, da
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cfg = train_config(tmp_path, tokenizer_dir, data_file, max_steps=3, save_steps=3)
-    assert run_cli("train", "--config", cfg).returncode == 0
+    assert cli_here("train", "--config", cfg).returncode == 0
     path = tmp_path / "out" / "checkpoint-3"
     assert json.loads((path / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     for f in ("model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json",
@@ -149,7 +149,7 @@ def test_lora_adapter_loads_with_plain_peft(tmp_path, tokenizer_dir, tiny_model_
     from transformers import AutoModelForCausalLM
 
     cfg = train_config(tmp_path, tokenizer_dir, data_file, max_steps=4, save_steps=4, lr=1e-2)
-    r = run_cli("train", "--config", cfg, f"model.path={tiny_model_dir}", "model.preset=null",
+    r = cli_here("train", "--config", cfg, f"model.path={tiny_model_dir}", "model.preset=null",
                 "model.lora={r: 4, alpha: 8, target_modules: [q_proj, v_proj]}")
     assert r.returncode == 0, r.stdout + r.stderr
     path = tmp_path / "out" / "checkpoint-4"
@@ -168,7 +168,7 @@ def test_curriculum_and_eval(tmp_path, tokenizer_dir, data_file):
     eval_file = write_jsonl(tmp_path / "eval.jsonl", synthetic_records(8, seed=9))
     cfg = train_config(tmp_path, tokenizer_dir, data_file, max_steps=6, save_steps=6,
                        seq_lengths=[16, 32, 64], eval_steps=3, eval_batches=2)
-    r = run_cli("train", "--config", cfg, f"io.eval_shards=[{eval_file}]")
+    r = cli_here("train", "--config", cfg, f"io.eval_shards=[{eval_file}]")
     assert r.returncode == 0, r.stdout + r.stderr
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     seq = {x["step"]: x["seq_len"] for x in rows if "seq_len" in x}
@@ -192,7 +192,7 @@ def test_schedules():
 
 
 def test_smoke_command(tmp_path):
-    r = run_cli("smoke", "--workdir", tmp_path)
+    r = cli_here("smoke", "--workdir", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "Resuming from checkpoint: checkpoint-5" in r.stdout and "smoke ok" in r.stdout
     assert (tmp_path / "checkpoints" / "checkpoint-10" / "optimizer.pt").is_file()
