@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, cli_here, run_cli
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.reporters import STATE_FILE
 from train_helpers import kill9, metrics, popen_train, train_config, wait_for
@@ -107,7 +107,7 @@ def test_sigkill_and_resume_continue_one_tensorboard_and_mlflow_run(tmp_path, to
     assert killed_at < STEPS and max(logged_before) > killed_at, (killed_at, logged_before)
     ids = json.loads((out / STATE_FILE).read_text())
 
-    r = run_cli("train", "--config", cfg, "--resume", "auto")
+    r = cli_here("train", "--config", cfg, "--resume", "auto")  # a cold resume: this process never ran it
     assert r.returncode == 0, r.stdout + r.stderr
     assert f"Resuming from checkpoint: checkpoint-{killed_at}" in r.stdout
 
@@ -169,10 +169,10 @@ def test_missing_tracker_package_is_exit_2_naming_the_extra(tmp_path, tokenizer_
 
 def test_unknown_tracker_name_is_a_config_error(tmp_path, tokenizer_dir, data_file):
     cfg = train_config(tmp_path, tokenizer_dir, data_file, out="o", report_to=["tensorbored"])
-    r = run_cli("config", "validate", cfg)
+    r = cli_here("config", "validate", cfg)
     assert r.returncode == 2 and "train.report_to" in r.stdout + r.stderr, r.stdout + r.stderr
     one = train_config(tmp_path, tokenizer_dir, data_file, out="one", report_to="tensorboard")  # a name alone
-    assert run_cli("config", "validate", one).returncode == 0
+    assert cli_here("config", "validate", one).returncode == 0
 
 
 def test_torchrun_reports_from_rank_0_only(tmp_path, tokenizer_dir, data_file):
