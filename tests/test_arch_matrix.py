@@ -20,7 +20,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import free_port, run_cli, synthetic_records, write_jsonl
+from conftest import cli_here, free_port, synthetic_records, write_jsonl
 from daemon_helpers import one_thread  # noqa: F401 - the daemon and the references on one thread
 from train_helpers import metrics
 
@@ -209,7 +209,7 @@ def test_lora_targets_that_match_nothing_exit_2_listing_conv1d_layers(family_dir
     cfg.write_text(yaml.safe_dump({"model": {"path": str(family_dirs["gpt2"]),
                                              "lora": {"r": 4, "target_modules": ["q_proj", "c_attn"]}},
                                    "io": {"tokenizer_path": str(family_dirs["gpt2"]), "train_shards": [str(data)]}}))
-    r = run_cli("config", "validate", str(cfg))
+    r = cli_here("config", "validate", str(cfg))
     assert r.returncode == 2, r.stdout + r.stderr
     assert "model.lora.target_modules: ['q_proj'] not in the model" in r.stderr
     assert "'c_attn', 'c_fc', 'c_proj'" in r.stderr and "all-linear" in r.stderr
@@ -224,7 +224,7 @@ def test_lora_dropout_on_mixtrals_experts_is_exit_2_before_training(family_dirs,
                                           "output_dir": str(tmp_path / "out")},
                                    "train": {"max_steps": 1, "seq_lengths": [SEQ]}}))
     for args in (("config", "validate", str(cfg)), ("train", "--config", str(cfg))):
-        r = run_cli(*args)
+        r = cli_here(*args)
         assert r.returncode == 2, r.stdout + r.stderr
         assert "model.lora.dropout: PEFT cannot build this adapter" in r.stderr and "dropout: 0" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
