@@ -98,13 +98,15 @@ def run_cli(*args, cwd=None, env=None, timeout=300, check=False) -> subprocess.C
     return p
 
 
-def cli_here(*args, env: dict | None = None, check=False) -> subprocess.CompletedProcess:
+def cli_here(*args, cwd=None, env: dict | None = None, check=False) -> subprocess.CompletedProcess:
     """`kdforge ARGS` through the real entry point (kdforge.cli.main) in this process: what run_cli
     returns, without a Python and torch start-up (3-7 s a run). For a run whose subject is not the
     process: no signal, no second process racing it, no resume that must start cold (a resume
     proves what a checkpoint restores only in a new process: run those with run_cli). As run_cli's
-    processes run: one torch thread (OMP_NUM_THREADS=1), `env` over os.environ; signal handlers,
-    threads, os.environ and the cwd are put back after."""
+    processes run: one torch thread (OMP_NUM_THREADS=1), `env` over os.environ, in `cwd`; signal
+    handlers, threads, os.environ and the cwd are put back after. Its capture is sys.stdout and
+    sys.stderr: a test that stdout holds nothing else (a library writing to fd 1, a logger bound to
+    the process's stderr) needs run_cli."""
     import contextlib
     import io
     import signal
@@ -120,6 +122,8 @@ def cli_here(*args, env: dict | None = None, check=False) -> subprocess.Complete
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     code = 0
     try:
+        if cwd is not None:
+            os.chdir(cwd)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 main([str(a) for a in args])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_here
 from kdforge.config import load_config, merge_configs
 from kdforge.errors import ConfigError
 from kdforge.model import ModelCfg, write_student
@@ -36,7 +36,7 @@ def test_every_problem_at_once_with_its_field(tmp_path, tokenizer_dir):
                   "lrr": 0.1},
         "bogus": {"x": 1},
     })
-    r = run_cli("config", "validate", bad)
+    r = cli_here("config", "validate", bad)
     assert r.returncode == 2, r.stdout + r.stderr
     for field in ("train.micro_batch_size", "train.grad_accum", "train.seq_lengths", "train.lrr",
                   "bogus", "model.n_kv_heads", "io.tokenizer_path", "io.train_shards"):
@@ -48,7 +48,7 @@ def test_every_problem_at_once_with_its_field(tmp_path, tokenizer_dir):
 def test_seq_length_above_model_max(tmp_path, tokenizer_dir):
     c = _write(tmp_path, "c.yaml", {"model": {"preset": "toy"}, "train": {"max_steps": 5, "seq_lengths": [128, 4096]},
                                     "io": {"tokenizer_path": str(tokenizer_dir), "train_shards": ["x.jsonl"]}})
-    r = run_cli("config", "validate", c)
+    r = cli_here("config", "validate", c)
     assert r.returncode == 2
     assert "train.seq_lengths: 4096 is above the model's max_seq_len (512)" in r.stderr
 
@@ -64,7 +64,7 @@ def test_lora_targets_must_exist_and_teacher_vocab_must_match(tmp_path, tokenize
         "teacher": {"path": str(other)}, "loss": {"kind": "fkl"},
         "io": {"tokenizer_path": str(tokenizer_dir), "train_shards": ["later.jsonl"]},
         "train": {"max_steps": 5, "seq_lengths": [64]}})
-    r = run_cli("config", "validate", c)
+    r = cli_here("config", "validate", c)
     assert r.returncode == 2
     assert "model.lora.target_modules: ['attn_qkv'] not in the model" in r.stderr
     assert "q_proj" in r.stderr  # lists what the model has
@@ -74,9 +74,9 @@ def test_lora_targets_must_exist_and_teacher_vocab_must_match(tmp_path, tokenize
 def test_bad_yaml_and_missing_file(tmp_path):
     p = tmp_path / "broken.yaml"
     p.write_text("train:\n  lr: [1, 2\n")
-    r = run_cli("config", "validate", p)
+    r = cli_here("config", "validate", p)
     assert r.returncode == 2 and "invalid YAML" in r.stderr and str(p) in r.stderr
-    r = run_cli("config", "validate", tmp_path / "missing.yaml")
+    r = cli_here("config", "validate", tmp_path / "missing.yaml")
     assert r.returncode == 2 and "file not found" in r.stderr
 
 
@@ -90,6 +90,6 @@ def test_shipped_configs_validate(name):
     path = REPO / "configs" / name
     if not path.exists():
         pytest.fail(f"configs/{name} is missing")
-    r = run_cli("config", "validate", path, cwd=REPO)
+    r = cli_here("config", "validate", path, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith(("ok", "note"))

@@ -14,7 +14,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cli_env, run_cli, synthetic_records, write_jsonl
+from conftest import cli_env, cli_here, synthetic_records, write_jsonl
 from train_helpers import metrics
 
 KEY_ENV = "KDFORGE_CROSS_KEY"
@@ -274,7 +274,7 @@ def test_train_on_policy_with_a_teacher_of_another_tokenizer(tmp_path, other_tok
     env = cli_env(**{KEY_ENV: os.environ[KEY_ENV]})
     url = {"url": served.base_url, "api_key_env": KEY_ENV}
     for name, teacher in (("http", url), ("local", {"path": str(tiny_model_dir)})):
-        r = run_cli("train", "--config", _config(tmp_path, other_tok_dir, data, teacher, name), env=env)
+        r = cli_here("train", "--config", _config(tmp_path, other_tok_dir, data, teacher, name), env=env)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         assert "another tokenizer" in r.stdout or "its own tokenizer" in r.stdout, r.stdout
         m = metrics(tmp_path / name)

@@ -15,7 +15,7 @@ import re
 import pytest
 import yaml
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_here, write_jsonl
 from test_align import WORDS, _teacher_rows, toks  # noqa: F401  (toks: the two tokenizers, a fixture)
 
 from kdforge.data.align import StudentPieces, align_rows, teacher_tokens
@@ -105,7 +105,7 @@ def _config(tmp_path, tok_dir, data, cross: str | None):
 def test_training_across_tokenizers_runs_and_says_how_much_aligned_1to1(toks, tok_dirs, tmp_path):  # noqa: F811
     fine_dir, _ = tok_dirs
     data = write_jsonl(tmp_path / "kd.jsonl", _records(toks[1]))
-    r = run_cli("train", "--config", _config(tmp_path, fine_dir, data, None), timeout=300)
+    r = cli_here("train", "--config", _config(tmp_path, fine_dir, data, None))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "aligned 1:1" in r.stdout + r.stderr
     rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
@@ -173,7 +173,7 @@ def test_dense_kd_from_a_teacher_path_with_another_tokenizer(toks, tok_dirs, coa
     cfg["teacher"] = {"path": str(coarse_teacher_dir), "top_logprobs": 8}
     path = tmp_path / "dense.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = run_cli("train", "--config", path, timeout=300)
+    r = cli_here("train", "--config", path)
     if cross == "off":
         assert r.returncode == 2 and "loss.cross_tokenizer" in r.stderr, r.stdout[-2000:] + r.stderr[-2000:]
         return
@@ -188,7 +188,7 @@ def test_data_build_says_how_much_of_another_tokenizers_rows_aligned_1to1(toks, 
     """`kdforge data build` on a teacher with another tokenizer prints train's carried line."""
     fine_dir, _ = tok_dirs
     data = write_jsonl(tmp_path / "kd.jsonl", _records(toks[1]))
-    r = run_cli("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
+    r = cli_here("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
     assert re.search(r"not the student's in 24 records: .* \d+\.\d% of their [\d,]+ positions aligned 1:1", r.stdout)
-    same = run_cli("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
+    same = cli_here("data", "build", data, "--tokenizer", fine_dir, "--out", tmp_path / "st", check=True)
     assert "reused" in same.stdout and "aligned 1:1" in same.stdout  # read back from the store's meta

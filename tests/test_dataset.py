@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, write_jsonl
+from conftest import cli_here, write_jsonl
 from kdforge.data import KDDataset
 from kdforge.data.dataset import IGNORE, collate
 from kdforge.errors import DataError
@@ -77,7 +77,7 @@ def test_train_cli_reports_bad_line_with_exit_2(tmp_path, tokenizer_dir):
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(FORMATS[0]) + "\n" + '{"prompt": 1, "teacher_text": "x"}\n')
-    r = run_cli("train", "--config", train_config(tmp_path, tokenizer_dir, data))
+    r = cli_here("train", "--config", train_config(tmp_path, tokenizer_dir, data))
     assert r.returncode == 2
     assert f"{data}:2:" in r.stderr and "needs 'prompt' (string)" in r.stderr
 

@@ -6,7 +6,7 @@ the two modes are two stores, never one reused for the other. Real tokenizer, re
 from __future__ import annotations
 
 import pytest
-from conftest import run_cli, write_jsonl
+from conftest import cli_here, write_jsonl
 from test_dataset import _topk_record
 
 from kdforge.data.dataset import IGNORE, KDDataset
@@ -63,7 +63,7 @@ def test_train_reads_io_reasoning(tmp_path, tokenizer_dir):
     cfg = yaml.safe_load(path.read_text())
     cfg["io"]["reasoning"] = "drop"
     path.write_text(yaml.safe_dump(cfg))
-    r = run_cli("train", "--config", path)
+    r = cli_here("train", "--config", path)
     assert r.returncode == 0, r.stderr
     store = re.search(r"data: token store (\S+) built", r.stdout + r.stderr).group(1)
     assert json.loads((tmp_path / store / "meta.json").read_text())["settings"]["reasoning"] == "drop"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import cli_env, run_cli, synthetic_records, write_jsonl
+from conftest import cli_env, cli_here, run_cli, synthetic_records, write_jsonl
 
 from kdforge.demo import EVAL_FILE, TEACHER_DIR, load_eval
 from kdforge.eval import evaluate_model
@@ -27,7 +27,7 @@ def test_json_is_one_object_and_plain_text_is_aligned(tiny_model_dir, data):
     d = json.loads(p.stdout)
     assert KEYS <= set(d) and d["n"] == 6 and d["n_answer"] == 1 and d["max_new_tokens"] == 4
     assert d["ce"] > 0 and d["perplexity"] > 1 and d["kl"] is None and 0 <= d["token_f1"] <= 1
-    p = run_cli("eval", tiny_model_dir, "--data", data, "--max-new-tokens", "4", "--no-greedy", check=True)
+    p = cli_here("eval", tiny_model_dir, "--data", data, "--max-new-tokens", "4", "--no-greedy", check=True)
     lines = p.stdout.splitlines()
     assert lines[0].startswith("kdforge eval: ") and any(x.startswith("perplexity") for x in lines)
     assert "no teacher" in p.stdout and "-" in next(x for x in lines if x.startswith("exact match"))
@@ -36,11 +36,11 @@ def test_json_is_one_object_and_plain_text_is_aligned(tiny_model_dir, data):
 def test_bad_data_and_not_a_model_exit_2(tiny_model_dir, data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "teacher_text": "b"}\n{"prompt": "a", "teacher_text": 3}\n', encoding="utf-8")
-    p = run_cli("eval", tiny_model_dir, "--data", bad)
+    p = cli_here("eval", tiny_model_dir, "--data", bad)
     assert p.returncode == 2 and f"{bad}:2:" in p.stderr and not p.stdout, p.stderr
     empty = tmp_path / "runs"
     (empty / "checkpoint-4").mkdir(parents=True)
-    p = run_cli("eval", empty, "--data", data, "--json")
+    p = cli_here("eval", empty, "--data", data, "--json")
     assert p.returncode == 2 and not p.stdout
     assert f"MODEL_DIR {empty}" in p.stderr and "config.json" in p.stderr and "checkpoint-4" in p.stderr
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import cli_here
 from test_memory import cli_inprocess
 
 
@@ -24,7 +24,7 @@ def test_preset_folder_loads_with_plain_transformers_and_generates(tokenizer_dir
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "student"
-    p = run_cli("init-model", "--preset", "toy", "--tokenizer", tokenizer_dir, "--out", out, "--seed", "3",
+    p = cli_here("init-model", "--preset", "toy", "--tokenizer", tokenizer_dir, "--out", out, "--seed", "3",
                 check=True)
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tok = AutoTokenizer.from_pretrained(str(out))

@@ -9,7 +9,7 @@ import json
 
 import yaml
 
-from conftest import run_cli
+from conftest import cli_here
 from kdforge.daemon.verify import jump_checks
 from train_helpers import metrics
 
@@ -52,7 +52,7 @@ def test_on_and_off_policy_steps_log_apart_with_no_sawtooth(tmp_path, tokenizer_
                      "warmup_steps": 1, "save_steps": 100, "seed": 0, "report_to": ["tensorboard"]}}
     path = tmp_path / "mixed.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = run_cli("train", "--config", path)
+    r = cli_here("train", "--config", path)
     assert r.returncode == 0, r.stdout + r.stderr
     m = metrics(out)
     on = sorted(s for s in m if m[s]["on_policy"])

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import run_cli, synthetic_records, write_jsonl
+from conftest import cli_here, synthetic_records, write_jsonl
 from kdforge.model import PRESETS, ModelCfg, StudentLM, build_student
 
 
@@ -56,7 +56,7 @@ def test_tokenizer_train_cli(tmp_path):
     from transformers import AutoTokenizer
 
     data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(100))
-    r = run_cli("tokenizer", "train", "--data", data, "--vocab-size", 400, "--out", tmp_path / "tok")
+    r = cli_here("tokenizer", "train", "--data", data, "--vocab-size", 400, "--out", tmp_path / "tok")
     assert r.returncode == 0, r.stderr
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
     assert 256 < len(tok) <= 400 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>"
@@ -66,7 +66,7 @@ def test_tokenizer_train_cli(tmp_path):
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: lossless round trip
     assert tok.decode(tok("naïve — ünïcode ✓")["input_ids"]) == "naïve — ünïcode ✓"
-    r = run_cli("tokenizer", "train", "--data", tmp_path / "missing.jsonl", "--vocab-size", 400, "--out", tmp_path / "t2")
+    r = cli_here("tokenizer", "train", "--data", tmp_path / "missing.jsonl", "--vocab-size", 400, "--out", tmp_path / "t2")
     assert r.returncode == 2 and "missing.jsonl" in r.stderr and "not found" in r.stderr
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import cli_here
 
 WIDE = 520  # the student (and its tokenizer) has 512 ids
 
@@ -71,7 +71,7 @@ def test_kdforge_train_with_a_wider_teacher_says_so_once_and_trains(tmp_path, to
                      "warmup_steps": 1}}
     path = tmp_path / "wide.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    r = run_cli("train", "--config", path)
+    r = cli_here("train", "--config", path)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout + r.stderr
     assert out.count("8 ids only the teacher has") == 1, out
