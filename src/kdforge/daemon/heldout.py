@@ -26,16 +26,31 @@ IN_STATUS = 20  # held-out records kept in the status file's eval_history (the c
 
 
 class HeldOut:
-    """The eval file, loaded once with the daemon's tokenizer."""
+    """The eval file, loaded once with the daemon's tokenizer and, given `settings` (the daemon's
+    `store_settings`, `held_out_settings(cfg)`), read as the daemon's training reads a batch: the same
+    reasoning kept or dropped, another tokenizer's stored rows carried (cross_tokenizer auto) or
+    refused (off: exit 2 naming file:line, as training refuses such a batch).
 
-    def __init__(self, path: str | Path, tokenizer, max_seq_length: int, greedy: bool = False):
+    A teacher.path with another tokenizer (the session's `LocalCrossTeacher`) scores every record
+    with its top-K carried onto the student's tokens, stored rows set aside, as training with
+    teacher.path does (eval.run._loss_sums): `kdforge eval CKPT --data FILE --teacher DIR`'s kl."""
+
+    def __init__(self, path: str | Path, tokenizer, max_seq_length: int, greedy: bool = False,
+                 settings: dict | None = None):
         from kdforge.eval import load_eval_data
 
         self.path, self.tokenizer, self.greedy = Path(path).resolve(), tokenizer, greedy
         try:
-            self.data = load_eval_data(self.path, tokenizer, max_seq_length=max_seq_length)
+            self.data = load_eval_data(self.path, tokenizer, max_seq_length=max_seq_length, settings=settings)
         except DataError as e:
             raise DataError(f"daemon.eval_file: {e}") from None
+
+    def note(self) -> str | None:
+        """The log line saying another tokenizer's stored rows were carried (None: none were), as
+        training says it of its data."""
+        scored = self.data.scored
+        said = scored.carried.note() if scored is not None and scored.with_topk else None
+        return None if said is None else f"daemon.eval_file: {said}"
 
     def __len__(self) -> int:
         return len(self.data)
@@ -50,6 +65,12 @@ class HeldOut:
         rec.update({PREFIX + k: numbers[k] for k in NUMBERS if numbers.get(k) is not None})
         rec[PREFIX + "seconds"] = numbers["seconds"]
         return rec
+
+
+def held_out_settings(cfg) -> dict:
+    """The token-store settings the daemon's training reads its batches with (Session.store_settings
+    without prompt-only lines): what the held-out file is read with too."""
+    return {"reasoning": cfg.io.reasoning, "alignment": {"cross_tokenizer": cfg.loss.cross_tokenizer}}
 
 
 # ============================================================================ records (no torch)

@@ -119,11 +119,14 @@ class EvalData:
 
 
 def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_seq_length: int = 4096,
-                   max_records: int | None = None) -> EvalData:
+                   max_records: int | None = None, settings: dict | None = None) -> EvalData:
     """Read and tokenise eval files with `tokenizer` (a loaded tokenizer or its folder).
 
     Stored top-k logprobs are aligned when any record has them (the trainer's sparse-KD path);
-    `max_records` keeps the first N records over all files. Raises DataError (file:line)."""
+    `max_records` keeps the first N records over all files. `settings`: the token store's (a
+    training run's `store_settings`: io.reasoning, loss.cross_tokenizer), so that records are read
+    and another tokenizer's rows carried (or refused) as that run trains on them; default the
+    store's defaults (think, auto). Raises DataError (file:line)."""
     from kdforge.data.dataset import KDDataset, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
@@ -141,8 +144,9 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
     kd = [r.record for r in records if r.record is not None]
     asked = [Record(r.prompt_messages, r.answer or "", line=r.line) for r in records if r.record is None]
     with_topk = any(r.has_topk for r in records)
-    scored_ds = _scored_dataset(paths if whole else None, kd, tok, max_seq_length, with_topk) if kd else None
-    asked_ds = KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, records=asked) if asked else None
+    scored_ds = _scored_dataset(paths if whole else None, kd, tok, max_seq_length, with_topk, settings) if kd else None
+    asked_ds = (KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, records=asked, settings=settings)
+                if asked else None)
     items, n_kd, n_asked = [], 0, 0
     for r in records:
         if r.record is not None:
@@ -154,7 +158,8 @@ def load_eval_data(files: str | Path | Sequence[str | Path], tokenizer, *, max_s
     return EvalData(records, scored_ds, asked_ds, items, [str(p) for p in paths])
 
 
-def _scored_dataset(paths: list | None, kd: list[Record], tok, max_seq_length: int, with_topk: bool):
+def _scored_dataset(paths: list | None, kd: list[Record], tok, max_seq_length: int, with_topk: bool,
+                    settings: dict | None = None):
     """The KD records as the trainer's KDDataset: read through the token store of `paths` (the whole
     files), so a later eval maps what the first one tokenised; its lines that are not KD records (a
     prompt with only an answer) are the store's unusable lines, left out. Encoded in memory instead
@@ -164,9 +169,10 @@ def _scored_dataset(paths: list | None, kd: list[Record], tok, max_seq_length: i
 
     if paths is not None:
         ds = KDDataset([str(p) for p in paths], tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk,
-                       strict=False)
+                       strict=False, settings=settings)
         where = [(str(Path(f).resolve()) if f else None, line) for f, line in map(ds.line_of, range(len(ds)))]
         if where == [(str(Path(r.metadata["_path"]).resolve()), r.line) for r in kd]:
             return ds
         kd = [r.record for p in paths for r in read_eval_file(p) if r.record is not None]  # with their rows
-    return KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk, records=kd)
+    return KDDataset(None, tokenizer=tok, max_seq_length=max_seq_length, with_topk=with_topk, records=kd,
+                     settings=settings)

@@ -5,7 +5,9 @@
   number is the `ce` training logs, on other data.
 - `kl`: forward KL(teacher || student) at T = 1 as the trainer computes it, per target token that
   has teacher data: sparse against the stored top-k (K + 1 outcomes with the rest bucket), dense
-  against a local teacher's logits, or sparse against the top-K a scoring server returns.
+  against a local teacher's logits (a local teacher with another tokenizer: its top-K carried onto
+  the student's tokens by bytes, as training carries it), or sparse against the top-K a scoring
+  server returns. A local teacher scores every record: stored top-k rows are set aside then.
 - `exact_match`, `token_f1`: the student's greedy answer to each record's prompt (chat template as
   in training) against the teacher's text; `accuracy`: against an `answer` field where records
   carry one; `n`: records.
@@ -26,7 +28,7 @@ from typing import Callable, Sequence
 from kdforge.errors import UsageError
 from kdforge.eval import metrics
 from kdforge.eval.data import EvalData, load_eval_data
-from kdforge.eval.model_dir import load_model, load_tokenizer, resolve_model_dir
+from kdforge.eval.model_dir import ModelSource, load_model, load_tokenizer, resolve_model_dir
 
 MAX_NEW_TOKENS_CAP = 512  # default greedy length: the longest teacher answer + a few, at most this
 EXTRA_NEW_TOKENS = 4  # room past the longest reference, so a student that runs on shows it
@@ -45,7 +47,8 @@ class EvalResult:
     exact_match: float | None  # share of prompts whose greedy answer is the teacher's text (stripped)
     token_f1: float | None  # mean bag-of-tokens F1 of greedy answer vs teacher's text
     accuracy: float | None  # share of records with `answer` answered exactly (stripped)
-    kl_teacher: str | None = None  # "topk" (stored in the data), "dense" (a local model), "url" (scored over HTTP)
+    kl_teacher: str | None = None  # "topk" (stored in the data), "dense" (a local model), "url" (scored over HTTP),
+    # "carried" (a local model with another tokenizer: its top-K carried onto the student's tokens by bytes)
     n_scored: int = 0  # records with a teacher text (ce, kl)
     n_greedy: int = 0  # of them, with a prompt (exact_match, token_f1)
     n_answer: int = 0  # records with an answer (accuracy)
@@ -75,7 +78,10 @@ def _batches(order: list[int], size: int):
 
 def _loss_sums(model, ds, teacher, batch_size: int, device, progress: Progress | None = None):
     """Summed `LossSums` over the dataset: CE always, forward KL at T = 1 when there is a teacher
-    (dense `teacher` model, or top-k rows in `ds`)."""
+    (dense `teacher` model, or top-k rows in `ds`). A teacher model scores every record, top-k rows
+    stored in the data set aside, as training does with teacher.path: one with another tokenizer too
+    (a `LocalCrossTeacher`: its top-K carried onto the student's tokens, `attach`), which would
+    otherwise keep a batch's stored rows and score nothing where the data has rows."""
     import torch
 
     from kdforge.data.dataset import collate
@@ -87,8 +93,10 @@ def _loss_sums(model, ds, teacher, batch_size: int, device, progress: Progress |
     # Similar lengths together: less padding; padding never changes a sum (right-padded, masked).
     order = sorted(range(len(ds)), key=lambda i: int(ds.lengths[i]))
     total = LossSums(torch.zeros(()), torch.zeros(()), 0, 0)
+    stored = ("topk_ids", "topk_logprobs") if teacher is not None else ()
     for done, idx in enumerate(_batches(order, batch_size)):
-        batch = {k: v.to(device) for k, v in collate([ds.item(i) for i in idx], ds.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(device) for k, v in collate([ds.item(i) for i in idx], ds.tokenizer.pad_token_id).items()
+                 if k not in stored}
         try:
             s = objective(batch)
         except ValueError as e:  # shapes: a teacher with another vocabulary
@@ -163,7 +171,8 @@ def evaluate_loaded(model, tokenizer, data: EvalData | str | Path | Sequence[str
 
     `data`: `EvalData` from `load_eval_data` (tokenise once, score after every batch) or eval files.
     `teacher`: None (KL against the top-k stored in the data, if any), a loaded HF model (dense KL;
-    same tokenizer) or a `TokenScorer` (top-K over HTTP). `device`: the model's own by default.
+    same tokenizer), a `LocalCrossTeacher` (a model with another tokenizer, its top-K carried: what
+    a daemon with such a teacher.path holds) or a `TokenScorer` (top-K over HTTP). `device`: the model's own by default.
     `greedy=False` skips generation (no exact_match, token_f1, accuracy): the cheap numbers only.
     `progress(phase, done, total)` is called after each batch (a progress bar; None: quiet).
     Raises DataError / UsageError with the file:line or the fix."""
@@ -208,7 +217,8 @@ def _evaluate(model, tokenizer, data: EvalData, teacher, device, batch_size, max
             ce = float(sums.ce) / n_tok
         if kind != "ce" and n_kl:
             kl = max(0.0, float(sums.kd) / n_kl)  # a KL is >= 0; fp32 rounding can dip below
-            kl_teacher = "url" if isinstance(teacher, TokenScorer) else ("dense" if dense is not None else "topk")
+            kl_teacher = "url" if isinstance(teacher, TokenScorer) else (
+                ("carried" if getattr(dense, "cross_tokenizer", False) else "dense") if dense is not None else "topk")
 
     asked = [i for i, r in enumerate(data.records) if r.prompt_messages is not None
              and (r.record is not None or r.answer is not None)]
@@ -252,10 +262,16 @@ def pick_device(name: str = "auto"):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N; got {name!r}") from None
 
 
-def _same_vocab(student_tok, teacher_tok, teacher_dir) -> None:
-    if student_tok.get_vocab() != teacher_tok.get_vocab():
-        raise UsageError(f"--teacher {teacher_dir} has another tokenizer than the student ({len(teacher_tok)} vs "
-                         f"{len(student_tok)} tokens): logit KL needs the same tokenizer on both sides")
+def local_teacher(student_tok, src: ModelSource, device, top_k: int):
+    """--teacher DIR: the model itself (dense KL) on the student's tokenizer; with another tokenizer a
+    `LocalCrossTeacher`, its top-`top_k` carried onto the student's tokens by bytes, as training's
+    teacher.path carries it (loss.cross_tokenizer auto) and the daemon's held-out eval scores it."""
+    from kdforge.train.cross_scoring import LocalCrossTeacher, StudentSide, same_tokenizer
+
+    teacher_tok, model = load_tokenizer(src), load_model(src, device)
+    if same_tokenizer(teacher_tok, student_tok):
+        return model
+    return LocalCrossTeacher(model, teacher_tok, StudentSide(student_tok), top_k)
 
 
 def _same_tokens_over_http(student_tok, scorer, url) -> None:
@@ -280,9 +296,10 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
                    teacher_model: str | None = None, top_k: int = 20,
                    api_key_env: str = "OPENAI_API_KEY", progress: Progress | None = None) -> EvalResult:
     """Load MODEL_DIR (full model, LoRA checkpoint, daemon checkpoint; `base` overrides a LoRA
-    base) and score it on `data_files`. `teacher`: a model folder (dense KL), an OpenAI-compatible
-    URL that scores tokens (sparse top-`top_k` KL; `teacher_model` names the model, default the
-    server's only one), or None (the top-k stored in the data)."""
+    base) and score it on `data_files`. `teacher`: a model folder (dense KL; another tokenizer's
+    top-`top_k` carried), an OpenAI-compatible URL that scores tokens (sparse top-`top_k` KL;
+    `teacher_model` names the model, default the server's only one), or None (the top-k stored in
+    the data)."""
     src = resolve_model_dir(model_dir, base)
     teacher_src = None if teacher is None or _is_url(teacher) else resolve_model_dir(teacher)
     dev = pick_device(device)
@@ -292,8 +309,7 @@ def evaluate_model(model_dir: str | Path, data_files: str | Path | Sequence[str 
     model = load_model(src, dev)
     scorer = None
     if teacher_src is not None:
-        _same_vocab(tokenizer, load_tokenizer(teacher_src), teacher)
-        teacher_obj = load_model(teacher_src, dev)
+        teacher_obj = local_teacher(tokenizer, teacher_src, dev, top_k)
     elif teacher is not None:
         from kdforge.teacher.scoring import TokenScorer
 
