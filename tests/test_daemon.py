@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_here
 from daemon_helpers import (RECORDS_PER_BATCH, STEPS_PER_BATCH, batch, batch_state, claimed_files, daemon_config,
                             daemon_log, drop, losses, newest_state, start_daemon, status, stop, wait_idle_at, wait_until)
 from kdforge.daemon.verify import jump_checks
@@ -43,7 +43,7 @@ def option_a(tmp_path_factory, tiny_model_dir):
     proc = start_daemon(base, cfg)
     try:
         wait_until(lambda: status(base).get("status") == "idle", proc, base, "the model to load")
-        obs["second"] = run_cli("daemon", "--base-dir", base, "--config", cfg, timeout=60)
+        obs["second"] = cli_here("daemon", "--base-dir", base, "--config", cfg)  # refused: the lock is the other's
         drop(base, "notes.jsonl.part", batch(8, seed=99))  # a temp name: never a batch
 
         drop(base, "test_batch_1.jsonl", batch(seed=1))
@@ -81,11 +81,11 @@ def option_a(tmp_path_factory, tiny_model_dir):
     obs["status"] = status(base)
     obs["log"] = daemon_log(base)
     obs["part_left"] = (base / "inbox" / "notes.jsonl.part").is_file()
-    obs["verify_with_part"] = run_cli("verify", "--base-dir", base, timeout=120)
+    obs["verify_with_part"] = cli_here("verify", "--base-dir", base)
     (base / "inbox" / "notes.jsonl.part").unlink()  # the user finishes with it: now the inbox is empty
-    obs["verify"] = run_cli("verify", "--base-dir", base, timeout=120)
-    obs["status_text"] = run_cli("status", "--base-dir", base, timeout=60)
-    obs["status_json"] = run_cli("status", "--base-dir", base, "--json", timeout=60)
+    obs["verify"] = cli_here("verify", "--base-dir", base)
+    obs["status_text"] = cli_here("status", "--base-dir", base)
+    obs["status_json"] = cli_here("status", "--base-dir", base, "--json")
     return obs
 
 
@@ -186,7 +186,7 @@ def test_verify_fails_and_names_the_failing_checks(option_a, tmp_path):
     drop(base, "late.jsonl", batch(4))
     with open(next((base / "logs").glob("daemon_*.log")), "a") as f:
         f.write("2026-01-01 00:00:00 ERROR   daemon failed: something broke\n")
-    p = run_cli("verify", "--base-dir", base, timeout=120)
+    p = cli_here("verify", "--base-dir", base)
     assert p.returncode == 1
     assert "[FAIL] each checkpoint has weights" in p.stdout and "checkpoint-35 lacks optimizer.pt" in p.stdout
     assert "[FAIL] no ERROR lines" in p.stdout and "[FAIL] inbox empty" in p.stdout
