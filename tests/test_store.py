@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import random
 import re
+import time
 
 import numpy as np
 import pytest
@@ -169,6 +171,88 @@ def test_concurrent_builders_build_once(tok, tokenizer_dir, tmp_path):
     with multiprocessing.get_context("fork").Pool(3) as pool:
         got = pool.map(_build_in_child, [(str(path), str(tokenizer_dir), str(tmp_path / "st"))] * 3)
     assert sorted(b for b, _ in got) == [False, False, True] and len({p for _, p in got}) == 1
+
+
+_REAL_ENCODE = store.encode_chunk
+
+
+def _slow_encode(chunk):
+    time.sleep(0.05)
+    return _REAL_ENCODE(chunk)
+
+
+def _build_with_workers(path, tok_dir, root, out, first):
+    if first:  # the builder that hashes is slow: the others arrive while it builds
+        store.encode_chunk = _slow_encode
+    else:
+        time.sleep(0.5)
+    info = store.ensure_store([path], load_tokenizer(tok_dir), with_topk=True, root=root, workers=2, chunk_bytes=4096)
+    out.put((info.built, str(info.path), store.BUILD_COUNT["n"], first))
+
+
+def test_concurrent_builders_with_workers_build_once(tok, tokenizer_dir, tmp_path):
+    """Three processes, each with 2 workers, at once on a file no memo knows: one builds while it
+    hashes, the others wait for it (the build lock of these paths) and open its store: one build in all."""
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS * 30)])
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_build_with_workers,
+                         args=(str(path), str(tokenizer_dir), str(tmp_path / "st"), out, i == 0)) for i in range(3)]
+    for p in procs:
+        p.start()
+    got = [out.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join()
+    assert sorted(b for b, *_ in got) == [False, False, True] and len({p for _, p, *_ in got}) == 1
+    assert [first for built, *_, first in got if built] == [True]  # the first built it; no other built too
+    assert sum(n for _, _, n, _ in got) == store.BUILD_COUNT["n"] * 3 + 1  # one build counted, in one process
+    assert not list((tmp_path / "st").glob(".tmp-*"))
+
+
+def test_a_store_found_once_hashed_is_opened_and_the_build_dropped(tok, tmp_path):
+    """A file whose stat changed (the memo does not know it) but whose bytes did not: the build that
+    runs while it is hashed stops once the key names the store already there; nothing is left."""
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS * 30)])
+    first = store.ensure_store([path], tok, with_topk=True, root=tmp_path / "st", workers=2, chunk_bytes=4096)
+    before = store.BUILD_COUNT["n"]
+    os.utime(path, (1e9, 1e9))  # touched: the stat differs, the bytes are the same
+    again = store.ensure_store([path], tok, with_topk=True, root=tmp_path / "st", workers=2, chunk_bytes=4096)
+    assert first.built and not again.built and again.path == first.path and store.BUILD_COUNT["n"] == before
+    assert not list((tmp_path / "st").glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("always", [False, True])
+def test_a_file_changing_under_a_build_during_hashing_is_detected(tok, tmp_path, monkeypatch, always):
+    """The first chunk's bytes change after the hashing pass took its checksum and before a worker
+    reads it: the worker sees it, the build is dropped and done again the usual way (whole, from the
+    new bytes), or refused if the file keeps changing; nothing half-built is published."""
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS * 30)])
+    real = store.scan_chunks
+    flips = {"n": 0}
+
+    def flip_after_checksum(*args, **kw):
+        for i, c in enumerate(real(*args, **kw)):
+            if i == 0 and (always or not flips["n"]):
+                flips["n"] += 1
+                raw = bytearray(path.read_bytes())
+                at = raw.index(b"Say it")
+                raw[at:at + 6] = b"Say IT" if raw[at + 4:at + 6] == b"it" else b"Say it"
+                path.write_bytes(bytes(raw))
+            yield c
+
+    monkeypatch.setattr(store, "scan_chunks", flip_after_checksum)
+    root = tmp_path / "st"
+    if always:
+        with pytest.raises(DataError, match="changed while the token store was built"):
+            store.ensure_store([path], tok, with_topk=True, root=root, workers=2, chunk_bytes=4096)
+        assert not [p for p in root.iterdir() if p.is_dir()] and flips["n"] >= 3
+        return
+    info = store.ensure_store([path], tok, with_topk=True, root=root, workers=2, chunk_bytes=4096)
+    assert info.built and flips["n"] == 1
+    ds = KDDataset(path, tokenizer=tok, with_topk=True, store_dir=root)
+    assert not ds.store_info.built and ds.store_info.path == info.path
+    same_items(ds, KDDataset(path, tokenizer=tok, with_topk=True, records=read_records(path)[0]))
+    assert not list(root.glob(".tmp-*"))
 
 
 def test_read_only_data_folder_falls_back_to_the_cache_and_says_so(tok, tmp_path, monkeypatch):
