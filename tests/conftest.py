@@ -45,6 +45,36 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+# The files that take longest (each runs whole on one xdist worker, --dist loadfile), longest first:
+# started first, so no long file starts last while the other worker has nothing left (xdist's own
+# order, by test count, put the one-test files such as test_demo.py last). Seconds on one busy CPU.
+LONGEST_FILES = (
+    "test_on_policy.py",  # 98
+    "test_train_resume.py",  # 79
+    "test_preflight.py",  # 75
+    "test_demo.py",  # 68 (and its two forked trainers)
+    "test_report_to.py",  # 58
+    "test_bench_distill.py",  # 51
+    "test_distributed.py",  # 50
+    "test_arch_matrix.py",  # 40
+    "test_status_watch.py",  # 39
+    "test_batch.py",  # 36
+    "test_batch_serve_storage.py",  # 36
+    "test_on_policy_http.py",  # 35
+    "test_store.py",  # 30
+    "test_daemon.py",  # 26
+    "test_preflight_context.py",  # 26
+    "test_report_to_daemon.py",  # 24
+    "test_daemon_disk_full.py",  # 24
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    """LONGEST_FILES first, in that order; the other files after them, as collected."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A real byte-level BPE tokenizer (vocab 512) trained on the synthetic records."""
