@@ -94,8 +94,8 @@ def test_the_file_is_read_as_the_daemons_training_reads_a_batch(fine_student_dir
     _, stok = _loaded(fine_student_dir)
 
     def settings(cross: str) -> dict:
-        return held_out_settings(from_dict({"model": {"path": str(fine_student_dir)}, "loss": {"cross_tokenizer": cross},
-                                            "io": {"reasoning": "drop"}, "train": {"max_steps": 1}}))
+        return held_out_settings(from_dict({"model": {"path": str(fine_student_dir)}, "io": {"reasoning": "drop"},
+                                            "loss": {"cross_tokenizer": cross}, "train": {"max_steps": 1}}))
 
     assert settings("off") == {"reasoning": "drop", "alignment": {"cross_tokenizer": "off"}}
     with pytest.raises(DataError, match="logit KD needs the teacher's tokenizer") as e:
@@ -106,8 +106,8 @@ def test_the_file_is_read_as_the_daemons_training_reads_a_batch(fine_student_dir
     assert HeldOut(files["bare"], stok, 256, settings=settings("off")).note() is None  # no rows: nothing to carry
 
 
-def test_a_daemon_with_such_a_teacher_logs_kdforge_evals_kl(tmp_path, toks, fine_student_dir, coarse_teacher_dir,  # noqa: F811
-                                                          files):
+def test_a_daemon_with_such_a_teacher_logs_kdforge_evals_kl(tmp_path, toks, fine_student_dir,  # noqa: F811
+                                                          coarse_teacher_dir, files):  # noqa: F811
     """A real daemon (teacher.path on the coarse tokenizer, student on the fine one, LoRA) trains a
     batch and scores the held-out file that stores rows: the KL it logs is `kdforge eval`'s on its
     checkpoint with --teacher the same folder."""
