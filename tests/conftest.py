@@ -146,7 +146,7 @@ def cli_here(*args, cwd=None, env: dict | None = None, check=False) -> subproces
     from kdforge.cli import main
 
     out, err = io.StringIO(), io.StringIO()
-    saved_env, cwd, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    saved_env, home, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     os.environ.update({k: str(v) for k, v in (env or {}).items()})
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -162,7 +162,7 @@ def cli_here(*args, cwd=None, env: dict | None = None, check=False) -> subproces
     finally:
         os.environ.clear()
         os.environ.update(saved_env)
-        os.chdir(cwd)
+        os.chdir(home)
         torch.set_num_threads(threads)
         for s, h in handlers.items():
             signal.signal(s, h)

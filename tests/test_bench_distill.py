@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import math
 
-from conftest import run_cli
+from conftest import cli_here
 
 
 def test_bench_distill_quick(tmp_path):
     out = tmp_path / "bench"
-    r = run_cli("bench", "distill", "--quick", "--out", out, timeout=300)
+    r = cli_here("bench", "distill", "--quick", "--out", out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["complete"] and res["plan"]["tasks"] == ["sort", "lang"]
@@ -42,13 +42,13 @@ def test_bench_distill_quick(tmp_path):
     for t in ("sort", "lang"):
         assert (out / f"{t}.png").stat().st_size > 5000
     # a rerun into the same --out keeps the scored cells (a long run stopped early continues)
-    again = run_cli("bench", "distill", "--quick", "--out", out, timeout=120)
+    again = cli_here("bench", "distill", "--quick", "--out", out)
     assert again.returncode == 0 and "6 cells kept" in again.stderr, again.stderr[-2000:]
     assert json.loads((out / "results.json").read_text())["cells"] == cells
 
 
 def test_bench_distill_bad_recipe(tmp_path):
-    r = run_cli("bench", "distill", "--quick", "--recipes", "nope", "--out", tmp_path / "b", timeout=60)
+    r = cli_here("bench", "distill", "--quick", "--recipes", "nope", "--out", tmp_path / "b")
     assert r.returncode == 2 and "unknown recipe 'nope'" in r.stderr
 
 

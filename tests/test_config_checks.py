@@ -12,7 +12,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import run_cli
+from conftest import cli_here
 from kdforge import config
 from kdforge.config import Config, Section, config_job, from_dict, load_config
 from kdforge.errors import ConfigError
@@ -62,7 +62,7 @@ def test_the_daemon_job_is_explicit(tmp_path):
     assert "train.max_steps" in str(guessed.value)
     assert load_config([cfg_file], job="daemon").model.path.endswith("modèle")
     # the real command: refused for what is really wrong (no model folder), not for a step count
-    r = run_cli("daemon", "--base-dir", str(tmp_path / "base"), "--config", str(cfg_file), "--once")
+    r = cli_here("daemon", "--base-dir", str(tmp_path / "base"), "--config", str(cfg_file), "--once")
     assert r.returncode == 2, r.stdout + r.stderr
     assert "model.path" in r.stderr and "config.json" in r.stderr and "train.max_steps" not in r.stderr
     assert not (tmp_path / "base").exists()  # refused before the lock made the base dir

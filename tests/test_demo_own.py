@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import filecmp
 
-from conftest import run_cli
+from conftest import cli_here
 
 
 def test_own_tokenizers_are_deterministic_and_not_the_teachers(tmp_path):
@@ -49,12 +49,12 @@ def test_student_lines_say_real_losses_never_a_zero_final_loss():
 
 
 def test_demo_help_says_how_many_students():
-    r = run_cli("demo", "--help")
+    r = cli_here("demo", "--help")
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     assert "train three students" in text and "two with --fast" in text and "--student-tokenizer" in text
 
 
 def test_an_unknown_student_tokenizer_is_exit_2(tmp_path):
-    r = run_cli("demo", "--fast", "--student-tokenizer", "mine", "--workdir", tmp_path / "w")
+    r = cli_here("demo", "--fast", "--student-tokenizer", "mine", "--workdir", tmp_path / "w")
     assert r.returncode == 2 and "--student-tokenizer" in r.stdout + r.stderr, r.stdout + r.stderr

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import yaml
 
-from conftest import cli_env, run_cli
+from conftest import cli_env, cli_here
 from kdforge.model import PRESETS, ModelCfg
 from kdforge.model.memory import ALL_LINEAR, GB, LoraSetup, Setup, alternatives, estimate, lora_params
 
@@ -227,7 +227,7 @@ def test_estimate_matches_measured_peak_memory(case):
 
 def test_cli_9b_says_how_the_number_was_reached():
     # the seed's arithmetic is for bf16 weights (a GPU); without --dtype this machine's dtype leads
-    p = run_cli("estimate-memory", "--preset", "9b", "--dtype", "bfloat16", check=True)
+    p = cli_here("estimate-memory", "--preset", "9b", "--dtype", "bfloat16", check=True)
     out = p.stdout
     est = estimate(PRESETS["9b"], Setup())
     n = f"{est.params:,}"

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, cli_env, run_cli
+from conftest import REPO, cli_env, cli_here, run_cli
 from fault_server import FaultConfig, FaultServer
 
 # a copy of ../shared/seeds/000_091b5a4f71550d72.txt ships with the tests: a clean clone has no ../shared
@@ -81,8 +81,8 @@ def test_every_python_snippet_of_the_seed_runs_as_written(tmp_path):
             p = run_cli(*as_kdforge(argv, srv.url), cwd=tmp_path, env=env, timeout=300)
             assert p.returncode == 0, p.stdout + p.stderr
     # the tokenizer the snippets load, made by kdforge from the generated data
-    p = run_cli("tokenizer", "train", "--data", "data/kd_mix_test.jsonl", "--vocab-size", 400,
-                "--out", "models/student/tokenizer", cwd=tmp_path, timeout=300)
+    p = cli_here("tokenizer", "train", "--data", "data/kd_mix_test.jsonl", "--vocab-size", 400,
+                 "--out", "models/student/tokenizer", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     (tmp_path / "configs").mkdir()
     shutil.copy(REPO / "configs" / "worker_9b.yaml", tmp_path / "configs" / "worker_9b.yaml")
