@@ -93,13 +93,18 @@ class TeacherRows:
         line = self.line
         return json.loads(line if isinstance(line, (str, bytes)) else bytes(line))["teacher_logprobs"]
 
-    def align(self, tm, response: str, response_ids: list[int]):
+    def spells(self, tm, response: str) -> bool:
+        """Whether the teacher's chosen tokens spell `response` (align_record's teacher_ids): then
+        they are the response's ids, and the response need not be tokenised."""
+        return b"".join(map(tm.bytes.__getitem__, self.chosen)).decode("utf-8", "replace") == response
+
+    def align(self, tm, response: str, response_ids: list[int] | None):
         """(response ids, row lengths, alternative ids, alternative logprobs) as `align_record` makes
         them for a teacher on the student's tokenizer, or None where its rows do not line up 1:1 with
-        the student's tokens (the general path then carries them, or refuses the record)."""
+        the student's tokens (the general path then carries them, or refuses the record).
+        `response_ids` None: the response was not tokenised, as the chosen tokens spell it."""
         chosen = self.chosen
-        spelled = b"".join(map(tm.bytes.__getitem__, chosen)).decode("utf-8", "replace")
-        if spelled == response:
+        if response_ids is None or self.spells(tm, response):
             response_ids = chosen  # the teacher's own tokens (align_record's teacher_ids)
         elif chosen != response_ids:
             return None

@@ -300,16 +300,26 @@ class Encoder:
 
         if not recs:
             return
+        from kdforge.data.rows import TeacherRows
+
         tok = self.tok
         texts = [prompt_text(tok, r.prompt_messages) for r in recs if not r.is_text]
         prompts = iter(tok(texts, add_special_tokens=False)["input_ids"] if texts else ())
-        resps = tok([r.response for r in recs], add_special_tokens=False)["input_ids"]
+        # a response the teacher's tokens spell (fast path rows) has those ids: it is not tokenised
+        resps: list = [None] * len(recs)
+        todo = [j for j, r in enumerate(recs) if not (self.with_topk and isinstance(r.teacher_logprobs, TeacherRows)
+                                                    and r.teacher_logprobs.spells(self.tm, r.response))]
+        if todo:
+            ids = tok([recs[j].response for j in todo], add_special_tokens=False)["input_ids"]
+            for j, i in zip(todo, ids):
+                resps[j] = i
         for r, resp in zip(recs, resps):
             self._add(r, path, file_index, [] if r.is_text else next(prompts), resp)
 
-    def _add(self, rec, path: str, file_index: int, prompt: list[int], resp: list[int]) -> None:
-        """One record, its prompt (rendered by the chat template) and response tokenised by `add_all`:
-        its example (response + EOS) and its aligned rows."""
+    def _add(self, rec, path: str, file_index: int, prompt: list[int], resp: list[int] | None) -> None:
+        """One record, its prompt (rendered by the chat template) and response tokenised by `add_all`
+        (None: the teacher's tokens spell it, TeacherRows.align takes them): its example (response +
+        EOS) and its aligned rows."""
         tok = self.tok
         # io.reasoning: a thinking teacher's reasoning before the answer (think) or not (drop), tokenised
         # apart: the teacher's top-k rows cover the answer only (the thinking trains with CE)
