@@ -68,9 +68,11 @@ class HeldOut:
 
 
 def held_out_settings(cfg) -> dict:
-    """The token-store settings the daemon's training reads its batches with (Session.store_settings
-    without prompt-only lines): what the held-out file is read with too."""
-    return {"reasoning": cfg.io.reasoning, "alignment": {"cross_tokenizer": cfg.loss.cross_tokenizer}}
+    """The token-store settings the daemon's training reads its batches with (without prompt-only
+    lines): what the held-out file is read with too."""
+    from kdforge.train.session import store_settings
+
+    return store_settings(cfg)
 
 
 # ============================================================================ records (no torch)

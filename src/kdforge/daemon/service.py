@@ -43,7 +43,7 @@ from kdforge.daemon import consolidate
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.claimed_batch import ClaimedBatch
 from kdforge.daemon.dailylog import DailyLog
-from kdforge.daemon.heldout import HeldOut, describe, lowest, status_fields
+from kdforge.daemon.heldout import HeldOut, describe, held_out_settings, lowest, status_fields
 from kdforge.daemon.infra import InfrastructureError, infrastructure_fault
 from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, next_ready, reject, scan, shown
 from kdforge.daemon.layout import Layout
@@ -202,7 +202,10 @@ class Daemon:
                                                   else configured)
         tokenizer = load_tokenizer(str(tok_from))
         if self.daemon_cfg.eval_file:  # before any model: a bad file stops the start at once
-            self.heldout = HeldOut(self.daemon_cfg.eval_file, tokenizer, self.seq_len, self.daemon_cfg.eval_greedy)
+            self.heldout = HeldOut(self.daemon_cfg.eval_file, tokenizer, self.seq_len, self.daemon_cfg.eval_greedy,
+                                   settings=held_out_settings(self.cfg))
+            if self.heldout.note():
+                self.log.info(self.heldout.note())
         if newest is None:
             self.open_session(configured, tokenizer)
             self.log.info(f"no checkpoint in {self.paths.checkpoints}: the first batch starts from "

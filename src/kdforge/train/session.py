@@ -166,6 +166,13 @@ class StopFlag:
 
 # ============================================================================ the session
 
+def store_settings(cfg, prompt_only: bool = False) -> dict:
+    """The token store's settings of a run's data (`Session.store_settings`): io.reasoning,
+    loss.cross_tokenizer, and `prompt_only` for the daemon's batches."""
+    settings = {"reasoning": cfg.io.reasoning, "alignment": {"cross_tokenizer": cfg.loss.cross_tokenizer}}
+    return {**settings, "prompt_only": True} if prompt_only else settings
+
+
 @dataclass
 class Session:
     """Everything a run trains with. `model` is the student itself (PEFT-wrapped under LoRA),
@@ -202,9 +209,7 @@ class Session:
         and the daemon: a thinking teacher's reasoning trained or not (io.reasoning), a teacher with
         another tokenizer carried or refused (loss.cross_tokenizer); `prompt_only`: prompt-only lines
         are records (the daemon's batches)."""
-        settings = {"reasoning": self.cfg.io.reasoning,
-                    "alignment": {"cross_tokenizer": self.cfg.loss.cross_tokenizer}}
-        return {**settings, "prompt_only": True} if prompt_only else settings
+        return store_settings(self.cfg, prompt_only)
 
     def parameter_counts(self) -> tuple[int, int]:
         """(all parameters, trainable ones) of the student."""
