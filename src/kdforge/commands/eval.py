@@ -86,9 +86,9 @@ def register(app: typer.Typer) -> None:
     def eval_cmd(
         model_dir: Path = typer.Argument(..., help="Model folder, LoRA checkpoint-N/ or daemon current_model/checkpoint-N/."),
         data: List[Path] = typer.Option(..., "--data", help="Held-out KD data (JSONL, any record format; 'answer' fields count for accuracy)."),
-        teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model folder (dense KL) or URL of a server that scores tokens (kdforge serve, vLLM)."),
+        teacher: Optional[str] = typer.Option(None, "--teacher", help="Teacher model folder (dense KL; another tokenizer: its top-K carried onto the student's tokens) or URL of a server that scores tokens (kdforge serve, vLLM)."),
         teacher_model: Optional[str] = typer.Option(None, "--teacher-model", help="Model name at --teacher URL (default: its only one)."),
-        top_k: int = typer.Option(20, "--top-k", help="Top-K logprobs asked of a --teacher URL (<= 20)."),
+        top_k: int = typer.Option(20, "--top-k", help="Top-K logprobs asked of a --teacher URL (<= 20), or carried from a --teacher folder of another tokenizer."),
         api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Env var with the --teacher URL's API key, if it needs one."),
         base: Optional[str] = typer.Option(None, "--base", help="Base model folder of a LoRA MODEL_DIR (default: the one it names)."),
         max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="Greedy answer length (default: the longest teacher answer + 4, at most 512)."),
