@@ -93,11 +93,29 @@ def test_canonical_lines_take_the_fast_path(tok, tm):
     lambda e: e.update(logprob="-1"),
     lambda e: e.update(token=7),
     lambda e: e.update(top="x"),
+    lambda e: e["top"][0].update(bytes=[True, 104]),    # a bool is no byte (records._check_token)
+    lambda e: e["top"][0].update(bytes=[104, -1]),
+    lambda e: e["top"][0].update(bytes={"0": 104}),
 ])
 def test_irregular_entries_leave_the_fast_path(tok, tm, change):
     obj = line(tok, "alpha echo")
     change(obj["teacher_logprobs"][-1])
     assert fast_record(json.dumps(obj), tm.by_raw) is None
+
+
+def test_bytes_of_no_student_token_take_the_aligner_without_a_second_parse(tok, tm):
+    """Another tokenizer's bytes (no student token has them alone): the line is decoded once and its
+    entries handed to align_record as json.loads gives them, bytes as a bytes object."""
+    obj = line(tok, "café naïve déjà 🎉")
+    obj["teacher_logprobs"] = coarse(obj["teacher_logprobs"])
+    rec = fast_record(json.dumps(obj, ensure_ascii=False).encode(), tm.by_raw)
+    want = json.loads(json.dumps(obj))["teacher_logprobs"]
+    got = rec.teacher_logprobs
+    assert isinstance(got, list) and len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (g["token"], g["logprob"], list(g["bytes"])) == (w["token"], w["logprob"], w["bytes"])
+        assert [(a["token"], a["logprob"], list(a["bytes"])) for a in g["top"]] == \
+               [(a["token"], a["logprob"], a["bytes"]) for a in w["top"]]
 
 
 def test_layout_keeps_first_occurrences():
@@ -118,18 +136,36 @@ HAND = [
     lambda tok: {**line(tok, "2 plus 3 is 5.", 8), "messages": [{"role": "user", "content": "Hï"}]},
     lambda tok: {**line(tok, "2 plus 3 is 5.", 9), "messages": [{"role": "robot", "content": "x"}]},
     lambda tok: {**line(tok, "alpha echo", 10), "teacher_logprobs": []},
+    lambda tok: {**line(tok, "café naïve déjà", 11), "teacher_logprobs": coarse(entries(tok, "café naïve déjà", 11))},
+    lambda tok: {**line(tok, "東京 中文 数据", 12), "teacher_logprobs": coarse(entries(tok, "東京 中文 数据", 12, k=3))},
 ]
 
 
 def test_hand_picked_lines_agree(tok, tmp_path):
     built, general, problems = both_paths(tok, tmp_path, [json.dumps(h(tok), ensure_ascii=False) for h in HAND])
     assert len(problems) == 4  # empty prompt, empty answer, reasoning 3, role robot
+    assert built.meta["carried"][0] == 2 and general.carried == built.meta["carried"]  # the coarse teacher's
     assert_same(built, general, problems)
 
 
 MUTATION = st.sampled_from(["none", "drop_bytes", "null_bytes", "compact", "spaced", "other_bytes", "byte_300",
                             "lp_slack", "lp_pos", "lp_int", "lp_nan", "top_null", "top_empty", "dup_alt",
-                            "extra_key", "token_int", "top_missing"])
+                            "extra_key", "token_int", "top_missing", "foreign", "coarse", "bytes_bool"])
+
+
+def coarse(lp: list[dict]) -> list[dict]:
+    """The rows of a teacher whose tokens are pairs of the student's (another tokenizer): each pair's
+    bytes joined, their logprobs added, alternatives that start with the first and end elsewhere."""
+    out = []
+    for i in range(0, len(lp), 2):
+        pair = lp[i:i + 2]
+        b = [x for e in pair for x in e.get("bytes") or []]
+        alts = [{"token": a["token"] + pair[-1]["token"], "logprob": a["logprob"] - 0.5,
+                 "bytes": list(a.get("bytes") or []) + (pair[-1].get("bytes") or [])}
+                for a in (pair[0].get("top") or [])]
+        out.append({"token": "".join(e["token"] for e in pair), "logprob": sum(e["logprob"] for e in pair),
+                    "bytes": b, "top": alts})
+    return out
 
 
 def mutate(obj: dict, where: int, how: str, tb: list) -> str | None:
@@ -164,6 +200,12 @@ def mutate(obj: dict, where: int, how: str, tb: list) -> str | None:
         alt["x"] = {"ü": [1]}
     elif how == "token_int":
         alt["token"] = 5
+    elif how == "foreign":  # bytes no student token has alone: the line leaves TeacherRows
+        alt["bytes"] = list("🎉é東京".encode()) + list(alt.get("bytes") or [])
+    elif how == "bytes_bool":
+        alt["bytes"] = [True, 104]
+    elif how == "coarse":
+        obj["teacher_logprobs"] = coarse(lp)
     text = json.dumps(obj, ensure_ascii=False)
     if how == "compact":
         return json.dumps(obj, separators=(",", ":"))
