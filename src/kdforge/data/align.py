@@ -155,10 +155,19 @@ def _row_one_to_one(tok: TeacherToken, student_id: int, pieces: StudentPieces) -
     """The same-tokenizer row: alternatives by exact bytes (the first of equal ids wins), the chosen
     token as the student's id. An alternative the student's vocabulary lacks (another tokenizer's
     word) goes to its first student piece, summed there, instead of being dropped."""
+    pairs = [*tok.top, (tok.bytes, tok.logprob)]
+    chosen = tok.bytes
+    get = pieces.by_bytes.get
+    ids = [student_id if b == chosen else get(b) for b, _ in pairs]
+    if None not in ids:  # every alternative is a student token (the usual case): first of each id kept
+        first: dict[int, float] = {}
+        for i, (_, lp) in zip(ids, pairs):
+            first.setdefault(i, lp)
+        return list(first), list(first.values())
     masses: dict[int, list[float]] = {}
     exact = set()
-    for b, lp in [*tok.top, (tok.bytes, tok.logprob)]:
-        j = student_id if b == tok.bytes else pieces.exact(b)
+    for b, lp in pairs:
+        j = student_id if b == chosen else pieces.exact(b)
         if j is not None:
             if j not in exact:
                 exact.add(j)

@@ -211,7 +211,7 @@ def _raw_bytes(raw: msgspec.Raw) -> bytes | None:
         except ValueError:
             v = None
         b = bytes(v) if isinstance(v, list) and all(type(x) is int and 0 <= x <= 255 for x in v) else None
-        if len(_RAW_BYTES) < 1 << 20:
+        if len(_RAW_BYTES) < 1 << 18:  # ~40 MB at most: a 200k-token vocabulary in one spelling
             _RAW_BYTES[text] = b
     return b
 
