@@ -18,6 +18,7 @@ accents, CJK and emoji). Every cell runs in a fresh process:
     python benchmarks/data_scale.py --sizes 0.2 1    # some sizes (millions of tokens)
     python benchmarks/data_scale.py --quick          # smoke: 5k tokens, build and reopen only
     python benchmarks/data_scale.py --sizes 0.2 --arrow   # the store against HF datasets (Arrow)
+    python benchmarks/data_scale.py --sizes 0.2 --cross --no-old   # also: a student on another tokenizer
 """
 
 from __future__ import annotations
@@ -272,6 +273,22 @@ def cell(tokens: int, work: Path, tok_dir: Path, tok, tb: list, quick: bool) -> 
     return row
 
 
+def cross_cell(work: Path) -> dict:
+    """The first size's data built for a student on ANOTHER tokenizer (an API teacher's case: every
+    row carried by bytes): a byte-level BPE trained here on other text with 600 tokens."""
+    from kdforge.data.tokenizer import train_tokenizer
+
+    rng = random.Random(7)
+    texts = [" ".join(rng.choice(WORDS) for _ in range(60)) for _ in range(2000)]
+    stok = work / "student_tok"
+    train_tokenizer(texts, 600, stok, min_frequency=1)
+    out, wall, rss = run([sys.executable, "-m", "kdforge", "data", "build", str(work / "kd.jsonl"), "--tokenizer",
+                          str(stok)])
+    m = re.search(r"in ([\d.]+) s, ([\d,]+) tokens/s", out)
+    return {"build_s": float(m.group(1)), "build_tok_s": float(m.group(2).replace(",", "")), "rss_kib": rss,
+            "carried": re.search(r"carried[^\n]*", out).group(0) if "carried" in out else ""}
+
+
 def old_path(tokens: int, work: Path, tok_dir: Path, tb: list) -> dict | None:
     """Today's JSONL path as of BEFORE_STORE (None without git history)."""
     old = work / "old_dataset.py"
@@ -325,6 +342,8 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="5k tokens: build and reopen only (a smoke test)")
     ap.add_argument("--work", type=Path, default=None, help="work folder (default: a temporary one, removed)")
     ap.add_argument("--no-old", action="store_true", help="skip today's JSONL path")
+    ap.add_argument("--cross", action="store_true", help="also: the first size built for a student on another "
+                    "tokenizer (rows carried by bytes, an API teacher's case)")
     ap.add_argument("--arrow", action="store_true", help="only: the first size's store against HF datasets "
                     "(Arrow) holding the same arrays (needs `datasets`)")
     args = ap.parse_args(argv)
@@ -346,6 +365,10 @@ def main(argv=None) -> None:
                 return
             if size == sizes[0] and not args.quick and not args.no_old:
                 old = old_path(tokens, work / f"{size:g}M", work / "tok", tb)
+            if size == sizes[0] and args.cross:
+                c = cross_cell(work / f"{size:g}M")
+                print(f"  another tokenizer (rows carried): build {c['build_s']:.1f} s, {c['build_tok_s']:,.0f} "
+                      f"tokens/s, peak RSS {c['rss_kib'] / 1024:,.0f} MB; {c['carried'][:160]}", flush=True)
             shutil.rmtree(work / f"{size:g}M" / "out", ignore_errors=True)
             if size != sizes[0]:
                 (work / f"{size:g}M" / "kd.jsonl").unlink(missing_ok=True)  # disk: 5M tokens is ~7.5 GB
