@@ -255,6 +255,60 @@ def test_a_file_changing_under_a_build_during_hashing_is_detected(tok, tmp_path,
     assert not list(root.glob(".tmp-*"))
 
 
+SLOW_MOD = """
+import time
+from kdforge.data.store import encode_chunk as real
+
+
+def slow(chunk):
+    time.sleep(0.2)
+    return real(chunk)
+"""
+
+KILLED_BUILD = """
+import sys
+sys.path.insert(0, sys.argv[4])
+import slowmod
+from kdforge.data import store
+from kdforge.data.dataset import load_tokenizer
+store.encode_chunk = slowmod.slow
+store.ensure_store([sys.argv[1]], load_tokenizer(sys.argv[2]), with_topk=True, root=sys.argv[3], workers=2,
+                   chunk_bytes=4096)
+"""
+
+
+def test_a_build_killed_midway_leaves_nothing_the_next_build_keeps(tok, tokenizer_dir, tmp_path):
+    """SIGKILL on a builder (and its workers) halfway: its hidden folder stays, and the next build of
+    these paths removes it (its process is gone) while it keeps another host's and a live process's."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    path = write_jsonl(tmp_path / "d.jsonl", [kd_record(tok, t, seed=n) for n, t in enumerate(TEXTS * 30)])
+    (tmp_path / "mods").mkdir()
+    (tmp_path / "mods" / "slowmod.py").write_text(SLOW_MOD)
+    root = tmp_path / "st"
+    p = subprocess.Popen([sys.executable, "-c", KILLED_BUILD, str(path), str(tokenizer_dir), str(root),
+                          str(tmp_path / "mods")], start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not any(f.stat().st_size for f in root.glob(".tmp-*/tokens.bin")):  # some runs written
+        assert p.poll() is None and time.monotonic() < deadline, "the build ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    left = list(root.glob(".tmp-*"))
+    assert len(left) == 1 and not [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    other_host = root / ".tmp-x-some-other-host-1"
+    live = root / f".tmp-x-{socket.gethostname()}-{os.getppid()}"
+    other_host.mkdir()
+    live.mkdir()
+    info = store.ensure_store([path], tok, with_topk=True, root=root, workers=2, chunk_bytes=4096)
+    assert info.built and not left[0].exists() and other_host.exists() and live.exists()
+    same_items(KDDataset(path, tokenizer=tok, with_topk=True, store_dir=root),
+               KDDataset(path, tokenizer=tok, with_topk=True, records=read_records(path)[0]))
+
+
 def test_read_only_data_folder_falls_back_to_the_cache_and_says_so(tok, tmp_path, monkeypatch):
     data = tmp_path / "ro"
     path = write_jsonl(data / "d.jsonl", synthetic_records(4))

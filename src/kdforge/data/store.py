@@ -40,6 +40,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import sys
 import time
 import zlib
@@ -578,6 +579,7 @@ def ensure_store(paths: Sequence[str | Path], tokenizer, *, with_topk: bool, set
                 _Lock(root / f".{key}.lock"):
             if (final / "meta.json").is_file():  # another process built it while we waited
                 return BuildInfo(final, False, time.perf_counter() - t0, _meta(final)["n_tokens"], note)
+            _sweep_dead(root)
             began = [(os.stat(p), time.time()) for p in paths]
             scans = [scanned.get(i) or scan_file(p, i, chunk_bytes) for i, p in enumerate(paths)]
             if [s[0] for s in scans] != files:
@@ -677,8 +679,9 @@ def _build_while_hashing(paths: list[str], root: Path, tokenizer, with_topk: boo
     intent = _Lock(root / f".build-{_intent_key(paths, tok_fp, with_topk, settings)}.lock")
     if n_workers <= 1 or not intent.try_enter():
         return None
+    _sweep_dead(root)
     hashing = _Hashing(paths, chunk_bytes)
-    tmp = root / f".tmp-hashing-{os.getpid()}"
+    tmp = root / _tmp_name("hashing")
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -709,6 +712,32 @@ def _build_while_hashing(paths: list[str], root: Path, tokenizer, with_topk: boo
         raise
     finally:
         intent.__exit__()
+
+
+def _tmp_name(what: str) -> str:
+    """A build's hidden folder: named by host and pid, so a later build can tell one left by a
+    killed process (`_sweep_dead`) from one another process is writing."""
+    return f".tmp-{what}-{socket.gethostname()}-{os.getpid()}"
+
+
+def _sweep_dead(root: Path) -> None:
+    """Remove the hidden folders of builds whose process on this host is gone (SIGKILL, OOM): a cut
+    build of 5M tokens leaves ~600 MB. Called holding the build lock of some paths; a folder of
+    another host is never touched (its pid means nothing here)."""
+    host = socket.gethostname()
+    for d in root.glob(".tmp-*"):
+        try:
+            pid = int(d.name.rsplit("-", 1)[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid() or not d.name.endswith(f"-{host}-{pid}"):
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except OSError:
+            pass  # alive (another user's)
 
 
 class _Exists(Exception):
@@ -745,7 +774,7 @@ def _build(final: Path, key: str, scans, tokenizer, with_topk: bool, settings: d
     files = [s[0] for s in scans]
     chunks = [c for s in scans for c in s[1]]
     total = sum(f["size"] for f in files)
-    tmp = final.parent / f".tmp-{key}-{os.getpid()}"
+    tmp = final.parent / _tmp_name(key)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
