@@ -389,6 +389,36 @@ def test_data_build_then_train_and_its_resume_never_retokenise(tmp_path, tokeniz
     assert r.returncode == 2 and f"{bad}:3: invalid JSON" in r.stderr
 
 
+def test_train_on_new_data_reads_it_once_for_the_store_and_the_checkpoint(tmp_path, tokenizer_dir, monkeypatch):
+    """`kdforge train` on data no store or memo knows: one pass hashes it (the store's key, cut into
+    runs for the build, and the checkpoint's fingerprint), not one to fingerprint and one to build;
+    the checkpoint keeps that fingerprint, and a resume on edited data is still refused."""
+    from conftest import cli_here
+    from train_helpers import train_config
+
+    from kdforge.train import checkpoint as ckpt
+
+    data = write_jsonl(tmp_path / "d.jsonl", synthetic_records(60))
+    passes = []
+    real = store.scan_chunks
+
+    def counted(path, *a, **kw):
+        passes.append(str(path))
+        yield from real(path, *a, **kw)
+
+    monkeypatch.setattr(store, "scan_chunks", counted)
+    cfg = train_config(tmp_path, tokenizer_dir, data, max_steps=3, save_steps=3)
+    cli_here("train", "--config", cfg, check=True)
+    assert passes == [str(data)]
+    saved = ckpt.read_state(ckpt.latest_checkpoint(tmp_path / "out")).data_fingerprint
+    assert [(f["size"], f["sha256"]) for f in saved] == [(f["size"], f["sha256"]) for f in store.file_fingerprints([data])]
+    with open(data, "a") as f:
+        f.write(json.dumps(synthetic_records(1)[0]) + "\n")
+    r = cli_here("train", "--config", train_config(tmp_path, tokenizer_dir, data, max_steps=5, save_steps=3),
+                 "--resume", "auto")
+    assert r.returncode == 2 and "the data changed since the checkpoint" in r.stderr, r.stderr
+
+
 def test_records_of_a_daemon_batch_are_kept_by_their_bytes_and_mapped_again(tok, tmp_path):
     """A daemon restarted mid-batch maps the batch's store instead of tokenising it again; the next
     batch's store replaces it. Same examples as encoding in memory."""

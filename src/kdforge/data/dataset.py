@@ -269,6 +269,12 @@ class KDDataset(torch.utils.data.Dataset):
             raise self.problems[0]
         self._check_topk(topk_optional)
 
+    @property
+    def fingerprints(self) -> list[dict]:
+        """[{file, size, sha256}] of the files read, as hashed for the store's key (what a
+        checkpoint keeps: one pass over the data serves both); [] for records given in memory."""
+        return list(self._store.meta.get("files", [])) if self.store_info is not None else []
+
     def _attach(self, store, max_seq_length: int, with_topk: bool) -> None:
         from kdforge.data.store import FLAG_CE_ONLY, iter_store_lines
 

@@ -676,9 +676,12 @@ def _build_while_hashing(paths: list[str], root: Path, tokenizer, with_topk: boo
     and a file that changed under the build is fingerprinted again."""
     total = sum(os.stat(p).st_size for p in paths)
     n_workers = _n_workers(workers, total)
-    intent = _Lock(root / f".build-{_intent_key(paths, tok_fp, with_topk, settings)}.lock")
-    if n_workers <= 1 or not intent.try_enter():
+    if n_workers <= 1:
         return None
+    intent = _Lock(root / f".build-{_intent_key(paths, tok_fp, with_topk, settings)}.lock")
+    if not intent.try_enter():  # another process builds these paths: wait for it, then the usual way
+        with intent:  # (its memo spares hashing again where the files were quiet)
+            return None
     _sweep_dead(root)
     hashing = _Hashing(paths, chunk_bytes)
     tmp = root / _tmp_name("hashing")

@@ -126,15 +126,6 @@ def curriculum(seq_lengths: list[int], total_steps: int | None) -> Callable[[int
     return at
 
 
-def data_fingerprint(paths: list[str | Path]) -> list[dict]:
-    """What the training data was: [{file, size, sha256}] per file, in order. Saved in every
-    checkpoint (a resume on edited data would silently continue on other examples) and the token
-    store's key (`kdforge.data.store`)."""
-    from kdforge.data.store import file_fingerprints
-
-    return file_fingerprints(paths)
-
-
 def check_fingerprint(saved: list[dict], now: list[dict], checkpoint: str | Path) -> None:
     """Raise UsageError naming the first data file that differs from the checkpoint's. `saved`
     empty (a checkpoint from before fingerprints): nothing to compare, the size check remains."""

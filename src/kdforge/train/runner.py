@@ -21,7 +21,7 @@ from kdforge.config_checks import check_config
 from kdforge.errors import ConfigError, Interrupted, UsageError
 from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
-from kdforge.train.data_stream import DataStream, check_fingerprint, curriculum, data_fingerprint
+from kdforge.train.data_stream import DataStream, check_fingerprint, curriculum
 from kdforge.train.loop import Hooks, evaluate_loss, train_steps
 from kdforge.train.on_policy import OnPolicy
 from kdforge.train.reporters import Reporters, check_installed
@@ -150,11 +150,11 @@ def _load_data(cfg: Config, session: Session, log) -> _Data:
     with_topk = session.with_topk and cfg.on_policy.fraction < 1
     optional = bool(cfg.teacher.url)  # teacher.url scores the records that carry no top-k
     max_len = max(t.seq_lengths)
-    fingerprint = data_fingerprint(cfg.io.train_shards)  # hashed once: the store's key and the checkpoint's
     settings = session.store_settings()
     train_ds = KDDataset(cfg.io.train_shards, tokenizer=session.tokenizer, max_seq_length=max_len,
-                         with_topk=with_topk, topk_optional=optional, fingerprints=fingerprint, progress=None if session.rank == 0 else False,
+                         with_topk=with_topk, topk_optional=optional, progress=None if session.rank == 0 else False,
                          settings=settings)
+    fingerprint = train_ds.fingerprints  # hashed once, by the store: its key and the checkpoint's
     if session.rank == 0:
         _log_store(train_ds.store_info, log)
         if train_ds.carried.note():
