@@ -47,25 +47,29 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 # The files that take longest (each runs whole on one xdist worker, --dist loadfile), longest first:
 # started first, so no long file starts last while the other worker has nothing left (xdist's own
-# order, by test count, put the one-test files such as test_demo.py last). Seconds on one busy CPU.
+# order, by test count, put the one-test files such as test_demo.py last). Seconds on one CPU.
 LONGEST_FILES = (
-    "test_on_policy.py",  # 98
-    "test_train_resume.py",  # 79
-    "test_preflight.py",  # 75
-    "test_demo.py",  # 68 (and its two forked trainers)
-    "test_report_to.py",  # 58
-    "test_bench_distill.py",  # 51
-    "test_distributed.py",  # 50
-    "test_arch_matrix.py",  # 40
-    "test_status_watch.py",  # 39
-    "test_batch.py",  # 36
-    "test_batch_serve_storage.py",  # 36
-    "test_on_policy_http.py",  # 35
-    "test_store.py",  # 30
-    "test_daemon.py",  # 26
-    "test_preflight_context.py",  # 26
-    "test_report_to_daemon.py",  # 24
-    "test_daemon_disk_full.py",  # 24
+    "test_demo.py",  # 65, two forked trainers on top
+    "test_preflight.py",  # 67
+    "test_on_policy.py",  # 53
+    "test_store.py",  # 33
+    "test_train_resume.py",  # 32
+    "test_batch.py",  # 32
+    "test_report_to.py",  # 29
+    "test_daemon_disk_full.py",  # 28
+    "test_distributed.py",  # 26
+    "test_bench_distill.py",  # 23
+    "test_arch_matrix.py",  # 21
+    "test_preflight_context.py",  # 20
+    "test_daemon_crash.py",  # 20
+    "test_batch_hostile.py",  # 19
+    "test_daemon_hostile.py",  # 18
+    "test_report_to_daemon.py",  # 18
+    "test_preflight_model_path.py",  # 18
+    "test_generate_faults.py",  # 17
+    "test_daemon_waits.py",  # 17
+    "test_batch_serve_storage.py",  # 16
+    "test_status_watch.py",  # 15
 )
 
 
