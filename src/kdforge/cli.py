@@ -65,6 +65,13 @@ def main(argv: list[str] | None = None) -> None:
             raise
         err(str(ours))
         sys.exit(ours.exit_code)
+    except Exception as e:  # noqa: BLE001 - a full disk, an I/O error: one line, exit 1; anything else raises
+        from kdforge.daemon.infra import FIX, infrastructure_fault
+
+        if (why := infrastructure_fault(e)) is None:
+            raise
+        err(f"{why}; {FIX}, then run it again")
+        sys.exit(1)
     sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -556,6 +556,17 @@ def ensure_store(paths: Sequence[str | Path], tokenizer, *, with_topk: bool, set
     if root is None:
         root, note = default_root(paths)
     root = Path(root)
+    from kdforge.daemon.infra import machine_errors
+
+    # a full disk (or quota, file size limit, I/O error) is the machine's: one line naming the folder
+    with machine_errors(f"building the token store in {root} (KDFORGE_STORE_DIR puts stores on another disk)"):
+        return _ensure(paths, root, note, tokenizer, with_topk, settings, workers, progress, fingerprints,
+                       chunk_bytes, t0)
+
+
+def _ensure(paths: list[str], root: Path, note: str | None, tokenizer, with_topk: bool, settings: dict | None,
+            workers: int | None, progress: bool | None, fingerprints: list[dict] | None, chunk_bytes: int,
+            t0: float) -> BuildInfo:
     settings = merged_settings(settings)
     tok_fp = tokenizer_fingerprint(tokenizer)
     if fingerprints is None and any(_memo_get(p) is None for p in paths):
