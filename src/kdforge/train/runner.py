@@ -46,6 +46,16 @@ def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
     return p
 
 
+def start_checkpoint(resume: str | None, out: Path) -> Path | None:
+    """The checkpoint a run starts from (None: a fresh run), or UsageError: a fresh run into a dir
+    that holds checkpoints, or a --resume that names no complete checkpoint."""
+    start = resolve_resume(resume, out)
+    if start is None and ckpt.list_checkpoints(out):
+        raise UsageError(f"{out} already holds checkpoints ({ckpt.latest_checkpoint(out).name}); "
+                         "continue with --resume auto, or choose a new --output-dir")
+    return start
+
+
 @dataclass
 class TrainResult:
     state: TrainState
@@ -81,10 +91,11 @@ def run_training(cfg: Config, resume: str | None = "auto", log=print,
     lock = ckpt.OutputDirLock(out).acquire() if int(os.environ.get("RANK", "0")) == 0 else None
     session, in_step, reporters = None, False, Reporters()
     try:
+        if lock is not None:  # rank 0, holding the dir: torn saves and an interrupted re-save put right
+            ckpt.cleanup_partial(out)  # before anyone lists; a run that cannot start is refused before any
+            start_checkpoint(resume, out)  # model loads (minutes for a large one), not after
         session = build_session(cfg)
         rank = session.rank
-        if rank == 0:
-            ckpt.cleanup_partial(out)  # torn saves, an interrupted re-save: before anyone lists
         session.barrier()
         data = _load_data(cfg, session, log)
         session.set_schedule(train_schedule(t, data.total))
@@ -187,10 +198,7 @@ def _resume(session: Session, resume: str | None, out: Path, stream: DataStream,
             fingerprint: list[dict]) -> TrainState:
     """The state to start from: a fresh one, or the checkpoint `--resume` names, loaded into the
     session and the stream. Refuses to mix with existing checkpoints or with changed data."""
-    start = resolve_resume(resume, out)
-    if start is None and ckpt.list_checkpoints(out):
-        raise UsageError(f"{out} already holds checkpoints ({ckpt.latest_checkpoint(out).name}); "
-                         "continue with --resume auto, or choose a new --output-dir")
+    start = start_checkpoint(resume, out)
     state = TrainState()
     if start is not None:
         check_fingerprint(ckpt.read_state(start).data_fingerprint, fingerprint, start)  # before loading
