@@ -112,6 +112,11 @@ def _check_messages(msgs: Any, key: str) -> list[dict[str, str]]:
 LOGPROB_SLACK = 1e-4  # nats
 
 
+def is_byte_list(v: Any) -> bool:
+    """Whether a decoded `bytes` value is what it must be: a list of integers 0-255 (no bools)."""
+    return isinstance(v, list) and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in v)
+
+
 def _check_token(e: Any, where: str) -> None:
     """One {token, logprob, bytes?} entry of teacher_logprobs (or of its `top`)."""
     if not isinstance(e, dict):
@@ -127,8 +132,7 @@ def _check_token(e: Any, where: str) -> None:
     if lp > LOGPROB_SLACK:
         raise ValueError(f"'{where}.logprob' must be <= 0 (a log-probability in nats), got {lp!r}")
     b = e.get("bytes")
-    if b is not None and not (isinstance(b, list) and all(
-            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= 255 for x in b)):
+    if b is not None and not is_byte_list(b):
         raise ValueError(f"'{where}.bytes' must be a list of integers 0-255 (the token's UTF-8 bytes)")
 
 

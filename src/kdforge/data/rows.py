@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from kdforge.data.records import LOGPROB_SLACK, Record, parse_record
+from kdforge.data.records import LOGPROB_SLACK, Record, is_byte_list, parse_record
 
 _NO_BYTES = msgspec.Raw(b"")
 
@@ -200,7 +200,7 @@ _RAW_BYTES: dict[bytes, bytes | None] = {}  # a bytes text ("[104, 105]") -> the
 
 def _raw_bytes(raw: msgspec.Raw) -> bytes | None:
     """The bytes a `bytes` field's JSON text holds, or None unless it is a list of integers 0-255
-    (records._check_token's rule). A teacher's vocabulary is finite: remembered per text."""
+    (records.is_byte_list, the general path's rule). A teacher's vocabulary is finite: remembered per text."""
     text = bytes(raw)
     b = _RAW_BYTES.get(text, _MISS)
     if b is _MISS:
@@ -210,7 +210,7 @@ def _raw_bytes(raw: msgspec.Raw) -> bytes | None:
             v = json.loads(text)
         except ValueError:
             v = None
-        b = bytes(v) if isinstance(v, list) and all(type(x) is int and 0 <= x <= 255 for x in v) else None
+        b = bytes(v) if is_byte_list(v) else None
         if len(_RAW_BYTES) < 1 << 18:  # ~40 MB at most: a 200k-token vocabulary in one spelling
             _RAW_BYTES[text] = b
     return b
