@@ -89,12 +89,13 @@ def test_a_teacher_of_another_tokenizer_scores_every_held_out_record(fine_studen
 
 def test_the_file_is_read_as_the_daemons_training_reads_a_batch(fine_student_dir, files):
     from kdforge.config import from_dict
-    from kdforge.daemon.heldout import HeldOut, held_out_settings
+    from kdforge.daemon.heldout import HeldOut
+    from kdforge.train.session import store_settings
 
     _, stok = _loaded(fine_student_dir)
 
     def settings(cross: str) -> dict:
-        return held_out_settings(from_dict({"model": {"path": str(fine_student_dir)}, "io": {"reasoning": "drop"},
+        return store_settings(from_dict({"model": {"path": str(fine_student_dir)}, "io": {"reasoning": "drop"},
                                             "loss": {"cross_tokenizer": cross}, "train": {"max_steps": 1}}))
 
     assert settings("off") == {"reasoning": "drop", "alignment": {"cross_tokenizer": "off"}}

@@ -27,7 +27,7 @@ IN_STATUS = 20  # held-out records kept in the status file's eval_history (the c
 
 class HeldOut:
     """The eval file, loaded once with the daemon's tokenizer and, given `settings` (the daemon's
-    `store_settings`, `held_out_settings(cfg)`), read as the daemon's training reads a batch: the same
+    `train.session.store_settings(cfg)`), read as the daemon's training reads a batch: the same
     reasoning kept or dropped, another tokenizer's stored rows carried (cross_tokenizer auto) or
     refused (off: exit 2 naming file:line, as training refuses such a batch).
 
@@ -65,14 +65,6 @@ class HeldOut:
         rec.update({PREFIX + k: numbers[k] for k in NUMBERS if numbers.get(k) is not None})
         rec[PREFIX + "seconds"] = numbers["seconds"]
         return rec
-
-
-def held_out_settings(cfg) -> dict:
-    """The token-store settings the daemon's training reads its batches with (without prompt-only
-    lines): what the held-out file is read with too."""
-    from kdforge.train.session import store_settings
-
-    return store_settings(cfg)
 
 
 # ============================================================================ records (no torch)

@@ -43,7 +43,7 @@ from kdforge.daemon import consolidate
 from kdforge.daemon.batch_state import BatchState
 from kdforge.daemon.claimed_batch import ClaimedBatch
 from kdforge.daemon.dailylog import DailyLog
-from kdforge.daemon.heldout import HeldOut, describe, held_out_settings, lowest, status_fields
+from kdforge.daemon.heldout import HeldOut, describe, lowest, status_fields
 from kdforge.daemon.infra import InfrastructureError, infrastructure_fault
 from kdforge.daemon.inbox import BaseDirLock, batch_files, claim, next_ready, reject, scan, shown
 from kdforge.daemon.layout import Layout
@@ -54,7 +54,7 @@ from kdforge.train import checkpoint as ckpt
 from kdforge.train.checkpoint import TrainState
 from kdforge.train.reporters import Reporters, check_installed
 from kdforge.train.schedule import LRMultiplier
-from kdforge.train.session import Session, StopFlag, build_session
+from kdforge.train.session import Session, StopFlag, build_session, store_settings
 
 QUEUE_RESCAN_S = 1.0  # how often the inbox is recounted for the status while training
 MACHINE_RETRY_MAX_S = 60.0  # longest wait between tries after a full disk (the wait doubles from poll_interval)
@@ -203,9 +203,9 @@ class Daemon:
         tokenizer = load_tokenizer(str(tok_from))
         if self.daemon_cfg.eval_file:  # before any model: a bad file stops the start at once
             self.heldout = HeldOut(self.daemon_cfg.eval_file, tokenizer, self.seq_len, self.daemon_cfg.eval_greedy,
-                                   settings=held_out_settings(self.cfg))
-            if self.heldout.note():
-                self.log.info(self.heldout.note())
+                                   settings=store_settings(self.cfg))
+            if note := self.heldout.note():
+                self.log.info(note)
         if newest is None:
             self.open_session(configured, tokenizer)
             self.log.info(f"no checkpoint in {self.paths.checkpoints}: the first batch starts from "
