@@ -569,7 +569,10 @@ def _ensure(paths: list[str], root: Path, note: str | None, tokenizer, with_topk
             t0: float) -> BuildInfo:
     settings = merged_settings(settings)
     tok_fp = tokenizer_fingerprint(tokenizer)
-    if fingerprints is None and any(_memo_get(p) is None for p in paths):
+    if fingerprints is None:  # the memo read once: all known (a reopen), or a first build
+        memo = [_memo_get(p) for p in paths]
+        fingerprints = memo if None not in memo else None
+    if fingerprints is None:
         root.mkdir(parents=True, exist_ok=True)
         done = _build_while_hashing(paths, root, tokenizer, with_topk, settings, workers, progress, tok_fp,
                                     chunk_bytes)
